@@ -1,0 +1,229 @@
+"""Ball tree ordering of ragged point-cloud batches (DESIGN §1.1).
+
+Points are reordered so that every leaf "ball" of ``ball_size`` points is contiguous in memory; each
+cloud is padded to a multiple of ``ball_size`` and all padding sits at the end of its last ball. The
+build is vectorized over points and clouds: one sort per tree level, on CPU or GPU tensors.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["BallTree", "build_ball_tree", "random_rotation"]
+
+
+@dataclass
+class BallTree:
+    r"""A ball tree over a batch of point clouds, stored as a permutation into padded tree order.
+
+    Tree order ("slots"): cloud after cloud, each cloud padded to a multiple of :obj:`ball_size`;
+    every contiguous run of :obj:`ball_size` slots is one leaf ball, and every left subtree is full,
+    so the padding of a cloud is the tail of its last ball.
+
+    Attributes:
+        perm (LongTensor): ``[N_pad]`` input index of each slot, ``-1`` for padding.
+        mask (BoolTensor): ``[N_pad]`` slot validity (``perm >= 0``).
+        inv (LongTensor): ``[N]`` slot of each input point (``perm[inv] == arange(N)``).
+        ptr (LongTensor): ``[B + 1]`` cloud offsets in tree order (multiples of ``ball_size``).
+        slot_batch (LongTensor): ``[N_pad]`` cloud index of each slot.
+        counts (LongTensor): ``[B]`` valid points per cloud.
+        ball_size (int): points per ball ``m``.
+        num_balls (int): ``N_pad // ball_size``.
+        max_slots (int): largest padded cloud size (``max(ptr[1:] - ptr[:-1])``), a Python int so
+            that dense per-cloud layouts need no host synchronisation later.
+    """
+
+    perm: Tensor
+    mask: Tensor
+    inv: Tensor
+    ptr: Tensor
+    slot_batch: Tensor
+    counts: Tensor
+    ball_size: int
+    num_balls: int
+    max_slots: int
+
+    @property
+    def num_slots(self) -> int:
+        return self.perm.numel()
+
+    @property
+    def num_points(self) -> int:
+        return self.inv.numel()
+
+    @property
+    def num_clouds(self) -> int:
+        return self.counts.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.perm.device
+
+    def to_tree(self, x: Tensor, fill: float = 0.0) -> Tensor:
+        r"""Moves ``x [N, ...]`` (input order) into tree order ``[N_pad, ...]``, padding with ``fill``."""
+        if x.size(0) != self.num_points:
+            raise ValueError(f"x has {x.size(0)} rows but the tree was built on {self.num_points} points")
+        out = x.new_full((self.num_slots,) + tuple(x.shape[1:]), fill)
+        out[self.inv] = x
+        return out
+
+    def from_tree(self, y: Tensor) -> Tensor:
+        r"""Moves ``y [N_pad, ...]`` (tree order) back to input order ``[N, ...]``, dropping padding."""
+        if y.size(0) != self.num_slots:
+            raise ValueError(f"y has {y.size(0)} rows but the tree has {self.num_slots} slots")
+        return y[self.inv]
+
+    def ball_centers(self, pos_tree: Tensor) -> Tensor:
+        r"""Centroid of the valid points of each ball, ``[num_balls, d]``, from tree-ordered positions."""
+        m = self.ball_size
+        w = self.mask.view(-1, m, 1).to(pos_tree.dtype)
+        s = (pos_tree.view(-1, m, pos_tree.size(-1)) * w).sum(1)
+        return s / w.sum(1).clamp_min(1.0)
+
+    def ball_radii(self, pos_tree: Tensor) -> Tensor:
+        r"""Largest distance of a valid point to its ball's centroid, ``[num_balls]``."""
+        m = self.ball_size
+        c = self.ball_centers(pos_tree)
+        d = (pos_tree.view(-1, m, pos_tree.size(-1)) - c[:, None]).norm(dim=-1)
+        return d.masked_fill(~self.mask.view(-1, m), 0.0).amax(1)
+
+    def to(self, device) -> "BallTree":
+        t = lambda a: a.to(device)  # noqa: E731
+        return BallTree(t(self.perm), t(self.mask), t(self.inv), t(self.ptr), t(self.slot_batch),
+                        t(self.counts), self.ball_size, self.num_balls, self.max_slots)
+
+    def __repr__(self) -> str:
+        return (f"BallTree(points={self.num_points}, slots={self.num_slots}, clouds={self.num_clouds}, "
+                f"ball_size={self.ball_size}, num_balls={self.num_balls})")
+
+
+def _check_inputs(pos: Tensor, batch: Optional[Tensor], ball_size: int) -> Tensor:
+    if not isinstance(pos, Tensor):
+        raise ValueError(f"pos must be a torch.Tensor, got {type(pos).__name__}")
+    if pos.dim() != 2 or pos.size(1) not in (2, 3):
+        raise ValueError(f"pos must have shape [N, 2] or [N, 3], got {list(pos.shape)}")
+    if pos.size(0) == 0:
+        raise ValueError("pos is empty: build_ball_tree needs at least one point")
+    if not pos.is_floating_point():
+        raise ValueError(f"pos must be a floating-point tensor, got {pos.dtype}")
+    if not bool(torch.isfinite(pos).all()):
+        raise ValueError("pos contains NaN or Inf values")
+    if not isinstance(ball_size, int) or ball_size < 1:
+        raise ValueError(f"ball_size must be a positive int, got {ball_size!r}")
+    n = pos.size(0)
+    if batch is None:
+        return torch.zeros(n, dtype=torch.long, device=pos.device)
+    if not isinstance(batch, Tensor) or batch.dim() != 1 or batch.numel() != n:
+        shape = list(batch.shape) if isinstance(batch, Tensor) else type(batch).__name__
+        raise ValueError(f"batch must be a 1-D tensor with one entry per point ({n}), got {shape}")
+    if batch.device != pos.device:
+        raise ValueError(f"batch is on {batch.device} but pos is on {pos.device}")
+    if batch.dtype.is_floating_point or batch.dtype == torch.bool:
+        raise ValueError(f"batch must be an integer tensor, got {batch.dtype}")
+    batch = batch.long()
+    if bool((batch[1:] < batch[:-1]).any()) or bool(batch[0] < 0):
+        raise ValueError("batch must be sorted and non-negative (as PyG's Batch produces)")
+    return batch
+
+
+def random_rotation(dim: int, generator: Optional[torch.Generator] = None, device=None,
+                    dtype=torch.float32) -> Tensor:
+    r"""A random rotation matrix ``[dim, dim]`` (QR of a Gaussian matrix, determinant +1)."""
+    a = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(a)
+    q = q * torch.sign(torch.diagonal(r))
+    if torch.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q.to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def build_ball_tree(pos: Tensor, batch: Optional[Tensor] = None, ball_size: int = 256,
+                    rotation: Optional[Tensor] = None) -> BallTree:
+    r"""Builds a ball tree over (a batch of) point clouds (Erwin, arXiv 2502.17019; DESIGN §1.1).
+
+    Each node is split on the axis of largest spread at the rank that keeps the left child a
+    whole number of full balls (``ceil(balls / 2) * ball_size`` points, the median up to padding),
+    so every ball has exactly ``ball_size`` slots and only a cloud's last ball holds padding.
+    Ties are broken by the previous order, so the build is deterministic.
+
+    Args:
+        pos (Tensor): positions ``[N, d]``, ``d`` in ``{2, 3}``, finite.
+        batch (LongTensor, optional): sorted cloud index ``[N]`` (PyG's batch vector).
+        ball_size (int): points per leaf ball ``m``.
+        rotation (Tensor, optional): ``[d, d]`` matrix applied to ``pos`` before splitting; gives
+            Erwin's rotated tree for cross-ball mixing on alternating layers.
+
+    Returns:
+        :class:`BallTree`. Costs ``ceil(log2(max balls per cloud))`` sorts of ``N`` keys and a few
+        host synchronisations (level count and sizes).
+    """
+    batch = _check_inputs(pos, batch, ball_size)
+    device = pos.device
+    n, m = pos.size(0), ball_size
+    if rotation is not None:
+        if rotation.shape != (pos.size(1), pos.size(1)):
+            raise ValueError(f"rotation must be [{pos.size(1)}, {pos.size(1)}], got {list(rotation.shape)}")
+        pos = pos @ rotation.to(pos)
+    # float64 sort keys (node index + normalized coordinate): exact for 1e6+ nodes on CPU and GPU
+    pos = pos.to(torch.float64)
+
+    num_clouds = int(batch[-1]) + 1
+    counts = torch.bincount(batch, minlength=num_clouds)
+    balls_per_cloud = (counts + m - 1) // m  # empty clouds get 0 balls
+    ptr = torch.zeros(num_clouds + 1, dtype=torch.long, device=device)
+    ptr[1:] = torch.cumsum(balls_per_cloud * m, 0)
+    cloud_start = torch.zeros_like(ptr)
+    cloud_start[1:] = torch.cumsum(counts, 0)
+
+    # Per point: its node as (first index in the valid-point order, valid count, ball count).
+    order = torch.arange(n, device=device)
+    seg_start = cloud_start[batch]
+    seg_count = counts[batch]
+    seg_balls = balls_per_cloud[batch]
+    max_balls = int(balls_per_cloud.max())
+    levels = 0 if max_balls <= 1 else math.ceil(math.log2(max_balls))
+    idx = torch.arange(n, device=device)
+    for _ in range(levels):
+        p = pos[order]
+        split = seg_balls > 1
+        # spread of each node along each axis: scatter min/max keyed by the node's first index
+        seg = seg_start.unsqueeze(1).expand_as(p)
+        lo = torch.full_like(p, math.inf).scatter_reduce(0, seg, p, "amin", include_self=True)
+        hi = torch.full_like(p, -math.inf).scatter_reduce(0, seg, p, "amax", include_self=True)
+        lo, hi = lo[seg_start], hi[seg_start]
+        spread = hi - lo
+        axis = spread.argmax(1, keepdim=True)
+        coord = (p.gather(1, axis) - lo.gather(1, axis)).squeeze(1)
+        width = spread.gather(1, axis).squeeze(1)
+        key = torch.where(split, coord / torch.where(width > 0, width, torch.ones_like(width)),
+                          torch.zeros_like(coord)).clamp(0, 0.5)
+        # nodes are contiguous runs in `order`; key in [0, 0.5] never crosses to the next node
+        key = seg_start.to(key.dtype) + key
+        perm = torch.sort(key, stable=True).indices
+        order, seg_start, seg_count, seg_balls = order[perm], seg_start[perm], seg_count[perm], seg_balls[perm]
+        left_balls = (seg_balls + 1) // 2
+        left_count = left_balls * m
+        rank = idx - seg_start
+        right = split & (rank >= left_count)
+        seg_start = torch.where(right, seg_start + left_count, seg_start)
+        seg_count = torch.where(split, torch.where(right, seg_count - left_count, left_count), seg_count)
+        seg_balls = torch.where(split, torch.where(right, seg_balls - left_balls, left_balls), seg_balls)
+
+    # valid points fill each cloud's slots from its start; the tail of the cloud is padding
+    sorted_batch = batch[order]
+    slot = ptr[sorted_batch] + (idx - cloud_start[sorted_batch])
+    num_slots = int(ptr[-1])
+    perm_out = torch.full((num_slots,), -1, dtype=torch.long, device=device)
+    perm_out[slot] = order
+    inv = torch.empty(n, dtype=torch.long, device=device)
+    inv[order] = slot
+    slot_batch = torch.repeat_interleave(torch.arange(num_clouds, device=device), balls_per_cloud * m,
+                                         output_size=num_slots)
+    return BallTree(perm=perm_out, mask=perm_out >= 0, inv=inv, ptr=ptr, slot_batch=slot_batch,
+                    counts=counts, ball_size=m, num_balls=num_slots // m,
+                    max_slots=int((balls_per_cloud * m).max()))

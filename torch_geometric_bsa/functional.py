@@ -1,0 +1,99 @@
+"""The one entry point of the attention op: `bsa_attention` picks the reference or the Triton kernels."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .balltree import BallTree
+from .reference import BSAConfig, bsa_reference
+
+__all__ = ["bsa_attention", "ball_attention", "resolve_backend", "triton_available"]
+
+_BACKENDS = ("auto", "torch", "triton")
+
+
+def triton_available(device: torch.device) -> bool:
+    r"""True when the Triton kernels can run for tensors on ``device`` (CUDA, or the interpreter)."""
+    import os
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # pragma: no cover - triton is a core dependency
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available(device) else "torch"
+    return backend
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, cfg: BSAConfig, sigma: Tensor,
+           gates: Tensor) -> None:
+    if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must share a shape [N_pad, H, D]; got {list(q.shape)}, "
+                         f"{list(k.shape)}, {list(v.shape)}")
+    if q.size(0) != tree.num_slots:
+        raise ValueError(f"q has {q.size(0)} rows but the tree has {tree.num_slots} slots (tree order expected)")
+    if pos.dim() != 2 or pos.size(0) != tree.num_slots:
+        raise ValueError(f"pos must be tree-ordered [N_pad={tree.num_slots}, d], got {list(pos.shape)}")
+    if cfg.ball_size != tree.ball_size:
+        raise ValueError(f"cfg.ball_size={cfg.ball_size} differs from the tree's ball_size={tree.ball_size}")
+    if sigma.shape != (q.size(1),):
+        raise ValueError(f"sigma must have shape [H={q.size(1)}], got {list(sigma.shape)}")
+    if gates.shape != (q.size(0), q.size(1), 3):
+        raise ValueError(f"gates must have shape [N_pad, H, 3], got {list(gates.shape)}")
+    devs = {t.device for t in (q, k, v, pos, sigma, gates, tree.perm)}
+    if len(devs) > 1:
+        raise ValueError(f"all inputs (q, k, v, pos, sigma, gates, tree) must be on one device, got {devs}")
+
+
+def bsa_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, cfg: BSAConfig, *,
+                  sigma: Tensor, gates: Tensor, k_cmp: Optional[Tensor] = None,
+                  v_cmp: Optional[Tensor] = None, cmp_mask: Optional[Tensor] = None,
+                  backend: str = "auto") -> Tensor:
+    r"""Ball Sparse Attention on tree-ordered, padded tensors.
+
+    Args:
+        q, k, v (Tensor): ``[N_pad, H, D]`` in tree order (:meth:`BallTree.to_tree`).
+        pos (Tensor): ``[N_pad, d]`` tree-ordered positions.
+        tree (BallTree): the ball tree the tensors are ordered by.
+        cfg (BSAConfig): block sizes, top-k and group size.
+        sigma (Tensor): ``[H]`` per-head distance-bias scale of the ball branch.
+        gates (Tensor): ``[N_pad, H, 3]`` branch weights (ball, compression, selection).
+        k_cmp, v_cmp (Tensor, optional): ``[N_pad // cmp_stride, H, D]`` compressed keys and
+            values; mean pooling when omitted.
+        backend (str): ``"auto"`` (Triton on CUDA, else PyTorch), ``"torch"`` or ``"triton"``.
+
+    Returns:
+        ``[N_pad, H, D]``, zero at padded slots.
+    """
+    _check(q, k, v, pos, tree, cfg, sigma, gates)
+    backend = resolve_backend(backend, q.device)
+    if backend == "triton":
+        from .kernels import bsa_triton
+        return bsa_triton(q, k, v, pos, tree, cfg, sigma=sigma, gates=gates, k_cmp=k_cmp, v_cmp=v_cmp,
+                          cmp_mask=cmp_mask)
+    return bsa_reference(q, k, v, pos, tree, cfg, sigma=sigma, gates=gates, k_cmp=k_cmp, v_cmp=v_cmp,
+                         cmp_mask=cmp_mask)
+
+
+def ball_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, sigma: Tensor, mask: Tensor, ball_size: int,
+                   backend: str = "auto") -> Tensor:
+    r"""The ball branch alone (Erwin-style ball attention with distance bias), ``[N_pad, H, D]``.
+
+    Same arguments as :func:`torch_geometric_bsa.reference.ball_attention`; ``backend`` as in
+    :func:`bsa_attention`.
+    """
+    if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape or q.size(0) % ball_size:
+        raise ValueError(f"q, k, v must share a shape [N_pad, H, D] with N_pad a multiple of "
+                         f"ball_size={ball_size}; got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+    if resolve_backend(backend, q.device) == "triton":
+        from .kernels.ball import ball_attention_triton
+        return ball_attention_triton(q, k, v, pos, sigma, mask, ball_size)
+    from .reference import ball_attention as ref
+    return ref(q, k, v, pos, sigma, mask, ball_size)

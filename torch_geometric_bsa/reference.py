@@ -1,0 +1,303 @@
+"""Pure-PyTorch Ball Sparse Attention, branch by branch (DESIGN §1.2, §1.2b).
+
+This is the oracle every Triton kernel is tested against and the CPU path. All tensors are in
+tree order and padded: ``q, k, v [N_pad, H, D]``, ``pos [N_pad, d]``, ``mask [N_pad]``. Clouds are
+contiguous slot ranges given by ``tree.ptr``; nothing here ever lets one cloud see another.
+Written for clarity: the global branches use a dense per-cloud layout ``[B, P_max, ...]``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .balltree import BallTree
+
+__all__ = [
+    "BSAConfig", "ball_attention", "blockify", "compress_mean", "compressed_attention",
+    "selection_scores", "select_blocks", "selected_attention", "full_attention", "bsa_reference",
+]
+
+
+@dataclass(frozen=True)
+class BSAConfig:
+    r"""Hyper-parameters of BSA (DESIGN §1.2; defaults and their provenance in docs/paper-check.md).
+
+    Args:
+        ball_size (int): points per ball ``m`` (ball branch window).
+        cmp_block (int): compression block length ``l``.
+        cmp_stride (int, optional): compression stride ``s`` (default ``l``: non-overlapping).
+        slc_block (int): selection block length ``l'``.
+        topk (int): selected blocks per query group ``k``.
+        group_size (int): queries per selection group ``g``.
+        group_compression (bool): pool queries per group for the compression branch too.
+    """
+
+    ball_size: int = 256
+    cmp_block: int = 8
+    cmp_stride: Optional[int] = None
+    slc_block: int = 8
+    topk: int = 16
+    group_size: int = 8
+    group_compression: bool = False
+
+    def __post_init__(self):
+        for name in ("ball_size", "cmp_block", "slc_block", "topk", "group_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        s = self.cmp_block if self.cmp_stride is None else self.cmp_stride
+        if not isinstance(s, int) or s < 1 or s > self.cmp_block or self.cmp_block % s:
+            raise ValueError(f"cmp_stride must be a positive divisor of cmp_block={self.cmp_block}, got {s!r}")
+        for name in ("cmp_block", "slc_block", "group_size"):
+            if self.ball_size % getattr(self, name):
+                raise ValueError(f"{name}={getattr(self, name)} must divide ball_size={self.ball_size} "
+                                 "(blocks and groups must not straddle balls or clouds)")
+        object.__setattr__(self, "cmp_stride", s)
+
+    def with_(self, **kw) -> "BSAConfig":
+        return replace(self, **kw)
+
+
+def _neg(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).min
+
+
+def _masked_softmax(logits: Tensor, valid: Tensor) -> Tensor:
+    # finite fill + re-mask: rows with no valid key give zeros instead of NaN
+    p = torch.softmax(logits.masked_fill(~valid, _neg(logits.dtype)), dim=-1)
+    return p * valid
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Ball branch
+# ---------------------------------------------------------------------------------------------
+def ball_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, sigma: Tensor, mask: Tensor,
+                   ball_size: int, scale: Optional[float] = None) -> Tensor:
+    r"""Exact attention inside each ball with Erwin's distance bias.
+
+    ``a_ij = scale * q_i.k_j + sigma_h * ||p_i - p_j||`` for ``j`` valid in the ball of ``i``.
+
+    Args:
+        q, k, v: ``[N_pad, H, D]`` tree order, ``N_pad`` a multiple of ``ball_size``.
+        pos: ``[N_pad, d]``. sigma: ``[H]``. mask: ``[N_pad]`` bool.
+
+    Returns:
+        ``[N_pad, H, D]``, zero at padded queries.
+    """
+    n, h, d = q.shape
+    m = ball_size
+    scale = d ** -0.5 if scale is None else scale
+    qb, kb, vb = (t.reshape(-1, m, h, d).transpose(1, 2) for t in (q, k, v))  # [nb, H, m, D]
+    pb = pos.reshape(-1, m, pos.size(-1))
+    dist = torch.cdist(pb, pb)  # [nb, m, m]
+    logits = scale * qb @ kb.transpose(-1, -2) + sigma.view(1, h, 1, 1).to(q.dtype) * dist[:, None].to(q.dtype)
+    valid = mask.view(-1, 1, 1, m)
+    out = _masked_softmax(logits, valid) @ vb  # [nb, H, m, D]
+    return out.transpose(1, 2).reshape(n, h, d) * mask.view(-1, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense per-cloud layout helpers
+# ---------------------------------------------------------------------------------------------
+def _dense_index(ptr: Tensor, length: int, unit: int, num_units: int) -> Tuple[Tensor, Tensor]:
+    r"""Index ``[B, length // unit]`` of each cloud's units (slots, blocks, groups) and validity."""
+    start = ptr[:-1] // unit
+    size = (ptr[1:] - ptr[:-1]) // unit
+    local = torch.arange(length // unit, device=ptr.device)
+    valid = local[None] < size[:, None]
+    idx = (start[:, None] + local[None]).clamp_max(max(num_units - 1, 0))
+    return idx, valid
+
+
+def _to_dense(x: Tensor, ptr: Tensor, length: int, unit: int = 1) -> Tuple[Tensor, Tensor]:
+    r"""Tree-ordered units ``[U, ...]`` -> dense per cloud ``[B, length // unit, ...]`` and validity."""
+    idx, valid = _dense_index(ptr, length, unit, x.size(0))
+    return x[idx], valid
+
+
+def _from_dense(xd: Tensor, ptr: Tensor, length: int, num: int, unit: int = 1) -> Tensor:
+    idx, valid = _dense_index(ptr, length, unit, num)
+    out = xd.new_zeros((num,) + tuple(xd.shape[2:]))
+    out[idx[valid]] = xd[valid]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Compression branch
+# ---------------------------------------------------------------------------------------------
+def blockify(x: Tensor, mask: Tensor, slot_batch: Tensor, block: int, stride: int) -> Tuple[Tensor, Tensor]:
+    r"""Cuts tree-ordered ``x [N_pad, ...]`` into blocks ``b = [b*stride, b*stride + block)``.
+
+    Returns ``xb [N_pad // stride, block, ...]`` and ``valid [N_pad // stride, block]`` (slot valid
+    and in the same cloud as the block's first slot).
+    """
+    n = x.size(0)
+    nb = n // stride
+    slots = torch.arange(nb, device=x.device)[:, None] * stride + torch.arange(block, device=x.device)
+    inside = slots < n
+    slots = slots.clamp_max(n - 1)
+    valid = inside & mask[slots] & (slot_batch[slots] == slot_batch[slots[:, :1]])
+    return x[slots], valid
+
+
+def compress_mean(k: Tensor, v: Tensor, mask: Tensor, slot_batch: Tensor, block: int,
+                  stride: int) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""Mean-pooled compressed keys/values ``[N_pad // s, H, D]`` and the block validity mask."""
+    kb, valid = blockify(k, mask, slot_batch, block, stride)
+    vb, _ = blockify(v, mask, slot_batch, block, stride)
+    w = valid.to(k.dtype)[..., None, None]
+    cnt = w.sum(1).clamp_min(1.0)
+    return (kb * w).sum(1) / cnt, (vb * w).sum(1) / cnt, valid.any(1)
+
+
+def compressed_attention(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cmp_mask: Tensor, tree: BallTree,
+                         cmp_stride: int, scale: Optional[float] = None, return_probs: bool = False):
+    r"""Every query attends to all compressed blocks of its own cloud.
+
+    Args:
+        q: ``[Q, H, D]`` queries in tree order at granularity ``q_unit = N_pad // Q`` (1 for
+            points, ``g`` for pooled group queries).
+        k_cmp, v_cmp: ``[N_pad // s, H, D]``. cmp_mask: ``[N_pad // s]``.
+
+    Returns:
+        ``o [Q, H, D]`` (zero where no block is valid) and, if asked, the probabilities in the dense
+        per-cloud layout ``[B, H, Qmax, NBmax]``.
+    """
+    n_pad = tree.num_slots
+    h, d = q.shape[1:]
+    scale = d ** -0.5 if scale is None else scale
+    q_unit = n_pad // q.size(0)
+    qd, qvalid = _to_dense(q, tree.ptr, tree.max_slots, q_unit)          # [B, Qm, H, D]
+    kd, _ = _to_dense(k_cmp, tree.ptr, tree.max_slots, cmp_stride)       # [B, NB, H, D]
+    vd, _ = _to_dense(v_cmp, tree.ptr, tree.max_slots, cmp_stride)
+    bmask, bvalid = _to_dense(cmp_mask, tree.ptr, tree.max_slots, cmp_stride)
+    logits = scale * qd.transpose(1, 2) @ kd.permute(0, 2, 3, 1)         # [B, H, Qm, NB]
+    p = _masked_softmax(logits, (bmask & bvalid)[:, None, None, :])
+    od = (p @ vd.transpose(1, 2)).transpose(1, 2)                         # [B, Qm, H, D]
+    o = _from_dense(od, tree.ptr, tree.max_slots, q.size(0), q_unit)
+    return (o, p * qvalid[:, None, :, None]) if return_probs else o
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Selection branch
+# ---------------------------------------------------------------------------------------------
+def selection_scores(p_cmp: Tensor, tree: BallTree, cfg: BSAConfig, q_unit: int) -> Tensor:
+    r"""Importance ``s_G(b')`` of each selection block for each query group, ``[B, NG, NS]``.
+
+    ``p_cmp [B, H, Qm, NB]`` are compressed-attention probabilities at query granularity
+    ``q_unit`` (1 or ``g``). Sums over heads and the group's queries, then over the compression
+    blocks that overlap each selection block. Selection blocks with no valid slot score ``-inf``.
+    """
+    g, s, l, ls = cfg.group_size, cfg.cmp_stride, cfg.cmp_block, cfg.slc_block
+    ph = p_cmp.float().sum(1)                                  # [B, Qm, NB]
+    b = ph.size(0)
+    ph = ph.view(b, -1, g // q_unit, ph.size(-1)).sum(2)       # [B, NG, NB]
+    nb, ns = tree.max_slots // s, tree.max_slots // ls
+    cb = torch.arange(nb, device=ph.device) * s
+    sb = torch.arange(ns, device=ph.device) * ls
+    overlap = (cb[:, None] < sb[None] + ls) & (sb[None] < cb[:, None] + l)
+    scores = ph @ overlap.to(ph.dtype)                          # [B, NG, NS]
+    slc_valid, present = _to_dense(_block_any(tree.mask, ls), tree.ptr, tree.max_slots, ls)
+    return scores.masked_fill(~(slc_valid & present)[:, None, :], -math.inf)
+
+
+def _block_any(mask: Tensor, block: int) -> Tensor:
+    return mask.view(-1, block).any(1)
+
+
+def select_blocks(scores: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
+    r"""Top-``k`` blocks per group, ties to the lower index: indices ``[B, NG, k']`` and validity."""
+    kk = min(topk, scores.size(-1))
+    val, idx = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return idx[..., :kk], torch.isfinite(val[..., :kk])
+
+
+def selected_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, idx_valid: Tensor, tree: BallTree,
+                       cfg: BSAConfig, scale: Optional[float] = None) -> Tensor:
+    r"""Each query attends to the ``k * l'`` keys of its group's selected blocks.
+
+    Args:
+        q, k, v: ``[N_pad, H, D]``. idx, idx_valid: ``[B, NG, k']`` local selection-block indices.
+
+    Returns:
+        ``[N_pad, H, D]``, zero at padded queries.
+    """
+    h, d = q.shape[1:]
+    g, ls = cfg.group_size, cfg.slc_block
+    scale = d ** -0.5 if scale is None else scale
+    qd, _ = _to_dense(q, tree.ptr, tree.max_slots)                      # [B, P, H, D]
+    kd, _ = _to_dense(k, tree.ptr, tree.max_slots)
+    vd, _ = _to_dense(v, tree.ptr, tree.max_slots)
+    md, mvalid = _to_dense(tree.mask, tree.ptr, tree.max_slots)
+    md = md & mvalid
+    b, ng, kk = idx.shape
+    keys = (idx[..., None] * ls + torch.arange(ls, device=idx.device)).reshape(b, ng, kk * ls)
+    kvalid = md.gather(1, keys.view(b, -1)).view(b, ng, kk * ls) & idx_valid.repeat_interleave(ls, -1)
+    bi = torch.arange(b, device=idx.device)[:, None, None]
+    ks, vs = kd[bi, keys], vd[bi, keys]                                   # [B, NG, K, H, D]
+    qg = qd.view(b, ng, g, h, d)
+    logits = scale * torch.einsum("bnghd,bnkhd->bnhgk", qg, ks)
+    p = _masked_softmax(logits, kvalid[:, :, None, None, :])
+    od = torch.einsum("bnhgk,bnkhd->bnghd", p, vs).reshape(b, ng * g, h, d)
+    return _from_dense(od, tree.ptr, tree.max_slots, tree.num_slots) * tree.mask.view(-1, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Full attention (the peer, and the "full" model) and the gated sum
+# ---------------------------------------------------------------------------------------------
+def full_attention(q: Tensor, k: Tensor, v: Tensor, tree: BallTree, scale: Optional[float] = None) -> Tensor:
+    r"""Softmax attention over every valid point of the query's cloud (SDPA on the dense layout)."""
+    qd, _ = _to_dense(q, tree.ptr, tree.max_slots)
+    kd, _ = _to_dense(k, tree.ptr, tree.max_slots)
+    vd, _ = _to_dense(v, tree.ptr, tree.max_slots)
+    md, mvalid = _to_dense(tree.mask, tree.ptr, tree.max_slots)
+    attn_mask = (md & mvalid)[:, None, None, :]
+    od = F.scaled_dot_product_attention(qd.transpose(1, 2), kd.transpose(1, 2), vd.transpose(1, 2),
+                                        attn_mask=attn_mask, scale=scale).transpose(1, 2)
+    return _from_dense(od, tree.ptr, tree.max_slots, tree.num_slots) * tree.mask.view(-1, 1, 1)
+
+
+def bsa_reference(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, cfg: BSAConfig, *,
+                  sigma: Tensor, gates: Tensor, k_cmp: Optional[Tensor] = None,
+                  v_cmp: Optional[Tensor] = None, cmp_mask: Optional[Tensor] = None,
+                  return_branches: bool = False):
+    r"""The three gated branches of BSA.
+
+    Args:
+        q, k, v: ``[N_pad, H, D]`` tree order. pos: ``[N_pad, d]``. sigma: ``[H]``.
+        gates: ``[N_pad, H, 3]`` branch weights (ball, compression, selection), already squashed.
+        k_cmp, v_cmp: ``[N_pad // s, H, D]`` compressed keys/values (e.g. from an MLP); mean
+            pooling when omitted. cmp_mask: ``[N_pad // s]`` (derived from the tree when omitted).
+
+    Returns:
+        ``[N_pad, H, D]`` (zero at padded slots); with ``return_branches`` also a dict of the
+        branch outputs and the selected block indices.
+    """
+    mask, s, g = tree.mask, cfg.cmp_stride, cfg.group_size
+    o_ball = ball_attention(q, k, v, pos, sigma, mask, cfg.ball_size)
+    if k_cmp is None:
+        k_cmp, v_cmp, cmp_mask = compress_mean(k, v, mask, tree.slot_batch, cfg.cmp_block, s)
+    elif cmp_mask is None:
+        _, cmp_mask = blockify(mask, mask, tree.slot_batch, cfg.cmp_block, s)
+        cmp_mask = cmp_mask.any(1)
+    if cfg.group_compression:
+        w = mask.view(-1, g, 1, 1).to(q.dtype)
+        q_cmp = (q.view(-1, g, *q.shape[1:]) * w).sum(1) / w.sum(1).clamp_min(1.0)
+        o_g, p_cmp = compressed_attention(q_cmp, k_cmp, v_cmp, cmp_mask, tree, s, return_probs=True)
+        o_cmp = o_g.repeat_interleave(g, 0) * mask.view(-1, 1, 1)
+        q_unit = g
+    else:
+        o_cmp, p_cmp = compressed_attention(q, k_cmp, v_cmp, cmp_mask, tree, s, return_probs=True)
+        q_unit = 1
+    with torch.no_grad():
+        idx, idx_valid = select_blocks(selection_scores(p_cmp, tree, cfg, q_unit), cfg.topk)
+    o_slc = selected_attention(q, k, v, idx, idx_valid, tree, cfg)
+    out = gates[..., 0:1] * o_ball + gates[..., 1:2] * o_cmp + gates[..., 2:3] * o_slc
+    if return_branches:
+        return out, dict(ball=o_ball, cmp=o_cmp, slc=o_slc, idx=idx, idx_valid=idx_valid)
+    return out
