@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -90,6 +90,27 @@ class BallTree:
         c = self.ball_centers(pos_tree)
         d = (pos_tree.view(-1, m, pos_tree.size(-1)) - c[:, None]).norm(dim=-1)
         return d.masked_fill(~self.mask.view(-1, m), 0.0).amax(1)
+
+    @staticmethod
+    def cat(trees: Sequence["BallTree"]) -> "BallTree":
+        r"""Concatenates trees of consecutive batches (e.g. per-cloud cached trees) into one."""
+        if len(trees) == 0:
+            raise ValueError("trees is empty")
+        m = trees[0].ball_size
+        if any(t.ball_size != m for t in trees):
+            raise ValueError("all trees must share one ball_size")
+        perms, invs, ptrs, sbs = [], [], [trees[0].ptr[:1]], []
+        pts = slots = clouds = 0
+        for t in trees:
+            perms.append(torch.where(t.mask, t.perm + pts, t.perm))
+            invs.append(t.inv + slots)
+            ptrs.append(t.ptr[1:] + slots)
+            sbs.append(t.slot_batch + clouds)
+            pts, slots, clouds = pts + t.num_points, slots + t.num_slots, clouds + t.num_clouds
+        perm = torch.cat(perms)
+        return BallTree(perm=perm, mask=perm >= 0, inv=torch.cat(invs), ptr=torch.cat(ptrs),
+                        slot_batch=torch.cat(sbs), counts=torch.cat([t.counts for t in trees]),
+                        ball_size=m, num_balls=slots // m, max_slots=max(t.max_slots for t in trees))
 
     def to(self, device) -> "BallTree":
         t = lambda a: a.to(device)  # noqa: E731

@@ -1,0 +1,247 @@
+"""PyG layers: `BSAConv` (Ball Sparse Attention) and `FullAttentionConv` (the dense peer).
+
+Both work on a whole batch in ball-tree order: `forward` takes input-order tensors and builds (or
+takes) the tree; `forward_tree` is the tree-order core the transformer chains without permuting.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..balltree import BallTree, build_ball_tree
+from ..functional import ball_attention, bsa_attention
+from ..reference import BSAConfig, blockify, full_attention
+
+__all__ = ["BSAConv", "FullAttentionConv", "KVCompressor", "check_point_inputs", "resolve_tree"]
+
+TreeLike = Union[BallTree, Sequence[BallTree], None]
+
+
+def check_point_inputs(x: Tensor, pos: Tensor, batch: Optional[Tensor], in_channels: Optional[int] = None,
+                       dim: Optional[int] = None) -> None:
+    r"""Raises a ValueError naming the argument for malformed ``x``, ``pos`` or ``batch``."""
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a 2-D tensor [N, C], got "
+                         f"{list(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    if not isinstance(pos, Tensor) or pos.dim() != 2:
+        raise ValueError(f"pos must be a 2-D tensor [N, d], got "
+                         f"{list(pos.shape) if isinstance(pos, Tensor) else type(pos).__name__}")
+    if x.size(0) == 0:
+        raise ValueError("x is empty: BSA needs at least one point")
+    if x.size(0) != pos.size(0):
+        raise ValueError(f"x has {x.size(0)} points but pos has {pos.size(0)}")
+    if batch is not None and (batch.dim() != 1 or batch.numel() != x.size(0)):
+        raise ValueError(f"batch must have shape [{x.size(0)}] (one cloud index per point), got {list(batch.shape)}")
+    if in_channels is not None and x.size(1) != in_channels:
+        raise ValueError(f"x has {x.size(1)} channels but the layer expects in_channels={in_channels}")
+    if dim is not None and pos.size(1) != dim:
+        raise ValueError(f"pos has {pos.size(1)} coordinates but the layer was built for dim={dim}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x contains NaN or Inf values")
+    if x.device != pos.device or (batch is not None and batch.device != x.device):
+        raise ValueError("x, pos and batch must be on the same device")
+
+
+def resolve_tree(tree: TreeLike, pos: Tensor, batch: Optional[Tensor], ball_size: int) -> BallTree:
+    r"""Uses a given tree (or concatenates per-cloud cached trees) or builds one."""
+    if tree is None:
+        return build_ball_tree(pos, batch, ball_size)
+    if not isinstance(tree, BallTree):
+        tree = BallTree.cat(list(tree))
+    if tree.ball_size != ball_size:
+        raise ValueError(f"tree has ball_size={tree.ball_size} but the layer uses ball_size={ball_size}")
+    if tree.num_points != pos.size(0):
+        raise ValueError(f"tree was built on {tree.num_points} points but pos has {pos.size(0)}")
+    return tree
+
+
+class KVCompressor(nn.Module):
+    r"""Pools keys and values of each compression block into one (DESIGN §1.2b).
+
+    ``mode="mlp"``: :math:`\tilde k_b = \phi_k([k_j + E_{pos}(j - bs)]_j)` with a two-layer MLP
+    over the flattened block (``l * D -> D -> D``), shared by all heads; padded slots enter as
+    zeros. ``mode="mean"``: the mean over the block's valid slots.
+    """
+
+    def __init__(self, head_dim: int, cmp_block: int, cmp_stride: int, mode: str = "mlp"):
+        super().__init__()
+        if mode not in ("mlp", "mean"):
+            raise ValueError(f"compression must be 'mlp' or 'mean', got {mode!r}")
+        self.head_dim, self.cmp_block, self.cmp_stride, self.mode = head_dim, cmp_block, cmp_stride, mode
+        if mode == "mlp":
+            self.pos_emb = nn.Parameter(torch.empty(cmp_block, head_dim))
+            self.phi_k = nn.Sequential(nn.Linear(cmp_block * head_dim, head_dim), nn.GELU(),
+                                       nn.Linear(head_dim, head_dim))
+            self.phi_v = nn.Sequential(nn.Linear(cmp_block * head_dim, head_dim), nn.GELU(),
+                                       nn.Linear(head_dim, head_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        if self.mode == "mlp":
+            nn.init.normal_(self.pos_emb, std=0.02)
+            for seq in (self.phi_k, self.phi_v):
+                for layer in seq:
+                    if isinstance(layer, nn.Linear):
+                        layer.reset_parameters()
+
+    def forward(self, k: Tensor, v: Tensor, tree: BallTree):
+        r"""``k, v [N_pad, H, D]`` -> ``k_cmp, v_cmp [N_pad // s, H, D]``, block mask ``[N_pad // s]``."""
+        kb, valid = blockify(k, tree.mask, tree.slot_batch, self.cmp_block, self.cmp_stride)
+        vb, _ = blockify(v, tree.mask, tree.slot_batch, self.cmp_block, self.cmp_stride)
+        w = valid.to(k.dtype)[..., None, None]  # [NB, l, 1, 1]
+        if self.mode == "mean":
+            cnt = w.sum(1).clamp_min(1.0)
+            return (kb * w).sum(1) / cnt, (vb * w).sum(1) / cnt, valid.any(1)
+        nb, l, h, d = kb.shape
+        pe = self.pos_emb.to(k.dtype)[None, :, None, :]
+        flat = lambda t: ((t + pe) * w).permute(0, 2, 1, 3).reshape(nb, h, l * d)  # noqa: E731
+        return self.phi_k(flat(kb)), self.phi_v(flat(vb)), valid.any(1)
+
+
+class _TreeAttentionConv(nn.Module):
+    r"""Shared plumbing: input checks, tree handling, relative positions, q/k/v and output maps."""
+
+    def __init__(self, in_channels: int, out_channels: Optional[int], heads: int, ball_size: int, dim: int,
+                 bias: bool = True):
+        super().__init__()
+        if in_channels % heads:
+            raise ValueError(f"heads={heads} must divide in_channels={in_channels}")
+        if dim not in (2, 3):
+            raise ValueError(f"dim must be 2 or 3, got {dim}")
+        self.in_channels = in_channels
+        self.out_channels = in_channels if out_channels is None else out_channels
+        self.heads, self.head_dim, self.ball_size, self.dim = heads, in_channels // heads, ball_size, dim
+        self.pos_proj = nn.Linear(dim, in_channels, bias=False)
+        self.qkv = nn.Linear(in_channels, 3 * in_channels, bias=bias)
+        self.out = nn.Linear(in_channels, self.out_channels, bias=bias)
+
+    def reset_parameters(self):
+        for mod in (self.pos_proj, self.qkv, self.out):
+            mod.reset_parameters()
+
+    def forward(self, x: Tensor, pos: Tensor, batch: Optional[Tensor] = None, tree: TreeLike = None) -> Tensor:
+        check_point_inputs(x, pos, batch, self.in_channels, self.dim)
+        tree = resolve_tree(tree, pos, batch, self.ball_size)
+        pos_t = tree.to_tree(pos.to(x.dtype))
+        return tree.from_tree(self.forward_tree(tree.to_tree(x), pos_t, tree))
+
+    def _qkv(self, x_t: Tensor, pos_t: Tensor, tree: BallTree):
+        # Erwin: features see their position relative to the ball centroid before the projection
+        centers = tree.ball_centers(pos_t).repeat_interleave(tree.ball_size, 0)
+        h = (x_t + self.pos_proj(pos_t - centers)) * tree.mask[:, None].to(x_t.dtype)
+        q, k, v = self.qkv(h).view(-1, 3, self.heads, self.head_dim).unbind(1)
+        return h, q, k, v
+
+    def forward_tree(self, x_t: Tensor, pos_t: Tensor, tree: BallTree) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, heads={self.heads}, "
+                f"ball_size={self.ball_size})")
+
+
+class BSAConv(_TreeAttentionConv):
+    r"""Ball Sparse Attention layer (Brita et al., arXiv 2506.12541).
+
+    Points are ordered by a ball tree (:func:`build_ball_tree`); for query :math:`i`, head
+    :math:`h`:
+
+    .. math::
+        \mathbf{h}_i = \mathbf{x}_i + \mathbf{W}_{pos}(\mathbf{p}_i - \mathbf{c}_{B(i)}), \qquad
+        \mathbf{o}_i = \sum_{b \in \{ball, cmp, slc\}} \sigma(\mathbf{W}_g \mathbf{h}_i)_{h,b}\,
+        \mathrm{softmax}\Big(\tfrac{\mathbf{q}_i^\top \mathbf{K}_b}{\sqrt{D}} + \beta_b\Big)\mathbf{V}_b,
+        \qquad \mathbf{y}_i = \mathbf{W}_o \mathbf{o}_i
+
+    where the ball branch attends to the :math:`m` points of the query's ball with bias
+    :math:`\beta_{ij} = \sigma_h \lVert \mathbf{p}_i - \mathbf{p}_j \rVert`, the compression branch to
+    one pooled key per block of ``cmp_block`` points of the whole cloud, and the selection branch to
+    the ``topk`` blocks of ``slc_block`` points with the most compressed-attention mass for the
+    query's group of ``group_size`` points. Clouds of a batch never attend to each other.
+
+    Args:
+        in_channels (int): input features :math:`C` (also the attention width; ``heads`` divides it).
+        out_channels (int, optional): output features (default ``in_channels``).
+        heads (int): attention heads.
+        ball_size (int): points per ball ``m``.
+        cmp_block (int): compression block ``l``. cmp_stride (int, optional): stride ``s`` (``l``).
+        slc_block (int): selection block ``l'``. topk (int): selected blocks ``k``.
+        group_size (int): queries sharing a selection ``g``.
+        group_compression (bool): pool queries per group in the compression branch (faster).
+        compression (str): ``"mlp"`` (paper) or ``"mean"`` block pooling.
+        branches (str): ``"all"`` (BSA) or ``"ball"`` (ball attention only, Erwin-style).
+        dim (int): coordinate dimension, 2 or 3.
+        backend (str): ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"torch"`` or ``"triton"``.
+
+    Shapes:
+        - **input:** node features :math:`(|\mathcal{V}|, C)`, positions :math:`(|\mathcal{V}|, d)`,
+          batch vector :math:`(|\mathcal{V}|)` (optional, sorted), ball tree (optional)
+        - **output:** node features :math:`(|\mathcal{V}|, C_{out})` in input order
+    """
+
+    def __init__(self, in_channels: int, out_channels: Optional[int] = None, heads: int = 8,
+                 ball_size: int = 256, cmp_block: int = 8, cmp_stride: Optional[int] = None,
+                 slc_block: int = 8, topk: int = 16, group_size: int = 8, group_compression: bool = False,
+                 compression: str = "mlp", branches: str = "all", dim: int = 3, bias: bool = True,
+                 backend: str = "auto"):
+        super().__init__(in_channels, out_channels, heads, ball_size, dim, bias)
+        if branches not in ("all", "ball"):
+            raise ValueError(f"branches must be 'all' or 'ball', got {branches!r}")
+        self.cfg = BSAConfig(ball_size=ball_size, cmp_block=cmp_block, cmp_stride=cmp_stride,
+                             slc_block=slc_block, topk=topk, group_size=group_size,
+                             group_compression=group_compression)
+        self.branches, self.backend = branches, backend
+        # sigma < 0: nearer points weigh more (Erwin initialises the distance bias this way)
+        self.sigma = nn.Parameter(torch.empty(heads))
+        if branches == "all":
+            self.gate = nn.Linear(in_channels, 3 * heads)
+            self.compress = KVCompressor(self.head_dim, cmp_block, self.cfg.cmp_stride, compression)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        nn.init.constant_(self.sigma, -1.0)
+        if self.branches == "all":
+            self.gate.reset_parameters()
+            self.compress.reset_parameters()
+
+    def forward_tree(self, x_t: Tensor, pos_t: Tensor, tree: BallTree) -> Tensor:
+        r"""Tree-order core: ``x_t [N_pad, C]``, ``pos_t [N_pad, d]`` -> ``[N_pad, C_out]`` (padding zero)."""
+        h, q, k, v = self._qkv(x_t, pos_t, tree)
+        if self.branches == "ball":
+            o = ball_attention(q, k, v, pos_t, self.sigma.to(q.dtype), tree.mask, tree.ball_size, self.backend)
+        else:
+            gates = torch.sigmoid(self.gate(h)).view(-1, self.heads, 3)
+            k_cmp, v_cmp, cmp_mask = self.compress(k, v, tree)
+            o = bsa_attention(q, k, v, pos_t, tree, self.cfg, sigma=self.sigma.to(q.dtype), gates=gates,
+                              k_cmp=k_cmp, v_cmp=v_cmp, cmp_mask=cmp_mask, backend=self.backend)
+        return self.out(o.reshape(-1, self.in_channels)) * tree.mask[:, None].to(o.dtype)
+
+    def __repr__(self) -> str:
+        extra = "" if self.branches == "all" else ", branches='ball'"
+        return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, heads={self.heads}, "
+                f"ball_size={self.ball_size}{extra})")
+
+
+class FullAttentionConv(_TreeAttentionConv):
+    r"""Full softmax attention over each cloud (SDPA), the accuracy and speed peer of :class:`BSAConv`.
+
+    Same interface and positional input as :class:`BSAConv`; costs :math:`O(N_c^2)` per cloud.
+
+    Shapes:
+        - **input:** :math:`(|\mathcal{V}|, C)`, :math:`(|\mathcal{V}|, d)`, :math:`(|\mathcal{V}|)`
+        - **output:** :math:`(|\mathcal{V}|, C_{out})`
+    """
+
+    def __init__(self, in_channels: int, out_channels: Optional[int] = None, heads: int = 8,
+                 ball_size: int = 256, dim: int = 3, bias: bool = True):
+        super().__init__(in_channels, out_channels, heads, ball_size, dim, bias)
+
+    def forward_tree(self, x_t: Tensor, pos_t: Tensor, tree: BallTree) -> Tensor:
+        _, q, k, v = self._qkv(x_t, pos_t, tree)
+        o = full_attention(q, k, v, tree)
+        return self.out(o.reshape(-1, self.in_channels)) * tree.mask[:, None].to(o.dtype)
