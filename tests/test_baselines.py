@@ -1,0 +1,110 @@
+"""Baselines of the accuracy comparison: PointNet, the kNN-graph GNN, and the kNN graph itself."""
+import pytest
+import torch
+
+from torch_geometric_bsa.nn.baselines import KNNGNN, PointNet, knn_graph, knn_graph_torch
+
+
+def _clouds(sizes, dim=3, channels=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    pos = torch.rand(n, dim, generator=g)
+    x = torch.randn(n, channels, generator=g)
+    batch = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    return x, pos, batch
+
+
+def _brute_force_knn(pos, k, batch, loop=False):
+    edges = set()
+    for i in range(pos.size(0)):
+        same = (batch == batch[i]).nonzero().view(-1).tolist()
+        cand = [j for j in same if loop or j != i]
+        d = [float(((pos[i] - pos[j]) ** 2).sum()) for j in cand]
+        for _, j in sorted(zip(d, cand))[:k]:
+            edges.add((j, i))
+    return edges
+
+
+def _edge_set(edge_index):
+    return set(map(tuple, edge_index.t().tolist()))
+
+
+@pytest.mark.parametrize("loop", [False, True])
+@pytest.mark.parametrize("max_elems", [1 << 24, 7])  # one chunk, and many tiny chunks
+def test_knn_fallback_matches_brute_force(loop, max_elems):
+    _, pos, batch = _clouds([13, 1, 4, 30], dim=3)
+    ei = knn_graph_torch(pos, 5, batch, loop=loop, max_elems=max_elems)
+    assert ei.shape[0] == 2
+    assert _edge_set(ei) == _brute_force_knn(pos, 5, batch, loop=loop)
+    assert bool((batch[ei[0]] == batch[ei[1]]).all())  # never crosses clouds
+    assert len(_edge_set(ei)) == ei.size(1)  # no duplicate edges
+
+
+def test_knn_fallback_2d_no_batch():
+    _, pos, _ = _clouds([40], dim=2)
+    ei = knn_graph_torch(pos, 3)
+    assert _edge_set(ei) == _brute_force_knn(pos, 3, torch.zeros(40, dtype=torch.long))
+    # each centre has exactly k neighbours
+    assert torch.equal(torch.bincount(ei[1], minlength=40), torch.full((40,), 3))
+
+
+def test_knn_bad_k():
+    with pytest.raises(ValueError, match="k must be"):
+        knn_graph_torch(torch.rand(5, 3), 0)
+
+
+def test_knn_agrees_with_torch_cluster():
+    torch_cluster = pytest.importorskip("torch_cluster")
+    _, pos, batch = _clouds([50, 17, 64], dim=3, seed=3)
+    ours = knn_graph_torch(pos, 8, batch)
+    theirs = torch_cluster.knn_graph(pos, 8, batch, loop=False)
+    assert _edge_set(ours) == _edge_set(theirs)
+    assert _edge_set(knn_graph(pos, 8, batch)) == _edge_set(theirs)
+
+
+@pytest.mark.parametrize("cls, kw", [(PointNet, {}), (KNNGNN, dict(k=4))])
+def test_baseline_shapes_and_backward(cls, kw):
+    x, pos, batch = _clouds([20, 9, 31])
+    model = cls(2, 3, hidden_channels=16, num_layers=2, **kw)
+    out = model(x, pos, batch)
+    assert out.shape == (60, 3)
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert "hidden_channels=16" in repr(model)
+    assert model.flops(100) > 0
+
+
+@pytest.mark.parametrize("cls, kw", [(PointNet, {}), (KNNGNN, dict(k=4))])
+def test_baseline_batch_independence(cls, kw):
+    # a cloud alone and inside a batch gives the same output
+    x, pos, batch = _clouds([20, 9, 31], seed=1)
+    model = cls(2, 1, hidden_channels=16, num_layers=2, **kw).eval()
+    with torch.no_grad():
+        together = model(x, pos, batch)
+        alone = model(x[20:29], pos[20:29], None)
+    torch.testing.assert_close(together[20:29], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls, kw", [(PointNet, {}), (KNNGNN, dict(k=4))])
+def test_baseline_data_input_and_position_only(cls, kw):
+    from torch_geometric.data import Batch, Data
+    _, pos, _ = _clouds([12, 15], dim=2)
+    data = Batch.from_data_list([Data(pos=pos[:12]), Data(pos=pos[12:])])
+    model = cls(0, 1, hidden_channels=8, num_layers=1, dim=2, **kw)
+    assert model(data).shape == (27, 1)
+
+
+def test_baseline_permutation_equivariance():
+    x, pos, batch = _clouds([25])
+    perm = torch.randperm(25, generator=torch.Generator().manual_seed(0))
+    for model in (PointNet(2, 1, 16, num_layers=2), KNNGNN(2, 1, 16, num_layers=2, k=4)):
+        model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(x, pos)[perm], model(x[perm], pos[perm]), rtol=1e-5, atol=1e-5)
+
+
+def test_baseline_bad_args():
+    with pytest.raises(ValueError, match="num_layers"):
+        PointNet(2, 1, num_layers=0)
+    with pytest.raises(ValueError, match="k must be"):
+        KNNGNN(2, 1, k=0)

@@ -1,0 +1,238 @@
+"""Accuracy baselines for the BSA comparison (DESIGN §4): PointNet and a kNN-graph GNN (EdgeConv).
+
+Both take the same ``(x, pos, batch)`` (or a ``Data``/``Batch``) as :class:`BSATransformer` and
+predict per-point targets, so one training script drives all models. ``knn_graph`` uses
+``torch_cluster`` when it is installed (PyG's policy) and an exact pure-torch search otherwise.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch_geometric.nn import EdgeConv
+from torch_geometric.utils import scatter, to_dense_batch
+
+__all__ = ["WITH_TORCH_CLUSTER", "knn_graph", "knn_graph_torch", "PointNet", "KNNGNN"]
+
+try:  # probed once; the fallback below is exact, only slower
+    import torch_cluster  # noqa: F401
+    WITH_TORCH_CLUSTER = True
+except (ImportError, OSError):  # OSError: a wheel built against another torch
+    WITH_TORCH_CLUSTER = False
+
+
+def _unpack(x, pos: Optional[Tensor], batch: Optional[Tensor]) -> Tuple[Optional[Tensor], Tensor, Optional[Tensor]]:
+    if pos is None and hasattr(x, "pos"):  # a Data / Batch object
+        return getattr(x, "x", None), x.pos, getattr(x, "batch", None)
+    return x, pos, batch
+
+
+def knn_graph_torch(pos: Tensor, k: int, batch: Optional[Tensor] = None, loop: bool = False,
+                    max_elems: int = 1 << 24) -> Tensor:
+    r"""Exact k-nearest-neighbour graph in pure PyTorch (same convention as ``torch_cluster``).
+
+    Clouds are laid out densely (``[B, P, d]``, P the largest cloud) and the query rows are
+    processed in chunks of at most ``max_elems`` distances, so there is no Python loop over clouds.
+    Distances are computed elementwise (no ``|a|^2 + |b|^2 - 2ab`` cancellation), so the neighbour
+    sets match a brute-force search. Clouds with fewer than ``k`` other points keep what they have.
+
+    Returns:
+        ``edge_index [2, E]`` with ``edge_index[0]`` the neighbour (source) and ``edge_index[1]``
+        the centre (target), i.e. ``flow="source_to_target"``.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    n = pos.size(0)
+    if batch is None:
+        batch = pos.new_zeros(n, dtype=torch.long)
+    dense, valid = to_dense_batch(pos, batch)                     # [B, P, d], [B, P]
+    b, p, _ = dense.shape
+    # global index of each dense slot (-1 for padding)
+    gidx = torch.full((b, p), -1, dtype=torch.long, device=pos.device)
+    gidx[valid] = torch.arange(n, device=pos.device)
+    kk = min(k, p)  # self is masked out below when loop=False
+    chunk = max(1, max_elems // max(b * p, 1))
+    rows, cols = [], []
+    for start in range(0, p, chunk):  # loop over query chunks, not over clouds
+        q = dense[:, start:start + chunk]                           # [B, c, d]
+        d2 = None  # [B, c, P], accumulated per coordinate to avoid a [B, c, P, d] temporary
+        for j in range(dense.size(-1)):
+            t = (q[:, :, None, j] - dense[:, None, :, j]).square()
+            d2 = t if d2 is None else d2.add_(t)
+        d2 = d2.masked_fill(~valid[:, None, :], float("inf"))
+        if not loop:
+            c = q.size(1)
+            self_idx = torch.arange(start, start + c, device=pos.device)
+            d2[:, torch.arange(c, device=pos.device), self_idx] = float("inf")
+        val, idx = d2.topk(kk, dim=-1, largest=False)               # [B, c, kk]
+        ok = torch.isfinite(val) & valid[:, start:start + chunk, None]
+        src = gidx.gather(1, idx.view(b, -1)).view_as(idx)
+        dst = gidx[:, start:start + chunk, None].expand_as(idx)
+        rows.append(src[ok])
+        cols.append(dst[ok])
+    src, dst = torch.cat(rows), torch.cat(cols)
+    order = torch.argsort(dst * n + src)  # sorted by centre, then neighbour: a canonical order
+    return torch.stack([src[order], dst[order]])
+
+
+def knn_graph(pos: Tensor, k: int, batch: Optional[Tensor] = None, loop: bool = False) -> Tensor:
+    r"""kNN graph (``flow="source_to_target"``): ``torch_cluster.knn_graph`` when installed, else
+    :func:`knn_graph_torch` (exact)."""
+    if WITH_TORCH_CLUSTER:
+        return torch_cluster.knn_graph(pos, k, batch, loop=loop)
+    return knn_graph_torch(pos, k, batch, loop=loop)
+
+
+def _mlp(channels: List[int], last_act: bool = True) -> nn.Sequential:
+    layers: List[nn.Module] = []
+    for i in range(len(channels) - 1):
+        layers.append(nn.Linear(channels[i], channels[i + 1]))
+        if i < len(channels) - 2 or last_act:
+            layers += [nn.LayerNorm(channels[i + 1]), nn.GELU()]
+    return nn.Sequential(*layers)
+
+
+def _linear_flops(module: nn.Module, rows: float) -> float:
+    return sum(2.0 * rows * m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+class PointNet(nn.Module):
+    r"""PointNet for per-point regression (Qi et al., 2017, segmentation head).
+
+    .. math::
+        \mathbf{h}_i = \mathrm{MLP}_1([\mathbf{x}_i, \mathbf{p}_i]), \quad
+        \mathbf{g}_c = \max_{j \in c} \mathrm{MLP}_2(\mathbf{h}_j), \quad
+        \mathbf{y}_i = \mathrm{MLP}_3([\mathbf{h}_i, \mathbf{g}_{c(i)}])
+
+    The global feature is max-pooled per cloud (``batch``), so clouds never mix.
+
+    Args:
+        in_channels (int): input features (0 for position-only). out_channels (int): targets.
+        hidden_channels (int): width of the point MLPs. global_channels (int): width of the global
+            feature (default ``4 * hidden_channels``). num_layers (int): layers of the point MLP.
+        dim (int): coordinate dimension.
+
+    Shapes:
+        - **input:** ``x`` :math:`(|\mathcal{V}|, F_{in})`, ``pos`` :math:`(|\mathcal{V}|, d)`,
+          ``batch`` :math:`(|\mathcal{V}|)`
+        - **output:** :math:`(|\mathcal{V}|, F_{out})`
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 64,
+                 global_channels: Optional[int] = None, num_layers: int = 3, dim: int = 3):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        self.in_channels, self.out_channels, self.dim = in_channels, out_channels, dim
+        self.hidden_channels, self.num_layers = hidden_channels, num_layers
+        self.global_channels = global_channels or 4 * hidden_channels
+        self.local = _mlp([in_channels + dim] + [hidden_channels] * num_layers)
+        self.glob = _mlp([hidden_channels, 2 * hidden_channels, self.global_channels])
+        self.head = _mlp([hidden_channels + self.global_channels, 2 * hidden_channels, hidden_channels,
+                          out_channels], last_act=False)
+
+    def reset_parameters(self):
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+
+    def forward(self, x, pos: Optional[Tensor] = None, batch: Optional[Tensor] = None) -> Tensor:
+        x, pos, batch = _unpack(x, pos, batch)
+        if batch is None:
+            batch = pos.new_zeros(pos.size(0), dtype=torch.long)
+        h = self.local(pos if x is None or x.size(-1) == 0 else torch.cat([x, pos.to(x.dtype)], -1))
+        g = scatter(self.glob(h), batch, dim=0, reduce="max")
+        return self.head(torch.cat([h, g[batch]], dim=-1))
+
+    def flops(self, n: int) -> float:
+        r"""Forward FLOPs on one cloud of ``n`` points (linear layers; pooling is lower order)."""
+        return _linear_flops(self, n)
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, "
+                f"hidden_channels={self.hidden_channels}, num_layers={self.num_layers})")
+
+
+class KNNGNN(nn.Module):
+    r"""A kNN-graph GNN: a stack of :class:`~torch_geometric.nn.EdgeConv` layers (DGCNN-style) on a
+    fixed kNN graph of the positions, with residual connections.
+
+    .. math::
+        \mathbf{h}_i^{(l+1)} = \mathbf{h}_i^{(l)} + \max_{j \in \mathcal{N}_k(i)}
+        \mathrm{MLP}([\mathbf{h}_i^{(l)}, \mathbf{h}_j^{(l)} - \mathbf{h}_i^{(l)},
+        \mathbf{p}_j - \mathbf{p}_i])
+
+    Relative positions enter every message, so the layer sees geometry, not only features. The
+    graph is built once per forward with :func:`knn_graph` (``torch_cluster`` or the exact
+    pure-torch fallback) and never crosses clouds.
+
+    Args:
+        in_channels (int), out_channels (int), hidden_channels (int), num_layers (int),
+        k (int): neighbours per point. dim (int): coordinate dimension.
+
+    Shapes:
+        - **input:** ``x`` :math:`(|\mathcal{V}|, F_{in})`, ``pos`` :math:`(|\mathcal{V}|, d)`,
+          ``batch`` :math:`(|\mathcal{V}|)`
+        - **output:** :math:`(|\mathcal{V}|, F_{out})`
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 64, num_layers: int = 4,
+                 k: int = 16, dim: int = 3):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.in_channels, self.out_channels, self.hidden_channels = in_channels, out_channels, hidden_channels
+        self.num_layers, self.k, self.dim = num_layers, k, dim
+        self.embed = _mlp([in_channels + dim, hidden_channels, hidden_channels])
+        self.convs = nn.ModuleList(
+            EdgeConv(_PosMessage(hidden_channels, dim), aggr="max") for _ in range(num_layers))
+        self.head = _mlp([hidden_channels, hidden_channels, out_channels], last_act=False)
+
+    def reset_parameters(self):
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+
+    def forward(self, x, pos: Optional[Tensor] = None, batch: Optional[Tensor] = None,
+                edge_index: Optional[Tensor] = None) -> Tensor:
+        x, pos, batch = _unpack(x, pos, batch)
+        if edge_index is None:
+            edge_index = knn_graph(pos.detach(), self.k, batch)
+        h = self.embed(pos if x is None or x.size(-1) == 0 else torch.cat([x, pos.to(x.dtype)], -1))
+        p = pos.to(h.dtype)
+        for conv in self.convs:
+            # EdgeConv feeds [x_i, x_j - x_i] to the MLP: carrying pos in the last `dim` columns
+            # turns the second half into [h_j - h_i, p_j - p_i]
+            h = h + conv(torch.cat([h, p], -1), edge_index)
+        return self.head(h)
+
+    def flops(self, n: int) -> float:
+        r"""Forward FLOPs on one cloud of ``n`` points: edge MLPs on ``n * k`` edges, the node
+        MLPs, and the kNN search (``3 * d`` per point pair)."""
+        edge = sum(_linear_flops(c.nn, n * self.k) for c in self.convs)
+        return edge + _linear_flops(self.embed, n) + _linear_flops(self.head, n) + 3.0 * self.dim * n * n
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, "
+                f"hidden_channels={self.hidden_channels}, num_layers={self.num_layers}, k={self.k})")
+
+
+class _PosMessage(nn.Module):
+    r"""EdgeConv's message MLP on ``[h_i | p_i, h_j - h_i | p_j - p_i]`` (drops the absolute ``p_i``)."""
+
+    def __init__(self, channels: int, dim: int):
+        super().__init__()
+        self.channels, self.dim = channels, dim
+        self.nn = _mlp([2 * channels + dim, channels, channels], last_act=False)
+
+    def reset_parameters(self):
+        for m in self.nn.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+
+    def forward(self, z: Tensor) -> Tensor:
+        c, d = self.channels, self.dim
+        return self.nn(torch.cat([z[:, :c], z[:, c + d:]], -1))
