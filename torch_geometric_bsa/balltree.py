@@ -221,8 +221,8 @@ def build_ball_tree(pos: Tensor, batch: Optional[Tensor] = None, ball_size: int 
         axis = spread.argmax(1, keepdim=True)
         coord = (p.gather(1, axis) - lo.gather(1, axis)).squeeze(1)
         width = spread.gather(1, axis).squeeze(1)
-        key = torch.where(split, coord / torch.where(width > 0, width, torch.ones_like(width)),
-                          torch.zeros_like(coord)).clamp(0, 0.5)
+        key = torch.where(split, 0.5 * coord / torch.where(width > 0, width, torch.ones_like(width)),
+                          torch.zeros_like(coord))
         # nodes are contiguous runs in `order`; key in [0, 0.5] never crosses to the next node
         key = seg_start.to(key.dtype) + key
         perm = torch.sort(key, stable=True).indices

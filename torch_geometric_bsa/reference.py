@@ -94,7 +94,7 @@ def ball_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, sigma: Tensor, 
     scale = d ** -0.5 if scale is None else scale
     qb, kb, vb = (t.reshape(-1, m, h, d).transpose(1, 2) for t in (q, k, v))  # [nb, H, m, D]
     pb = pos.reshape(-1, m, pos.size(-1))
-    dist = torch.cdist(pb, pb)  # [nb, m, m]
+    dist = torch.cdist(pb, pb, compute_mode="donot_use_mm_for_euclid_dist")  # [nb, m, m], exact
     logits = scale * qb @ kb.transpose(-1, -2) + sigma.view(1, h, 1, 1).to(q.dtype) * dist[:, None].to(q.dtype)
     valid = mask.view(-1, 1, 1, m)
     out = _masked_softmax(logits, valid) @ vb  # [nb, H, m, D]
@@ -178,9 +178,13 @@ def compressed_attention(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cmp_mask: Tens
     bmask, bvalid = _to_dense(cmp_mask, tree.ptr, tree.max_slots, cmp_stride)
     logits = scale * qd.transpose(1, 2) @ kd.permute(0, 2, 3, 1)         # [B, H, Qm, NB]
     p = _masked_softmax(logits, (bmask & bvalid)[:, None, None, :])
+    # padded queries (a group: all of it padded) get zero output and no say in the selection
+    qmask = tree.mask.view(-1, q_unit).any(1)
+    qmd, _ = _to_dense(qmask, tree.ptr, tree.max_slots, q_unit)
+    p = p * (qvalid & qmd)[:, None, :, None]
     od = (p @ vd.transpose(1, 2)).transpose(1, 2)                         # [B, Qm, H, D]
     o = _from_dense(od, tree.ptr, tree.max_slots, q.size(0), q_unit)
-    return (o, p * qvalid[:, None, :, None]) if return_probs else o
+    return (o, p) if return_probs else o
 
 
 # ---------------------------------------------------------------------------------------------

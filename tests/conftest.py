@@ -1,0 +1,34 @@
+"""Shared test helpers. Without CUDA, Triton kernels run under the interpreter (TRITON_INTERPRET=1),
+which must be set before any kernel module is imported: this file is loaded first."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    r"""``||out - ref|| / ||ref||`` in float64 (NaN anywhere gives inf)."""
+    out, ref = out.double(), ref.double()
+    if not bool(torch.isfinite(out).all()):
+        return float("inf")
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def random_batch(sizes, dim=3, seed=0, device="cpu", dtype=torch.float32):
+    r"""Positions ``[N, dim]`` and a sorted batch vector for clouds of the given sizes."""
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.rand(sum(sizes), dim, generator=g, dtype=torch.float64).to(dtype)
+    batch = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    return pos.to(device), batch.to(device)
+
+
+def random_qkv(n, heads, head_dim, seed=0, dtype=torch.float32, device="cpu", requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(n, heads, head_dim, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+                 .requires_grad_(requires_grad) for _ in range(3))

@@ -1,0 +1,117 @@
+import pytest
+import torch
+from torch_geometric.data import Batch, Data
+from torch_geometric.nn import Sequential
+
+from torch_geometric_bsa import BSAConv, build_ball_tree
+from torch_geometric_bsa.nn import FullAttentionConv
+
+from conftest import random_batch
+
+KW = dict(heads=4, ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4)
+
+
+def _conv(**kw):
+    torch.manual_seed(0)
+    return BSAConv(16, 8, **{**KW, **kw}).double()
+
+
+@pytest.mark.parametrize("kw", [{}, dict(group_compression=True), dict(compression="mean"),
+                                dict(branches="ball"), dict(cmp_stride=2)])
+def test_permutation_equivariance(kw):
+    conv = _conv(**kw)
+    pos, batch = random_batch([45, 30], seed=1, dtype=torch.float64)
+    x = torch.randn(75, 16, dtype=torch.float64)
+    y = conv(x, pos, batch)
+    assert y.shape == (75, 8) and bool(torch.isfinite(y).all())
+    perm = torch.cat([torch.randperm(45), 45 + torch.randperm(30)])
+    y2 = conv(x[perm], pos[perm], batch)
+    assert torch.allclose(y2, y[perm], atol=1e-12)
+
+
+def test_batch_composition_independence():
+    conv = _conv()
+    pos, batch = random_batch([45, 30, 17], seed=2, dtype=torch.float64)
+    x = torch.randn(92, 16, dtype=torch.float64)
+    y = conv(x, pos, batch)
+    alone = conv(x[45:75], pos[45:75])
+    assert torch.allclose(alone, y[45:75], atol=1e-12)
+    # and via PyG's Batch of Data objects
+    data = [Data(x=x[:45], pos=pos[:45]), Data(x=x[45:75], pos=pos[45:75]), Data(x=x[75:], pos=pos[75:])]
+    b = Batch.from_data_list(data)
+    assert torch.allclose(conv(b.x, b.pos, b.batch), y, atol=1e-12)
+
+
+def test_gradients_reach_every_parameter():
+    conv = _conv()
+    pos, batch = random_batch([60, 20], seed=3, dtype=torch.float64)
+    x = torch.randn(80, 16, dtype=torch.float64, requires_grad=True)
+    conv(x, pos, batch).square().sum().backward()
+    for name, p in conv.named_parameters():
+        assert p.grad is not None and bool(p.grad.abs().sum() > 0), name
+    assert bool(x.grad.abs().sum() > 0)
+
+
+def test_gradcheck_float64():
+    conv = _conv(heads=2)
+    pos, batch = random_batch([20, 11], seed=4, dtype=torch.float64)
+    x = torch.randn(31, 16, dtype=torch.float64, requires_grad=True)
+    tree = build_ball_tree(pos, batch, 16)
+    assert torch.autograd.gradcheck(lambda x: conv(x, pos, batch, tree=tree), (x,), eps=1e-6, atol=1e-5)
+
+
+def test_sequential_repr_reset_and_full_attention():
+    conv = _conv()
+    assert repr(conv) == "BSAConv(16, 8, heads=4, ball_size=16)"
+    model = Sequential("x, pos, batch", [(conv, "x, pos, batch -> x"), torch.nn.ReLU(),
+                                         (BSAConv(8, 4, **KW).double(), "x, pos, batch -> x")])
+    pos, batch = random_batch([30, 30], seed=5, dtype=torch.float64)
+    assert model(torch.randn(60, 16, dtype=torch.float64), pos, batch).shape == (60, 4)
+    before = conv.qkv.weight.clone()
+    conv.reset_parameters()
+    assert not torch.equal(before, conv.qkv.weight)
+    assert float(conv.sigma.detach()[0]) == -1.0
+    full = FullAttentionConv(16, 8, heads=4, ball_size=16).double()
+    assert full(torch.randn(60, 16, dtype=torch.float64), pos, batch).shape == (60, 8)
+
+
+def test_large_ball_and_topk_make_bsa_full_attention():
+    # with one ball per cloud and every block selected, ball and selection branches are full attention
+    conv = BSAConv(8, heads=2, ball_size=64, cmp_block=4, slc_block=4, topk=16, group_size=4).double()
+    ref = FullAttentionConv(8, heads=2, ball_size=64).double()
+    ref.load_state_dict({k: v for k, v in conv.state_dict().items() if k in ref.state_dict()})
+    torch.nn.init.zeros_(conv.sigma)
+    with torch.no_grad():  # gates: only the selection branch
+        conv.gate.weight.zero_()
+        conv.gate.bias.copy_(torch.tensor([-50.0, -50.0, 50.0]).repeat(2))
+    pos, batch = random_batch([50, 40], seed=6, dtype=torch.float64)
+    x = torch.randn(90, 8, dtype=torch.float64)
+    assert torch.allclose(conv(x, pos, batch), ref(x, pos, batch), atol=1e-9)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda x, p, b: (x[:-1], p, b), "x has 29 points but pos has 30"),
+    (lambda x, p, b: (x, p.masked_fill(torch.rand_like(p) > 0.9, float("nan")), b), "NaN"),
+    (lambda x, p, b: (x, p[:, :2], b), "dim=3"),
+    (lambda x, p, b: (x[:, :5], p, b), "in_channels=16"),
+    (lambda x, p, b: (x, p, b.flip(0)), "sorted"),
+    (lambda x, p, b: (x[:0], p[:0], b[:0]), "empty"),
+    (lambda x, p, b: (x, p, b[:-2]), "batch must have shape"),
+    (lambda x, p, b: (x.masked_fill(torch.rand_like(x) > 0.99, float("inf")), p, b), "x contains NaN"),
+    (lambda x, p, b: (x.long(), p, b), "floating-point"),
+])
+def test_bad_input(make, match):
+    conv = BSAConv(16, **KW)
+    pos, batch = random_batch([10, 20], seed=7)
+    x, p, b = make(torch.randn(30, 16), pos, batch)
+    with pytest.raises(ValueError, match=match):
+        conv(x, p, b)
+
+
+def test_bad_construction():
+    with pytest.raises(ValueError, match="heads=3 must divide in_channels=16"):
+        BSAConv(16, heads=3)
+    with pytest.raises(ValueError, match="slc_block=5 must divide ball_size=16"):
+        BSAConv(16, heads=4, ball_size=16, slc_block=5)
+    with pytest.raises(ValueError, match="backend"):
+        BSAConv(16, **KW, backend="cuda")(torch.randn(4, 16), torch.rand(4, 3))
