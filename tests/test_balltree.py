@@ -62,6 +62,10 @@ def test_balls_are_compact():
     rand_radius = rand.ball_radii(pos[rand.perm]).mean()
     assert radius < 0.35 * cloud_radius
     assert radius < 0.4 * rand_radius
+    # blocks of 8 inside balls (compression/selection blocks) are compact too (Morton order)
+    blocks = pos_t.view(-1, 8, 3)
+    block_radius = (blocks - blocks.mean(1, keepdim=True)).norm(dim=-1).amax(1).mean()
+    assert block_radius < 0.6 * radius
 
 
 def test_first_split_is_median_on_widest_axis():

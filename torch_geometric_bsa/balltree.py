@@ -162,6 +162,33 @@ def random_rotation(dim: int, generator: Optional[torch.Generator] = None, devic
     return q.to(device=device, dtype=dtype)
 
 
+def _spread_bits(x: Tensor, dim: int) -> Tensor:
+    # interleave zeros between the bits of x (10 bits for 3-D, 16 bits for 2-D)
+    if dim == 3:
+        x = (x | (x << 16)) & 0x030000FF
+        x = (x | (x << 8)) & 0x0300F00F
+        x = (x | (x << 4)) & 0x030C30C3
+        return (x | (x << 2)) & 0x09249249
+    x = (x | (x << 8)) & 0x00FF00FF
+    x = (x | (x << 4)) & 0x0F0F0F0F
+    x = (x | (x << 2)) & 0x33333333
+    return (x | (x << 1)) & 0x55555555
+
+
+def _morton_order(p: Tensor, ball: Tensor) -> Tensor:
+    r"""Stable permutation sorting points by (ball, Morton code inside the ball's bounding box)."""
+    d = p.size(1)
+    seg = ball.unsqueeze(1).expand_as(p)
+    nb = int(ball.max()) + 1
+    lo = p.new_full((nb, d), math.inf).scatter_reduce(0, seg, p, "amin", include_self=True)[ball]
+    hi = p.new_full((nb, d), -math.inf).scatter_reduce(0, seg, p, "amax", include_self=True)[ball]
+    levels = 1023 if d == 3 else 65535
+    span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+    cell = ((p - lo) / span * levels).round().long().clamp_(0, levels)
+    code = sum(_spread_bits(cell[:, i], d) << (d - 1 - i) for i in range(d))
+    return torch.sort((ball << 32) | code, stable=True).indices
+
+
 @torch.no_grad()
 def build_ball_tree(pos: Tensor, batch: Optional[Tensor] = None, ball_size: int = 256,
                     rotation: Optional[Tensor] = None) -> BallTree:
@@ -234,6 +261,11 @@ def build_ball_tree(pos: Tensor, batch: Optional[Tensor] = None, ball_size: int 
         seg_start = torch.where(right, seg_start + left_count, seg_start)
         seg_count = torch.where(split, torch.where(right, seg_count - left_count, left_count), seg_count)
         seg_balls = torch.where(split, torch.where(right, seg_balls - left_balls, left_balls), seg_balls)
+
+    # Inside each ball, order points along a Z-order (Morton) curve of the ball's bounding box, so
+    # that the short contiguous blocks of the compression and selection branches are compact too.
+    ball = (idx - cloud_start[batch[order]]) // m + ptr[batch[order]] // m
+    order = order[_morton_order(pos[order], ball)]
 
     # valid points fill each cloud's slots from its start; the tail of the cloud is padding
     sorted_batch = batch[order]
