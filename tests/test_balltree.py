@@ -65,7 +65,7 @@ def test_balls_are_compact():
     # blocks of 8 inside balls (compression/selection blocks) are compact too (Morton order)
     blocks = pos_t.view(-1, 8, 3)
     block_radius = (blocks - blocks.mean(1, keepdim=True)).norm(dim=-1).amax(1).mean()
-    assert block_radius < 0.6 * radius
+    assert block_radius < 0.75 * radius  # 1/8 of the volume: ~0.5 ideal; slabs along one axis give ~0.9
 
 
 def test_first_split_is_median_on_widest_axis():
