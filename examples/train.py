@@ -1,0 +1,746 @@
+"""Train BSA, full attention, ball attention, PointNet or a kNN GNN on a point-cloud regression task.
+
+One entry point for every model (so comparisons share data, optimiser, schedule and evaluation):
+
+    python examples/train.py                                  # generated car pressure, BSA, ~2-3 min on CPU
+    python examples/train.py --model full --steps 2000 --out runs/full
+    torchrun --nproc-per-node 2 examples/train.py --model gnn # data parallel (gloo on CPU, nccl on CUDA)
+
+Writes ``metrics.json``, ``train_log.csv``, ``eval_log.csv``, ``loss.png``, ``field.png`` and
+``checkpoint.pt`` to ``--out``; ``--resume`` continues a run exactly (docs/training.md).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if __package__ in (None, ""):  # `python examples/train.py` from a checkout without `pip install`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from torch_geometric.data import Data  # noqa: E402
+from torch_geometric.loader import DataLoader  # noqa: E402
+from torch_geometric.utils import scatter  # noqa: E402
+
+MODELS = ("bsa", "full", "ball", "pointnet", "gnn")
+DATASETS = ("car", "elasticity-gen", "shapenet-car", "elasticity", "toy")
+ATTENTION_MODELS = ("bsa", "full", "ball")
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
+    if not v > 0 or not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s}")
+    return v
+
+
+def _fraction(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {s!r}")
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {v}")
+    return v
+
+
+def _key_value(s: str):
+    if "=" not in s:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {s!r}")
+    k, v = s.split("=", 1)
+    for cast in (int, float):
+        try:
+            return k, cast(v)
+        except ValueError:
+            pass
+    return k, {"true": True, "false": False}.get(v.lower(), v)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train a point-cloud regression model (BSA, full/ball attention, PointNet, kNN GNN).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="car", choices=DATASETS,
+                   help="generated car surface pressure (default), generated elasticity, the real "
+                        "ShapeNet-Car / Elasticity files (--root), or 'toy' (tiny synthetic, for tests)")
+    g.add_argument("--root", default="data", help="dataset folder (generated data is cached here)")
+    g.add_argument("--num-train", type=_positive_int, default=None,
+                   help="training samples to generate/use (generated datasets: default small, see docs/training.md)")
+    g.add_argument("--num-test", type=_positive_int, default=None, help="test samples to generate/use")
+    g.add_argument("--data-kw", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="extra keyword for get_dataset (repeatable), e.g. --data-kw num_points=2048")
+    g.add_argument("--batch-size", type=_positive_int, default=4, help="clouds per step and process")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="bsa", choices=MODELS)
+    g.add_argument("--hidden", type=_positive_int, default=64, help="width")
+    g.add_argument("--layers", type=_positive_int, default=4, help="blocks / message-passing layers")
+    g.add_argument("--heads", type=_positive_int, default=4, help="attention heads")
+    g.add_argument("--mlp-ratio", type=_positive_float, default=4.0, help="SwiGLU hidden / width")
+    g.add_argument("--ball-size", type=_positive_int, default=128, help="points per ball")
+    g.add_argument("--cmp-block", type=_positive_int, default=8, help="BSA compression block")
+    g.add_argument("--slc-block", type=_positive_int, default=8, help="BSA selection block")
+    g.add_argument("--topk", type=_positive_int, default=8, help="BSA selected blocks per group")
+    g.add_argument("--group-size", type=_positive_int, default=8, help="BSA query group size")
+    g.add_argument("--group-compression", action="store_true", help="BSA: pool queries per group")
+    g.add_argument("--compression", default="mlp", choices=("mlp", "mean"), help="BSA block pooling")
+    g.add_argument("--rotate", action="store_true", help="alternate layers use a rotated ball tree")
+    g.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
+                   help="BSA/ball attention backend; 'auto' probes the Triton kernels on CUDA and "
+                        "falls back to the PyTorch reference")
+    g.add_argument("--knn", type=_positive_int, default=16, help="GNN neighbours")
+
+    g = p.add_argument_group("optimisation")
+    budget = g.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=_positive_int, default=None, help="optimiser steps (default 200)")
+    budget.add_argument("--epochs", type=_positive_int, default=None, help="epochs (instead of --steps)")
+    g.add_argument("--max-time", type=_positive_float, default=None,
+                   help="stop training after this many seconds (the schedule still spans --steps)")
+    g.add_argument("--stop-after", type=_positive_int, default=None, metavar="N",
+                   help="leave after N steps of this invocation (checkpointed; the schedule still spans "
+                        "--steps; continue with --resume)")
+    g.add_argument("--lr", type=_positive_float, default=1e-3)
+    g.add_argument("--min-lr-ratio", type=_fraction, default=0.01, help="final lr / lr of the cosine")
+    g.add_argument("--warmup", type=_fraction, default=0.05, help="warmup fraction of the steps")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0: off)")
+    g.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+
+    g = p.add_argument_group("logging and checkpoints")
+    g.add_argument("--out", default="runs/train", help="output folder")
+    g.add_argument("--log-every", type=_positive_int, default=10, help="steps between train-log rows")
+    g.add_argument("--eval-every", type=_nonneg_int, default=0, help="steps between evaluations (0: at the end only)")
+    g.add_argument("--ckpt-every", type=_nonneg_int, default=100, help="steps between checkpoints (0: at the end only)")
+    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
+                   help="continue from CKPT (default: OUT/checkpoint.pt)")
+    g.add_argument("--no-plots", action="store_true", help="skip the matplotlib figures")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.model in ATTENTION_MODELS:
+        if args.hidden % args.heads:
+            parser.error(f"--heads {args.heads} must divide --hidden {args.hidden}")
+        if args.model == "bsa":
+            from torch_geometric_bsa.reference import BSAConfig
+            try:
+                BSAConfig(ball_size=args.ball_size, cmp_block=args.cmp_block, slc_block=args.slc_block,
+                          topk=args.topk, group_size=args.group_size)
+            except ValueError as e:
+                parser.error(f"BSA sizes: {e} (flags --ball-size/--cmp-block/--slc-block/--group-size)")
+    if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
+        parser.error(f"--resume: no checkpoint at {args.resume}")
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed helpers (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)
+# --------------------------------------------------------------------------------------------
+class Dist:
+    def __init__(self, device_arg: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device_arg == "auto":
+            device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device_arg)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", self.local_rank if self.world > 1 else torch.cuda.current_device())
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        self.device = device
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, t: Tensor) -> Tensor:
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self):
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+def toy_dataset(split: str, num: int, seed: int = 0, points=(96, 160), dim: int = 3) -> List[Data]:
+    r"""Tiny synthetic stand-in: random ellipsoid surfaces, target a smooth field plus a term that
+    depends on the whole cloud (its extent), so that global context helps. For tests and smoke runs."""
+    g = torch.Generator().manual_seed(seed * 1000 + (0 if split == "train" else 1))
+    out = []
+    for _ in range(num):
+        n = int(torch.randint(points[0], points[1] + 1, (1,), generator=g))
+        axes = 0.5 + torch.rand(dim, generator=g)
+        u = F.normalize(torch.randn(n, dim, generator=g), dim=-1)
+        pos = u * axes
+        y = torch.sin(3 * pos[:, :1]) + u[:, 1:2] ** 2 * axes[0] + 0.1 * pos[:, -1:]
+        out.append(Data(pos=pos, x=u, y=y))
+    return out
+
+
+def load_splits(args) -> tuple:
+    r"""``(train, test, stats)`` for ``args.dataset``; ``stats`` may hold the dataset's own target
+    normalisation (``y_mean``, ``y_std``: y is stored normalised, physical = y * std + mean)."""
+    if args.dataset == "toy":
+        return (toy_dataset("train", args.num_train or 8, args.seed),
+                toy_dataset("test", args.num_test or 4, args.seed), {})
+    from torch_geometric_bsa.datasets import get_dataset
+    kw = dict(args.data_kw)
+    train = get_dataset(args.dataset, args.root, "train", **_size_kw(args, "train"), **kw)
+    test = get_dataset(args.dataset, args.root, "test", **_size_kw(args, "test"), **kw)
+    return train, test, _dataset_stats(train)
+
+
+def _size_kw(args, split: str) -> Dict:
+    n = args.num_train if split == "train" else args.num_test
+    return {} if n is None else {"num_samples": n}
+
+
+def _dataset_stats(ds) -> Dict:
+    r"""A dataset that stores normalised targets says how to undo it (``y_mean``/``y_std``)."""
+    for a, b in (("y_mean", "y_std"), ("mean", "std")):
+        if getattr(ds, a, None) is not None and getattr(ds, b, None) is not None:
+            return {"y_mean": torch.as_tensor(getattr(ds, a), dtype=torch.float32).view(-1),
+                    "y_std": torch.as_tensor(getattr(ds, b), dtype=torch.float32).view(-1)}
+    return {}
+
+
+class Normalizer(nn.Module):
+    r"""Positions: centred and scaled by the training set (the distance bias and the position
+    projections see O(1) coordinates). Targets: standardised by the training set unless the dataset
+    already stores them standardised (``y_mean``/``y_std`` given), in which case those are used to
+    report physical units. Fitted on (up to 256) training clouds; saved with the checkpoint."""
+
+    def __init__(self, dim: int, out_channels: int):
+        super().__init__()
+        for name, size in (("pos_center", dim), ("y_mean", out_channels), ("y_std", out_channels),
+                           ("phys_mean", out_channels), ("phys_std", out_channels)):
+            self.register_buffer(name, torch.zeros(size))
+        self.register_buffer("pos_scale", torch.ones(()))
+
+    @torch.no_grad()
+    def fit(self, train, stats: Dict):
+        sample = [train[i] for i in range(min(len(train), 256))]
+        pos = torch.cat([d.pos for d in sample]).float()
+        y = torch.cat([d.y.view(d.pos.size(0), -1) for d in sample]).float()
+        self.pos_center.copy_(pos.mean(0))
+        self.pos_scale.copy_((pos - pos.mean(0)).square().sum(-1).mean().sqrt().clamp_min(1e-8))
+        if stats:  # targets already standardised by the dataset
+            self.y_mean.zero_()
+            self.y_std.fill_(1.0)
+            self.phys_mean.copy_(stats["y_mean"].expand_as(self.phys_mean))
+            self.phys_std.copy_(stats["y_std"].expand_as(self.phys_std))
+        else:
+            self.y_mean.copy_(y.mean(0))
+            self.y_std.copy_(y.std(0).clamp_min(1e-8))
+            self.phys_mean.zero_()
+            self.phys_std.fill_(1.0)
+        return self
+
+    def pos(self, pos: Tensor) -> Tensor:
+        return (pos - self.pos_center) / self.pos_scale
+
+    def target(self, y: Tensor) -> Tensor:
+        return (y - self.y_mean) / self.y_std
+
+    def physical(self, y_norm: Tensor) -> Tensor:
+        r"""Model output (normalised) -> physical units."""
+        return (y_norm * self.y_std + self.y_mean) * self.phys_std + self.phys_mean
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    r"""Seeded, resumable sharded sampler (the DistributedSampler recipe with a start offset).
+
+    Epoch ``e`` uses the permutation of ``torch.Generator().manual_seed(seed + e)`` (padded to a
+    multiple of ``world``), rank ``r`` takes every ``world``-th index, and ``set_epoch(e, skip)``
+    drops the first ``skip`` indices so a resumed run sees exactly the batches it would have seen.
+    """
+
+    def __init__(self, length: int, rank: int = 0, world: int = 1, shuffle: bool = True, seed: int = 0):
+        self.length, self.rank, self.world, self.shuffle, self.seed = length, rank, world, shuffle, seed
+        self.per_rank = math.ceil(length / world)
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0):
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            idx = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            idx = torch.arange(self.length)
+        idx = idx.repeat(math.ceil(self.per_rank * self.world / self.length))[:self.per_rank * self.world]
+        return iter(idx[self.rank::self.world][self.skip:].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank - self.skip
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+def build_model(args, in_channels: int, out_channels: int, dim: int, backend: Optional[str] = None) -> nn.Module:
+    if args.model in ATTENTION_MODELS:
+        from torch_geometric_bsa.nn import BSATransformer
+        kw = {}
+        if args.model in ("bsa", "ball"):
+            kw["backend"] = backend or args.backend
+        if args.model == "bsa":
+            kw.update(cmp_block=args.cmp_block, slc_block=args.slc_block, topk=args.topk,
+                      group_size=args.group_size, group_compression=args.group_compression,
+                      compression=args.compression)
+        return BSATransformer(in_channels, out_channels, args.hidden, args.layers, args.heads,
+                              attention=args.model, mlp_ratio=args.mlp_ratio, rotate=args.rotate, dim=dim,
+                              ball_size=args.ball_size, **kw)
+    from torch_geometric_bsa.nn.baselines import KNNGNN, PointNet
+    if args.model == "pointnet":
+        return PointNet(in_channels, out_channels, args.hidden, num_layers=args.layers, dim=dim)
+    return KNNGNN(in_channels, out_channels, args.hidden, num_layers=args.layers, k=args.knn, dim=dim)
+
+
+def resolve_attention_backend(args, in_channels: int, out_channels: int, dim: int, device: torch.device,
+                              log=print) -> Optional[str]:
+    r"""``--backend auto`` on CUDA: try the Triton path on a tiny cloud (forward + backward) and fall
+    back to the PyTorch reference if a kernel is missing, so the script runs while kernels land."""
+    if args.model not in ("bsa", "ball"):
+        return None
+    if args.backend != "auto" or device.type != "cuda":
+        return "torch" if args.backend == "auto" else args.backend
+    try:
+        probe = build_model(args, in_channels, out_channels, dim, backend="triton").to(device)
+        n = 2 * args.ball_size
+        pos = torch.randn(n, dim, device=device)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            probe(torch.randn(n, in_channels, device=device), pos, None).float().sum().backward()
+        return "triton"
+    except (NotImplementedError, ImportError, AttributeError) as e:
+        log(f"[train] Triton backend unavailable for --model {args.model} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:120]}); using backend='torch'")
+        return "torch"
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_gflops(args, n: int, in_channels: int, out_channels: int, dim: int, model: nn.Module) -> float:
+    r"""Forward GFLOPs on one cloud of ``n`` points: flops.py for the attention models, the
+    baselines' own analytic estimate (their ``flops``) otherwise."""
+    if args.model in ATTENTION_MODELS:
+        from torch_geometric_bsa.flops import model_flops
+        from torch_geometric_bsa.reference import BSAConfig
+        cfg = BSAConfig(ball_size=args.ball_size, cmp_block=args.cmp_block, slc_block=args.slc_block,
+                        topk=args.topk, group_size=args.group_size, group_compression=args.group_compression) \
+            if args.model == "bsa" else BSAConfig(ball_size=args.ball_size, cmp_block=1, slc_block=1,
+                                                  group_size=1)
+        return model_flops(n, args.hidden, args.layers, args.heads, args.model, cfg, mlp_ratio=args.mlp_ratio,
+                           in_channels=in_channels, out_channels=out_channels, dim=dim,
+                           compression=args.compression)["total"] / 1e9
+    return model.flops(n) / 1e9
+
+
+# --------------------------------------------------------------------------------------------
+# Schedule, checkpoints, RNG
+# --------------------------------------------------------------------------------------------
+def cosine_with_warmup(total: int, warmup_frac: float, min_ratio: float):
+    warmup = int(round(warmup_frac * total))
+
+    def f(step: int) -> float:  # `step` = optimiser steps taken so far
+        if step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    return f
+
+
+def rng_state() -> Dict:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: Dict):
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save_checkpoint(path: str, obj: Dict):
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a torn checkpoint
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation and plots
+# --------------------------------------------------------------------------------------------
+def _to_input(data, norm: Normalizer, device):
+    data = data.to(device, non_blocking=True)
+    pos = norm.pos(data.pos.float())
+    x = data.x.float() if getattr(data, "x", None) is not None else pos.new_zeros(pos.size(0), 0)
+    batch = getattr(data, "batch", None)
+    if batch is None:
+        batch = torch.zeros(pos.size(0), dtype=torch.long, device=device)
+    y = data.y.float().view(pos.size(0), -1)
+    return x, pos, batch, y
+
+
+@torch.no_grad()
+def evaluate(model, test, norm: Normalizer, args, dd: Dist, autocast) -> Dict[str, float]:
+    r"""Test MSE (normalised and physical units) and the mean per-sample relative L2 error,
+    sharded over ranks without padding and summed with all-reduce."""
+    model.eval()
+    idx = list(range(dd.rank, len(test), dd.world))
+    loader = DataLoader(torch.utils.data.Subset(test, idx), batch_size=args.batch_size, shuffle=False)
+    acc = torch.zeros(5, dtype=torch.float64, device=dd.device)  # sse_norm, sse_phys, points*ch, rel, clouds
+    for data in loader:
+        x, pos, batch, y = _to_input(data, norm, dd.device)
+        with autocast():
+            pred = model(x, pos, batch)
+        pred = pred.float()
+        yn = norm.target(y)
+        pp, yp = norm.physical(pred), y * norm.phys_std + norm.phys_mean
+        num = scatter((pp - yp).square().sum(-1), batch, 0, reduce="sum")
+        den = scatter(yp.square().sum(-1), batch, 0, reduce="sum").clamp_min(1e-30)
+        acc += torch.stack([(pred - yn).square().sum().double(), (pp - yp).square().sum().double(),
+                            torch.tensor(float(y.numel()), device=dd.device, dtype=torch.float64),
+                            (num / den).sqrt().sum().double(),
+                            torch.tensor(float(num.numel()), device=dd.device, dtype=torch.float64)])
+    dd.all_sum(acc)
+    model.train()
+    a = acc.tolist()
+    return {"test_mse": a[0] / max(a[2], 1), "test_mse_phys": a[1] / max(a[2], 1),
+            "test_rel_l2": a[3] / max(a[4], 1)}
+
+
+def write_plots(out: str, train_log: List[Dict], eval_log: List[Dict], model, test, norm: Normalizer,
+                device, autocast, title: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train_log:
+        ax.plot([r["step"] for r in train_log], [r["loss"] for r in train_log], label="train MSE (normalised)")
+    if eval_log:
+        ax.plot([r["step"] for r in eval_log], [r["test_mse"] for r in eval_log], "o-", label="test MSE (normalised)")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("MSE")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "loss.png"), dpi=110)
+    plt.close(fig)
+
+    data = test[0]
+    model.eval()
+    with torch.no_grad():
+        x, pos, batch, y = _to_input(data, norm, device)
+        with autocast():
+            pred = model(x, pos, batch).float()
+    model.train()
+    p = data.pos.float().cpu().numpy()
+    true = (y * norm.phys_std + norm.phys_mean)[:, 0].cpu().numpy()
+    est = norm.physical(pred)[:, 0].cpu().numpy()
+    three_d = p.shape[1] == 3
+    fig = plt.figure(figsize=(15, 4.6))
+    lo, hi = float(np.percentile(true, 1)), float(np.percentile(true, 99))
+    err = np.abs(est - true)
+    panels = [("true", true, "viridis", (lo, hi)), ("predicted", est, "viridis", (lo, hi)),
+              ("|error|", err, "magma", (0.0, float(np.percentile(err, 99)) or 1.0))]
+    for i, (name, val, cmap, (vmin, vmax)) in enumerate(panels):
+        ax = fig.add_subplot(1, 3, i + 1, projection="3d" if three_d else None)
+        coords = (p[:, 0], p[:, 1], p[:, 2]) if three_d else (p[:, 0], p[:, 1])
+        sc = ax.scatter(*coords, c=val, cmap=cmap, vmin=vmin, vmax=vmax, s=3, linewidths=0)
+        if three_d:
+            ax.view_init(elev=20, azim=-60)
+            ax.set_box_aspect(np.ptp(p, axis=0) + 1e-9)
+            ax.set_axis_off()
+        else:
+            ax.set_aspect("equal")
+        ax.set_title(name)
+        fig.colorbar(sc, ax=ax, shrink=0.7)
+    fig.suptitle(f"{title}: test sample 0, relative L2 "
+                 f"{np.linalg.norm(est - true) / max(np.linalg.norm(true), 1e-30):.3f}")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "field.png"), dpi=110)
+    plt.close(fig)
+
+
+def _write_csv(path: str, rows: List[Dict]):
+    if not rows:
+        return
+    keys = list(rows[0].keys())
+    for r in rows[1:]:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Main loop
+# --------------------------------------------------------------------------------------------
+def main(argv: Optional[Sequence[str]] = None) -> Dict:
+    args = parse_args(argv)
+    dd = Dist(args.device)
+    try:
+        return _run(args, dd)
+    finally:
+        dd.close()
+
+
+def _run(args, dd: Dist) -> Dict:
+    from tqdm.auto import tqdm
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log = (lambda s: tqdm.write(s)) if dd.main else (lambda s: None)
+    os.makedirs(args.out, exist_ok=True)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    t0 = time.perf_counter()
+    if dd.main:  # generated datasets are built (and cached) once, by rank 0
+        train, test, stats = load_splits(args)
+    dd.barrier()
+    if not dd.main:
+        train, test, stats = load_splits(args)
+    data_s = time.perf_counter() - t0
+    if len(train) == 0 or len(test) == 0:
+        raise ValueError(f"dataset {args.dataset!r} has {len(train)} training and {len(test)} test samples")
+    d0 = train[0]
+    dim = d0.pos.size(1)
+    in_channels = d0.x.size(1) if getattr(d0, "x", None) is not None else 0
+    out_channels = d0.y.view(d0.pos.size(0), -1).size(1)
+    mean_points = float(np.mean([train[i].pos.size(0) for i in range(min(len(train), 64))]))
+    norm = Normalizer(dim, out_channels).fit(train, stats).to(dd.device)
+
+    device = dd.device
+    backend = resolve_attention_backend(args, in_channels, out_channels, dim, device, log)
+    torch.manual_seed(args.seed)  # the probe above must not change the initialisation
+    model = build_model(args, in_channels, out_channels, dim, backend).to(device)
+    n_params = count_parameters(model)
+    gflops = model_gflops(args, int(round(mean_points)), in_channels, out_channels, dim, model)
+    ddp = model
+    if dd.world > 1:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    sampler = ShardSampler(len(train), dd.rank, dd.world, shuffle=True, seed=args.seed)
+    steps_per_epoch = math.ceil(sampler.per_rank / args.batch_size)
+    total = args.steps if args.steps else (args.epochs * steps_per_epoch if args.epochs else 200)
+    loader = DataLoader(train, batch_size=args.batch_size, sampler=sampler)
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total, args.warmup, args.min_lr_ratio))
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    amp_dtype = torch.bfloat16 if precision == "bf16" else None
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+    step, train_log, eval_log, train_time, resumed_acc = 0, [], [], 0.0, None
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    if args.resume:
+        path = ckpt_path if args.resume == "auto" else args.resume
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        if ck["model_name"] != args.model:
+            raise ValueError(f"--resume: checkpoint is for --model {ck['model_name']}, not {args.model}")
+        model.load_state_dict(ck["model"])
+        norm.load_state_dict(ck["norm"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        step, train_log, eval_log, train_time = ck["step"], ck["train_log"], ck["eval_log"], ck["train_time"]
+        resumed_acc = ck["loss_acc"]
+        set_rng_state(ck["rng"][dd.rank % len(ck["rng"])])
+        log(f"[train] resumed from {path} at step {step}")
+
+    def checkpoint():
+        states = [None] * dd.world
+        if dd.world > 1:
+            dist.all_gather_object(states, rng_state())
+        else:
+            states = [rng_state()]
+        if dd.main:
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "norm": norm.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "step": step, "rng": states, "train_log": train_log,
+                "eval_log": eval_log, "train_time": train_time, "model_name": args.model, "args": vars(args),
+                "loss_acc": loss_acc.cpu()})
+
+    start_step = step
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    log(f"[train] {args.model}: {n_params:,} parameters, {gflops:.3f} GFLOPs/cloud at {mean_points:.0f} points; "
+        f"{len(train)} train / {len(test)} test clouds; {total} steps on {device} x{dd.world} "
+        f"({precision}{', backend=' + backend if backend else ''}); data ready in {data_s:.1f}s")
+    bar = tqdm(total=total, initial=step, disable=not dd.main or args.no_progress, dynamic_ncols=True,
+               desc=args.model)
+    model.train()
+    loss_acc = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, count since last log
+    if resumed_acc is not None:
+        loss_acc.copy_(resumed_acc)
+    pts_acc, t_log, stopped_early = 0, time.perf_counter(), False
+    ema = None
+    while step < total and not stopped_early:
+        sampler.set_epoch(step // steps_per_epoch, (step % steps_per_epoch) * args.batch_size)
+        for data in loader:
+            t_step = time.perf_counter()
+            x, pos, batch, y = _to_input(data, norm, device)
+            with autocast():
+                pred = ddp(x, pos, batch)
+            loss = F.mse_loss(pred.float(), norm.target(y))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            loss_acc += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
+            pts_acc += pos.size(0)
+            if step % args.log_every == 0 or step == total:
+                dd.all_sum(loss_acc)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                now = time.perf_counter()
+                train_time += now - t_step  # the rest of the interval is added below
+                mean_loss = float(loss_acc[0] / loss_acc[1])
+                pts_s = pts_acc * dd.world / max(now - t_log, 1e-9)
+                ema = mean_loss if ema is None else 0.7 * ema + 0.3 * mean_loss
+                train_log.append({"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": mean_loss,
+                                  "lr": sched.get_last_lr()[0], "points_per_s": pts_s,
+                                  "train_time_s": train_time})
+                bar.set_postfix(loss=f"{ema:.4f}", pts_s=f"{pts_s:,.0f}", refresh=False)
+                loss_acc.zero_()
+                pts_acc, t_log = 0, time.perf_counter()
+            else:
+                train_time += time.perf_counter() - t_step
+            bar.update(1)
+            if args.eval_every and step % args.eval_every == 0 and step < total:
+                m = evaluate(ddp, test, norm, args, dd, autocast)
+                eval_log.append({"step": step, **m})
+                log(f"[train] step {step}: test MSE {m['test_mse']:.5f}, rel L2 {m['test_rel_l2']:.4f}")
+                t_log = time.perf_counter()
+            if args.ckpt_every and step % args.ckpt_every == 0 and step < total:
+                checkpoint()
+                t_log = time.perf_counter()
+            if args.stop_after and step - start_step >= args.stop_after and step < total:
+                stopped_early = True
+                log(f"[train] --stop-after {args.stop_after}: leaving at step {step}/{total}")
+            if args.max_time and not stopped_early:
+                flag = torch.tensor([float(train_time >= args.max_time)], device=device)
+                if float(dd.all_sum(flag)) > 0:
+                    stopped_early = True
+                    log(f"[train] --max-time {args.max_time:g}s reached at step {step}/{total}")
+            if step >= total or stopped_early:
+                break
+    bar.close()
+
+    final = evaluate(ddp, test, norm, args, dd, autocast)
+    if not eval_log or eval_log[-1]["step"] != step:
+        eval_log.append({"step": step, **final})
+    checkpoint()
+    steps_run = train_log
+    ms_step = 1000.0 * train_time / max(step, 1)
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    else:
+        import resource
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux: process RSS
+    metrics = {
+        "model": args.model, "dataset": args.dataset, "steps": step, "planned_steps": total,
+        "stopped_early": stopped_early, "world_size": dd.world, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": precision, "backend": backend, "parameters": n_params, "gflops_per_cloud": gflops,
+        "mean_points": mean_points, "train_clouds": len(train), "test_clouds": len(test),
+        "train_time_s": train_time, "ms_per_step": ms_step,
+        "points_per_s": (steps_run[-1]["points_per_s"] if steps_run else None),
+        "peak_memory_mb": peak_mb, "peak_memory_kind": "cuda_allocated" if device.type == "cuda" else "cpu_rss",
+        "final_train_loss": train_log[-1]["loss"] if train_log else None, **final,
+        "seed": args.seed, "args": vars(args),
+    }
+    if dd.main:
+        with open(os.path.join(args.out, "metrics.json"), "w") as f:
+            json.dump({**metrics, "train_log": train_log, "eval_log": eval_log}, f, indent=1)
+        _write_csv(os.path.join(args.out, "train_log.csv"), train_log)
+        _write_csv(os.path.join(args.out, "eval_log.csv"), eval_log)
+        if not args.no_plots:
+            write_plots(args.out, train_log, eval_log, model, test, norm, device, autocast,
+                        f"{args.model} on {args.dataset}")
+        unit = "" if not stats else " (physical units)"
+        print(f"[train] {args.model}: final test MSE {final['test_mse']:.5f} (normalised), "
+              f"{final['test_mse_phys']:.5g}{unit or ' (data units)'}, relative L2 {final['test_rel_l2']:.4f}; "
+              f"{step} steps, {ms_step:.1f} ms/step; outputs in {args.out}", flush=True)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""End-to-end checks of examples/train.py on the tiny synthetic 'toy' dataset (CPU, seconds each)."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"_example_{name}", os.path.join(ROOT, "examples", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+train = _load("train")
+
+TINY = ["--dataset", "toy", "--num-train", "6", "--num-test", "3", "--batch-size", "2", "--hidden", "16",
+        "--layers", "1", "--heads", "2", "--ball-size", "32", "--cmp-block", "4", "--slc-block", "4",
+        "--topk", "2", "--group-size", "4", "--knn", "4", "--no-progress", "--threads", "1"]
+
+
+def _final_params(out):
+    ck = torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=False)
+    return ck["model"], ck
+
+
+@pytest.mark.parametrize("model", train.MODELS)
+def test_tiny_training_every_model(tmp_path, model):
+    out = str(tmp_path / model)
+    m = train.main(TINY + ["--model", model, "--steps", "4", "--log-every", "2", "--eval-every", "2",
+                           "--out", out])
+    assert m["steps"] == 4 and m["parameters"] > 0 and m["gflops_per_cloud"] > 0
+    for key in ("test_mse", "test_mse_phys", "test_rel_l2", "ms_per_step", "peak_memory_mb"):
+        assert m[key] == m[key] and m[key] >= 0, key  # finite, not NaN
+    files = set(os.listdir(out))
+    assert {"metrics.json", "train_log.csv", "eval_log.csv", "checkpoint.pt", "loss.png", "field.png"} <= files
+    saved = json.load(open(os.path.join(out, "metrics.json")))
+    assert [r["step"] for r in saved["eval_log"]] == [2, 4]
+    assert [r["step"] for r in saved["train_log"]] == [2, 4]
+
+
+def test_resume_is_exact(tmp_path):
+    base = TINY + ["--model", "bsa", "--steps", "6", "--log-every", "1", "--no-plots"]
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    m1 = train.main(base + ["--out", straight])
+    # 3 training clouds per epoch at batch 2: the stop at step 3 falls mid-epoch (the skip path)
+    m_half = train.main(base + ["--out", split, "--stop-after", "3"])
+    assert m_half["steps"] == 3 and m_half["stopped_early"]
+    m2 = train.main(base + ["--out", split, "--resume"])
+    p1, ck1 = _final_params(straight)
+    p2, ck2 = _final_params(split)
+    for k in p1:
+        assert torch.equal(p1[k], p2[k]), k
+    for a, b in zip(ck1["optimizer"]["state"].values(), ck2["optimizer"]["state"].values()):
+        assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    assert ck1["scheduler"] == ck2["scheduler"]
+    assert [r["loss"] for r in ck1["train_log"]] == [r["loss"] for r in ck2["train_log"]]
+    assert m1["test_mse"] == m2["test_mse"] and m1["test_rel_l2"] == m2["test_rel_l2"]
+    assert ck2["step"] == 6 and not m2["stopped_early"]
+
+
+def test_resume_across_epochs_with_periodic_checkpoints(tmp_path):
+    # log every 2 steps but stop at an odd step: the partial loss average is carried over too
+    base = TINY + ["--model", "pointnet", "--steps", "7", "--log-every", "2", "--ckpt-every", "2", "--no-plots"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    train.main(base + ["--out", a])
+    train.main(base + ["--out", b, "--stop-after", "5"])
+    train.main(base + ["--out", b, "--resume", os.path.join(b, "checkpoint.pt")])
+    (pa, cka), (pb, ckb) = _final_params(a), _final_params(b)
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k
+    assert [r["loss"] for r in cka["train_log"]] == [r["loss"] for r in ckb["train_log"]]
+
+
+def test_max_time_stops_early(tmp_path):
+    m = train.main(TINY + ["--model", "full", "--steps", "50", "--max-time", "1e-6", "--no-plots",
+                           "--out", str(tmp_path)])
+    assert m["stopped_early"] and m["steps"] == 1 and m["planned_steps"] == 50
+
+
+def test_sampler_shards_and_skips():
+    full = list(train.ShardSampler(10, 0, 1, seed=3))
+    assert sorted(full) == list(range(10))
+    r0, r1 = list(train.ShardSampler(10, 0, 2, seed=3)), list(train.ShardSampler(10, 1, 2, seed=3))
+    assert sorted(r0 + r1) == list(range(10))
+    s = train.ShardSampler(10, 0, 1, seed=3)
+    s.set_epoch(0, 4)
+    assert list(s) == full[4:] and len(s) == 6
+    s.set_epoch(1)
+    assert sorted(s) == list(range(10)) and list(s) != full
+
+
+def test_schedule_warmup_and_cosine():
+    f = train.cosine_with_warmup(100, 0.1, 0.01)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.01)
+    assert all(f(i) >= f(i + 1) for i in range(10, 100))
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (["--model", "transformer"], "invalid choice"),
+    (["--steps", "0"], "positive integer"),
+    (["--steps", "5", "--epochs", "2"], "not allowed with"),
+    (["--hidden", "30", "--heads", "4"], "must divide"),
+    (["--ball-size", "30", "--cmp-block", "8"], "BSA sizes"),
+    (["--warmup", "1.5"], r"\[0, 1\)"),
+    (["--resume", "/nonexistent/ck.pt"], "no checkpoint"),
+    (["--data-kw", "oops"], "KEY=VALUE"),
+])
+def test_bad_flags_give_argparse_errors(bad, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(bad)
+    assert e.value.code == 2
+    assert __import__("re").search(msg, capsys.readouterr().err)
+
+
+def test_bf16_autocast_cpu(tmp_path):
+    m = train.main(TINY + ["--model", "bsa", "--steps", "2", "--precision", "bf16", "--no-plots",
+                           "--out", str(tmp_path)])
+    assert m["precision"] == "bf16" and m["test_mse"] == m["test_mse"]
+
+
+def test_ddp_two_processes_gloo(tmp_path):
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+           os.path.join(ROOT, "examples", "train.py")] + TINY + [
+        "--model", "gnn", "--steps", "3", "--device", "cpu", "--no-plots", "--out", out]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert m["world_size"] == 2 and m["steps"] == 3 and m["test_mse"] == m["test_mse"]
