@@ -1,0 +1,162 @@
+"""The fused ball-branch kernel (kernels/ball.py) against reference.ball_attention, forward and backward.
+
+Without CUDA the kernels run under Triton's CPU interpreter: TRITON_INTERPRET must be set before the
+kernels are decorated, so it is set here, before the first import of the kernel module (and the module
+is reloaded if something imported it earlier without the interpreter). With CUDA the same small cases
+run compiled, and the `gpu` cases add realistic sizes.
+
+Tolerances, ||x - ref|| / ||ref|| against float64 on the same (rounded) inputs:
+fp32 1e-5 (outputs) / 1e-4 (gradients); fp16 2e-3 / 5e-3; bf16 1.5e-2 / 3e-2, and 6e-2 for the
+sigma and position gradients in bf16 (sums of many signed terms: P, o and dO are rounded to bf16).
+"""
+import importlib
+import math
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+import torch_geometric_bsa.kernels.ball as ball  # noqa: E402
+from torch_geometric_bsa.reference import ball_attention as ball_reference  # noqa: E402
+
+if not CUDA and type(ball._ball_fwd_kernel).__name__ != "InterpretedFunction":
+    ball = importlib.reload(ball)
+
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+# (output, q/k/v grads, sigma/pos grads)
+TOL = {torch.float32: (1e-5, 1e-4, 1e-4), torch.float16: (2e-3, 5e-3, 5e-3),
+       torch.bfloat16: (1.5e-2, 3e-2, 6e-2)}
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every buffer the kernels write starts as NaN, so an unwritten element fails the checks."""
+    def empty(shape, like, dtype=None):
+        return torch.full(shape, math.nan, device=like.device, dtype=like.dtype if dtype is None else dtype)
+    monkeypatch.setattr(ball, "_empty", empty)
+
+
+def rel(a, b):
+    assert torch.isfinite(a).all(), "non-finite values (unwritten or NaN)"
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(n, h, d, pd, dtype, seed, mask=None, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(n, h, d, generator=g).to(device, dtype) for _ in range(3))
+    pos = (torch.rand(n, pd, generator=g) * 2).to(device)
+    sigma = (torch.randn(h, generator=g) - 1.0).to(device)  # mostly negative, as trained
+    if mask is None:
+        mask = torch.rand(n, generator=g) > 0.3
+        mask[:16] = False  # a fully padded row block
+    return q, k, v, pos, sigma, mask.to(device)
+
+
+def check(n, h, d, m, pd, dtype, seed, pos_grad=True, mask=None):
+    q, k, v, pos, sigma, mask = make_inputs(n, h, d, pd, dtype, seed, mask)
+    leaves = [t.clone().requires_grad_(i < 3 or i == 4 or pos_grad) for i, t in enumerate((q, k, v, pos, sigma))]
+    out = ball.ball_attention_triton(*leaves, mask, m)
+    assert out.dtype == dtype and out.shape == q.shape
+    do = torch.randn_like(out)
+    out.backward(do)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v, pos, sigma)]
+    ref = ball_reference(*ref_leaves, mask, m)
+    ref.backward(do.double())
+
+    tol_o, tol_g, tol_s = TOL[dtype]
+    assert rel(out, ref) < tol_o
+    assert (out[~mask] == 0).all(), "padded queries must be exactly zero"
+    for name, a, b in zip("qkv", leaves[:3], ref_leaves[:3]):
+        assert rel(a.grad, b.grad) < tol_g, name
+        assert (a.grad[~mask] == 0).all(), f"d{name} at padded slots must be zero"
+    assert rel(leaves[4].grad, ref_leaves[4].grad) < tol_s, "sigma"
+    if pos_grad:
+        assert rel(leaves[3].grad, ref_leaves[3].grad) < tol_s, "pos"
+    else:
+        assert leaves[3].grad is None
+
+
+@pytest.mark.parametrize("dtype,n,h,d,m,pd", [
+    (torch.float32, 256, 2, 24, 128, 2),   # head dim padded to 32 in-kernel, 2-D positions
+    (torch.float16, 256, 2, 32, 64, 3),
+    (torch.bfloat16, 256, 2, 16, 128, 3),
+])
+def test_matches_reference(dtype, n, h, d, m, pd):
+    check(n, h, d, m, pd, dtype, seed=n + d + m)
+
+
+def test_small_tiles_many_per_ball():
+    # several query and key tiles per ball: offsets inside a ball, the online-softmax rescaling
+    with ball.config_override(fwd=(16, 32, 4, 1), bwd=(32, 16, 32, 4, 1)):
+        check(128, 1, 16, 64, 3, torch.float32, seed=1)
+
+
+def test_no_pos_grad_and_inference():
+    check(128, 2, 16, 64, 3, torch.float32, seed=2, pos_grad=False)
+    q, k, v, pos, sigma, mask = make_inputs(128, 2, 16, 3, torch.float32, seed=3)
+    with torch.no_grad():
+        out = ball.ball_attention_triton(q, k, v, pos, sigma, mask, 64)
+    assert rel(out, ball_reference(q, k, v, pos, sigma, mask, 64)) < 1e-5
+
+
+def test_tree_mask_and_dispatcher():
+    # a real tree's layout (padding at the end of each cloud's last ball) through the public entry
+    from torch_geometric_bsa import build_ball_tree
+    from torch_geometric_bsa.functional import ball_attention
+    g = torch.Generator().manual_seed(4)
+    batch = torch.repeat_interleave(torch.arange(2), torch.tensor([100, 50]))
+    tree = build_ball_tree(torch.rand(150, 3, generator=g), batch, ball_size=64)
+    n = tree.num_slots
+    q, k, v, pos, sigma, _ = make_inputs(n, 2, 16, 3, torch.float32, seed=5, device="cpu")
+    args = [t.to(DEVICE) for t in (q, k, v, pos, sigma, tree.mask)]
+    out = ball_attention(*args, 64, backend="triton")
+    ref = ball_attention(*args, 64, backend="torch")
+    assert rel(out, ref) < 1e-5 and (out[~args[-1]] == 0).all()
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(ball_size=48), "ball_size"), (dict(ball_size=1024), "ball_size"),
+    (dict(dtype=torch.float64), "dtype"), (dict(n=96), "multiple"),
+])
+def test_bad_input(kw, match):
+    n, dtype, m = kw.get("n", 128), kw.get("dtype", torch.float32), kw.get("ball_size", 64)
+    q, k, v, pos, sigma, mask = make_inputs(n, 2, 16, 3, torch.float32, seed=0)
+    with pytest.raises(ValueError, match=match):
+        ball.ball_attention_triton(q.to(dtype), k.to(dtype), v.to(dtype), pos, sigma, mask, m)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: realistic sizes, compiled kernels (skipped without CUDA)
+# ---------------------------------------------------------------------------------------------
+gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype,n,h,d,m", [
+    (torch.bfloat16, 65536, 8, 64, 256),
+    (torch.bfloat16, 262144, 8, 64, 256),
+    (torch.bfloat16, 65536, 4, 32, 256),
+    (torch.float16, 65536, 8, 64, 512),
+    (torch.bfloat16, 16384, 4, 128, 128),
+    (torch.bfloat16, 16384, 2, 96, 64),
+    (torch.float32, 16384, 4, 64, 256),
+    (torch.float16, 4096, 2, 16, 64),
+])
+def test_gpu_realistic(dtype, n, h, d, m):
+    mask = torch.rand(n) > 0.05
+    check(n, h, d, m, 3, dtype, seed=n + h + d + m, mask=mask)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_tree_batch():
+    from torch_geometric_bsa import build_ball_tree
+    batch = torch.arange(16, device=DEVICE).repeat_interleave(3586)
+    tree = build_ball_tree(torch.rand(batch.numel(), 3, device=DEVICE), batch, ball_size=256)
+    check(tree.num_slots, 8, 64, 256, 3, torch.bfloat16, seed=7, mask=tree.mask)

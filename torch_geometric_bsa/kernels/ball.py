@@ -1,0 +1,389 @@
+"""Fused Triton kernel for the ball branch (DESIGN §1.2b), forward and backward.
+
+Must equal :func:`torch_geometric_bsa.reference.ball_attention`: exact softmax attention inside each
+ball of ``m`` contiguous tree-ordered slots, logits ``scale * q_i.k_j + sigma_h * ||p_i - p_j||``.
+The distance bias is computed in-kernel from positions (no ``[m, m]`` tensor in memory), padded keys
+are masked in-kernel, padded queries get zero output; the log-sum-exp is saved for the backward.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["ball_attention_triton", "config_override", "fwd_config", "bwd_config"]
+
+LOG2E = 1.4426950408889634
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _load_pos(POS, rows, stride_pos, PDIM: tl.constexpr):
+    x = tl.load(POS + rows * stride_pos).to(tl.float32)
+    y = tl.load(POS + rows * stride_pos + 1).to(tl.float32)
+    if PDIM == 3:
+        z = tl.load(POS + rows * stride_pos + 2).to(tl.float32)
+    else:
+        z = tl.zeros_like(x)
+    return x, y, z
+
+
+@triton.jit
+def _pair_dist(xa, ya, za, xb, yb, zb, PDIM: tl.constexpr):
+    # ||p_a - p_b|| for every (row a, column b) of the tile, fp32
+    dx = xa[:, None] - xb[None, :]
+    dy = ya[:, None] - yb[None, :]
+    r2 = dx * dx + dy * dy
+    if PDIM == 3:
+        dz = za[:, None] - zb[None, :]
+        r2 += dz * dz
+    return tl.sqrt(r2)
+
+
+@triton.jit
+def _pos_grad(g, dist, xa, ya, za, xb, yb, zb, PDIM: tl.constexpr):
+    # sum_b g_ab * d||p_a - p_b||/dp_a = sum_b g_ab (p_a - p_b) / r_ab, taken as 0 at r_ab = 0 (as torch.cdist)
+    w = tl.where(dist > 0, g / tl.where(dist > 0, dist, 1.0), 0.0)
+    gx = tl.sum(w * (xa[:, None] - xb[None, :]), 1)
+    gy = tl.sum(w * (ya[:, None] - yb[None, :]), 1)
+    if PDIM == 3:
+        gz = tl.sum(w * (za[:, None] - zb[None, :]), 1)
+    else:
+        gz = tl.zeros_like(gx)
+    return gx, gy, gz
+
+
+@triton.jit
+def _dot(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST: Triton's CPU interpreter mis-multiplies bf16 operands, so it gets fp32 ones
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT_PREC)
+    else:
+        return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _ball_fwd_kernel(Q, K, V, POS, SIGMA, MASK, O, LSE,
+                     N, H, stride_tok, stride_pos, sm_scale,
+                     M: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PDIM: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+                     UPCAST: tl.constexpr):
+    # grid: (N // BLOCK_M * H,): one program per (query tile, head), heads fastest; it loops over the
+    # BLOCK_N key tiles of its ball (online softmax, FlashAttention-2 notation m_i, l_i, acc).
+    pid = tl.program_id(0)
+    h = pid % H
+    q0 = (pid // H) * BLOCK_M
+    ball0 = (q0 // M) * M
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d[None, :] < D
+    rows = (q0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    q = tl.load(Q + rows[:, None] * stride_tok + h * D + offs_d[None, :], mask=dmask, other=0.0)
+    qvalid = tl.load(MASK + rows) != 0
+    xq, yq, zq = _load_pos(POS, rows, stride_pos, PDIM)
+    # log2 domain: exp2(x * log2 e) = exp(x)
+    qk_scale = sm_scale * 1.4426950408889634
+    sig2 = tl.load(SIGMA + h).to(tl.float32) * 1.4426950408889634
+
+    # finite start: a row whose keys are all padded keeps l_i = 0 instead of producing NaN
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in tl.range(0, M, BLOCK_N):
+        cols = (ball0 + start + tl.arange(0, BLOCK_N)).to(tl.int64)
+        kv_off = cols[:, None] * stride_tok + h * D + offs_d[None, :]
+        k = tl.load(K + kv_off, mask=dmask, other=0.0)
+        v = tl.load(V + kv_off, mask=dmask, other=0.0)
+        kvalid = tl.load(MASK + cols) != 0
+        xk, yk, zk = _load_pos(POS, cols, stride_pos, PDIM)
+        s = _dot(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
+        s += sig2 * _pair_dist(xq, yq, zq, xk, yk, zk, PDIM)
+        s = tl.where(kvalid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
+        m_i = m_new
+
+    has = qvalid & (l_i > 0)
+    l_safe = tl.where(has, l_i, 1.0)
+    out = tl.where(has[:, None], acc / l_safe[:, None], 0.0)
+    tl.store(O + rows[:, None] * stride_tok + h * D + offs_d[None, :], out.to(O.dtype.element_ty), mask=dmask)
+    # +inf marks "no probability mass": the backward then recomputes P = 0 for that row
+    tl.store(LSE + h * N + rows, tl.where(has, m_i + tl.log2(l_safe), float("inf")))
+
+
+@triton.jit
+def _ball_bwd_kernel(Q, K, V, O, DO, POS, SIGMA, MASK, LSE,
+                     DQ, DK, DV, DSIG, DPOS,
+                     N, H, stride_tok, stride_pos, sm_scale,
+                     M: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PDIM: tl.constexpr,
+                     BLOCK: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N2: tl.constexpr,
+                     SIGMA_GRAD: tl.constexpr, POS_GRAD: tl.constexpr, DOT_PREC: tl.constexpr,
+                     UPCAST: tl.constexpr):
+    # grid: (N // BLOCK * H,): program (tile t, head h) computes dK, dV of the BLOCK keys of tile t
+    # (looping over the ball's queries in BLOCK_M1 steps), then dQ of the BLOCK queries of tile t
+    # (looping over the ball's keys in BLOCK_N2 steps); P is recomputed from the saved log-sum-exp
+    # and delta_i = o_i . do_i is recomputed from o and do (no preprocessing pass).
+    pid = tl.program_id(0)
+    h = pid % H
+    t0 = (pid // H) * BLOCK
+    ball0 = (t0 // M) * M
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d[None, :] < D
+    hoff = h * D
+    qk_scale = sm_scale * 1.4426950408889634
+    sigma = tl.load(SIGMA + h).to(tl.float32)
+    sig2 = sigma * 1.4426950408889634
+    rows = (t0 + tl.arange(0, BLOCK)).to(tl.int64)
+    tile_off = rows[:, None] * stride_tok + hoff + offs_d[None, :]
+    xt, yt, zt = _load_pos(POS, rows, stride_pos, PDIM)
+
+    # ---- 1. dK, dV for the keys of this tile (transposed tiles: rows are keys, columns queries)
+    k = tl.load(K + tile_off, mask=dmask, other=0.0)
+    v = tl.load(V + tile_off, mask=dmask, other=0.0)
+    kvalid = tl.load(MASK + rows) != 0
+    dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    gxk = tl.zeros([BLOCK], tl.float32)
+    gyk = tl.zeros([BLOCK], tl.float32)
+    gzk = tl.zeros([BLOCK], tl.float32)
+    for start in tl.range(0, M, BLOCK_M1):
+        qrows = (ball0 + start + tl.arange(0, BLOCK_M1)).to(tl.int64)
+        q_off = qrows[:, None] * stride_tok + hoff + offs_d[None, :]
+        q = tl.load(Q + q_off, mask=dmask, other=0.0)
+        do = tl.load(DO + q_off, mask=dmask, other=0.0)
+        o = tl.load(O + q_off, mask=dmask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        lse = tl.load(LSE + h * N + qrows)
+        xq, yq, zq = _load_pos(POS, qrows, stride_pos, PDIM)
+        distT = _pair_dist(xt, yt, zt, xq, yq, zq, PDIM)
+        sT = _dot(k, tl.trans(q), DOT_PREC, UPCAST) * qk_scale + sig2 * distT
+        pT = tl.where(kvalid[:, None], tl.exp2(sT - lse[None, :]), 0.0)
+        dv += _dot(pT.to(do.dtype), do, DOT_PREC, UPCAST)
+        dpT = _dot(v, tl.trans(do), DOT_PREC, UPCAST)
+        dsT = pT * (dpT - delta[None, :])
+        dk += _dot(dsT.to(q.dtype), q, DOT_PREC, UPCAST)
+        if POS_GRAD:
+            gx, gy, gz = _pos_grad(dsT, distT, xt, yt, zt, xq, yq, zq, PDIM)
+            gxk += gx
+            gyk += gy
+            gzk += gz
+    tl.store(DK + tile_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=dmask)
+    tl.store(DV + tile_off, dv.to(DV.dtype.element_ty), mask=dmask)
+
+    # ---- 2. dQ for the queries of this tile
+    q = tl.load(Q + tile_off, mask=dmask, other=0.0)
+    do = tl.load(DO + tile_off, mask=dmask, other=0.0)
+    o = tl.load(O + tile_off, mask=dmask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    lse = tl.load(LSE + h * N + rows)
+    dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    dsig = tl.zeros([BLOCK], tl.float32)
+    gxq = tl.zeros([BLOCK], tl.float32)
+    gyq = tl.zeros([BLOCK], tl.float32)
+    gzq = tl.zeros([BLOCK], tl.float32)
+    for start in tl.range(0, M, BLOCK_N2):
+        cols = (ball0 + start + tl.arange(0, BLOCK_N2)).to(tl.int64)
+        kv_off = cols[:, None] * stride_tok + hoff + offs_d[None, :]
+        kc = tl.load(K + kv_off, mask=dmask, other=0.0)
+        vc = tl.load(V + kv_off, mask=dmask, other=0.0)
+        cvalid = tl.load(MASK + cols) != 0
+        xk, yk, zk = _load_pos(POS, cols, stride_pos, PDIM)
+        dist = _pair_dist(xt, yt, zt, xk, yk, zk, PDIM)
+        s = _dot(q, tl.trans(kc), DOT_PREC, UPCAST) * qk_scale + sig2 * dist
+        p = tl.where(cvalid[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = _dot(do, tl.trans(vc), DOT_PREC, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(kc.dtype), kc, DOT_PREC, UPCAST)
+        if SIGMA_GRAD:
+            dsig += tl.sum(ds * dist, 1)
+        if POS_GRAD:
+            gx, gy, gz = _pos_grad(ds, dist, xt, yt, zt, xk, yk, zk, PDIM)
+            gxq += gx
+            gyq += gy
+            gzq += gz
+    tl.store(DQ + tile_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=dmask)
+    if SIGMA_GRAD:
+        tl.store(DSIG + pid, tl.sum(dsig, 0))
+    if POS_GRAD:
+        # per-head partial [N, H, PDIM]; the wrapper sums over heads
+        prow = DPOS + (rows * H + h) * PDIM
+        tl.store(prow, sigma * (gxq + gxk))
+        tl.store(prow + 1, sigma * (gyq + gyk))
+        if PDIM == 3:
+            tl.store(prow + 2, sigma * (gzq + gzk))
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configuration (tuned on an H100, see docs/perf-notes.md "Ball kernel")
+# ---------------------------------------------------------------------------------------------
+_OVERRIDE: dict = {}
+
+
+@contextlib.contextmanager
+def config_override(fwd: Optional[Tuple[int, int, int, int]] = None,
+                    bwd: Optional[Tuple[int, int, int, int, int]] = None):
+    r"""Temporarily forces launch configs (benchmarks sweep them).
+
+    ``fwd = (BLOCK_M, BLOCK_N, num_warps, num_stages)``,
+    ``bwd = (BLOCK, BLOCK_M1, BLOCK_N2, num_warps, num_stages)``.
+    """
+    old = dict(_OVERRIDE)
+    if fwd is not None:
+        _OVERRIDE["fwd"] = fwd
+    if bwd is not None:
+        _OVERRIDE["bwd"] = bwd
+    try:
+        yield
+    finally:
+        _OVERRIDE.clear()
+        _OVERRIDE.update(old)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def fwd_config(m: int, d: int, dtype: torch.dtype) -> Tuple[int, int, int, int]:
+    r"""``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` for ball size ``m`` and padded head dim ``d``."""
+    if "fwd" in _OVERRIDE:
+        return _OVERRIDE["fwd"]
+    if _interpret():  # large tiles: fewer, longer numpy steps
+        return min(64, m), min(64, m), 4, 1
+    if dtype == torch.float32:
+        return min(64, m), min(32, m), 4, 2
+    bm = min(128, m) if d <= 64 else min(64, m)
+    return bm, min(64, m), 4 if d <= 64 else 8, 3
+
+
+def bwd_config(m: int, d: int, dtype: torch.dtype) -> Tuple[int, int, int, int, int]:
+    r"""``(BLOCK, BLOCK_M1, BLOCK_N2, num_warps, num_stages)`` for ball size ``m``, head dim ``d``."""
+    if "bwd" in _OVERRIDE:
+        return _OVERRIDE["bwd"]
+    if _interpret():
+        return min(64, m), min(64, m), min(64, m), 4, 1
+    if dtype == torch.float32 or d > 64:
+        return min(64, m), min(32, m), min(32, m), 4, 2
+    return min(128, m), min(32, m), min(32, m), 4, 3
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 follows torch's own matmul setting (tf32 only where the user allowed it)
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return _interpret() and dtype == torch.bfloat16
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd glue
+# ---------------------------------------------------------------------------------------------
+def _empty(shape, like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    # every output buffer comes from here, so tests can poison them (unwritten elements show)
+    return torch.empty(shape, device=like.device, dtype=like.dtype if dtype is None else dtype)
+
+
+def _forward(q, k, v, pos, sigma, mask_u8, m, scale):
+    n, h, d = q.shape
+    o = _empty(q.shape, q)
+    lse = _empty((h, n), q, torch.float32)
+    bm, bn, nw, ns = fwd_config(m, _block_d(d), q.dtype)
+    _ball_fwd_kernel[(n // bm * h,)](
+        q, k, v, pos, sigma, mask_u8, o, lse, n, h, h * d, pos.stride(0), scale,
+        M=m, D=d, BLOCK_D=_block_d(d), PDIM=pos.size(1), BLOCK_M=bm, BLOCK_N=bn,
+        DOT_PREC=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=nw, num_stages=ns)
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, pos, sigma, mask_u8, m, scale, sigma_grad, pos_grad):
+    n, h, d = q.shape
+    dq, dk, dv = _empty(q.shape, q), _empty(q.shape, q), _empty(q.shape, q)
+    blk, bm1, bn2, nw, ns = bwd_config(m, _block_d(d), q.dtype)
+    grid = n // blk * h
+    dsig = _empty((grid if sigma_grad else 1,), q, torch.float32)
+    dpos = _empty((n, h, pos.size(1)) if pos_grad else (1,), q, torch.float32)
+    _ball_bwd_kernel[(grid,)](
+        q, k, v, o, do, pos, sigma, mask_u8, lse, dq, dk, dv, dsig, dpos,
+        n, h, h * d, pos.stride(0), scale,
+        M=m, D=d, BLOCK_D=_block_d(d), PDIM=pos.size(1), BLOCK=blk, BLOCK_M1=bm1, BLOCK_N2=bn2,
+        SIGMA_GRAD=sigma_grad, POS_GRAD=pos_grad, DOT_PREC=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
+        num_warps=nw, num_stages=ns)
+    dsigma = dsig.view(-1, h).sum(0) if sigma_grad else None
+    return dq, dk, dv, (dpos.sum(1) if pos_grad else None), dsigma
+
+
+class BallAttentionFunction(torch.autograd.Function):
+    r"""Autograd wrapper: forward saves ``o`` and the log-sum-exp; backward recomputes ``P``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, pos, sigma, mask_u8, ball_size, scale):
+        o, lse = _forward(q, k, v, pos, sigma, mask_u8, ball_size, scale)
+        ctx.save_for_backward(q, k, v, o, lse, pos, sigma, mask_u8)
+        ctx.ball_size, ctx.scale = ball_size, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, pos, sigma, mask_u8 = ctx.saved_tensors
+        sigma_grad, pos_grad = ctx.needs_input_grad[4], ctx.needs_input_grad[3]
+        dq, dk, dv, dpos, dsigma = _backward(do.contiguous(), q, k, v, o, lse, pos, sigma, mask_u8,
+                                             ctx.ball_size, ctx.scale, sigma_grad, pos_grad)
+        dpos = dpos.to(pos.dtype) if dpos is not None else None
+        dsigma = dsigma.to(sigma.dtype) if dsigma is not None else None
+        return dq, dk, dv, dpos, dsigma, None, None, None
+
+
+def ball_attention_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, sigma: Tensor, mask: Tensor,
+                          ball_size: int, scale: Optional[float] = None) -> Tensor:
+    r"""Fused ball attention; equals :func:`torch_geometric_bsa.reference.ball_attention`.
+
+    Args:
+        q, k, v: ``[N_pad, H, D]`` tree order, fp32/fp16/bf16, ``D <= 128``.
+        pos: ``[N_pad, d]``, ``d`` in ``{2, 3}``. sigma: ``[H]``. mask: ``[N_pad]`` slot validity.
+        ball_size: ``m``, a power of two in ``[16, 512]`` dividing ``N_pad``.
+        scale: logit scale, ``D ** -0.5`` by default.
+
+    Returns:
+        ``[N_pad, H, D]`` in ``q``'s dtype, zero at padded queries. Differentiable in q, k, v, sigma
+        and pos (``d||p_i - p_j||/dp`` taken as 0 at coincident points, as ``torch.cdist`` does).
+    """
+    if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must share a shape [N_pad, H, D]; got {list(q.shape)}, "
+                         f"{list(k.shape)}, {list(v.shape)}")
+    n, h, d = q.shape
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype in float32/float16/bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not isinstance(ball_size, int) or ball_size < 16 or ball_size > 512 or ball_size & (ball_size - 1):
+        raise ValueError(f"ball_size must be a power of two in [16, 512], got {ball_size!r}")
+    if n % ball_size:
+        raise ValueError(f"N_pad={n} must be a multiple of ball_size={ball_size}")
+    if not 1 <= d <= 128:
+        raise ValueError(f"head dim must be in [1, 128], got {d}")
+    if pos.dim() != 2 or pos.size(0) != n or pos.size(1) not in (2, 3) or not pos.is_floating_point():
+        raise ValueError(f"pos must be a float tensor [N_pad={n}, 2 or 3], got {list(pos.shape)} {pos.dtype}")
+    if sigma.shape != (h,):
+        raise ValueError(f"sigma must have shape [H={h}], got {list(sigma.shape)}")
+    if mask.shape != (n,):
+        raise ValueError(f"mask must have shape [N_pad={n}], got {list(mask.shape)}")
+    scale = d ** -0.5 if scale is None else float(scale)
+    if n == 0:
+        return q.new_zeros(q.shape) + 0 * (k.sum() + v.sum())
+    mask_u8 = mask.to(torch.bool).contiguous().view(torch.uint8)
+    return BallAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), pos.contiguous(),
+                                       sigma.contiguous(), mask_u8, ball_size, scale)
