@@ -1,8 +1,96 @@
-"""Triton kernels for BSA. Each module names the reference function (reference.py) it must equal."""
+"""Triton kernels for BSA. Each module names the reference function (reference.py) it must equal.
+
+``bsa_triton`` chains them: ball kernel (ball.py), mean pooling (PyTorch), compression attention
+(compressed.py, saves the LSE), streamed group top-k (topk.py), selected attention (selected.py), and
+the gated sum. Nothing here knows about PyG.
+"""
 from __future__ import annotations
 
+from typing import Optional
 
-def bsa_triton(q, k, v, pos, tree, cfg, *, sigma, gates, k_cmp=None, v_cmp=None, cmp_mask=None):
-    r"""Full BSA through the Triton kernels (the compression/selection kernels are not written yet)."""
-    raise NotImplementedError("backend='triton' for the full BSA op is not implemented yet; "
-                              "use backend='torch' (the ball branch alone is in kernels.ball)")
+import torch
+from torch import Tensor
+
+__all__ = ["bsa_triton", "compress_mean_fast"]
+
+
+def compress_mean_fast(k: Tensor, v: Tensor, tree, block: int, stride: int):
+    r"""Same as :func:`~torch_geometric_bsa.reference.compress_mean`; for ``stride == block`` a
+    view-based masked mean (no gathered copy of K and V), else the reference gather."""
+    if stride != block:
+        from ..reference import compress_mean
+        return compress_mean(k, v, tree.mask, tree.slot_batch, block, stride)
+    # blocks tile clouds exactly (cloud sizes are multiples of ball_size, a multiple of block)
+    w = tree.mask.view(-1, block, 1, 1).to(k.dtype)
+    cnt = w.sum(1).clamp_min(1.0)
+    h, d = k.shape[1:]
+    kc = (k.view(-1, block, h, d) * w).sum(1) / cnt
+    vc = (v.view(-1, block, h, d) * w).sum(1) / cnt
+    return kc, vc, tree.mask.view(-1, block).any(1)
+
+
+def _ball(q, k, v, pos, sigma, mask, ball_size):
+    try:
+        from .ball import ball_attention_triton
+    except ImportError:  # pragma: no cover - ball kernel not present
+        from ..reference import ball_attention as ball_attention_triton
+    return ball_attention_triton(q, k, v, pos, sigma, mask, ball_size)
+
+
+def bsa_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree, cfg, *, sigma: Tensor, gates: Tensor,
+               k_cmp: Optional[Tensor] = None, v_cmp: Optional[Tensor] = None,
+               cmp_mask: Optional[Tensor] = None, return_branches: bool = False):
+    r"""Full BSA through the Triton kernels; same signature and result as
+    :func:`~torch_geometric_bsa.reference.bsa_reference` (``[N_pad, H, D]``, zero at padded slots).
+
+    The selection's top-k runs streamed in a kernel when ``cmp_block == cmp_stride == slc_block``
+    (the defaults); otherwise the selection scores come from the dense reference (O(N^2 / l) memory).
+    """
+    from .compressed import compressed_attention_triton, compressed_ranges
+    from .selected import selected_attention_triton
+
+    mask, s, g, ls = tree.mask, cfg.cmp_stride, cfg.group_size, cfg.slc_block
+    o_ball = _ball(q, k, v, pos, sigma, mask, cfg.ball_size)
+    if k_cmp is None:
+        k_cmp, v_cmp, cmp_mask = compress_mean_fast(k, v, tree, cfg.cmp_block, s)
+    elif cmp_mask is None:
+        from ..reference import blockify
+        _, cm = blockify(mask, mask, tree.slot_batch, cfg.cmp_block, s)
+        cmp_mask = cm.any(1)
+    h, d = q.shape[1:]
+    if cfg.group_compression:
+        w = mask.view(-1, g, 1, 1).to(q.dtype)
+        q_cmp = (q.view(-1, g, h, d) * w).sum(1) / w.sum(1).clamp_min(1.0)
+        q_unit = g
+    else:
+        q_cmp, q_unit = q, 1
+    ranges = compressed_ranges(tree, q_unit, s)
+    o_c, lse = compressed_attention_triton(q_cmp, k_cmp, v_cmp, cmp_mask, tree, s, ranges=ranges)
+    if cfg.group_compression:
+        o_cmp = o_c.repeat_interleave(g, 0) * mask.view(-1, 1, 1)
+    else:
+        o_cmp = o_c
+    with torch.no_grad():
+        if cfg.cmp_block == s == ls and (g // q_unit) & (g // q_unit - 1) == 0:
+            from .topk import select_topk_triton
+            idx = select_topk_triton(q_cmp.detach(), k_cmp.detach(), lse, cmp_mask, tree, cfg, ranges=ranges)
+        else:
+            idx = _dense_selection(q_cmp.detach(), k_cmp.detach(), v_cmp.detach(), cmp_mask, tree, cfg, q_unit)
+    o_slc = selected_attention_triton(q, k, v, idx, mask, g, ls)
+    out = gates[..., 0:1] * o_ball + gates[..., 1:2] * o_cmp + gates[..., 2:3] * o_slc
+    if return_branches:
+        return out, dict(ball=o_ball, cmp=o_cmp, slc=o_slc, idx=idx)
+    return out
+
+
+def _dense_selection(q_cmp, k_cmp, v_cmp, cmp_mask, tree, cfg, q_unit):
+    r"""Fallback selection for block shapes the streamed kernel does not cover: the reference's dense
+    scores, converted to global block ids ``[N_pad // g, k']`` (-1 = invalid)."""
+    from ..reference import _from_dense, compressed_attention, select_blocks, selection_scores
+    _, p = compressed_attention(q_cmp, k_cmp, v_cmp, cmp_mask, tree, cfg.cmp_stride, return_probs=True)
+    idx, valid = select_blocks(selection_scores(p, tree, cfg, q_unit), cfg.topk)
+    ng = tree.num_slots // cfg.group_size
+    loc = _from_dense(torch.where(valid, idx, -1), tree.ptr, tree.max_slots, ng, cfg.group_size)
+    cloud = tree.slot_batch[::cfg.group_size][:ng]
+    off = (tree.ptr[cloud] // cfg.slc_block)[:, None]
+    return torch.where(loc >= 0, loc + off, -1).to(torch.int32).contiguous()

@@ -1,0 +1,44 @@
+"""Small helpers shared by the BSA kernels: launch sizes, dot precision, per-row cloud ranges."""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+from torch import Tensor
+
+LOG2E = 1.4426950408889634
+EMPTY_LSE = 1.0e30  # log-sum-exp stored for rows with no valid key: exp2(s - EMPTY_LSE) == 0
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs stay exact ("ieee") so that fp32 runs can be compared index for index with the
+    # reference; bf16/fp16 ignore this.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def is_interpreter() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def cloud_ranges(tree, unit_rows: int, unit_cols: int) -> tuple[Tensor, Tensor]:
+    r"""For rows at granularity ``unit_rows`` (slots per row), the column range ``[start, end)``
+    (at granularity ``unit_cols``) of the row's own cloud, as int32 ``[N_pad // unit_rows]``.
+
+    Clouds are contiguous slot ranges ``ptr[c]..ptr[c+1]`` whose sizes are multiples of both units
+    (cfg validation), so these ranges are exact and no row or column straddles two clouds.
+    """
+    n = tree.num_slots // unit_rows
+    cloud = tree.slot_batch[::unit_rows][:n]
+    start = (tree.ptr[cloud] // unit_cols).to(torch.int32)
+    end = (tree.ptr[cloud + 1] // unit_cols).to(torch.int32)
+    return start.contiguous(), end.contiguous()
+
+
+def cdiv(a: int, b: int) -> int:
+    return triton.cdiv(a, b)

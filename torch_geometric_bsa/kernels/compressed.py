@@ -1,0 +1,232 @@
+"""Compression branch: varlen attention of every query over the compressed keys of its own cloud.
+
+Must equal :func:`torch_geometric_bsa.reference.compressed_attention`. Pooling (mean or MLP) stays
+in PyTorch; ``k_cmp``/``v_cmp`` arrive as tensors and receive gradients. The forward saves the
+log-sum-exp (log2 units), which the top-k kernel (topk.py) reuses to normalise probabilities.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import EMPTY_LSE as _EMPTY, LOG2E, cdiv, cloud_ranges, dot_precision, next_pow2
+
+__all__ = ["compressed_attention_triton", "CompressedAttention"]
+
+EMPTY_LSE = tl.constexpr(_EMPTY)
+
+
+@triton.jit
+def _cmp_fwd_kernel(Q, K, V, KMASK, KSTART, KEND, O, LSE, n_q,
+                    stride_qn, stride_kn, stride_on, qk_scale,
+                    H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    # grid: (query tiles, heads); each query row only sees columns in [KSTART[row], KEND[row])
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < n_q
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    ks = tl.load(KSTART + rows, mask=rmask, other=2147483647)
+    ke = tl.load(KEND + rows, mask=rmask, other=0)
+    lo = tl.min(ks, axis=0)
+    hi = tl.max(ke, axis=0)
+    q = tl.load(Q + rows[:, None] * stride_qn + h * D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :],
+                other=0.0)
+    # online softmax (FlashAttention-2, Alg. 1): running max m_i, running sum l_i, accumulator acc
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        cin = cols < hi
+        kv = tl.load(KMASK + cols, mask=cin, other=0) != 0
+        valid = kv[None, :] & (cols[None, :] >= ks[:, None]) & (cols[None, :] < ke[:, None])
+        k = tl.load(K + cols[:, None] * stride_kn + h * D + offs_d[None, :], mask=cin[:, None] & dmask[None, :],
+                    other=0.0)
+        v = tl.load(V + cols[:, None] * stride_kn + h * D + offs_d[None, :], mask=cin[:, None] & dmask[None, :],
+                    other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), EMPTY_LSE)
+    tl.store(O + rows[:, None] * stride_on + h * D + offs_d[None, :], o.to(O.dtype.element_ty),
+             mask=rmask[:, None] & dmask[None, :])
+    tl.store(LSE + rows * H + h, lse, mask=rmask)
+
+
+@triton.jit
+def _cmp_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KSTART, KEND, QSTART, QEND, DK, DV, n_k,
+                         stride_qn, stride_kn, stride_don, qk_scale, sm_scale,
+                         H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    # grid: (key tiles, heads); streams over the query rows of the key tile's cloud(s)
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < n_k
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    qs = tl.load(QSTART + cols, mask=cmask, other=2147483647)
+    qe = tl.load(QEND + cols, mask=cmask, other=0)
+    lo = tl.min(qs, axis=0)
+    hi = tl.max(qe, axis=0)
+    kv = tl.load(KMASK + cols, mask=cmask, other=0) != 0
+    kd_mask = cmask[:, None] & dmask[None, :]
+    k = tl.load(K + cols[:, None] * stride_kn + h * D + offs_d[None, :], mask=kd_mask, other=0.0)
+    v = tl.load(V + cols[:, None] * stride_kn + h * D + offs_d[None, :], mask=kd_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        rin = rows < hi
+        ks = tl.load(KSTART + rows, mask=rin, other=2147483647)
+        ke = tl.load(KEND + rows, mask=rin, other=0)
+        valid = kv[None, :] & (cols[None, :] >= ks[:, None]) & (cols[None, :] < ke[:, None])
+        qd_mask = rin[:, None] & dmask[None, :]
+        q = tl.load(Q + rows[:, None] * stride_qn + h * D + offs_d[None, :], mask=qd_mask, other=0.0)
+        do = tl.load(DO + rows[:, None] * stride_don + h * D + offs_d[None, :], mask=qd_mask, other=0.0)
+        lse = tl.load(LSE + rows * H + h, mask=rin, other=EMPTY_LSE)
+        delta = tl.load(DELTA + rows * H + h, mask=rin, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    tl.store(DK + cols[:, None] * stride_kn + h * D + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=kd_mask)
+    tl.store(DV + cols[:, None] * stride_kn + h * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kd_mask)
+
+
+@triton.jit
+def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KSTART, KEND, DQ, n_q,
+                       stride_qn, stride_kn, stride_don, qk_scale, sm_scale,
+                       H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    # grid: (query tiles, heads); recomputes P from the saved LSE, dS = P * (dP - delta)
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < n_q
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    ks = tl.load(KSTART + rows, mask=rmask, other=2147483647)
+    ke = tl.load(KEND + rows, mask=rmask, other=0)
+    lo = tl.min(ks, axis=0)
+    hi = tl.max(ke, axis=0)
+    qd_mask = rmask[:, None] & dmask[None, :]
+    q = tl.load(Q + rows[:, None] * stride_qn + h * D + offs_d[None, :], mask=qd_mask, other=0.0)
+    do = tl.load(DO + rows[:, None] * stride_don + h * D + offs_d[None, :], mask=qd_mask, other=0.0)
+    lse = tl.load(LSE + rows * H + h, mask=rmask, other=EMPTY_LSE)
+    delta = tl.load(DELTA + rows * H + h, mask=rmask, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        cin = cols < hi
+        kv = tl.load(KMASK + cols, mask=cin, other=0) != 0
+        valid = kv[None, :] & (cols[None, :] >= ks[:, None]) & (cols[None, :] < ke[:, None])
+        k = tl.load(K + cols[:, None] * stride_kn + h * D + offs_d[None, :], mask=cin[:, None] & dmask[None, :],
+                    other=0.0)
+        v = tl.load(V + cols[:, None] * stride_kn + h * D + offs_d[None, :], mask=cin[:, None] & dmask[None, :],
+                    other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    tl.store(DQ + rows[:, None] * stride_qn + h * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=qd_mask)
+
+
+def _blocks(dtype: torch.dtype, d: int, interp: bool):
+    if interp:
+        return 16, 16, 4, 1
+    bd = next_pow2(d)
+    if dtype == torch.float32:
+        return 64, 32, 4, 2
+    return (128, 64, 8, 3) if bd <= 64 else (64, 64, 4, 2)
+
+
+class CompressedAttention(torch.autograd.Function):
+    r"""``(o, lse) = softmax(q k_cmp^T * scale) v_cmp`` per cloud; ``lse`` [Q, H] in log2 units."""
+
+    @staticmethod
+    def forward(ctx, q, k_cmp, v_cmp, kmask, kstart, kend, qstart, qend, scale):
+        from ._common import is_interpreter
+        nq, h, d = q.shape
+        q, k_cmp, v_cmp = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous()
+        o = torch.empty_like(q)
+        lse = torch.empty(nq, h, device=q.device, dtype=torch.float32)
+        bm, bn, nw, ns = _blocks(q.dtype, d, is_interpreter())
+        _cmp_fwd_kernel[(cdiv(nq, bm), h)](
+            q, k_cmp, v_cmp, kmask, kstart, kend, o, lse, nq, q.stride(0), k_cmp.stride(0), o.stride(0),
+            scale * LOG2E, H=h, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=next_pow2(d), PREC=dot_precision(q.dtype),
+            num_warps=nw, num_stages=ns)
+        ctx.save_for_backward(q, k_cmp, v_cmp, o, lse, kmask, kstart, kend, qstart, qend)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        from ._common import is_interpreter
+        q, k_cmp, v_cmp, o, lse, kmask, kstart, kend, qstart, qend = ctx.saved_tensors
+        nq, h, d = q.shape
+        nk = k_cmp.size(0)
+        do = do.contiguous()
+        delta = (do.float() * o.float()).sum(-1).contiguous()  # [Q, H]
+        dq = torch.empty_like(q)
+        dk = torch.empty_like(k_cmp)
+        dv = torch.empty_like(v_cmp)
+        bm, bn, nw, ns = _blocks(q.dtype, d, is_interpreter())
+        prec = dot_precision(q.dtype)
+        scale = ctx.scale
+        _cmp_bwd_dkdv_kernel[(cdiv(nk, bn), h)](
+            q, k_cmp, v_cmp, do, lse, delta, kmask, kstart, kend, qstart, qend, dk, dv, nk,
+            q.stride(0), k_cmp.stride(0), do.stride(0), scale * LOG2E, scale,
+            H=h, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=next_pow2(d), PREC=prec, num_warps=nw, num_stages=ns)
+        _cmp_bwd_dq_kernel[(cdiv(nq, bm), h)](
+            q, k_cmp, v_cmp, do, lse, delta, kmask, kstart, kend, dq, nq,
+            q.stride(0), k_cmp.stride(0), do.stride(0), scale * LOG2E, scale,
+            H=h, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=next_pow2(d), PREC=prec, num_warps=nw, num_stages=ns)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def compressed_ranges(tree, q_unit: int, cmp_stride: int):
+    r"""Per-query key ranges and per-key query ranges of the compression branch (int32)."""
+    kstart, kend = cloud_ranges(tree, q_unit, cmp_stride)
+    # a query row with no valid slot (padding; a group: all of it) sees no key: zero output and
+    # no say in the selection, as in the reference
+    qvalid = tree.mask.view(-1, q_unit).any(1)
+    kend = torch.where(qvalid, kend, kstart).contiguous()
+    qstart, qend = cloud_ranges(tree, cmp_stride, q_unit)
+    return kstart, kend, qstart, qend
+
+
+def compressed_attention_triton(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cmp_mask: Tensor, tree,
+                                cmp_stride: int, scale: Optional[float] = None, ranges=None):
+    r"""Triton :func:`~torch_geometric_bsa.reference.compressed_attention`: returns ``(o, lse)``.
+
+    ``q [Q, H, D]`` at query granularity ``N_pad // Q`` (1 per point, ``g`` for pooled group
+    queries); ``lse [Q, H]`` float32 in log2 units (``1e30`` where a row has no valid block).
+    """
+    d = q.size(-1)
+    scale = d ** -0.5 if scale is None else scale
+    q_unit = tree.num_slots // q.size(0)
+    if ranges is None:
+        ranges = compressed_ranges(tree, q_unit, cmp_stride)
+    kmask = cmp_mask.to(torch.int8).contiguous()
+    return CompressedAttention.apply(q, k_cmp, v_cmp, kmask, *ranges, scale)

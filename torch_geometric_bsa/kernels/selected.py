@@ -1,0 +1,229 @@
+"""Selection branch: each query group attends to the ``k * l'`` keys of its selected blocks.
+
+Must equal :func:`torch_geometric_bsa.reference.selected_attention`. Forward and dQ run one program
+per (group, head): the group's ``g`` queries are the M side of the tile (padded to 16 for
+``tl.dot``), so each selected KV block is loaded once for the whole group. dK/dV run one program per
+(selection block, head) over an inverted index block -> groups that selected it (a stable sort of the
+``[groups * k]`` indices, CSR offsets by ``searchsorted``): no atomics, no scatter, and every block
+writes its gradient exactly once (zero when nobody selected it). Why this choice: docs/kernels.md.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import LOG2E, cdiv, dot_precision, is_interpreter, next_pow2
+
+__all__ = ["selected_attention_triton", "SelectedAttention", "invert_selection"]
+
+
+@triton.jit
+def _slc_fwd_kernel(Q, K, V, MASK, IDX, O, LSE, stride_n,
+                    qk_scale, G: tl.constexpr, H: tl.constexpr, D: tl.constexpr, LS: tl.constexpr,
+                    LS_P2: tl.constexpr, TOPK: tl.constexpr, CB: tl.constexpr, GM: tl.constexpr,
+                    BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    # grid: (groups, heads); rows = the group's G queries (padded to GM), keys = CB blocks per step
+    grp = tl.program_id(0)
+    h = tl.program_id(1)
+    r = tl.arange(0, GM)
+    rows = grp * G + r
+    qm = (r < G)
+    qm = qm & (tl.load(MASK + rows, mask=qm, other=0) != 0)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    q = tl.load(Q + rows[:, None] * stride_n + h * D + offs_d[None, :], mask=qm[:, None] & dmask[None, :],
+                other=0.0)
+    j = tl.arange(0, CB * LS_P2)
+    m_i = tl.full([GM], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([GM], dtype=tl.float32)
+    acc = tl.zeros([GM, BLOCK_D], dtype=tl.float32)
+    for c in range(0, TOPK, CB):
+        bsel = c + j // LS_P2
+        b = tl.load(IDX + grp * TOPK + bsel, mask=bsel < TOPK, other=-1)
+        slot = b * LS + j % LS_P2
+        kin = (b >= 0) & (j % LS_P2 < LS)
+        kv = kin & (tl.load(MASK + slot, mask=kin, other=0) != 0)
+        k = tl.load(K + slot[:, None] * stride_n + h * D + offs_d[None, :], mask=kin[:, None] & dmask[None, :],
+                    other=0.0)
+        v = tl.load(V + slot[:, None] * stride_n + h * D + offs_d[None, :], mask=kin[:, None] & dmask[None, :],
+                    other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = tl.where(kv[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    has = (l_i > 0) & qm
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    o = tl.where(has[:, None], o, 0.0)
+    lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), 1.0e30)
+    tl.store(O + rows[:, None] * stride_n + h * D + offs_d[None, :], o.to(O.dtype.element_ty),
+             mask=(r < G)[:, None] & dmask[None, :])
+    tl.store(LSE + rows * H + h, lse, mask=r < G)
+
+
+@triton.jit
+def _slc_bwd_dq_kernel(Q, K, V, DO, MASK, IDX, LSE, DELTA, DQ, stride_n, qk_scale, sm_scale,
+                       G: tl.constexpr, H: tl.constexpr, D: tl.constexpr, LS: tl.constexpr,
+                       LS_P2: tl.constexpr, TOPK: tl.constexpr, CB: tl.constexpr, GM: tl.constexpr,
+                       BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    # grid: (groups, heads); dQ = scale * sum_j P (dP - delta) k_j over the group's selected keys
+    grp = tl.program_id(0)
+    h = tl.program_id(1)
+    r = tl.arange(0, GM)
+    rows = grp * G + r
+    qm = (r < G)
+    qm = qm & (tl.load(MASK + rows, mask=qm, other=0) != 0)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    qd_mask = qm[:, None] & dmask[None, :]
+    q = tl.load(Q + rows[:, None] * stride_n + h * D + offs_d[None, :], mask=qd_mask, other=0.0)
+    do = tl.load(DO + rows[:, None] * stride_n + h * D + offs_d[None, :], mask=qd_mask, other=0.0)
+    lse = tl.load(LSE + rows * H + h, mask=qm, other=1.0e30)
+    delta = tl.load(DELTA + rows * H + h, mask=qm, other=0.0)
+    j = tl.arange(0, CB * LS_P2)
+    dq = tl.zeros([GM, BLOCK_D], dtype=tl.float32)
+    for c in range(0, TOPK, CB):
+        bsel = c + j // LS_P2
+        b = tl.load(IDX + grp * TOPK + bsel, mask=bsel < TOPK, other=-1)
+        slot = b * LS + j % LS_P2
+        kin = (b >= 0) & (j % LS_P2 < LS)
+        kv = kin & (tl.load(MASK + slot, mask=kin, other=0) != 0)
+        k = tl.load(K + slot[:, None] * stride_n + h * D + offs_d[None, :], mask=kin[:, None] & dmask[None, :],
+                    other=0.0)
+        v = tl.load(V + slot[:, None] * stride_n + h * D + offs_d[None, :], mask=kin[:, None] & dmask[None, :],
+                    other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        p = tl.where(kv[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    tl.store(DQ + rows[:, None] * stride_n + h * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=(r < G)[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _slc_bwd_dkdv_kernel(Q, K, V, DO, MASK, BPTR, BGRP, LSE, DELTA, DK, DV, stride_n, qk_scale, sm_scale,
+                         G: tl.constexpr, G_P2: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
+                         LS: tl.constexpr, LP: tl.constexpr, GB: tl.constexpr, BLOCK_D: tl.constexpr,
+                         PREC: tl.constexpr):
+    # grid: (selection blocks, heads); streams over the groups that selected this block (CSR)
+    blk = tl.program_id(0)
+    h = tl.program_id(1)
+    t = tl.arange(0, LP)
+    slot = blk * LS + t
+    tin = t < LS
+    kv = tin & (tl.load(MASK + slot, mask=tin, other=0) != 0)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    kd_mask = tin[:, None] & dmask[None, :]
+    k = tl.load(K + slot[:, None] * stride_n + h * D + offs_d[None, :], mask=kd_mask, other=0.0)
+    v = tl.load(V + slot[:, None] * stride_n + h * D + offs_d[None, :], mask=kd_mask, other=0.0)
+    dk = tl.zeros([LP, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([LP, BLOCK_D], dtype=tl.float32)
+    start = tl.load(BPTR + blk)
+    end = tl.load(BPTR + blk + 1)
+    r = tl.arange(0, GB * G_P2)
+    for c in range(start, end, GB):
+        e = c + r // G_P2
+        gsel = tl.load(BGRP + e, mask=e < end, other=0)
+        rows = gsel * G + r % G_P2
+        qm = (e < end) & (r % G_P2 < G)
+        qm = qm & (tl.load(MASK + rows, mask=qm, other=0) != 0)
+        qd_mask = qm[:, None] & dmask[None, :]
+        q = tl.load(Q + rows[:, None] * stride_n + h * D + offs_d[None, :], mask=qd_mask, other=0.0)
+        do = tl.load(DO + rows[:, None] * stride_n + h * D + offs_d[None, :], mask=qd_mask, other=0.0)
+        lse = tl.load(LSE + rows * H + h, mask=qm, other=1.0e30)
+        delta = tl.load(DELTA + rows * H + h, mask=qm, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        p = tl.where(qm[:, None] & kv[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    tl.store(DK + slot[:, None] * stride_n + h * D + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=kd_mask)
+    tl.store(DV + slot[:, None] * stride_n + h * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kd_mask)
+
+
+def invert_selection(idx: Tensor, num_blocks: int):
+    r"""Block -> groups index (CSR) of ``idx [NG, k]`` global block ids (``-1`` = none), no host sync.
+
+    Returns ``ptr [num_blocks + 1]`` and ``groups [NG * k]`` int32: block ``b`` was selected by
+    ``groups[ptr[b]:ptr[b+1]]`` (invalid entries sort past the last block and are never read).
+    """
+    topk = idx.size(1)
+    flat = idx.reshape(-1).to(torch.int64)
+    flat = torch.where(flat < 0, num_blocks, flat)
+    sorted_ids, order = torch.sort(flat, stable=True)
+    ptr = torch.searchsorted(sorted_ids, torch.arange(num_blocks + 1, device=idx.device, dtype=torch.int64))
+    return ptr.to(torch.int32), (order // topk).to(torch.int32)
+
+
+def _launch(d: int, ls: int, topk: int, g: int, dtype: torch.dtype):
+    ls_p2 = next_pow2(ls)
+    if is_interpreter():
+        keys = 16
+    else:
+        keys = 64 if dtype == torch.float32 else 128
+    cb = max(1, min(next_pow2(topk), keys // ls_p2))
+    gm = max(16, next_pow2(g))
+    return ls_p2, cb, gm
+
+
+class SelectedAttention(torch.autograd.Function):
+    r"""Group-shared sparse attention over selected blocks; ``idx`` holds global block ids."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask_i8, idx, g, ls, scale):
+        n, h, d = q.shape
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        topk = idx.size(1)
+        o = torch.empty_like(q)
+        lse = torch.empty(n, h, device=q.device, dtype=torch.float32)
+        ls_p2, cb, gm = _launch(d, ls, topk, g, q.dtype)
+        _slc_fwd_kernel[(n // g, h)](
+            q, k, v, mask_i8, idx, o, lse, q.stride(0), scale * LOG2E,
+            G=g, H=h, D=d, LS=ls, LS_P2=ls_p2, TOPK=topk, CB=cb, GM=gm, BLOCK_D=next_pow2(d),
+            PREC=dot_precision(q.dtype), num_warps=4, num_stages=2)
+        ctx.save_for_backward(q, k, v, o, lse, mask_i8, idx)
+        ctx.g, ctx.ls, ctx.scale = g, ls, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, mask_i8, idx = ctx.saved_tensors
+        g, ls, scale = ctx.g, ctx.ls, ctx.scale
+        n, h, d = q.shape
+        topk = idx.size(1)
+        do = do.contiguous()
+        delta = (do.float() * o.float()).sum(-1).contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        ls_p2, cb, gm = _launch(d, ls, topk, g, q.dtype)
+        prec = dot_precision(q.dtype)
+        _slc_bwd_dq_kernel[(n // g, h)](
+            q, k, v, do, mask_i8, idx, lse, delta, dq, q.stride(0), scale * LOG2E, scale,
+            G=g, H=h, D=d, LS=ls, LS_P2=ls_p2, TOPK=topk, CB=cb, GM=gm, BLOCK_D=next_pow2(d), PREC=prec,
+            num_warps=4, num_stages=2)
+        nblk = n // ls
+        bptr, bgrp = invert_selection(idx, nblk)
+        g_p2 = next_pow2(g)
+        gb = max(1, (16 if is_interpreter() else 64) // g_p2)
+        _slc_bwd_dkdv_kernel[(nblk, h)](
+            q, k, v, do, mask_i8, bptr, bgrp, lse, delta, dk, dv, q.stride(0), scale * LOG2E, scale,
+            G=g, G_P2=g_p2, H=h, D=d, LS=ls, LP=max(16, ls_p2), GB=gb, BLOCK_D=next_pow2(d), PREC=prec,
+            num_warps=4, num_stages=2)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def selected_attention_triton(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, mask: Tensor, group_size: int,
+                              slc_block: int, scale=None) -> Tensor:
+    r"""Triton :func:`~torch_geometric_bsa.reference.selected_attention` with *global* block ids
+    ``idx [N_pad // group_size, k]`` (``-1`` = no block). Zero at padded queries."""
+    d = q.size(-1)
+    scale = d ** -0.5 if scale is None else scale
+    return SelectedAttention.apply(q, k, v, mask.to(torch.int8), idx.contiguous(), group_size, slc_block, scale)
