@@ -103,9 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generated car surface pressure (default), generated elasticity, the real "
                         "ShapeNet-Car / Elasticity files (--root), or 'toy' (tiny synthetic, for tests)")
     g.add_argument("--root", default="data", help="dataset folder (generated data is cached here)")
-    g.add_argument("--num-train", type=_positive_int, default=None,
-                   help="training samples to generate/use (generated datasets: default small, see docs/training.md)")
+    g.add_argument("--data-size", default="quick", choices=("quick", "full"),
+                   help="generated datasets: 'quick' (small, minutes on a CPU) or 'full' (the dataset's defaults)")
+    g.add_argument("--num-train", type=_positive_int, default=None, help="training samples to generate/use")
     g.add_argument("--num-test", type=_positive_int, default=None, help="test samples to generate/use")
+    g.add_argument("--num-points", type=_positive_int, default=None, help="points per generated cloud")
+    g.add_argument("--snapshot", default=None, metavar="PATH",
+                   help="read the splits from PATH if it exists, else build them and save them there")
     g.add_argument("--data-kw", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="extra keyword for get_dataset (repeatable), e.g. --data-kw num_points=2048")
     g.add_argument("--batch-size", type=_positive_int, default=4, help="clouds per step and process")
@@ -234,22 +238,54 @@ def toy_dataset(split: str, num: int, seed: int = 0, points=(96, 160), dim: int 
     return out
 
 
+# `--data-size quick` (the default): small generated datasets, so `python examples/train.py` runs
+# in minutes on a laptop CPU; `full` uses the dataset's own defaults. Explicit flags override.
+QUICK = {
+    "car": dict(num_train=24, num_test=8, num_points=2048, n_length=24, n_around=24),
+    "elasticity-gen": dict(num_train=48, num_test=12),
+}
+GENERATED = ("car", "elasticity-gen")
+
+
+def dataset_kwargs(args) -> Dict:
+    r"""Keyword arguments for ``get_dataset`` (generated datasets build both splits from one config)."""
+    kw = dict(QUICK.get(args.dataset, {})) if args.data_size == "quick" else {}
+    if args.dataset in GENERATED:
+        for flag, key in (("num_train", "num_train"), ("num_test", "num_test"), ("num_points", "num_points")):
+            if getattr(args, flag) is not None:
+                kw[key] = getattr(args, flag)
+    kw.update(dict(args.data_kw))
+    return kw
+
+
 def load_splits(args) -> tuple:
-    r"""``(train, test, stats)`` for ``args.dataset``; ``stats`` may hold the dataset's own target
-    normalisation (``y_mean``, ``y_std``: y is stored normalised, physical = y * std + mean)."""
+    r"""``(train, test, stats)`` for ``args.dataset``; ``stats`` holds the dataset's own target
+    normalisation when it stores normalised targets (``y_mean``, ``y_std``: physical = y * std + mean).
+
+    With ``--snapshot PATH`` the splits are read from PATH when it exists (written by an earlier run
+    with the same flag), so a dataset generated on one machine can be carried to another."""
+    if args.snapshot and os.path.isfile(args.snapshot):
+        snap = torch.load(args.snapshot, map_location="cpu", weights_only=False)
+        return snap["train"], snap["test"], snap["stats"]
     if args.dataset == "toy":
-        return (toy_dataset("train", args.num_train or 8, args.seed),
-                toy_dataset("test", args.num_test or 4, args.seed), {})
-    from torch_geometric_bsa.datasets import get_dataset
-    kw = dict(args.data_kw)
-    train = get_dataset(args.dataset, args.root, "train", **_size_kw(args, "train"), **kw)
-    test = get_dataset(args.dataset, args.root, "test", **_size_kw(args, "test"), **kw)
-    return train, test, _dataset_stats(train)
-
-
-def _size_kw(args, split: str) -> Dict:
-    n = args.num_train if split == "train" else args.num_test
-    return {} if n is None else {"num_samples": n}
+        train, test, stats = (toy_dataset("train", args.num_train or 8, args.seed),
+                              toy_dataset("test", args.num_test or 4, args.seed), {})
+    else:
+        from torch_geometric_bsa.datasets import get_dataset
+        kw = dataset_kwargs(args)
+        train = get_dataset(args.dataset, args.root, "train", **kw)
+        test = get_dataset(args.dataset, args.root, "test", **kw)
+        stats = _dataset_stats(train)
+        if args.dataset not in GENERATED:  # real files: --num-train/--num-test take a prefix
+            train = train[:args.num_train] if args.num_train else train
+            test = test[:args.num_test] if args.num_test else test
+    if args.snapshot:
+        os.makedirs(os.path.dirname(os.path.abspath(args.snapshot)), exist_ok=True)
+        tmp = f"{args.snapshot}.tmp{os.getpid()}"
+        torch.save({"train": [train[i] for i in range(len(train))], "test": [test[i] for i in range(len(test))],
+                    "stats": stats, "meta": {"dataset": args.dataset, **dataset_kwargs(args)}}, tmp)
+        os.replace(tmp, args.snapshot)
+    return train, test, stats
 
 
 def _dataset_stats(ds) -> Dict:
@@ -369,7 +405,7 @@ def resolve_attention_backend(args, in_channels: int, out_channels: int, dim: in
         with torch.autocast("cuda", dtype=torch.bfloat16):
             probe(torch.randn(n, in_channels, device=device), pos, None).float().sum().backward()
         return "triton"
-    except (NotImplementedError, ImportError, AttributeError) as e:
+    except Exception as e:  # a missing kernel (NotImplementedError, ImportError) or one that fails to build
         log(f"[train] Triton backend unavailable for --model {args.model} ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:120]}); using backend='torch'")
         return "torch"

@@ -136,3 +136,22 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     m = json.load(open(os.path.join(out, "metrics.json")))
     assert m["world_size"] == 2 and m["steps"] == 3 and m["test_mse"] == m["test_mse"]
+
+
+def test_compare_writes_table(tmp_path):
+    compare = _load("compare")
+    res = str(tmp_path / "results.md")
+    rows = compare.main(["--models", "bsa", "pointnet", "--steps", "2", "--out", str(tmp_path / "cmp"),
+                         "--results", res, "--"] + TINY)
+    assert [r["model"] for r in rows] == ["bsa", "pointnet"] and all("error" not in r for r in rows)
+    md = open(res).read()
+    assert "| bsa (torch) |" in md and "| pointnet |" in md and "Command:" in md
+    assert json.load(open(str(tmp_path / "results.json")))["steps"] == 2
+    assert os.path.isfile(str(tmp_path / "cmp" / "compare.png"))
+
+
+def test_compare_rejects_bad_train_flags(capsys):
+    compare = _load("compare")
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--steps", "2", "--", "--hidden", "-3"])
+    assert "rejected" in capsys.readouterr().err
