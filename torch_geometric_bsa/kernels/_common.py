@@ -40,5 +40,10 @@ def cloud_ranges(tree, unit_rows: int, unit_cols: int) -> tuple[Tensor, Tensor]:
     return start.contiguous(), end.contiguous()
 
 
+def new_empty(shape, like: Tensor, dtype=None) -> Tensor:
+    r"""Uninitialised output buffer (one place, so tests can poison every kernel output with NaN)."""
+    return torch.empty(shape, device=like.device, dtype=like.dtype if dtype is None else dtype)
+
+
 def cdiv(a: int, b: int) -> int:
     return triton.cdiv(a, b)

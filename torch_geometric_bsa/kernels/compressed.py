@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _common
 from ._common import EMPTY_LSE as _EMPTY, LOG2E, cdiv, cloud_ranges, dot_precision, next_pow2
 
 __all__ = ["compressed_attention_triton", "CompressedAttention"]
@@ -168,8 +169,8 @@ class CompressedAttention(torch.autograd.Function):
         from ._common import is_interpreter
         nq, h, d = q.shape
         q, k_cmp, v_cmp = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous()
-        o = torch.empty_like(q)
-        lse = torch.empty(nq, h, device=q.device, dtype=torch.float32)
+        o = _common.new_empty(q.shape, q)
+        lse = _common.new_empty((nq, h), q, torch.float32)
         bm, bn, nw, ns = _blocks(q.dtype, d, is_interpreter())
         _cmp_fwd_kernel[(cdiv(nq, bm), h)](
             q, k_cmp, v_cmp, kmask, kstart, kend, o, lse, nq, q.stride(0), k_cmp.stride(0), o.stride(0),
@@ -188,9 +189,9 @@ class CompressedAttention(torch.autograd.Function):
         nk = k_cmp.size(0)
         do = do.contiguous()
         delta = (do.float() * o.float()).sum(-1).contiguous()  # [Q, H]
-        dq = torch.empty_like(q)
-        dk = torch.empty_like(k_cmp)
-        dv = torch.empty_like(v_cmp)
+        dq = _common.new_empty(q.shape, q)
+        dk = _common.new_empty(k_cmp.shape, k_cmp)
+        dv = _common.new_empty(v_cmp.shape, v_cmp)
         bm, bn, nw, ns = _blocks(q.dtype, d, is_interpreter())
         prec = dot_precision(q.dtype)
         scale = ctx.scale

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _common
 from ._common import LOG2E, cdiv, dot_precision, is_interpreter, next_pow2
 
 __all__ = ["selected_attention_triton", "SelectedAttention", "invert_selection"]
@@ -183,8 +184,8 @@ class SelectedAttention(torch.autograd.Function):
         n, h, d = q.shape
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         topk = idx.size(1)
-        o = torch.empty_like(q)
-        lse = torch.empty(n, h, device=q.device, dtype=torch.float32)
+        o = _common.new_empty(q.shape, q)
+        lse = _common.new_empty((n, h), q, torch.float32)
         ls_p2, cb, gm = _launch(d, ls, topk, g, q.dtype)
         _slc_fwd_kernel[(n // g, h)](
             q, k, v, mask_i8, idx, o, lse, q.stride(0), scale * LOG2E,
@@ -202,7 +203,7 @@ class SelectedAttention(torch.autograd.Function):
         topk = idx.size(1)
         do = do.contiguous()
         delta = (do.float() * o.float()).sum(-1).contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dq, dk, dv = _common.new_empty(q.shape, q), _common.new_empty(k.shape, k), _common.new_empty(v.shape, v)
         ls_p2, cb, gm = _launch(d, ls, topk, g, q.dtype)
         prec = dot_precision(q.dtype)
         _slc_bwd_dq_kernel[(n // g, h)](

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _common
 from ._common import LOG2E, cdiv, cloud_ranges, dot_precision, is_interpreter, next_pow2
 
 __all__ = ["select_topk_triton"]
@@ -115,7 +116,7 @@ def select_topk_triton(q_cmp: Tensor, k_cmp: Tensor, lse: Tensor, cmp_mask: Tens
     gstart, gend = cloud_ranges(tree, g, ls)
     svalid = tree.mask.view(-1, ls).any(1).to(torch.int8)
     kmask = cmp_mask.to(torch.int8)
-    idx = torch.empty(n_g, topk, device=q_cmp.device, dtype=torch.int32)
+    idx = _common.new_empty((n_g, topk), q_cmp, torch.int32)
     scale = d ** -0.5 if scale is None else scale
     if is_interpreter():
         bg, bn, nw = max(1, 16 // qpg), 16, 4

@@ -1,0 +1,160 @@
+"""The whole op through the kernels (kernels.bsa_triton) against reference.bsa_reference.
+
+fp32: output and every gradient (q, k, v, gates, sigma, and k_cmp/v_cmp when given) against float64,
+paper and group-compression configurations, a strided-compression config (dense-selection fallback).
+fp16/bf16: near-tied selection scores may flip between the fp32 kernel scores and a float64
+reference, so low precision is checked branch by branch with the kernel's own selected blocks fed to
+the reference's selected_attention. Tolerances as in test_compressed (fp32 1e-5 / 1e-4; fp16
+2e-3 / 5e-3; bf16 1.5e-2 / 3e-2).
+"""
+import importlib
+import math
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+import torch_geometric_bsa.kernels as K  # noqa: E402
+import torch_geometric_bsa.kernels._common as common  # noqa: E402
+import torch_geometric_bsa.kernels.compressed as cmp  # noqa: E402
+from torch_geometric_bsa import BSAConfig, bsa_attention, build_ball_tree  # noqa: E402
+from torch_geometric_bsa import reference as R  # noqa: E402
+
+if not CUDA and type(cmp._cmp_fwd_kernel).__name__ != "InterpretedFunction":
+    import torch_geometric_bsa.kernels.ball as ball
+    import torch_geometric_bsa.kernels.selected as slc
+    import torch_geometric_bsa.kernels.topk as topk
+    for mod in (cmp, topk, slc, ball):
+        importlib.reload(mod)
+
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 5e-3), torch.bfloat16: (1.5e-2, 3e-2)}
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    def empty(shape, like, dtype=None):
+        dtype = like.dtype if dtype is None else dtype
+        return torch.full(shape, math.nan if dtype.is_floating_point else -7, device=like.device, dtype=dtype)
+    monkeypatch.setattr(common, "new_empty", empty)
+
+
+def rel(a, b):
+    assert torch.isfinite(a).all(), "non-finite values (unwritten or NaN)"
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def inputs(sizes, cfg, h, d, dtype, seed=0, mlp=False):
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.rand(sum(sizes), 3, generator=g)
+    batch = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    tree = build_ball_tree(pos.to(DEVICE), batch.to(DEVICE), ball_size=cfg.ball_size)
+    n = tree.num_slots
+    leaves = dict(q=torch.randn(n, h, d, generator=g), k=torch.randn(n, h, d, generator=g),
+                  v=torch.randn(n, h, d, generator=g), sigma=-torch.rand(h, generator=g),
+                  gates=torch.rand(n, h, 3, generator=g))
+    if mlp:  # compressed keys/values from "an MLP": free leaves that must receive gradients
+        nb = n // cfg.cmp_stride
+        leaves.update(k_cmp=torch.randn(nb, h, d, generator=g), v_cmp=torch.randn(nb, h, d, generator=g))
+    leaves = {k_: t.to(DEVICE, dtype).requires_grad_() for k_, t in leaves.items()}
+    return tree, tree.to_tree(pos.to(DEVICE)).to(dtype), leaves
+
+
+def call(fn, tree, pos, cfg, x):
+    extra = {k_: x[k_] for k_ in ("k_cmp", "v_cmp") if k_ in x}
+    return fn(x["q"], x["k"], x["v"], pos, tree, cfg, sigma=x["sigma"], gates=x["gates"], **extra)
+
+
+@pytest.mark.parametrize("cfg", [
+    BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4),
+    BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4, group_compression=True),
+    BSAConfig(ball_size=16, cmp_block=4, cmp_stride=2, slc_block=8, topk=2, group_size=8),
+], ids=["paper", "group_compression", "strided_fallback"])
+def test_bsa_triton_fp32(cfg):
+    mlp = cfg.cmp_stride != cfg.cmp_block
+    tree, pos, x = inputs([50, 90, 20], cfg, h=2, d=16, dtype=torch.float32, mlp=mlp)
+    out = call(K.bsa_triton, tree, pos, cfg, x)
+    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    grads = torch.autograd.grad(out, list(x.values()), do)
+    x64 = {k_: t.detach().double().requires_grad_() for k_, t in x.items()}
+    ref = call(R.bsa_reference, tree, pos.double(), cfg, x64)
+    rgrads = torch.autograd.grad(ref, list(x64.values()), do.double())
+    assert rel(out, ref) < 1e-5
+    for name, a, b in zip(x, grads, rgrads):
+        assert rel(a, b) < 1e-4, name
+
+
+def check_low_precision(sizes, cfg, h, d, dtype):
+    tree, pos, x = inputs(sizes, cfg, h=h, d=d, dtype=dtype)
+    out, br = K.bsa_triton(x["q"], x["k"], x["v"], pos, tree, cfg, sigma=x["sigma"], gates=x["gates"],
+                           return_branches=True)
+    x64 = {k_: t.detach().double() for k_, t in x.items()}
+    _, rb = R.bsa_reference(x64["q"], x64["k"], x64["v"], pos.double(), tree, cfg, sigma=x64["sigma"],
+                            gates=x64["gates"], return_branches=True)
+    tol = TOL[dtype][0]
+    assert rel(br["ball"], rb["ball"]) < tol
+    assert rel(br["cmp"], rb["cmp"]) < tol
+    # the selection branch on the kernel's own blocks
+    g, ls = cfg.group_size, cfg.slc_block
+    cloud = tree.slot_batch[::g]
+    loc = torch.where(br["idx"] >= 0, br["idx"].long() - (tree.ptr[cloud] // ls)[:, None], -1)
+    dl, _ = R._to_dense(loc, tree.ptr, tree.max_slots, g)
+    o_slc = R.selected_attention(x64["q"], x64["k"], x64["v"], dl.clamp_min(0), dl >= 0, tree, cfg)
+    assert rel(br["slc"], o_slc) < tol
+    # most groups pick exactly the reference's blocks
+    same = (dl == torch.where(rb["idx_valid"], rb["idx"], -1)).all(-1)
+    _, gvalid = R._to_dense(cloud, tree.ptr, tree.max_slots, g)
+    assert same[gvalid].float().mean() > 0.7
+    gates = x64["gates"]
+    expect = gates[..., 0:1] * rb["ball"] + gates[..., 1:2] * rb["cmp"] + gates[..., 2:3] * o_slc
+    assert rel(out, expect) < tol
+    out.backward(torch.randn_like(out))
+    for t in x.values():
+        assert torch.isfinite(t.grad).all()
+
+
+def test_bsa_triton_fp16():
+    cfg = BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4)
+    check_low_precision([50, 90, 20], cfg, h=2, d=16, dtype=torch.float16)
+
+
+def test_bsa_attention_dispatches_to_triton():
+    cfg = BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4, group_compression=True)
+    tree, pos, x = inputs([40], cfg, h=1, d=16, dtype=torch.float32, seed=4)
+    out = bsa_attention(x["q"], x["k"], x["v"], pos, tree, cfg, sigma=x["sigma"], gates=x["gates"],
+                        backend="triton")
+    ref = call(R.bsa_reference, tree, pos, cfg, x)
+    assert rel(out, ref) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group_compression", [False, True])
+def test_bsa_triton_gpu_real_size(dtype, group_compression):
+    cfg = BSAConfig(ball_size=256, cmp_block=8, slc_block=8, topk=16, group_size=8,
+                    group_compression=group_compression)
+    check_low_precision([4000, 9000, 300], cfg, h=8, d=64, dtype=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("group_compression", [False, True])
+def test_bsa_triton_gpu_fp32_grads(group_compression):
+    cfg = BSAConfig(ball_size=256, cmp_block=8, slc_block=8, topk=16, group_size=8,
+                    group_compression=group_compression)
+    tree, pos, x = inputs([3000, 2100], cfg, h=4, d=32, dtype=torch.float32)
+    out = call(K.bsa_triton, tree, pos, cfg, x)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, list(x.values()), do)
+    x64 = {k_: t.detach().double().requires_grad_() for k_, t in x.items()}
+    ref = call(R.bsa_reference, tree, pos.double(), cfg, x64)
+    rgrads = torch.autograd.grad(ref, list(x64.values()), do.double())
+    assert rel(out, ref) < 1e-4
+    for name, a, b in zip(x, grads, rgrads):
+        assert rel(a, b) < 1e-3, name
