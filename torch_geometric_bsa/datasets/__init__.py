@@ -1,0 +1,45 @@
+"""Datasets: loaders for the real ShapeNet-Car / Elasticity layouts and generated physics data.
+
+``get_dataset(name, root, split, **kw)`` is the one entry point the training script uses:
+
+* ``"shapenet-car"``: :class:`ShapeNetCar`, the BSA paper's benchmark (UPT preprocessed layout);
+* ``"elasticity"``: :class:`Elasticity`, Geo-FNO's ``.npy`` files;
+* ``"car"``: :class:`CarPressure`, generated car-like bodies with potential-flow surface pressure;
+* ``"elasticity-gen"``: :class:`ElasticUnitCell`, generated perforated cells, von Mises stress.
+
+:func:`make_scaling_cloud` gives a single large cloud (10^4..10^6 points) for speed runs.
+"""
+from __future__ import annotations
+
+from typing import Dict, Type
+
+from ._cache import CachedSplitDataset
+from .car_pressure import CarPressure, CarShape, make_scaling_cloud
+from .elastic_unit_cell import ElasticUnitCell
+from .elasticity import Elasticity
+from .shapenet_car import ShapeNetCar
+
+DATASETS: Dict[str, Type[CachedSplitDataset]] = {
+    "car": CarPressure,
+    "elasticity-gen": ElasticUnitCell,
+    "shapenet-car": ShapeNetCar,
+    "elasticity": Elasticity,
+}
+
+
+def get_dataset(name: str, root: str, split: str = "train", **kwargs) -> CachedSplitDataset:
+    """Build dataset ``name`` (a key of :data:`DATASETS`) for ``split`` under ``root``.
+
+    ``kwargs`` go to the dataset class (sizes, seed, transform, ...). Every dataset returns
+    :class:`~torch_geometric.data.Data` with ``pos``, ``x``, a normalised ``y [N, 1]`` and
+    ``y_mean``/``y_std``, so ``y * y_std + y_mean`` recovers physical units.
+    """
+    try:
+        cls = DATASETS[name]
+    except KeyError:
+        raise ValueError(f"unknown dataset name {name!r}; choose one of {sorted(DATASETS)}") from None
+    return cls(root, split=split, **kwargs)
+
+
+__all__ = ["CarPressure", "CarShape", "ElasticUnitCell", "Elasticity", "ShapeNetCar",
+           "make_scaling_cloud", "get_dataset", "DATASETS"]

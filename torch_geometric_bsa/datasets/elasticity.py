@@ -1,0 +1,100 @@
+"""Geo-FNO's Elasticity benchmark (Li et al. 2022), read from its ``.npy`` files.
+
+Point clouds of 972 nodes on unit cells with one irregular void, target the stress field; the
+standard protocol trains on the first 1000 samples and tests on the last 200.
+"""
+from __future__ import annotations
+
+import os.path as osp
+from typing import Dict, List
+
+import numpy as np
+import torch
+from torch_geometric.data import Data
+
+from ._cache import CachedSplitDataset, attach_stats
+
+__all__ = ["Elasticity"]
+
+
+class Elasticity(CachedSplitDataset):
+    r"""Geo-FNO's Elasticity point-cloud dataset.
+
+    Expected files (the Geo-FNO release, usually in ``elasticity/Meshes/``)::
+
+        root/Random_UnitCell_XY_10.npy      [972, 2, S]  node coordinates per sample
+        root/Random_UnitCell_sigma_10.npy   [972, S]     stress per node and sample
+
+    or the same two files in ``root/Meshes/``; S = 2000 in the release. As in Geo-FNO and
+    Transolver, the first ``num_train`` samples (1000) are the train split and the last
+    ``num_test`` (200) the test split. Other files of the release (``Random_UnitCell_rr_10.npy``,
+    ...) are not needed.
+
+    Args:
+        root: folder with the files (or with ``Meshes/``); processed files go to
+            ``root/processed/``.
+        split: ``"train"`` or ``"test"``.
+        num_train, num_test, num_points: 1000, 200, 972 for the release; smaller values read
+            reduced copies (tests).
+
+    Each sample is a :class:`~torch_geometric.data.Data` with ``pos [972, 2]``, ``x [972, 2]``
+    (a copy of ``pos``, the benchmark's input), ``y [972, 1]`` stress normalised with the train
+    split's scalar mean/std, and ``y_mean``/``y_std`` ``[1]``.
+    """
+
+    cache_name = "elasticity"
+    XY_FILE = "Random_UnitCell_XY_10.npy"
+    SIGMA_FILE = "Random_UnitCell_sigma_10.npy"
+
+    def __init__(self, root: str, split: str = "train", num_train: int = 1000,
+                 num_test: int = 200, num_points: int = 972, transform=None, pre_transform=None,
+                 pre_filter=None, log: bool = True, force_reload: bool = False) -> None:
+        if min(num_train, num_test, num_points) < 1:
+            raise ValueError("num_train, num_test and num_points must be >= 1")
+        self.num_train, self.num_test, self.num_points = num_train, num_test, num_points
+        super().__init__(root, split, transform, pre_transform, pre_filter, log, force_reload)
+
+    @property
+    def raw_dir(self) -> str:
+        meshes = osp.join(self.root, "Meshes")
+        if all(osp.exists(osp.join(meshes, f)) for f in (self.XY_FILE, self.SIGMA_FILE)):
+            return meshes
+        return self.root
+
+    @property
+    def raw_file_names(self) -> List[str]:
+        return [self.XY_FILE, self.SIGMA_FILE]
+
+    def download(self) -> None:
+        missing = [f for f in self.raw_file_names if not osp.exists(osp.join(self.raw_dir, f))]
+        raise FileNotFoundError(
+            f"Elasticity: expected Geo-FNO's {self.XY_FILE} [{self.num_points}, 2, S] and "
+            f"{self.SIGMA_FILE} [{self.num_points}, S] in {self.root} or "
+            f"{osp.join(self.root, 'Meshes')}; missing: {', '.join(missing)}.")
+
+    def cache_config(self) -> Dict:
+        return dict(num_train=self.num_train, num_test=self.num_test, num_points=self.num_points)
+
+    def build(self) -> Dict[str, List[Data]]:
+        xy_path, s_path = self.raw_paths
+        xy = np.load(xy_path, mmap_mode="r")
+        sigma = np.load(s_path, mmap_mode="r")
+        need = self.num_train + self.num_test
+        if xy.ndim != 3 or xy.shape[:2] != (self.num_points, 2) or xy.shape[2] < need:
+            raise ValueError(
+                f"Elasticity: {xy_path} should have shape [{self.num_points}, 2, S] with "
+                f"S >= num_train + num_test = {need}, found shape {list(xy.shape)}.")
+        if sigma.shape != (self.num_points, xy.shape[2]):
+            raise ValueError(
+                f"Elasticity: {s_path} should have shape [{self.num_points}, {xy.shape[2]}] "
+                f"(matching {self.XY_FILE}), found shape {list(sigma.shape)}.")
+        S = xy.shape[2]
+        xy_t = torch.from_numpy(np.ascontiguousarray(np.transpose(xy, (2, 0, 1)))).float()
+        s_t = torch.from_numpy(np.ascontiguousarray(np.transpose(sigma))).float()
+        ranges = {"train": range(self.num_train), "test": range(S - self.num_test, S)}
+        out = {split: [Data(x=xy_t[i].clone(), pos=xy_t[i], y=s_t[i][:, None]) for i in r]
+               for split, r in ranges.items()}
+        y = torch.cat([d.y for d in out["train"]])
+        attach_stats(out["train"] + out["test"], float(y.mean()),
+                     float(y.std()) if y.numel() > 1 else 1.0)
+        return out
