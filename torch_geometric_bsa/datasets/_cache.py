@@ -7,6 +7,7 @@ the generator modules, so a changed argument or generator never reads a stale ca
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -105,7 +106,8 @@ class CachedSplitDataset(InMemoryDataset):
         pass
 
     def process(self) -> None:
-        lists = self.build()
+        with single_threaded():
+            lists = self.build()
         for split, path in zip(SPLITS, self.processed_paths):
             data_list = lists[split]
             if self.pre_filter is not None:
@@ -132,6 +134,22 @@ class CachedSplitDataset(InMemoryDataset):
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({len(self)}, split={self.split!r})"
+
+
+@contextlib.contextmanager
+def single_threaded():
+    """Run torch on one thread while generating data.
+
+    Results then do not depend on the machine's thread count (reduction order), and the many
+    mid-sized elementwise ops of the generators run several times faster single-threaded when
+    other processes share the cores (measured: 0.6 s vs 7 s per car on a loaded 2-core box).
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def attach_stats(data_list: List[Data], mean: float, std: float) -> None:

@@ -20,7 +20,7 @@ from torch_geometric.data import Data
 from tqdm.auto import tqdm
 
 from . import panel
-from ._cache import SPLITS, CachedSplitDataset, attach_stats
+from ._cache import SPLITS, CachedSplitDataset, attach_stats, single_threaded
 
 __all__ = ["CarShape", "CarPressure", "make_scaling_cloud", "car_panel_solution"]
 
@@ -277,6 +277,9 @@ def _ellipsoid_surface_speedup(a: float, b: float, c: float) -> float:
 def make_scaling_cloud(num_points: int, seed: int = 0, mesh_resolution: int = 256) -> Data:
     """A large car-surface cloud for speed runs (10^4..10^6 points, about a second at 10^6).
 
+    Runs single-threaded (see :func:`._cache.single_threaded`): the same ``seed`` gives the same
+    cloud on every machine.
+
     Points are sampled area-uniformly on a fine triangulation of a random :class:`CarShape`
     (drawn from ``seed``) and lifted onto the exact surface. The field is cheap and analytic: the
     potential-flow ``Cp`` of the car's bounding ellipsoid transplanted onto the car's normals,
@@ -288,6 +291,11 @@ def make_scaling_cloud(num_points: int, seed: int = 0, mesh_resolution: int = 25
     """
     if num_points < 1:
         raise ValueError(f"num_points must be >= 1, got {num_points}")
+    with single_threaded():
+        return _scaling_cloud(num_points, seed, mesh_resolution)
+
+
+def _scaling_cloud(num_points: int, seed: int, mesh_resolution: int) -> Data:
     rng = np.random.default_rng([seed, 7])
     shape = CarShape.sample(rng)
     verts, faces, uv = shape.panel_mesh(mesh_resolution, mesh_resolution)

@@ -229,7 +229,7 @@ def solve_uniaxial_tension(
 
     @LinearForm
     def pull(v, w):
-        return traction * v.value[0]
+        return traction * v[0]
 
     f = asm(pull, FacetBasis(m, elem, facets=right, intorder=4))
     left_nodes = np.unique(m.facets[:, left])

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._cache import single_threaded
+
 __all__ = [
     "icosphere",
     "orient_outward",
@@ -154,9 +156,10 @@ def solve_source_panels(
     # float64 to ~1e-5, far below the discretisation error) and the system solved in float64.
     tri32, c32 = tri.float(), c.float()
     infl = torch.empty(F, F, 3, dtype=torch.float32)
-    for s in range(0, F, chunk):
-        idx = torch.arange(s, min(s + chunk, F))
-        infl[idx] = source_panel_velocity(c32[idx], tri32, self_index=idx)
+    with single_threaded():
+        for s in range(0, F, chunk):
+            idx = torch.arange(s, min(s + chunk, F))
+            infl[idx] = source_panel_velocity(c32[idx], tri32, self_index=idx)
     A = torch.einsum("ijk,ik->ij", infl, n.float()).to(dtype)
     sigma = torch.linalg.solve(A, -(n @ U))
     vel = U + torch.einsum("ijk,j->ik", infl, sigma.float()).to(dtype)
