@@ -96,6 +96,13 @@ def test_small_tiles_many_per_ball():
         check(128, 1, 16, 64, 3, torch.float32, seed=1)
 
 
+def test_merged_backward():
+    # the one-loop backward variant (distance tile shared by the dK/dV and dQ roles)
+    with ball.config_override(bwd=(32, 32, 32, 4, 1, True)):
+        check(128, 2, 16, 64, 3, torch.float32, seed=6)
+        check(128, 1, 24, 64, 2, torch.bfloat16, seed=7)
+
+
 def test_no_pos_grad_and_inference():
     check(128, 2, 16, 64, 3, torch.float32, seed=2, pos_grad=False)
     q, k, v, pos, sigma, mask = make_inputs(128, 2, 16, 3, torch.float32, seed=3)

@@ -223,6 +223,88 @@ def _ball_bwd_kernel(Q, K, V, O, DO, POS, SIGMA, MASK, LSE,
             tl.store(prow + 2, sigma * (gzq + gzk))
 
 
+@triton.jit
+def _ball_bwd_merged_kernel(Q, K, V, O, DO, POS, SIGMA, MASK, LSE,
+                            DQ, DK, DV, DSIG, DPOS,
+                            N, H, stride_tok, stride_pos, sm_scale,
+                            M: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PDIM: tl.constexpr,
+                            BLOCK: tl.constexpr, BLOCK_B: tl.constexpr,
+                            SIGMA_GRAD: tl.constexpr, POS_GRAD: tl.constexpr, DOT_PREC: tl.constexpr,
+                            UPCAST: tl.constexpr):
+    # grid: (N // BLOCK * H,). Same outputs as _ball_bwd_kernel, one loop: the tile's slots are keys
+    # (dK, dV) and queries (dQ) of one ball, and the ball's other slots b are queries and keys to
+    # them, so the distance tile |p_t - p_b| is computed once for both roles (3 MUFU ops a pair, not 4).
+    pid = tl.program_id(0)
+    h = pid % H
+    t0 = (pid // H) * BLOCK
+    ball0 = (t0 // M) * M
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d[None, :] < D
+    hoff = h * D
+    qk_scale = sm_scale * 1.4426950408889634
+    sigma = tl.load(SIGMA + h).to(tl.float32)
+    sig2 = sigma * 1.4426950408889634
+    rows = (t0 + tl.arange(0, BLOCK)).to(tl.int64)
+    tile_off = rows[:, None] * stride_tok + hoff + offs_d[None, :]
+    xt, yt, zt = _load_pos(POS, rows, stride_pos, PDIM)
+    tvalid = tl.load(MASK + rows) != 0
+    q_t = tl.load(Q + tile_off, mask=dmask, other=0.0)
+    k_t = tl.load(K + tile_off, mask=dmask, other=0.0)
+    v_t = tl.load(V + tile_off, mask=dmask, other=0.0)
+    do_t = tl.load(DO + tile_off, mask=dmask, other=0.0)
+    delta_t = tl.sum(tl.load(O + tile_off, mask=dmask, other=0.0).to(tl.float32) * do_t.to(tl.float32), 1)
+    lse_t = tl.load(LSE + h * N + rows)
+    dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    dsig = tl.zeros([BLOCK], tl.float32)
+    gx = tl.zeros([BLOCK], tl.float32)
+    gy = tl.zeros([BLOCK], tl.float32)
+    gz = tl.zeros([BLOCK], tl.float32)
+    for start in tl.range(0, M, BLOCK_B):
+        cols = (ball0 + start + tl.arange(0, BLOCK_B)).to(tl.int64)
+        b_off = cols[:, None] * stride_tok + hoff + offs_d[None, :]
+        q_b = tl.load(Q + b_off, mask=dmask, other=0.0)
+        k_b = tl.load(K + b_off, mask=dmask, other=0.0)
+        v_b = tl.load(V + b_off, mask=dmask, other=0.0)
+        do_b = tl.load(DO + b_off, mask=dmask, other=0.0)
+        delta_b = tl.sum(tl.load(O + b_off, mask=dmask, other=0.0).to(tl.float32) * do_b.to(tl.float32), 1)
+        lse_b = tl.load(LSE + h * N + cols)
+        bvalid = tl.load(MASK + cols) != 0
+        xb, yb, zb = _load_pos(POS, cols, stride_pos, PDIM)
+        dist = _pair_dist(xt, yt, zt, xb, yb, zb, PDIM)
+        bias = sig2 * dist
+        # tile as keys, b as queries (transposed tiles)
+        pT = tl.where(tvalid[:, None], tl.exp2(_dot(k_t, tl.trans(q_b), DOT_PREC, UPCAST) * qk_scale + bias
+                                                - lse_b[None, :]), 0.0)
+        dv += _dot(pT.to(do_b.dtype), do_b, DOT_PREC, UPCAST)
+        dsT = pT * (_dot(v_t, tl.trans(do_b), DOT_PREC, UPCAST) - delta_b[None, :])
+        dk += _dot(dsT.to(q_b.dtype), q_b, DOT_PREC, UPCAST)
+        # tile as queries, b as keys
+        p = tl.where(bvalid[None, :], tl.exp2(_dot(q_t, tl.trans(k_b), DOT_PREC, UPCAST) * qk_scale + bias
+                                              - lse_t[:, None]), 0.0)
+        ds = p * (_dot(do_t, tl.trans(v_b), DOT_PREC, UPCAST) - delta_t[:, None])
+        dq += _dot(ds.to(k_b.dtype), k_b, DOT_PREC, UPCAST)
+        if SIGMA_GRAD:
+            dsig += tl.sum(ds * dist, 1)
+        if POS_GRAD:
+            ax, ay, az = _pos_grad(ds + dsT, dist, xt, yt, zt, xb, yb, zb, PDIM)
+            gx += ax
+            gy += ay
+            gz += az
+    tl.store(DQ + tile_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=dmask)
+    tl.store(DK + tile_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=dmask)
+    tl.store(DV + tile_off, dv.to(DV.dtype.element_ty), mask=dmask)
+    if SIGMA_GRAD:
+        tl.store(DSIG + pid, tl.sum(dsig, 0))
+    if POS_GRAD:
+        prow = DPOS + (rows * H + h) * PDIM
+        tl.store(prow, sigma * gx)
+        tl.store(prow + 1, sigma * gy)
+        if PDIM == 3:
+            tl.store(prow + 2, sigma * gz)
+
+
 # ---------------------------------------------------------------------------------------------
 # Launch configuration (tuned on an H100, see docs/perf-notes.md "Ball kernel")
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +317,8 @@ def config_override(fwd: Optional[Tuple[int, int, int, int]] = None,
     r"""Temporarily forces launch configs (benchmarks sweep them).
 
     ``fwd = (BLOCK_M, BLOCK_N, num_warps, num_stages)``,
-    ``bwd = (BLOCK, BLOCK_M1, BLOCK_N2, num_warps, num_stages)``.
+    ``bwd = (BLOCK, BLOCK_M1, BLOCK_N2, num_warps, num_stages[, merged])``; ``merged`` picks the
+    one-loop backward (``BLOCK_M1`` is then its ``BLOCK_B``).
     """
     old = dict(_OVERRIDE)
     if fwd is not None:
@@ -314,16 +397,18 @@ def _forward(q, k, v, pos, sigma, mask_u8, m, scale):
 def _backward(do, q, k, v, o, lse, pos, sigma, mask_u8, m, scale, sigma_grad, pos_grad):
     n, h, d = q.shape
     dq, dk, dv = _empty(q.shape, q), _empty(q.shape, q), _empty(q.shape, q)
-    blk, bm1, bn2, nw, ns = bwd_config(m, _block_d(d), q.dtype)
+    cfg = bwd_config(m, _block_d(d), q.dtype)
+    blk, bm1, bn2, nw, ns = cfg[:5]
     grid = n // blk * h
     dsig = _empty((grid if sigma_grad else 1,), q, torch.float32)
     dpos = _empty((n, h, pos.size(1)) if pos_grad else (1,), q, torch.float32)
-    _ball_bwd_kernel[(grid,)](
-        q, k, v, o, do, pos, sigma, mask_u8, lse, dq, dk, dv, dsig, dpos,
-        n, h, h * d, pos.stride(0), scale,
-        M=m, D=d, BLOCK_D=_block_d(d), PDIM=pos.size(1), BLOCK=blk, BLOCK_M1=bm1, BLOCK_N2=bn2,
-        SIGMA_GRAD=sigma_grad, POS_GRAD=pos_grad, DOT_PREC=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
-        num_warps=nw, num_stages=ns)
+    args = (q, k, v, o, do, pos, sigma, mask_u8, lse, dq, dk, dv, dsig, dpos, n, h, h * d, pos.stride(0), scale)
+    common = dict(M=m, D=d, BLOCK_D=_block_d(d), PDIM=pos.size(1), SIGMA_GRAD=sigma_grad, POS_GRAD=pos_grad,
+                  DOT_PREC=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=nw, num_stages=ns)
+    if len(cfg) > 5 and cfg[5]:
+        _ball_bwd_merged_kernel[(grid,)](*args, BLOCK=blk, BLOCK_B=bm1, **common)
+    else:
+        _ball_bwd_kernel[(grid,)](*args, BLOCK=blk, BLOCK_M1=bm1, BLOCK_N2=bn2, **common)
     dsigma = dsig.view(-1, h).sum(0) if sigma_grad else None
     return dq, dk, dv, (dpos.sum(1) if pos_grad else None), dsigma
 
