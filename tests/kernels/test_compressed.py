@@ -85,6 +85,12 @@ def test_compressed_matches_reference(dtype, q_unit):
     run_case([50, 90, 20], ball_size=16, h=2, d=16, block=4, q_unit=q_unit, dtype=dtype)
 
 
+@pytest.mark.parametrize("q_unit", [1, 4])
+def test_compressed_single_cloud(q_unit):
+    # one cloud takes the non-ragged path (key mask only; padded rows zeroed at the end)
+    run_case([77], ball_size=16, h=2, d=16, block=4, q_unit=q_unit, dtype=torch.float32, seed=7)
+
+
 def test_compressed_head_dim_not_power_of_two():
     run_case([40, 27], ball_size=16, h=1, d=24, block=8, q_unit=1, dtype=torch.float32, seed=3)
 
@@ -95,3 +101,4 @@ def test_compressed_head_dim_not_power_of_two():
 @pytest.mark.parametrize("q_unit", [1, 8])
 def test_compressed_gpu_real_size(dtype, q_unit):
     run_case([5000, 11000, 300], ball_size=256, h=8, d=64, block=8, q_unit=q_unit, dtype=dtype)
+    run_case([20000], ball_size=256, h=8, d=64, block=8, q_unit=q_unit, dtype=dtype, seed=1)

@@ -83,7 +83,11 @@ def check(sizes, cfg, h, d, seed=0, q_scale=1.0, tie_gap=1e-5):
         clear = torch.ones_like(gvalid)
     sel = gvalid & clear
     assert sel.sum() > 0.8 * gvalid.sum()
-    assert torch.equal(mine[sel], ref[sel])
+    # the selected *set* must agree (its order only matters up to near-ties inside the top-k)
+    assert torch.equal(mine[sel].sort(-1).values, ref[sel].sort(-1).values)
+    # and the order too where consecutive reference scores are clearly apart
+    ordered = sel & ((srt[..., :kk - 1] - srt[..., 1:kk]).abs() > tie_gap * srt[..., :1].abs()).all(-1)
+    assert torch.equal(mine[ordered], ref[ordered])
     return idx
 
 

@@ -25,7 +25,7 @@ EMPTY_LSE = tl.constexpr(_EMPTY)
 def _cmp_fwd_kernel(Q, K, V, KMASK, KSTART, KEND, O, LSE, n_q,
                     stride_qn, stride_kn, stride_on, qk_scale,
                     H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+                    BLOCK_D: tl.constexpr, PREC: tl.constexpr, RAGGED: tl.constexpr):
     # grid: (query tiles, heads); each query row only sees columns in [KSTART[row], KEND[row])
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -47,21 +47,24 @@ def _cmp_fwd_kernel(Q, K, V, KMASK, KSTART, KEND, O, LSE, n_q,
         cols = start + tl.arange(0, BLOCK_N)
         cin = cols < hi
         kv = tl.load(KMASK + cols, mask=cin, other=0) != 0
-        valid = kv[None, :] & (cols[None, :] >= ks[:, None]) & (cols[None, :] < ke[:, None])
         k = tl.load(K + cols[:, None] * stride_kn + h * D + offs_d[None, :], mask=cin[:, None] & dmask[None, :],
                     other=0.0)
         v = tl.load(V + cols[:, None] * stride_kn + h * D + offs_d[None, :], mask=cin[:, None] & dmask[None, :],
                     other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        s = tl.where(valid, s, float("-inf"))
+        if RAGGED:
+            valid = kv[None, :] & (cols[None, :] >= ks[:, None]) & (cols[None, :] < ke[:, None])
+            s = tl.where(valid, s, float("-inf"))
+        else:  # one cloud: every row sees the same columns; rows with none are zeroed at the end
+            s = s + tl.where(kv, 0.0, float("-inf"))[None, :]
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
-    has = l_i > 0
-    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    has = (l_i > 0) & (ke > ks)
+    o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
     lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), EMPTY_LSE)
     tl.store(O + rows[:, None] * stride_on + h * D + offs_d[None, :], o.to(O.dtype.element_ty),
              mask=rmask[:, None] & dmask[None, :])
@@ -72,7 +75,7 @@ def _cmp_fwd_kernel(Q, K, V, KMASK, KSTART, KEND, O, LSE, n_q,
 def _cmp_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KSTART, KEND, QSTART, QEND, DK, DV, n_k,
                          stride_qn, stride_kn, stride_don, qk_scale, sm_scale,
                          H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+                         BLOCK_D: tl.constexpr, PREC: tl.constexpr, RAGGED: tl.constexpr):
     # grid: (key tiles, heads); streams over the query rows of the key tile's cloud(s)
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -93,16 +96,19 @@ def _cmp_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KSTART, KEND, QSTART, Q
     for start in range(lo, hi, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         rin = rows < hi
-        ks = tl.load(KSTART + rows, mask=rin, other=2147483647)
-        ke = tl.load(KEND + rows, mask=rin, other=0)
-        valid = kv[None, :] & (cols[None, :] >= ks[:, None]) & (cols[None, :] < ke[:, None])
         qd_mask = rin[:, None] & dmask[None, :]
         q = tl.load(Q + rows[:, None] * stride_qn + h * D + offs_d[None, :], mask=qd_mask, other=0.0)
         do = tl.load(DO + rows[:, None] * stride_don + h * D + offs_d[None, :], mask=qd_mask, other=0.0)
         lse = tl.load(LSE + rows * H + h, mask=rin, other=EMPTY_LSE)
         delta = tl.load(DELTA + rows * H + h, mask=rin, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+        if RAGGED:
+            ks = tl.load(KSTART + rows, mask=rin, other=2147483647)
+            ke = tl.load(KEND + rows, mask=rin, other=0)
+            valid = kv[None, :] & (cols[None, :] >= ks[:, None]) & (cols[None, :] < ke[:, None])
+            p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+        else:  # empty rows carry lse = 1e30, so their P is exactly 0
+            p = tl.math.exp2(s - lse[:, None] + tl.where(kv, 0.0, float("-inf"))[None, :])
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
@@ -116,7 +122,7 @@ def _cmp_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KSTART, KEND, QSTART, Q
 def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KSTART, KEND, DQ, n_q,
                        stride_qn, stride_kn, stride_don, qk_scale, sm_scale,
                        H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+                       BLOCK_D: tl.constexpr, PREC: tl.constexpr, RAGGED: tl.constexpr):
     # grid: (query tiles, heads); recomputes P from the saved LSE, dS = P * (dP - delta)
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -138,13 +144,16 @@ def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KSTART, KEND, DQ, n_q,
         cols = start + tl.arange(0, BLOCK_N)
         cin = cols < hi
         kv = tl.load(KMASK + cols, mask=cin, other=0) != 0
-        valid = kv[None, :] & (cols[None, :] >= ks[:, None]) & (cols[None, :] < ke[:, None])
         k = tl.load(K + cols[:, None] * stride_kn + h * D + offs_d[None, :], mask=cin[:, None] & dmask[None, :],
                     other=0.0)
         v = tl.load(V + cols[:, None] * stride_kn + h * D + offs_d[None, :], mask=cin[:, None] & dmask[None, :],
                     other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+        if RAGGED:
+            valid = kv[None, :] & (cols[None, :] >= ks[:, None]) & (cols[None, :] < ke[:, None])
+            p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+        else:
+            p = tl.math.exp2(s - lse[:, None] + tl.where(kv, 0.0, float("-inf"))[None, :])
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
@@ -152,38 +161,44 @@ def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KSTART, KEND, DQ, n_q,
              mask=qd_mask)
 
 
-def _blocks(dtype: torch.dtype, d: int, interp: bool):
-    if interp:
-        return 16, 16, 4, 1
-    bd = next_pow2(d)
-    if dtype == torch.float32:
-        return 64, 32, 4, 2
-    return (128, 64, 8, 3) if bd <= 64 else (64, 64, 4, 2)
+def _configs(kind: str):
+    r"""Autotune candidates (keyed on head dim, dtype and raggedness); one small tile when interpreting."""
+    from ._common import is_interpreter
+    C = triton.Config
+    if is_interpreter():
+        return [C({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    shapes = {"fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3)],
+              # dK/dV: BLOCK_N keys stay resident, BLOCK_M query rows stream
+              "dkdv": [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2), (32, 64, 4, 4)],
+              "dq": [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2)]}[kind]
+    return [C({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in shapes]
+
+
+_KEY = ["D", "PREC", "RAGGED"]
+_cmp_fwd = triton.autotune(_configs("fwd"), key=_KEY)(_cmp_fwd_kernel)
+_cmp_dkdv = triton.autotune(_configs("dkdv"), key=_KEY)(_cmp_bwd_dkdv_kernel)
+_cmp_dq = triton.autotune(_configs("dq"), key=_KEY)(_cmp_bwd_dq_kernel)
 
 
 class CompressedAttention(torch.autograd.Function):
     r"""``(o, lse) = softmax(q k_cmp^T * scale) v_cmp`` per cloud; ``lse`` [Q, H] in log2 units."""
 
     @staticmethod
-    def forward(ctx, q, k_cmp, v_cmp, kmask, kstart, kend, qstart, qend, scale):
-        from ._common import is_interpreter
+    def forward(ctx, q, k_cmp, v_cmp, kmask, kstart, kend, qstart, qend, scale, ragged=True):
         nq, h, d = q.shape
         q, k_cmp, v_cmp = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous()
         o = _common.new_empty(q.shape, q)
         lse = _common.new_empty((nq, h), q, torch.float32)
-        bm, bn, nw, ns = _blocks(q.dtype, d, is_interpreter())
-        _cmp_fwd_kernel[(cdiv(nq, bm), h)](
+        _cmp_fwd[lambda meta: (cdiv(nq, meta["BLOCK_M"]), h)](
             q, k_cmp, v_cmp, kmask, kstart, kend, o, lse, nq, q.stride(0), k_cmp.stride(0), o.stride(0),
-            scale * LOG2E, H=h, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=next_pow2(d), PREC=dot_precision(q.dtype),
-            num_warps=nw, num_stages=ns)
+            scale * LOG2E, H=h, D=d, BLOCK_D=next_pow2(d), PREC=dot_precision(q.dtype), RAGGED=ragged)
         ctx.save_for_backward(q, k_cmp, v_cmp, o, lse, kmask, kstart, kend, qstart, qend)
-        ctx.scale = scale
+        ctx.scale, ctx.ragged = scale, ragged
         ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, _dlse):
-        from ._common import is_interpreter
         q, k_cmp, v_cmp, o, lse, kmask, kstart, kend, qstart, qend = ctx.saved_tensors
         nq, h, d = q.shape
         nk = k_cmp.size(0)
@@ -192,18 +207,17 @@ class CompressedAttention(torch.autograd.Function):
         dq = _common.new_empty(q.shape, q)
         dk = _common.new_empty(k_cmp.shape, k_cmp)
         dv = _common.new_empty(v_cmp.shape, v_cmp)
-        bm, bn, nw, ns = _blocks(q.dtype, d, is_interpreter())
         prec = dot_precision(q.dtype)
-        scale = ctx.scale
-        _cmp_bwd_dkdv_kernel[(cdiv(nk, bn), h)](
+        scale, ragged = ctx.scale, ctx.ragged
+        _cmp_dkdv[lambda meta: (cdiv(nk, meta["BLOCK_N"]), h)](
             q, k_cmp, v_cmp, do, lse, delta, kmask, kstart, kend, qstart, qend, dk, dv, nk,
             q.stride(0), k_cmp.stride(0), do.stride(0), scale * LOG2E, scale,
-            H=h, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=next_pow2(d), PREC=prec, num_warps=nw, num_stages=ns)
-        _cmp_bwd_dq_kernel[(cdiv(nq, bm), h)](
+            H=h, D=d, BLOCK_D=next_pow2(d), PREC=prec, RAGGED=ragged)
+        _cmp_dq[lambda meta: (cdiv(nq, meta["BLOCK_M"]), h)](
             q, k_cmp, v_cmp, do, lse, delta, kmask, kstart, kend, dq, nq,
             q.stride(0), k_cmp.stride(0), do.stride(0), scale * LOG2E, scale,
-            H=h, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=next_pow2(d), PREC=prec, num_warps=nw, num_stages=ns)
-        return dq, dk, dv, None, None, None, None, None, None
+            H=h, D=d, BLOCK_D=next_pow2(d), PREC=prec, RAGGED=ragged)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def compressed_ranges(tree, q_unit: int, cmp_stride: int):
@@ -230,4 +244,5 @@ def compressed_attention_triton(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cmp_mas
     if ranges is None:
         ranges = compressed_ranges(tree, q_unit, cmp_stride)
     kmask = cmp_mask.to(torch.int8).contiguous()
-    return CompressedAttention.apply(q, k_cmp, v_cmp, kmask, *ranges, scale)
+    ragged = tree.num_clouds > 1  # a Python int: no host sync
+    return CompressedAttention.apply(q, k_cmp, v_cmp, kmask, *ranges, scale, ragged)
