@@ -14,6 +14,7 @@ import json
 import os
 import os.path as osp
 import re
+import sys
 import uuid
 from types import ModuleType
 from typing import Callable, Dict, List, Optional, Sequence
@@ -34,7 +35,11 @@ def cache_key(config: Dict, sources: Sequence[ModuleType] = (), extra: Sequence[
     ``extra`` objects (transforms)."""
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for mod in sources:
-        h.update(inspect.getsource(mod).encode())
+        try:
+            text = inspect.getsource(mod)
+        except (OSError, TypeError):  # no source shipped (frozen / .pyc-only install)
+            text = mod.__name__
+        h.update(text.encode())
     for obj in extra:
         h.update(_strip_address(obj).encode())
     return h.hexdigest()[:12]
@@ -57,8 +62,8 @@ class CachedSplitDataset(InMemoryDataset):
 
     Subclasses set ``cache_name``, implement :meth:`cache_config` (JSON-able dict of everything
     that changes the processed data) and :meth:`build` (returns ``{"train": [...], "test": [...]}``
-    lists of :class:`~torch_geometric.data.Data`), and may list ``cache_sources`` (modules whose
-    source code is part of the key).
+    lists of :class:`~torch_geometric.data.Data`), and may list ``cache_sources``: modules whose
+    source code is part of the key besides this one and the subclass's own module.
     """
 
     cache_name: str = "dataset"
@@ -85,7 +90,9 @@ class CachedSplitDataset(InMemoryDataset):
     @property
     def key(self) -> str:
         if self._key is None:
-            self._key = cache_key(self.cache_config(), self.cache_sources,
+            sources = [sys.modules[__name__], sys.modules[type(self).__module__],
+                       *self.cache_sources]
+            self._key = cache_key(self.cache_config(), sources,
                                   (self.pre_transform, self.pre_filter))
         return self._key
 

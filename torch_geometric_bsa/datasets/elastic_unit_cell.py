@@ -6,7 +6,6 @@ own graded mesh (:mod:`.elastic_fem`), target the von Mises stress over the appl
 """
 from __future__ import annotations
 
-import sys
 from typing import Dict, List
 
 import numpy as np
@@ -70,6 +69,7 @@ class ElasticUnitCell(CachedSplitDataset):
     """
 
     cache_name = "elastic_unit_cell"
+    cache_sources = (elastic_fem,)  # with this module: any edit to the generator re-generates
 
     def __init__(self, root: str, split: str = "train", num_train: int = 128, num_test: int = 32,
                  max_voids: int = 3, h_min: float = 0.012, h_max: float = 0.04,
@@ -80,10 +80,6 @@ class ElasticUnitCell(CachedSplitDataset):
         self.num_train, self.num_test, self.max_voids = num_train, num_test, max_voids
         self.h_min, self.h_max, self.arc_points, self.seed = h_min, h_max, arc_points, seed
         super().__init__(root, split, transform, pre_transform, pre_filter, log, force_reload)
-
-    @property
-    def cache_sources(self):
-        return (elastic_fem, sys.modules[__name__])
 
     def cache_config(self) -> Dict:
         return dict(num_train=self.num_train, num_test=self.num_test, max_voids=self.max_voids,
