@@ -105,6 +105,7 @@ def mesh_perforated_square(
     voids = list(voids)
     # Tip radius of curvature of an ellipse is b^2/a: resolve it with arc_points per full turn.
     h_void = [min(h_min, 2 * np.pi * v.b ** 2 / v.a / arc_points) for v in voids]
+    h_floor = min([h_max] + h_void)
 
     def h_of(p: np.ndarray) -> np.ndarray:
         if not voids:
@@ -142,12 +143,9 @@ def mesh_perforated_square(
                 break
             groups.append(v.boundary(min(h_max, hv + grading * t), offset=t, phase=0.5 * (layer % 2)))
     # Hexagonal background lattice at the coarsest spacing.
-    dy = 0.866 * h_max
-    rows = np.arange(0.5 * dy, size, dy)
-    bg = [np.stack([np.arange((0.5 + 0.5 * (i % 2)) * h_max, size, h_max),
-                    np.full(len(np.arange((0.5 + 0.5 * (i % 2)) * h_max, size, h_max)), y)], 1)
-          for i, y in enumerate(rows)]
-    groups.append(np.concatenate(bg))
+    for i, y in enumerate(np.arange(0.433 * h_max, size, 0.866 * h_max)):
+        xs = np.arange((0.5 + 0.5 * (i % 2)) * h_max, size, h_max)
+        groups.append(np.stack([xs, np.full_like(xs, y)], 1))
     cand = np.concatenate(groups) if groups else np.zeros((0, 2))
 
     # Drop candidates inside voids, too close to a void or to the square's sides.
@@ -178,6 +176,8 @@ def mesh_perforated_square(
     signed = 0.5 * ((b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0]))
     tri[signed < 0] = tri[signed < 0][:, [0, 2, 1]]
     area = np.abs(signed).sum()
+    if np.abs(signed).min() < 1e-6 * h_floor ** 2:
+        raise RuntimeError("mesh_perforated_square: degenerate (zero-area) triangle")
     expected = size * size - sum(v.polygon_area(hv) for v, hv in zip(voids, h_void))
     if abs(area - expected) > 1e-9 * size * size or len(np.unique(tri)) != len(points):
         raise RuntimeError(
