@@ -121,7 +121,9 @@ def select_topk_triton(q_cmp: Tensor, k_cmp: Tensor, lse: Tensor, cmp_mask: Tens
     if is_interpreter():
         bg, bn, nw = max(1, 16 // qpg), 16, 4
     else:
-        bg, bn, nw = max(1, 128 // qpg), 64, 8
+        # enough programs to fill the GPU (each holds BLOCK_G groups' top-k), at most 128 rows each
+        bg = max(16 // qpg if qpg < 16 else 1, min(128 // qpg, next_pow2(max(1, n_g // 264))))
+        bn, nw = 64, 8 if bg * qpg >= 128 else 4
     q_cmp, k_cmp = q_cmp.contiguous(), k_cmp.contiguous()
     _score_topk_kernel[(cdiv(n_g, bg),)](
         q_cmp, k_cmp, lse, kmask, svalid, kstart, kend, gstart, gend, idx, n_q, n_g,
