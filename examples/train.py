@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read the splits from PATH if it exists, else build them and save them there")
     g.add_argument("--data-kw", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="extra keyword for get_dataset (repeatable), e.g. --data-kw num_points=2048")
-    g.add_argument("--batch-size", type=_positive_int, default=4, help="clouds per step and process")
+    g.add_argument("--batch-size", type=_positive_int, default=2, help="clouds per step and process")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default="bsa", choices=MODELS)
@@ -178,6 +178,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                           topk=args.topk, group_size=args.group_size)
             except ValueError as e:
                 parser.error(f"BSA sizes: {e} (flags --ball-size/--cmp-block/--slc-block/--group-size)")
+    if args.num_points is not None and args.dataset not in ("car", "toy"):
+        parser.error(f"--num-points applies to the generated 'car' dataset, not {args.dataset!r}")
     if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
         parser.error(f"--resume: no checkpoint at {args.resume}")
     return args
