@@ -132,3 +132,12 @@ def test_scaling_cloud():
     assert torch.isfinite(d.y).all() and float(d.y.max()) <= 1.0 + 1e-5
     assert torch.equal(make_scaling_cloud(1000, seed=3).pos, make_scaling_cloud(1000, seed=3).pos)
     assert elapsed < 10.0   # generous: ~1 s at 1e6 points on an idle 2-core CPU (docs)
+
+
+def test_parallel_generation_is_identical(tmp_path):
+    serial = CarPressure(str(tmp_path / "s"), "test", **SMALL)
+    par = CarPressure(str(tmp_path / "p"), "test", **SMALL, num_workers=2)
+    assert serial.key == par.key                      # the worker count is not part of the data
+    for a, b in zip(serial, par):
+        assert torch.equal(a.pos, b.pos) and torch.equal(a.y, b.y) and torch.equal(a.x, b.x)
+    assert serial.y_mean == par.y_mean and serial.y_std == par.y_std

@@ -9,6 +9,7 @@ and a cheap analytic field, for speed runs.
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
 from dataclasses import astuple, dataclass
 from typing import Dict, List, Tuple
 
@@ -207,6 +208,9 @@ class CarPressure(CachedSplitDataset):
         num_points: points per car (ShapeNet-Car has 3,586).
         n_length / n_around: panel grid (rings along the body, points around each ring).
         seed: base seed.
+        num_workers: processes that generate cars in parallel when the cache is built (0: in this
+            process). Each car is generated single-threaded from its own seed either way, so the
+            data (and the cache key) do not depend on it.
 
     Each sample is a :class:`~torch_geometric.data.Data` with
 
@@ -222,13 +226,14 @@ class CarPressure(CachedSplitDataset):
 
     def __init__(self, root: str, split: str = "train", num_train: int = 64, num_test: int = 16,
                  num_points: int = 3586, n_length: int = 30, n_around: int = 28, seed: int = 0,
-                 transform=None, pre_transform=None, pre_filter=None, log: bool = True,
+                 num_workers: int = 0, transform=None, pre_transform=None, pre_filter=None, log: bool = True,
                  force_reload: bool = False) -> None:
         if min(num_train, num_test, num_points) < 1 or n_length < 3 or n_around < 3:
             raise ValueError("num_train, num_test, num_points must be >= 1 and "
                              "n_length, n_around >= 3")
         self.num_train, self.num_test, self.num_points = num_train, num_test, num_points
         self.n_length, self.n_around, self.seed = n_length, n_around, seed
+        self.num_workers = max(0, int(num_workers))
         super().__init__(root, split, transform, pre_transform, pre_filter, log, force_reload)
 
     def cache_config(self) -> Dict:
@@ -237,24 +242,37 @@ class CarPressure(CachedSplitDataset):
 
     def generate(self, split: str, index: int) -> Data:
         """One car: deterministic in ``(seed, split, index)``; ``y`` holds the raw ``Cp``."""
-        rng = np.random.default_rng([self.seed, SPLITS.index(split), index])
-        shape = CarShape.sample(rng)
-        sol = car_panel_solution(shape, self.n_length, self.n_around)
-        gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
-        pos, normal, cp = sample_surface(shape, sol, self.num_points, gen)
-        return Data(x=normal.float(), pos=pos.float(), y=cp.float()[:, None],
-                    shape_params=shape.as_tensor())
+        return _generate_car((self.seed, self.n_length, self.n_around, self.num_points, split, index))
 
     def build(self) -> Dict[str, List[Data]]:
-        out = {}
-        for split, n in zip(SPLITS, (self.num_train, self.num_test)):
-            out[split] = [self.generate(split, i) for i in
-                          tqdm(range(n), desc=f"CarPressure {split}", disable=not self.log)]
+        jobs = [(self.seed, self.n_length, self.n_around, self.num_points, split, i)
+                for split, n in zip(SPLITS, (self.num_train, self.num_test)) for i in range(n)]
+        bar = dict(total=len(jobs), desc="CarPressure", disable=not self.log)
+        workers = min(self.num_workers, len(jobs))
+        if workers > 1:
+            # fork: the workers need nothing but this module; each runs torch on one thread
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            with ctx.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                cars = list(tqdm(pool.imap(_generate_car, jobs, chunksize=1), **bar))
+        else:
+            cars = [_generate_car(j) for j in tqdm(jobs, **bar)]
+        out = {"train": cars[:self.num_train], "test": cars[self.num_train:]}
         y = torch.cat([d.y for d in out["train"]])
         mean, std = float(y.mean()), (float(y.std()) if y.numel() > 1 else 1.0)
         for split in SPLITS:
             attach_stats(out[split], mean, std)
         return out
+
+
+def _generate_car(job: Tuple[int, int, int, int, str, int]) -> Data:
+    # module level (picklable) so that CarPressure.build can map it over worker processes
+    seed, n_length, n_around, num_points, split, index = job
+    rng = np.random.default_rng([seed, SPLITS.index(split), index])
+    shape = CarShape.sample(rng)
+    sol = car_panel_solution(shape, n_length, n_around)
+    gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+    pos, normal, cp = sample_surface(shape, sol, num_points, gen)
+    return Data(x=normal.float(), pos=pos.float(), y=cp.float()[:, None], shape_params=shape.as_tensor())
 
 
 def _ellipsoid_surface_speedup(a: float, b: float, c: float) -> float:
