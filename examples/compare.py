@@ -7,8 +7,11 @@ Every model runs through examples/train.py (same data, optimiser, schedule, eval
 number of steps. With ``--budget-s``, a short timing probe of every model first picks the largest
 common step count at which the slowest model trains for about that many seconds. Arguments after
 ``--`` go to train.py unchanged. Writes a markdown table (``--results``, default docs/results.md),
-the same rows as JSON (``--json``), ``compare.png`` (test MSE per step of every model) and each
-model's own outputs under ``--out``.
+the same rows as JSON (``--json``), ``compare.png`` (train loss and test MSE per step of every
+model) and each model's own outputs under ``--out``; the table and JSON are rewritten after every
+model, so an interrupted run keeps what it finished. ``--isolate`` runs every model in its own
+process (a CUDA fault in one kernel cannot take the others down) and ``--deadline-s`` bounds the
+whole comparison's wall time. examples/run_compare_gpu.sh is the one-command GPU run.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 import traceback
@@ -42,6 +46,11 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--probe-steps", type=train._positive_int, default=12, help="steps of the timing probe")
     p.add_argument("--max-time", type=train._positive_float, default=None,
                    help="hard cap on each model's training seconds (passed to train.py)")
+    p.add_argument("--deadline-s", type=train._positive_float, default=None,
+                   help="wall-clock limit of the whole comparison: each model's --max-time shrinks so that "
+                        "the remaining models still fit")
+    p.add_argument("--isolate", action="store_true",
+                   help="run every model in its own Python process (recommended on GPU)")
     p.add_argument("--out", default="runs/compare", help="folder for every model's outputs")
     p.add_argument("--results", default=os.path.join(ROOT, "docs", "results.md"), help="markdown table")
     p.add_argument("--json", default=None, help="JSON rows (default: --results with .json)")
@@ -72,64 +81,130 @@ def _flags(args, model: str) -> List[str]:
     return args.train_args + args.per_model.get(model, []) + ["--model", model]
 
 
+# A CUDA fault (illegal address) is sticky for the rest of a process: probe the models least likely to
+# fault first, so that a failing kernel only loses its own timing.
+PROBE_ORDER = ("pointnet", "gnn", "full", "ball", "bsa")
+OVERHEAD_S = 20.0  # per model besides training: start-up, data loading, evaluations, plots
+
+
+def _steady_ms(rows: List[Dict], skip: int = 1) -> Optional[float]:
+    r"""ms per step from the train log, leaving out the first ``skip`` rows (allocation, compilation,
+    autotuning happen in the first steps); ``None`` with too few rows."""
+    if len(rows) <= skip:
+        return None
+    a, b = rows[skip - 1] if skip else {"step": 0, "train_time_s": 0.0}, rows[-1]
+    return 1000.0 * (b["train_time_s"] - a["train_time_s"]) / max(b["step"] - a["step"], 1)
+
+
 def calibrate(args, log) -> int:
-    r"""Largest common step count that keeps the slowest model within ``--budget-s`` seconds."""
-    ms = {}
-    for m in args.models:
+    r"""Largest common step count that keeps the slowest model within ``--budget-s`` seconds.
+
+    On CUDA, a BSA/ball model that had to fall back to the PyTorch reference is left out of the
+    maximum (it would shrink everyone's budget); its run is then capped by time instead."""
+    ms, fell_back = {}, []
+    for m in sorted(args.models, key=PROBE_ORDER.index):
         out = os.path.join(args.out, "probe", m)
         try:
-            train.main(_flags(args, m) + ["--steps", str(args.probe_steps), "--log-every", "1", "--ckpt-every", "0",
-                                          "--no-plots", "--no-progress", "--out", out])
+            met = train.main(_flags(args, m) + ["--steps", str(args.probe_steps), "--log-every", "1",
+                                                "--ckpt-every", "0", "--eval-every", "0", "--no-plots",
+                                                "--no-progress", "--out", out])
         except Exception:  # the real run reports (and, for BSA/ball, retries) the failure
             traceback.print_exc()
             log(f"[compare] probe {m} failed; its time is left out of the calibration")
             continue
         rows = json.load(open(os.path.join(out, "metrics.json")))["train_log"]
-        skip = min(3, len(rows) - 1)  # the first steps pay for allocation / autotuning
-        dt = (rows[-1]["train_time_s"] - rows[skip - 1]["train_time_s"]) / (len(rows) - skip) if skip > 0 \
-            else rows[-1]["train_time_s"] / len(rows)
-        ms[m] = 1000.0 * dt
-        log(f"[compare] probe {m}: {ms[m]:.1f} ms/step")
-    if not ms:
+        ms[m] = _steady_ms(rows, min(3, len(rows) - 1))
+        if m in ("bsa", "ball") and met["device"].startswith("cuda") and met["backend"] == "torch" \
+                and "--backend" not in _flags(args, m):
+            fell_back.append(m)
+        log(f"[compare] probe {m}: {ms[m]:.1f} ms/step ({met.get('backend') or 'no attention backend'})")
+    _free_cuda()
+    timed = {m: v for m, v in ms.items() if m not in fell_back} or ms
+    if not timed:
         raise RuntimeError("every timing probe failed")
-    steps = max(1, int(args.budget_s * 1000.0 / max(ms.values())))
-    log(f"[compare] common budget: {steps} steps (slowest model: {max(ms, key=ms.get)}, "
-        f"{max(ms.values()):.1f} ms/step, budget {args.budget_s:g}s)")
+    slowest = max(timed, key=timed.get)
+    steps = max(1, int(args.budget_s * 1000.0 / timed[slowest]))
+    log(f"[compare] common budget: {steps} steps (slowest model: {slowest}, {timed[slowest]:.1f} ms/step, "
+        f"budget {args.budget_s:g}s" + (f"; left out: {', '.join(fell_back)} on the PyTorch fallback" if fell_back
+                                        else "") + ")")
     return steps
 
 
-def run_all(args, steps: int, log) -> List[Dict]:
+def _free_cuda():
+    try:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+    except Exception:  # a faulted context: nothing to free, the isolated runs do not need it
+        pass
+
+
+def _time_cap(args, models_left: int) -> Optional[float]:
+    r"""``--max-time`` for the next run: the user's cap, shrunk to this model's share of what is left
+    of ``--deadline-s``."""
+    cap = args.max_time
+    if args.deadline_s:
+        share = (args.deadline_s - (time.perf_counter() - args.t0)) / models_left - OVERHEAD_S
+        cap = share if cap is None else min(cap, share)
+    return cap
+
+
+def run_all(args, steps: int, log, on_row=lambda rows: None) -> List[Dict]:
     rows = []
-    for m in args.models:
+    for i, m in enumerate(args.models):
         out = os.path.join(args.out, m)
         flags = _flags(args, m) + ["--steps", str(steps), "--out", out, "--no-progress"]
-        if args.max_time:
-            flags += ["--max-time", str(args.max_time)]
         if "--eval-every" not in flags:  # five points on each test-MSE curve
             flags += ["--eval-every", str(max(1, steps // 5))]
-        log(f"[compare] {m}: train.py {' '.join(flags)}")
-        met = _train(flags, out)
-        if "error" in met and m in ("bsa", "ball") and "--backend" not in flags:
+        met = _run_capped(args, flags, out, len(args.models) - i, log)
+        if "error" in met and m in ("bsa", "ball") and "--backend" not in flags and "skipped" not in met["error"]:
             # a Triton kernel that passed the probe but failed on real batches: keep the model in the
             # table through the PyTorch reference, and say so
             log(f"[compare] {m} failed ({met['error'][:200]}); retrying with --backend torch")
-            met = _train(flags + ["--backend", "torch"], out)
+            met = _run_capped(args, flags + ["--backend", "torch"], out, len(args.models) - i, log)
             met["note"] = "Triton backend failed; reran with the PyTorch reference"
         rows.append(met)
+        on_row(rows)
     return rows
 
 
-def _train(flags: List[str], out: str) -> Dict:
+def _run_capped(args, flags: List[str], out: str, models_left: int, log) -> Dict:
+    model = flags[flags.index("--model") + 1]
+    cap = _time_cap(args, models_left)
+    if cap is not None:
+        if cap < 1.0:
+            log(f"[compare] {model}: skipped, --deadline-s {args.deadline_s:g} reached")
+            return {"model": model, "error": "skipped: --deadline-s reached"}
+        flags = flags + ["--max-time", f"{cap:.1f}"]
+    log(f"[compare] {model}: train.py {' '.join(flags)}")
+    timeout = None if cap is None else cap + 10 * OVERHEAD_S  # a hung run must not eat the others' time
+    return _train(flags, out, isolate=args.isolate, timeout=timeout)
+
+
+def _train(flags: List[str], out: str, isolate: bool = False, timeout: Optional[float] = None) -> Dict:
     t = time.perf_counter()
+    model = flags[flags.index("--model") + 1]
+    path = os.path.join(out, "metrics.json")
     try:
-        met = train.main(flags)
+        if isolate:
+            if os.path.isfile(path):
+                os.remove(path)  # never read a stale result
+            env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+            r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "train.py")] + flags, env=env,
+                               timeout=timeout)
+            if r.returncode != 0 or not os.path.isfile(path):
+                raise RuntimeError(f"train.py exited with code {r.returncode} (its output is above)")
+            met = json.load(open(path))
+        else:
+            met = {**train.main(flags), **{k: v for k, v in json.load(open(path)).items() if k.endswith("_log")}}
         met["wall_s"] = time.perf_counter() - t
-        met["eval_log"] = json.load(open(os.path.join(out, "metrics.json")))["eval_log"]
+        met["ms_per_step_steady"] = _steady_ms(met["train_log"])
+    except subprocess.TimeoutExpired:
+        met = {"model": model, "error": f"timed out after {timeout:.0f}s"}
     except Exception as e:  # one broken model must not lose the others' results
         traceback.print_exc()
-        met = {"model": flags[flags.index("--model") + 1], "error": f"{type(e).__name__}: {e}"}
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        met = {"model": model, "error": f"{type(e).__name__}: {e}"}
+    if not isolate:
+        _free_cuda()
     return met
 
 
@@ -164,9 +239,10 @@ def markdown(rows: List[Dict], args, steps: int, argv: Sequence[str]) -> str:
         rel = f"{100 * (r['test_mse'] / ref['test_mse'] - 1):+.1f}%" if ref else "n/a"
         name = r["model"] + (f" ({r['backend']})" if r.get("backend") else "")
         steps_note = f"{r['steps']}" + (" (time cap)" if r.get("stopped_early") else "")
+        ms = r.get("ms_per_step_steady") or r["ms_per_step"]
         lines.append(
             f"| {name} | {r['test_mse']:.4f} | {r['test_mse_phys']:.4g} | {r['test_rel_l2']:.4f} | {rel} | "
-            f"{r['parameters']:,} | {r['gflops_per_cloud']:.3g} | {r['ms_per_step']:.1f} | "
+            f"{r['parameters']:,} | {r['gflops_per_cloud']:.3g} | {ms:.1f} | "
             f"{r['peak_memory_mb']:.0f} | {steps_note} |")
         if r.get("note"):
             lines.append(f"| ↳ {r['model']}: {r['note']} | | | | | | | | | |")
@@ -174,9 +250,12 @@ def markdown(rows: List[Dict], args, steps: int, argv: Sequence[str]) -> str:
     lines += ["", "MSE (norm.) is on the standardised target; (phys.) in the dataset's units; rel. L2 is the "
               "mean per-cloud ||pred - true|| / ||true|| in physical units. GFLOPs: forward, one cloud of the "
               "mean size (flops.py for the attention models, an analytic estimate for the baselines). "
-              "ms/step: training time per optimiser step (forward, backward, update). Peak memory: "
+              "ms/step: training time per optimiser step (forward, backward, update) after the first logging "
+              "interval (compilation and autotuning left out). \"(time cap)\": stopped by --max-time/--deadline-s "
+              "before the common step count. Peak memory: "
               + ("CUDA max allocated per run." if mem == "cuda_allocated" else
-                 "process peak RSS (CPU), cumulative over the runs of one process."), ""]
+                 "process peak RSS (CPU)" + (", per run." if args.isolate else
+                                            ", cumulative over the runs of one process.")), ""]
     return "\n".join(lines)
 
 
@@ -184,16 +263,22 @@ def plot(rows: List[Dict], path: str):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, (ax_tr, ax_te) = plt.subplots(1, 2, figsize=(11, 4))
     for r in rows:
-        if "error" in r or not r.get("eval_log"):
+        if "error" in r:
             continue
-        ax.plot([e["step"] for e in r["eval_log"]], [e["test_mse"] for e in r["eval_log"]], "o-", label=r["model"])
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("test MSE (normalised)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+        if r.get("train_log"):
+            ax_tr.plot([e["step"] for e in r["train_log"]], [e["loss"] for e in r["train_log"]], label=r["model"])
+        if r.get("eval_log"):
+            ax_te.plot([e["step"] for e in r["eval_log"]], [e["test_mse"] for e in r["eval_log"]], "o-",
+                       label=r["model"])
+    for ax, name in ((ax_tr, "train MSE (normalised)"), (ax_te, "test MSE (normalised)")):
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -202,21 +287,23 @@ def plot(rows: List[Dict], path: str):
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    args.t0 = time.perf_counter()
     log = lambda s: print(s, flush=True)  # noqa: E731
     os.makedirs(args.out, exist_ok=True)
-    t0 = time.perf_counter()
-    steps = args.steps or (calibrate(args, log) if args.budget_s else 150)
-    rows = run_all(args, steps, log)
-    md = markdown(rows, args, steps, argv)
     for path in (args.results, args.json):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(args.results, "w") as f:
-        f.write(md)
-    with open(args.json, "w") as f:
-        json.dump({"steps": steps, "argv": argv, "rows": rows}, f, indent=1, default=str)
-    plot(rows, os.path.join(args.out, "compare.png"))
-    print(md)
-    log(f"[compare] done in {time.perf_counter() - t0:.0f}s; table in {args.results}, JSON in {args.json}")
+    steps = args.steps or (calibrate(args, log) if args.budget_s else 150)
+
+    def write(rows: List[Dict]):  # after every model: an interrupted comparison keeps what it finished
+        with open(args.results, "w") as f:
+            f.write(markdown(rows, args, steps, argv))
+        with open(args.json, "w") as f:
+            json.dump({"steps": steps, "argv": argv, "rows": rows}, f, indent=1, default=str)
+        plot(rows, os.path.join(args.out, "compare.png"))
+
+    rows = run_all(args, steps, log, on_row=write)
+    print(markdown(rows, args, steps, argv))
+    log(f"[compare] done in {time.perf_counter() - args.t0:.0f}s; table in {args.results}, JSON in {args.json}")
     return rows
 
 

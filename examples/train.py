@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read the splits from PATH if it exists, else build them and save them there")
     g.add_argument("--data-kw", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="extra keyword for get_dataset (repeatable), e.g. --data-kw num_points=2048")
+    g.add_argument("--data-workers", type=_nonneg_int, default=0,
+                   help="processes that generate the 'car' dataset in parallel (0: in this process); "
+                        "the data do not depend on it")
+    g.add_argument("--prepare-data", action="store_true",
+                   help="only build (or read) the dataset cache and the --snapshot, then exit")
     g.add_argument("--batch-size", type=_positive_int, default=2, help="clouds per step and process")
 
     g = p.add_argument_group("model")
@@ -156,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--out", default="runs/train", help="output folder")
     g.add_argument("--log-every", type=_positive_int, default=10, help="steps between train-log rows")
-    g.add_argument("--eval-every", type=_nonneg_int, default=0, help="steps between evaluations (0: at the end only)")
+    g.add_argument("--eval-every", type=_nonneg_int, default=None,
+                   help="steps between evaluations (default: 4 over the run; 0: at the end only)")
     g.add_argument("--ckpt-every", type=_nonneg_int, default=100, help="steps between checkpoints (0: at the end only)")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                    help="continue from CKPT (default: OUT/checkpoint.pt)")
@@ -180,6 +186,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                 parser.error(f"BSA sizes: {e} (flags --ball-size/--cmp-block/--slc-block/--group-size)")
     if args.num_points is not None and args.dataset not in ("car", "toy"):
         parser.error(f"--num-points applies to the generated 'car' dataset, not {args.dataset!r}")
+    if args.data_workers and args.dataset != "car":
+        parser.error(f"--data-workers applies to the generated 'car' dataset, not {args.dataset!r}")
     if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
         parser.error(f"--resume: no checkpoint at {args.resume}")
     return args
@@ -256,6 +264,8 @@ def dataset_kwargs(args) -> Dict:
         for flag, key in (("num_train", "num_train"), ("num_test", "num_test"), ("num_points", "num_points")):
             if getattr(args, flag) is not None:
                 kw[key] = getattr(args, flag)
+    if args.dataset == "car" and args.data_workers:
+        kw["num_workers"] = args.data_workers
     kw.update(dict(args.data_kw))
     return kw
 
@@ -486,6 +496,11 @@ def _to_input(data, norm: Normalizer, device):
 def evaluate(model, test, norm: Normalizer, args, dd: Dist, autocast) -> Dict[str, float]:
     r"""Test MSE (normalised and physical units) and the mean per-sample relative L2 error,
     sharded over ranks without padding and summed with all-reduce."""
+    with torch.random.fork_rng(devices=[dd.device.index] if dd.device.type == "cuda" else []):
+        return _evaluate(model, test, norm, args, dd, autocast)  # evaluating never moves the RNG streams
+
+
+def _evaluate(model, test, norm: Normalizer, args, dd: Dist, autocast) -> Dict[str, float]:
     model.eval()
     idx = list(range(dd.rank, len(test), dd.world))
     loader = DataLoader(torch.utils.data.Subset(test, idx), batch_size=args.batch_size, shuffle=False)
@@ -595,7 +610,8 @@ def _run(args, dd: Dist) -> Dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     log = (lambda s: tqdm.write(s)) if dd.main else (lambda s: None)
-    os.makedirs(args.out, exist_ok=True)
+    if not args.prepare_data:
+        os.makedirs(args.out, exist_ok=True)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -609,6 +625,11 @@ def _run(args, dd: Dist) -> Dict:
     data_s = time.perf_counter() - t0
     if len(train) == 0 or len(test) == 0:
         raise ValueError(f"dataset {args.dataset!r} has {len(train)} training and {len(test)} test samples")
+    if args.prepare_data:
+        pts = [train[i].pos.size(0) for i in range(len(train))]
+        log(f"[train] --prepare-data: {args.dataset}, {len(train)} train / {len(test)} test clouds, "
+            f"{np.mean(pts):.0f} points per cloud, ready in {data_s:.1f}s")
+        return {"dataset": args.dataset, "train_clouds": len(train), "test_clouds": len(test), "data_s": data_s}
     d0 = train[0]
     dim = d0.pos.size(1)
     in_channels = d0.x.size(1) if getattr(d0, "x", None) is not None else 0
@@ -629,7 +650,11 @@ def _run(args, dd: Dist) -> Dict:
     sampler = ShardSampler(len(train), dd.rank, dd.world, shuffle=True, seed=args.seed)
     steps_per_epoch = math.ceil(sampler.per_rank / args.batch_size)
     total = args.steps if args.steps else (args.epochs * steps_per_epoch if args.epochs else 200)
-    loader = DataLoader(train, batch_size=args.batch_size, sampler=sampler)
+    if args.eval_every is None:  # a few points on the test curve of loss.png
+        args.eval_every = max(1, total // 4)
+    # its own generator: a DataLoader iterator draws a base seed, and from the global RNG that draw
+    # would differ between a straight and a resumed run (which starts an iterator mid-epoch)
+    loader = DataLoader(train, batch_size=args.batch_size, sampler=sampler, generator=torch.Generator())
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]

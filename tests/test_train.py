@@ -63,6 +63,8 @@ def test_resume_is_exact(tmp_path):
     assert [r["loss"] for r in ck1["train_log"]] == [r["loss"] for r in ck2["train_log"]]
     assert m1["test_mse"] == m2["test_mse"] and m1["test_rel_l2"] == m2["test_rel_l2"]
     assert ck2["step"] == 6 and not m2["stopped_early"]
+    # the RNG streams continue exactly too (dropout or random augmentations would draw from them)
+    assert torch.equal(ck1["rng"][0]["torch"], ck2["rng"][0]["torch"])
 
 
 def test_resume_across_epochs_with_periodic_checkpoints(tmp_path):
