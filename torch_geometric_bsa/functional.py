@@ -37,6 +37,8 @@ def _check(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, cfg: BS
     if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must share a shape [N_pad, H, D]; got {list(q.shape)}, "
                          f"{list(k.shape)}, {list(v.shape)}")
+    if not q.is_floating_point() or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one floating-point dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.size(0) != tree.num_slots:
         raise ValueError(f"q has {q.size(0)} rows but the tree has {tree.num_slots} slots (tree order expected)")
     if pos.dim() != 2 or pos.size(0) != tree.num_slots:

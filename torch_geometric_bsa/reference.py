@@ -67,6 +67,12 @@ def _neg(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    # 16-bit inputs: logits, bias and softmax in fp32 (as the kernels accumulate), so large q.k or
+    # sigma * ||p_i - p_j|| cannot overflow fp16 (max 65504) into inf - inf = NaN
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _masked_softmax(logits: Tensor, valid: Tensor) -> Tensor:
     # finite fill + re-mask: rows with no valid key give zeros instead of NaN
     p = torch.softmax(logits.masked_fill(~valid, _neg(logits.dtype)), dim=-1)
@@ -92,12 +98,14 @@ def ball_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, sigma: Tensor, 
     n, h, d = q.shape
     m = ball_size
     scale = d ** -0.5 if scale is None else scale
-    qb, kb, vb = (t.reshape(-1, m, h, d).transpose(1, 2) for t in (q, k, v))  # [nb, H, m, D]
+    acc = _acc(q.dtype)
+    qb, kb, vb = (t.reshape(-1, m, h, d).transpose(1, 2).to(acc) for t in (q, k, v))  # [nb, H, m, D]
     pb = pos.reshape(-1, m, pos.size(-1))
+    pb = pb.to(_acc(pb.dtype))  # cdist has no 16-bit CPU kernel
     dist = torch.cdist(pb, pb, compute_mode="donot_use_mm_for_euclid_dist")  # [nb, m, m], exact
-    logits = scale * qb @ kb.transpose(-1, -2) + sigma.view(1, h, 1, 1).to(q.dtype) * dist[:, None].to(q.dtype)
+    logits = scale * qb @ kb.transpose(-1, -2) + sigma.view(1, h, 1, 1).to(acc) * dist[:, None].to(acc)
     valid = mask.view(-1, 1, 1, m)
-    out = _masked_softmax(logits, valid) @ vb  # [nb, H, m, D]
+    out = (_masked_softmax(logits, valid) @ vb).to(q.dtype)  # [nb, H, m, D]
     return out.transpose(1, 2).reshape(n, h, d) * mask.view(-1, 1, 1)
 
 
@@ -150,9 +158,11 @@ def compress_mean(k: Tensor, v: Tensor, mask: Tensor, slot_batch: Tensor, block:
     r"""Mean-pooled compressed keys/values ``[N_pad // s, H, D]`` and the block validity mask."""
     kb, valid = blockify(k, mask, slot_batch, block, stride)
     vb, _ = blockify(v, mask, slot_batch, block, stride)
-    w = valid.to(k.dtype)[..., None, None]
+    acc = _acc(k.dtype)  # 16-bit inputs: sum in fp32, round once
+    w = valid.to(acc)[..., None, None]
     cnt = w.sum(1).clamp_min(1.0)
-    return (kb * w).sum(1) / cnt, (vb * w).sum(1) / cnt, valid.any(1)
+    kc, vc = (kb.to(acc) * w).sum(1) / cnt, (vb.to(acc) * w).sum(1) / cnt
+    return kc.to(k.dtype), vc.to(v.dtype), valid.any(1)
 
 
 def compressed_attention(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cmp_mask: Tensor, tree: BallTree,
@@ -176,13 +186,16 @@ def compressed_attention(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cmp_mask: Tens
     kd, _ = _to_dense(k_cmp, tree.ptr, tree.max_slots, cmp_stride)       # [B, NB, H, D]
     vd, _ = _to_dense(v_cmp, tree.ptr, tree.max_slots, cmp_stride)
     bmask, bvalid = _to_dense(cmp_mask, tree.ptr, tree.max_slots, cmp_stride)
-    logits = scale * qd.transpose(1, 2) @ kd.permute(0, 2, 3, 1)         # [B, H, Qm, NB]
+    acc = _acc(q.dtype)
+    logits = scale * qd.transpose(1, 2).to(acc) @ kd.permute(0, 2, 3, 1).to(acc)  # [B, H, Qm, NB]
+    # probabilities stay in fp32 for 16-bit inputs: rounding them to bf16 (8 bits) would turn near
+    # ties of the selection scores into exact ties and flip the top-k against the fp32 result
     p = _masked_softmax(logits, (bmask & bvalid)[:, None, None, :])
     # padded queries (a group: all of it padded) get zero output and no say in the selection
     qmask = tree.mask.view(-1, q_unit).any(1)
     qmd, _ = _to_dense(qmask, tree.ptr, tree.max_slots, q_unit)
     p = p * (qvalid & qmd)[:, None, :, None]
-    od = (p @ vd.transpose(1, 2)).transpose(1, 2)                         # [B, Qm, H, D]
+    od = (p @ vd.transpose(1, 2).to(acc)).transpose(1, 2).to(q.dtype)    # [B, Qm, H, D]
     o = _from_dense(od, tree.ptr, tree.max_slots, q.size(0), q_unit)
     return (o, p) if return_probs else o
 
@@ -245,9 +258,10 @@ def selected_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, idx_valid: 
     bi = torch.arange(b, device=idx.device)[:, None, None]
     ks, vs = kd[bi, keys], vd[bi, keys]                                   # [B, NG, K, H, D]
     qg = qd.view(b, ng, g, h, d)
-    logits = scale * torch.einsum("bnghd,bnkhd->bnhgk", qg, ks)
+    acc = _acc(q.dtype)
+    logits = scale * torch.einsum("bnghd,bnkhd->bnhgk", qg.to(acc), ks.to(acc))
     p = _masked_softmax(logits, kvalid[:, :, None, None, :])
-    od = torch.einsum("bnhgk,bnkhd->bnghd", p, vs).reshape(b, ng * g, h, d)
+    od = torch.einsum("bnhgk,bnkhd->bnghd", p, vs.to(acc)).to(q.dtype).reshape(b, ng * g, h, d)
     return _from_dense(od, tree.ptr, tree.max_slots, tree.num_slots) * tree.mask.view(-1, 1, 1)
 
 

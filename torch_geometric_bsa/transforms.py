@@ -40,6 +40,8 @@ class CacheBallTree(BaseTransform):
     """
 
     def __init__(self, ball_size: int = 256):
+        if not isinstance(ball_size, int) or ball_size < 1:
+            raise ValueError(f"ball_size must be a positive int, got {ball_size!r}")
         self.ball_size = ball_size
 
     def forward(self, data: Data) -> Data:

@@ -21,8 +21,9 @@ TreeLike = Union[BallTree, Sequence[BallTree], None]
 
 
 def check_point_inputs(x: Tensor, pos: Tensor, batch: Optional[Tensor], in_channels: Optional[int] = None,
-                       dim: Optional[int] = None) -> None:
-    r"""Raises a ValueError naming the argument for malformed ``x``, ``pos`` or ``batch``."""
+                       dim: Optional[int] = None, weight_dtype: Optional[torch.dtype] = None) -> None:
+    r"""Raises a ValueError naming the argument for malformed ``x``, ``pos`` or ``batch`` (and for an
+    ``x`` whose dtype differs from the layer's ``weight_dtype`` outside autocast)."""
     if not isinstance(x, Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a 2-D tensor [N, C], got "
                          f"{list(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
@@ -43,6 +44,15 @@ def check_point_inputs(x: Tensor, pos: Tensor, batch: Optional[Tensor], in_chann
         raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x contains NaN or Inf values")
+    if not pos.is_floating_point():
+        raise ValueError(f"pos must be a floating-point tensor, got {pos.dtype}")
+    # positions are cast to x's dtype: 1e5-scale coordinates overflow float16 into inf
+    if not bool(torch.isfinite(pos.to(x.dtype) if pos.dtype != x.dtype else pos).all()):
+        raise ValueError(f"pos contains NaN or Inf values (or values beyond the range of x's dtype {x.dtype})")
+    if (weight_dtype is not None and x.dtype != weight_dtype
+            and not torch.is_autocast_enabled(x.device.type)):
+        raise ValueError(f"x has dtype {x.dtype} but the layer's parameters are {weight_dtype}: cast x or the "
+                         "module (e.g. model.to(x.dtype)), or run under torch.autocast")
     if x.device != pos.device or (batch is not None and batch.device != x.device):
         raise ValueError("x, pos and batch must be on the same device")
 
@@ -125,7 +135,7 @@ class _TreeAttentionConv(nn.Module):
             mod.reset_parameters()
 
     def forward(self, x: Tensor, pos: Tensor, batch: Optional[Tensor] = None, tree: TreeLike = None) -> Tensor:
-        check_point_inputs(x, pos, batch, self.in_channels, self.dim)
+        check_point_inputs(x, pos, batch, self.in_channels, self.dim, self.qkv.weight.dtype)
         tree = resolve_tree(tree, pos, batch, self.ball_size)
         pos_t = tree.to_tree(pos.to(x.dtype))
         return tree.from_tree(self.forward_tree(tree.to_tree(x), pos_t, tree))
