@@ -128,11 +128,12 @@ def test_bf16_autocast_cpu(tmp_path):
     assert m["precision"] == "bf16" and m["test_mse"] == m["test_mse"]
 
 
-def test_ddp_two_processes_gloo(tmp_path):
+@pytest.mark.parametrize("model", ["gnn", "bsa"])
+def test_ddp_two_processes_gloo(tmp_path, model):
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
            os.path.join(ROOT, "examples", "train.py")] + TINY + [
-        "--model", "gnn", "--steps", "3", "--device", "cpu", "--no-plots", "--out", out]
+        "--model", model, "--steps", "3", "--device", "cpu", "--no-plots", "--out", out]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -157,3 +158,57 @@ def test_compare_rejects_bad_train_flags(capsys):
     with pytest.raises(SystemExit):
         compare.parse_args(["--steps", "2", "--", "--hidden", "-3"])
     assert "rejected" in capsys.readouterr().err
+
+
+def test_generated_car_end_to_end(tmp_path):
+    # the real data path: generate a tiny CarPressure in 2 processes, then train on the cache
+    data = ["--dataset", "car", "--root", str(tmp_path / "data"), "--num-train", "4", "--num-test", "2",
+            "--num-points", "96", "--data-kw", "n_length=6", "--data-kw", "n_around=6"]
+    prep = train.main(data + ["--data-workers", "2", "--prepare-data", "--out", str(tmp_path / "unused")])
+    assert prep["train_clouds"] == 4 and prep["test_clouds"] == 2 and not os.path.exists(tmp_path / "unused")
+    m = train.main(TINY[6:] + data + ["--model", "bsa", "--steps", "3", "--no-plots", "--out", str(tmp_path / "r")])
+    assert m["dataset"] == "car" and m["mean_points"] == 96 and m["test_mse"] == m["test_mse"]
+    assert m["test_mse_phys"] > 0 and m["test_mse_phys"] != m["test_mse"]  # Cp units, not normalised
+
+
+def test_triton_probe_falls_back_to_torch():
+    # a backend that cannot run (here: no CUDA) must give the reference backend, not an exception
+    args = train.parse_args(TINY + ["--model", "bsa"])
+    msgs = []
+    assert train.resolve_attention_backend(args, 3, 1, 3, torch.device("cuda"), msgs.append) == "torch"
+    assert "using backend='torch'" in msgs[0]
+
+
+def test_compare_retries_a_failing_kernel_with_the_reference(tmp_path, monkeypatch):
+    compare = _load("compare")
+    orig = compare.train.main
+
+    def flaky(flags):  # stands in for a Triton kernel that passes the probe, then faults on real batches
+        if "bsa" in flags and "--backend" not in flags:
+            raise RuntimeError("simulated kernel fault")
+        return orig(flags)
+    monkeypatch.setattr(compare.train, "main", flaky)
+    rows = compare.main(["--models", "bsa", "pointnet", "--steps", "2", "--out", str(tmp_path / "cmp"),
+                         "--results", str(tmp_path / "r.md"), "--"] + TINY)
+    assert all("error" not in r for r in rows)
+    assert rows[0]["backend"] == "torch" and "reran with the PyTorch reference" in rows[0]["note"]
+    assert "Triton backend failed" in open(str(tmp_path / "r.md")).read()
+
+
+def test_compare_calibrated_isolated_with_deadline(tmp_path):
+    compare = _load("compare")
+    res = str(tmp_path / "r.md")
+    rows = compare.main(["--models", "pointnet", "full", "--budget-s", "0.2", "--probe-steps", "4", "--isolate",
+                         "--deadline-s", "600", "--out", str(tmp_path / "cmp"), "--results", res, "--"] + TINY)
+    assert [r["model"] for r in rows] == ["pointnet", "full"] and all("error" not in r for r in rows), rows
+    assert rows[0]["steps"] == rows[1]["steps"] >= 1 and rows[0]["ms_per_step"] > 0
+    assert all(r["args"]["max_time"] is not None for r in rows)  # the deadline became a time cap
+    assert json.load(open(str(tmp_path / "r.json")))["steps"] == rows[0]["steps"]
+
+
+def test_compare_deadline_skips_what_cannot_fit(tmp_path):
+    compare = _load("compare")
+    rows = compare.main(["--models", "pointnet", "--steps", "2", "--deadline-s", "1", "--out", str(tmp_path / "c"),
+                         "--results", str(tmp_path / "r.md"), "--"] + TINY)
+    assert rows[0]["error"].startswith("skipped")
+    assert "failed: skipped" in open(str(tmp_path / "r.md")).read()
