@@ -6,7 +6,7 @@
 Every model runs through examples/train.py (same data, optimiser, schedule, evaluation) for the same
 number of steps. With ``--budget-s``, a short timing probe of every model first picks the largest
 common step count at which the slowest model trains for about that many seconds. Arguments after
-``--`` go to train.py unchanged. Writes a markdown table (``--results``, default docs/results.md),
+``--`` go to train.py unchanged. Writes a markdown table (``--results``, default ``OUT/results.md``),
 the same rows as JSON (``--json``), ``compare.png`` (train loss and test MSE per step of every
 model) and each model's own outputs under ``--out``; the table and JSON are rewritten after every
 model, so an interrupted run keeps what it finished. ``--isolate`` runs every model in its own
@@ -52,7 +52,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--isolate", action="store_true",
                    help="run every model in its own Python process (recommended on GPU)")
     p.add_argument("--out", default="runs/compare", help="folder for every model's outputs")
-    p.add_argument("--results", default=os.path.join(ROOT, "docs", "results.md"), help="markdown table")
+    p.add_argument("--results", default=None,
+                   help="markdown table (default: OUT/results.md; docs/results.md holds the published tables)")
     p.add_argument("--json", default=None, help="JSON rows (default: --results with .json)")
     p.add_argument("--title", default="Accuracy and cost at equal training steps")
     p.add_argument("--model-args", action="append", default=[], metavar="MODEL=FLAGS",
@@ -73,6 +74,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
         except SystemExit:
             p.error(f"train.py rejected the flags for --model {m}: {' '.join(flags)}")
     args.train_args, args.per_model = rest, per_model
+    args.results = args.results or os.path.join(args.out, "results.md")
     args.json = args.json or os.path.splitext(args.results)[0] + ".json"
     return args
 
