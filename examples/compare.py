@@ -129,6 +129,15 @@ def calibrate(args, log) -> int:
     log(f"[compare] common budget: {steps} steps (slowest model: {slowest}, {timed[slowest]:.1f} ms/step, "
         f"budget {args.budget_s:g}s" + (f"; left out: {', '.join(fell_back)} on the PyTorch fallback" if fell_back
                                         else "") + ")")
+    args.ms_est = ms
+    if args.deadline_s:  # all runs one after another must fit in what is left of the deadline
+        avail = 0.9 * (args.deadline_s - (time.perf_counter() - args.t0) - OVERHEAD_S * len(args.models))
+        need_ms = sum(ms.get(m, max(ms.values())) for m in args.models)
+        fit = int(max(avail, 0.0) * 1000.0 / need_ms)
+        if fit < steps:
+            log(f"[compare] --deadline-s {args.deadline_s:g}: {fit} steps instead of {steps}, so that every "
+                f"model fits")
+            steps = max(1, fit)
     return steps
 
 
@@ -140,12 +149,20 @@ def _free_cuda():
         pass
 
 
-def _time_cap(args, models_left: int) -> Optional[float]:
-    r"""``--max-time`` for the next run: the user's cap, shrunk to this model's share of what is left
-    of ``--deadline-s``."""
+def _time_cap(args, models_left: int, steps: int) -> Optional[float]:
+    r"""``--max-time`` for the next run: the user's cap, shrunk so that the remaining models still fit in
+    ``--deadline-s``: what is left minus the later models' expected time (probe ms/step x steps, when
+    calibrated) and start-up overheads, or an equal share of what is left without estimates."""
     cap = args.max_time
     if args.deadline_s:
-        share = (args.deadline_s - (time.perf_counter() - args.t0)) / models_left - OVERHEAD_S
+        left = args.deadline_s - (time.perf_counter() - args.t0)
+        later = args.models[len(args.models) - models_left + 1:]
+        ms = getattr(args, "ms_est", None)
+        if ms:
+            fallback = max(ms.values())
+            share = left - OVERHEAD_S * models_left - sum(steps * ms.get(m, fallback) / 1000.0 for m in later)
+        else:
+            share = left / models_left - OVERHEAD_S
         cap = share if cap is None else min(cap, share)
     return cap
 
@@ -157,28 +174,28 @@ def run_all(args, steps: int, log, on_row=lambda rows: None) -> List[Dict]:
         flags = _flags(args, m) + ["--steps", str(steps), "--out", out, "--no-progress"]
         if "--eval-every" not in flags:  # five points on each test-MSE curve
             flags += ["--eval-every", str(max(1, steps // 5))]
-        met = _run_capped(args, flags, out, len(args.models) - i, log)
+        met = _run_capped(args, flags, out, len(args.models) - i, steps, log)
         if "error" in met and m in ("bsa", "ball") and "--backend" not in flags and "skipped" not in met["error"]:
             # a Triton kernel that passed the probe but failed on real batches: keep the model in the
             # table through the PyTorch reference, and say so
             log(f"[compare] {m} failed ({met['error'][:200]}); retrying with --backend torch")
-            met = _run_capped(args, flags + ["--backend", "torch"], out, len(args.models) - i, log)
+            met = _run_capped(args, flags + ["--backend", "torch"], out, len(args.models) - i, steps, log)
             met["note"] = "Triton backend failed; reran with the PyTorch reference"
         rows.append(met)
         on_row(rows)
     return rows
 
 
-def _run_capped(args, flags: List[str], out: str, models_left: int, log) -> Dict:
+def _run_capped(args, flags: List[str], out: str, models_left: int, steps: int, log) -> Dict:
     model = flags[flags.index("--model") + 1]
-    cap = _time_cap(args, models_left)
+    cap = _time_cap(args, models_left, steps)
     if cap is not None:
         if cap < 1.0:
             log(f"[compare] {model}: skipped, --deadline-s {args.deadline_s:g} reached")
             return {"model": model, "error": "skipped: --deadline-s reached"}
         flags = flags + ["--max-time", f"{cap:.1f}"]
     log(f"[compare] {model}: train.py {' '.join(flags)}")
-    timeout = None if cap is None else cap + 10 * OVERHEAD_S  # a hung run must not eat the others' time
+    timeout = None if cap is None else cap + 3 * OVERHEAD_S  # a hung run must not eat the others' time
     return _train(flags, out, isolate=args.isolate, timeout=timeout)
 
 
