@@ -41,7 +41,7 @@ def _conv(dtype=torch.float32, **kw):
 
 def _model(dtype=torch.float32, **kw):
     torch.manual_seed(0)
-    return BSATransformer(2, 1, hidden_channels=C, num_layers=2, **{**KW, **kw}).to(dtype)
+    return BSATransformer(2, 1, hidden_channels=C, **{"num_layers": 2, **KW, **kw}).to(dtype)
 
 
 def _geometry(kind: str, n: int, dim: int, g: torch.Generator) -> torch.Tensor:
@@ -514,6 +514,70 @@ def test_cpu_determinism_bitwise():
     _, b1 = bsa_reference(q, k, v, tree.to_tree(pos), tree, cfg, return_branches=True, **kw)
     _, b2 = bsa_reference(q, k, v, tree.to_tree(pos), tree, cfg, return_branches=True, **kw)
     assert torch.equal(b1["idx"], b2["idx"]) and torch.equal(b1["slc"], b2["slc"])
+
+
+@requires_cuda
+def test_gpu_topk_indices_and_forward_are_deterministic():
+    # the Triton forward kernels use no atomics: same inputs, same top-k blocks, bitwise-equal output
+    # (docs/determinism.md lists the backward paths that are not bitwise deterministic)
+    from torch_geometric_bsa.kernels import bsa_triton
+    pos, batch = random_batch([700, 333], seed=24, device="cuda")
+    tree = build_ball_tree(pos, batch, 64)
+    cfg = BSAConfig(ball_size=64, cmp_block=8, slc_block=8, topk=4, group_size=8)
+    g = torch.Generator().manual_seed(25)
+    q, k, v = (torch.randn(tree.num_slots, 4, 32, generator=g).cuda() for _ in range(3))
+    kw = dict(sigma=-torch.ones(4, device="cuda"), gates=torch.rand(tree.num_slots, 4, 3, generator=g).cuda(),
+              return_branches=True)
+    o1, b1 = bsa_triton(q, k, v, tree.to_tree(pos), tree, cfg, **kw)
+    o2, b2 = bsa_triton(q, k, v, tree.to_tree(pos), tree, cfg, **kw)
+    assert torch.equal(b1["idx"], b2["idx"]) and torch.equal(o1, o2)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile (CPU, reference path)
+# ---------------------------------------------------------------------------------------------
+def test_compiled_bsa_layer_is_a_single_graph():
+    # fullgraph=True: no graph break inside the layer (the tree is built outside, once per forward)
+    conv = _conv()
+    pos, batch = random_batch([40, 23], seed=26)
+    tree = build_ball_tree(pos, batch, M)
+    x_t, pos_t = tree.to_tree(torch.randn(63, C)), tree.to_tree(pos)
+    x_t.requires_grad_(True)
+    ref = conv.forward_tree(x_t, pos_t, tree)
+    (gref,) = torch.autograd.grad(ref.square().sum(), x_t)
+    fn = torch.compile(conv.forward_tree, backend="aot_eager", fullgraph=True)
+    out = fn(x_t, pos_t, tree)
+    (gx,) = torch.autograd.grad(out.square().sum(), x_t)
+    assert torch.allclose(out, ref, atol=1e-6) and torch.allclose(gx, gref, atol=1e-5)
+
+
+def test_torch_compile_transformer_cpu():
+    # the default backend (inductor, C++ codegen) on a one-layer model; ~20 s here, most of it compiling.
+    # The input checks and the tree build run eagerly (data-dependent shapes): a few graph breaks
+    # before the layers, none inside them (previous test)
+    torch._dynamo.reset()
+    model = _model(num_layers=1)
+    pos, batch = random_batch([40, 23], seed=27)
+    x = torch.randn(63, 2, generator=torch.Generator().manual_seed(27))
+    with torch.no_grad():
+        ref = model(x, pos, batch)
+        out = torch.compile(model)(x, pos, batch)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_torch_compile_transformer_backward_cpu():
+    torch._dynamo.reset()
+    model = _model(rotate=True)
+    pos, batch = random_batch([40, 23], seed=28)
+    x = torch.randn(63, 2, generator=torch.Generator().manual_seed(28))
+    ref = model(x, pos, batch)
+    ref.square().mean().backward()
+    gref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    out = torch.compile(model, backend="aot_eager")(x, pos, batch)
+    out.square().mean().backward()
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(model.parameters(), gref))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -130,9 +130,12 @@ def _to_dense(x: Tensor, ptr: Tensor, length: int, unit: int = 1) -> Tuple[Tenso
 
 def _from_dense(xd: Tensor, ptr: Tensor, length: int, num: int, unit: int = 1) -> Tensor:
     idx, valid = _dense_index(ptr, length, unit, num)
-    out = xd.new_zeros((num,) + tuple(xd.shape[2:]))
-    out[idx[valid]] = xd[valid]
-    return out
+    # invalid entries go to a spare row that is dropped: no boolean indexing (a data-dependent
+    # shape that breaks torch.compile graphs); valid targets are unique, so this is deterministic
+    idx = torch.where(valid, idx, num)
+    out = xd.new_zeros((num + 1,) + tuple(xd.shape[2:]))
+    out[idx.flatten()] = xd.flatten(0, 1)
+    return out[:num]
 
 
 # ---------------------------------------------------------------------------------------------
