@@ -28,7 +28,8 @@ main() {
           --data-kw n_length=10 --data-kw n_around=10"
     MODEL="--hidden 16 --layers 1 --heads 2 --batch-size 2 --ball-size 64 --cmp-block 4 --slc-block 4
            --topk 2 --group-size 4 --knn 8 --threads 2"
-    BUDGET="${STEPS:+--steps $STEPS}"; BUDGET=${BUDGET:-"--budget-s ${BUDGET_S:-2} --probe-steps 4"}
+    # a fixed step count, so that the CPU table is reproducible (BUDGET_S=2 exercises the timing probe)
+    BUDGET="${BUDGET_S:+--budget-s $BUDGET_S --probe-steps 4}"; BUDGET=${BUDGET:-"--steps ${STEPS:-100}"}
   else
     # 3,586 points per car as in ShapeNet-Car, 30 x 28 panel grid (the dataset's defaults)
     DATA="--dataset car --data-size full --num-train ${NUM_TRAIN:-512} --num-test ${NUM_TEST:-128}"
