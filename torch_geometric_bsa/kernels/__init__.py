@@ -2,7 +2,7 @@
 
 ``bsa_triton`` chains them: ball kernel (ball.py), mean pooling (PyTorch), compression attention
 (compressed.py, saves the LSE), streamed group top-k (topk.py), selected attention (selected.py), and
-the gated sum. Nothing here knows about PyG.
+the gated sum (combine.py, one pass). Nothing here knows about PyG.
 """
 from __future__ import annotations
 
@@ -16,16 +16,14 @@ __all__ = ["bsa_triton", "compress_mean_fast"]
 
 def compress_mean_fast(k: Tensor, v: Tensor, tree, block: int, stride: int):
     r"""Same as :func:`~torch_geometric_bsa.reference.compress_mean`; for ``stride == block`` a
-    view-based masked mean (no gathered copy of K and V), else the reference gather."""
+    one-pass masked mean kernel (no gathered copy of K and V), else the reference gather."""
     if stride != block:
         from ..reference import compress_mean
         return compress_mean(k, v, tree.mask, tree.slot_batch, block, stride)
     # blocks tile clouds exactly (cloud sizes are multiples of ball_size, a multiple of block)
-    w = tree.mask.view(-1, block, 1, 1).to(k.dtype)
-    cnt = w.sum(1).clamp_min(1.0)
-    h, d = k.shape[1:]
-    kc = (k.view(-1, block, h, d) * w).sum(1) / cnt
-    vc = (v.view(-1, block, h, d) * w).sum(1) / cnt
+    from .combine import masked_block_mean
+    kc = masked_block_mean(k, tree.mask, block)
+    vc = masked_block_mean(v, tree.mask, block)
     return kc, vc, tree.mask.view(-1, block).any(1)
 
 
@@ -59,17 +57,13 @@ def bsa_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree, cfg, *, sigma
         cmp_mask = cm.any(1)
     h, d = q.shape[1:]
     if cfg.group_compression:
-        w = mask.view(-1, g, 1, 1).to(q.dtype)
-        q_cmp = (q.view(-1, g, h, d) * w).sum(1) / w.sum(1).clamp_min(1.0)
+        from .combine import masked_block_mean
+        q_cmp = masked_block_mean(q, mask, g)
         q_unit = g
     else:
         q_cmp, q_unit = q, 1
     ranges = compressed_ranges(tree, q_unit, s)
     o_c, lse = compressed_attention_triton(q_cmp, k_cmp, v_cmp, cmp_mask, tree, s, ranges=ranges)
-    if cfg.group_compression:
-        o_cmp = o_c.repeat_interleave(g, 0) * mask.view(-1, 1, 1)
-    else:
-        o_cmp = o_c
     with torch.no_grad():
         if cfg.cmp_block == s == ls and (g // q_unit) & (g // q_unit - 1) == 0:
             from .topk import select_topk_triton
@@ -77,8 +71,10 @@ def bsa_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree, cfg, *, sigma
         else:
             idx = _dense_selection(q_cmp.detach(), k_cmp.detach(), v_cmp.detach(), cmp_mask, tree, cfg, q_unit)
     o_slc = selected_attention_triton(q, k, v, idx, mask, g, ls)
-    out = gates[..., 0:1] * o_ball + gates[..., 1:2] * o_cmp + gates[..., 2:3] * o_slc
+    from .combine import gated_combine
+    out = gated_combine(o_ball, o_c, o_slc, gates, mask, q_unit)  # one pass, no repeat_interleave copy
     if return_branches:
+        o_cmp = o_c.repeat_interleave(g, 0) * mask.view(-1, 1, 1) if cfg.group_compression else o_c
         return out, dict(ball=o_ball, cmp=o_cmp, slc=o_slc, idx=idx)
     return out
 

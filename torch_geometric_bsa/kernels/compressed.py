@@ -14,6 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _common
+from .combine import row_dot
 from ._common import EMPTY_LSE as _EMPTY, LOG2E, cdiv, cloud_ranges, dot_precision, next_pow2
 
 __all__ = ["compressed_attention_triton", "CompressedAttention"]
@@ -23,7 +24,7 @@ EMPTY_LSE = tl.constexpr(_EMPTY)
 
 @triton.jit
 def _cmp_fwd_kernel(Q, K, V, KMASK, KSTART, KEND, O, LSE, n_q,
-                    stride_qn, stride_kn, stride_on, qk_scale,
+                    stride_qn, stride_kn, stride_on, qk_scale, QB, KB,
                     H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, PREC: tl.constexpr, RAGGED: tl.constexpr):
     # grid: (query tiles, heads); each query row only sees columns in [KSTART[row], KEND[row])
@@ -73,7 +74,7 @@ def _cmp_fwd_kernel(Q, K, V, KMASK, KSTART, KEND, O, LSE, n_q,
 
 @triton.jit
 def _cmp_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KSTART, KEND, QSTART, QEND, DK, DV, n_k,
-                         stride_qn, stride_kn, stride_don, qk_scale, sm_scale,
+                         stride_qn, stride_kn, stride_don, qk_scale, sm_scale, QB, KB,
                          H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_D: tl.constexpr, PREC: tl.constexpr, RAGGED: tl.constexpr):
     # grid: (key tiles, heads); streams over the query rows of the key tile's cloud(s)
@@ -120,7 +121,7 @@ def _cmp_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KSTART, KEND, QSTART, Q
 
 @triton.jit
 def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KSTART, KEND, DQ, n_q,
-                       stride_qn, stride_kn, stride_don, qk_scale, sm_scale,
+                       stride_qn, stride_kn, stride_don, qk_scale, sm_scale, QB, KB,
                        H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_D: tl.constexpr, PREC: tl.constexpr, RAGGED: tl.constexpr):
     # grid: (query tiles, heads); recomputes P from the saved LSE, dS = P * (dP - delta)
@@ -174,7 +175,9 @@ def _configs(kind: str):
     return [C({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in shapes]
 
 
-_KEY = ["D", "PREC", "RAGGED"]
+# QB, KB: power-of-two buckets of the query and key counts (unused in the kernels): tiles tuned at 4k
+# points are not the best at 1M, and a bucket re-tunes at most once per doubling of the size
+_KEY = ["D", "PREC", "RAGGED", "QB", "KB"]
 _cmp_fwd = triton.autotune(_configs("fwd"), key=_KEY)(_cmp_fwd_kernel)
 _cmp_dkdv = triton.autotune(_configs("dkdv"), key=_KEY)(_cmp_bwd_dkdv_kernel)
 _cmp_dq = triton.autotune(_configs("dq"), key=_KEY)(_cmp_bwd_dq_kernel)
@@ -191,7 +194,7 @@ class CompressedAttention(torch.autograd.Function):
         lse = _common.new_empty((nq, h), q, torch.float32)
         _cmp_fwd[lambda meta: (cdiv(nq, meta["BLOCK_M"]), h)](
             q, k_cmp, v_cmp, kmask, kstart, kend, o, lse, nq, q.stride(0), k_cmp.stride(0), o.stride(0),
-            scale * LOG2E, H=h, D=d, BLOCK_D=next_pow2(d), PREC=dot_precision(q.dtype), RAGGED=ragged)
+            scale * LOG2E, next_pow2(nq), next_pow2(k_cmp.size(0)), H=h, D=d, BLOCK_D=next_pow2(d), PREC=dot_precision(q.dtype), RAGGED=ragged)
         ctx.save_for_backward(q, k_cmp, v_cmp, o, lse, kmask, kstart, kend, qstart, qend)
         ctx.scale, ctx.ragged = scale, ragged
         ctx.mark_non_differentiable(lse)
@@ -203,7 +206,7 @@ class CompressedAttention(torch.autograd.Function):
         nq, h, d = q.shape
         nk = k_cmp.size(0)
         do = do.contiguous()
-        delta = (do.float() * o.float()).sum(-1).contiguous()  # [Q, H]
+        delta = row_dot(do, o)  # [Q, H] float32
         dq = _common.new_empty(q.shape, q)
         dk = _common.new_empty(k_cmp.shape, k_cmp)
         dv = _common.new_empty(v_cmp.shape, v_cmp)
@@ -211,11 +214,11 @@ class CompressedAttention(torch.autograd.Function):
         scale, ragged = ctx.scale, ctx.ragged
         _cmp_dkdv[lambda meta: (cdiv(nk, meta["BLOCK_N"]), h)](
             q, k_cmp, v_cmp, do, lse, delta, kmask, kstart, kend, qstart, qend, dk, dv, nk,
-            q.stride(0), k_cmp.stride(0), do.stride(0), scale * LOG2E, scale,
+            q.stride(0), k_cmp.stride(0), do.stride(0), scale * LOG2E, scale, next_pow2(nq), next_pow2(nk),
             H=h, D=d, BLOCK_D=next_pow2(d), PREC=prec, RAGGED=ragged)
         _cmp_dq[lambda meta: (cdiv(nq, meta["BLOCK_M"]), h)](
             q, k_cmp, v_cmp, do, lse, delta, kmask, kstart, kend, dq, nq,
-            q.stride(0), k_cmp.stride(0), do.stride(0), scale * LOG2E, scale,
+            q.stride(0), k_cmp.stride(0), do.stride(0), scale * LOG2E, scale, next_pow2(nq), next_pow2(nk),
             H=h, D=d, BLOCK_D=next_pow2(d), PREC=prec, RAGGED=ragged)
         return dq, dk, dv, None, None, None, None, None, None, None
 

@@ -15,6 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _common
+from .combine import row_dot
 from ._common import LOG2E, cdiv, dot_precision, is_interpreter, next_pow2
 
 __all__ = ["selected_attention_triton", "SelectedAttention", "invert_selection"]
@@ -202,7 +203,7 @@ class SelectedAttention(torch.autograd.Function):
         n, h, d = q.shape
         topk = idx.size(1)
         do = do.contiguous()
-        delta = (do.float() * o.float()).sum(-1).contiguous()
+        delta = row_dot(do, o)
         dq, dk, dv = _common.new_empty(q.shape, q), _common.new_empty(k.shape, k), _common.new_empty(v.shape, v)
         ls_p2, cb, gm = _launch(d, ls, topk, g, q.dtype)
         prec = dot_precision(q.dtype)

@@ -1,0 +1,252 @@
+"""Gated combine of the three branches in one pass, and the row dot product of the backward passes.
+
+``out = g_ball * o_ball + g_cmp * o_cmp + g_slc * o_slc`` with ``gates [N_pad, H, 3]``. With group
+compression ``o_cmp`` is read per group (row ``n // q_unit`` of ``o_c``) and masked by slot validity,
+so the ``repeat_interleave`` copy of the PyTorch version never exists. The backward writes the three
+branch gradients, the gate gradients and (summed over each group's rows) the gradient of ``o_c`` in
+one pass. Must equal the PyTorch expression in :func:`torch_geometric_bsa.reference.bsa_reference`.
+
+``row_dot(a, b)`` is ``(a.float() * b.float()).sum(-1)`` without the two float32 copies: the
+``delta = rowsum(dO * O)`` term of the attention backward passes.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import _common
+from ._common import is_interpreter, next_pow2
+
+__all__ = ["gated_combine", "masked_block_mean", "row_dot"]
+
+
+@triton.jit
+def _row_dot_kernel(A, B, OUT, n_rows, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    m = (rows < n_rows)[:, None] & (offs_d < D)[None, :]
+    off = rows[:, None] * D + offs_d[None, :]
+    a = tl.load(A + off, mask=m, other=0.0).to(tl.float32)
+    b = tl.load(B + off, mask=m, other=0.0).to(tl.float32)
+    tl.store(OUT + rows, tl.sum(a * b, 1), mask=rows < n_rows)
+
+
+def row_dot(a: Tensor, b: Tensor) -> Tensor:
+    r"""``(a.float() * b.float()).sum(-1)`` for ``a, b [..., D]`` of one shape; float32 ``[...]``."""
+    a, b = a.contiguous(), b.contiguous()
+    d = a.size(-1)
+    n = a.numel() // max(d, 1)
+    out = torch.empty(a.shape[:-1], device=a.device, dtype=torch.float32)
+    if n == 0:
+        return out
+    bd = next_pow2(d)
+    br = max(1, min(128, 4096 // bd)) if not is_interpreter() else 64
+    _row_dot_kernel[(triton.cdiv(n, br),)](a, b, out, n, D=d, BLOCK_R=br, BLOCK_D=bd, num_warps=4)
+    return out
+
+
+@triton.jit
+def _combine_fwd_kernel(OB, OC, OS, G, MASK, OUT, n_grp, H: tl.constexpr, D: tl.constexpr, QU: tl.constexpr,
+                        BG: tl.constexpr, BLOCK_D: tl.constexpr):
+    # grid: (tiles of BG groups of QU rows, heads); row n of head h lives at (n * H + h) * D
+    h = tl.program_id(1)
+    grp = tl.program_id(0) * BG + tl.arange(0, BG)
+    R: tl.constexpr = BG * QU
+    n = tl.reshape(grp[:, None] * QU + tl.arange(0, QU)[None, :], (R,))
+    gv = tl.reshape((grp < n_grp)[:, None] & (tl.arange(0, QU) >= 0)[None, :], (R,))
+    offs_d = tl.arange(0, BLOCK_D)
+    m2 = gv[:, None] & (offs_d < D)[None, :]
+    row = n * H + h
+    off = row[:, None] * D + offs_d[None, :]
+    g0 = tl.load(G + row * 3, mask=gv, other=0.0).to(tl.float32)
+    g1 = tl.load(G + row * 3 + 1, mask=gv, other=0.0).to(tl.float32)
+    g2 = tl.load(G + row * 3 + 2, mask=gv, other=0.0).to(tl.float32)
+    if QU > 1:  # pooled group queries: o_c row of the group, zero at padded slots
+        valid = tl.load(MASK + n, mask=gv, other=0) != 0
+        g1 = tl.where(valid, g1, 0.0)
+    crow = (n // QU) * H + h
+    ob = tl.load(OB + off, mask=m2, other=0.0).to(tl.float32)
+    oc = tl.load(OC + crow[:, None] * D + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+    os_ = tl.load(OS + off, mask=m2, other=0.0).to(tl.float32)
+    out = g0[:, None] * ob + g1[:, None] * oc + g2[:, None] * os_
+    tl.store(OUT + off, out.to(OUT.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _combine_bwd_kernel(DO, OB, OC, OS, G, MASK, DOB, DOC, DOS, DG, n_grp, H: tl.constexpr, D: tl.constexpr,
+                        QU: tl.constexpr, BG: tl.constexpr, BLOCK_D: tl.constexpr):
+    h = tl.program_id(1)
+    grp = tl.program_id(0) * BG + tl.arange(0, BG)
+    R: tl.constexpr = BG * QU
+    n = tl.reshape(grp[:, None] * QU + tl.arange(0, QU)[None, :], (R,))
+    gv = tl.reshape((grp < n_grp)[:, None] & (tl.arange(0, QU) >= 0)[None, :], (R,))
+    offs_d = tl.arange(0, BLOCK_D)
+    m2 = gv[:, None] & (offs_d < D)[None, :]
+    row = n * H + h
+    off = row[:, None] * D + offs_d[None, :]
+    g0 = tl.load(G + row * 3, mask=gv, other=0.0).to(tl.float32)
+    g1 = tl.load(G + row * 3 + 1, mask=gv, other=0.0).to(tl.float32)
+    g2 = tl.load(G + row * 3 + 2, mask=gv, other=0.0).to(tl.float32)
+    if QU > 1:
+        valid = tl.load(MASK + n, mask=gv, other=0) != 0
+        g1 = tl.where(valid, g1, 0.0)
+    crow = (n // QU) * H + h
+    do = tl.load(DO + off, mask=m2, other=0.0).to(tl.float32)
+    ob = tl.load(OB + off, mask=m2, other=0.0).to(tl.float32)
+    oc = tl.load(OC + crow[:, None] * D + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+    os_ = tl.load(OS + off, mask=m2, other=0.0).to(tl.float32)
+    tl.store(DOB + off, (g0[:, None] * do).to(DOB.dtype.element_ty), mask=m2)
+    tl.store(DOS + off, (g2[:, None] * do).to(DOS.dtype.element_ty), mask=m2)
+    dg1 = tl.sum(do * oc, 1)
+    if QU > 1:
+        dg1 = tl.where(valid, dg1, 0.0)
+    tl.store(DG + row * 3, tl.sum(do * ob, 1).to(DG.dtype.element_ty), mask=gv)
+    tl.store(DG + row * 3 + 1, dg1.to(DG.dtype.element_ty), mask=gv)
+    tl.store(DG + row * 3 + 2, tl.sum(do * os_, 1).to(DG.dtype.element_ty), mask=gv)
+    doc = g1[:, None] * do
+    if QU > 1:  # sum over the group's rows: the gradient of the shared o_c row
+        doc = tl.sum(tl.reshape(doc, (BG, QU, BLOCK_D)), 1)
+        cr = grp * H + h
+        tl.store(DOC + cr[:, None] * D + offs_d[None, :], doc.to(DOC.dtype.element_ty),
+                 mask=(grp < n_grp)[:, None] & (offs_d < D)[None, :])
+    else:
+        tl.store(DOC + off, doc.to(DOC.dtype.element_ty), mask=m2)
+
+
+def _tiles(n_grp: int, qu: int, d: int):
+    bd = next_pow2(d)
+    if is_interpreter():
+        bg = max(1, 64 // qu)
+    else:
+        bg = max(1, min(128, 4096 // bd) // qu)
+    return bg, bd, triton.cdiv(n_grp, bg)
+
+
+class GatedCombine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, o_ball, o_c, o_slc, gates, mask_u8, qu):
+        n, h, d = o_ball.shape
+        o_ball, o_c, o_slc, gates = (t.contiguous() for t in (o_ball, o_c, o_slc, gates))
+        out = _common.new_empty(o_ball.shape, o_ball, torch.promote_types(o_ball.dtype, gates.dtype))
+        n_grp = n // qu
+        bg, bd, tiles = _tiles(n_grp, qu, d)
+        _combine_fwd_kernel[(tiles, h)](o_ball, o_c, o_slc, gates, mask_u8, out, n_grp, H=h, D=d, QU=qu, BG=bg,
+                                        BLOCK_D=bd, num_warps=4)
+        ctx.save_for_backward(o_ball, o_c, o_slc, gates, mask_u8)
+        ctx.qu = qu
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        o_ball, o_c, o_slc, gates, mask_u8 = ctx.saved_tensors
+        qu = ctx.qu
+        n, h, d = o_ball.shape
+        do = do.contiguous()
+        dob, dos = _common.new_empty(o_ball.shape, o_ball), _common.new_empty(o_slc.shape, o_slc)
+        doc = _common.new_empty(o_c.shape, o_c)
+        dg = _common.new_empty(gates.shape, gates)
+        n_grp = n // qu
+        bg, bd, tiles = _tiles(n_grp, qu, d)
+        _combine_bwd_kernel[(tiles, h)](do, o_ball, o_c, o_slc, gates, mask_u8, dob, doc, dos, dg, n_grp,
+                                        H=h, D=d, QU=qu, BG=bg, BLOCK_D=bd, num_warps=4)
+        return dob, doc, dos, dg, None, None
+
+
+def gated_combine(o_ball: Tensor, o_c: Tensor, o_slc: Tensor, gates: Tensor, mask: Tensor, q_unit: int = 1) -> Tensor:
+    r"""``gates[..., 0:1] * o_ball + gates[..., 1:2] * o_cmp + gates[..., 2:3] * o_slc`` in one pass.
+
+    Args:
+        o_ball, o_slc: ``[N_pad, H, D]``. o_c: ``[N_pad // q_unit, H, D]`` (per group with group
+            compression, where ``o_cmp = o_c.repeat_interleave(q_unit, 0) * mask``).
+        gates: ``[N_pad, H, 3]``; the output has the promoted dtype of gates and branches. mask: ``[N_pad]`` slot validity.
+        q_unit: slots per compression query (1, or the group size; a power of two).
+    """
+    n, h, d = o_ball.shape
+    if o_c.shape != (n // q_unit, h, d) or o_slc.shape != o_ball.shape or gates.shape != (n, h, 3):
+        raise ValueError(f"shape mismatch: o_ball {list(o_ball.shape)}, o_c {list(o_c.shape)}, "
+                         f"o_slc {list(o_slc.shape)}, gates {list(gates.shape)} (q_unit={q_unit})")
+    if q_unit & (q_unit - 1):
+        raise ValueError(f"q_unit must be a power of two, got {q_unit}")
+    dt = o_ball.dtype
+    return GatedCombine.apply(o_ball, o_c.to(dt), o_slc.to(dt), gates,
+                              mask.to(torch.bool).contiguous().view(torch.uint8), q_unit)
+
+
+# ---------------------------------------------------------------------------------------------
+# masked block mean (mean pooling of keys/values per compression block, of queries per group)
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _pool_fwd_kernel(X, MASK, OUT, n_blk, HD: tl.constexpr, L: tl.constexpr, BLOCK_B: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    bm = b < n_blk
+    m2 = bm[:, None] & (c < HD)[None, :]
+    acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+    cnt = tl.zeros([BLOCK_B], dtype=tl.float32)
+    for j in tl.static_range(L):
+        n = b * L + j
+        w = (tl.load(MASK + n, mask=bm, other=0) != 0).to(tl.float32)
+        x = tl.load(X + n[:, None] * HD + c[None, :], mask=m2, other=0.0).to(tl.float32)
+        acc += x * w[:, None]
+        cnt += w
+    out = acc / tl.maximum(cnt, 1.0)[:, None]
+    tl.store(OUT + b[:, None] * HD + c[None, :], out.to(OUT.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _pool_bwd_kernel(DOUT, MASK, DX, n_blk, HD: tl.constexpr, L: tl.constexpr, BLOCK_B: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    bm = b < n_blk
+    m2 = bm[:, None] & (c < HD)[None, :]
+    cnt = tl.zeros([BLOCK_B], dtype=tl.float32)
+    for j in tl.static_range(L):
+        cnt += (tl.load(MASK + b * L + j, mask=bm, other=0) != 0).to(tl.float32)
+    g = tl.load(DOUT + b[:, None] * HD + c[None, :], mask=m2, other=0.0).to(tl.float32) / tl.maximum(cnt, 1.0)[:, None]
+    for j in tl.static_range(L):
+        n = b * L + j
+        w = (tl.load(MASK + n, mask=bm, other=0) != 0).to(tl.float32)
+        tl.store(DX + n[:, None] * HD + c[None, :], (g * w[:, None]).to(DX.dtype.element_ty), mask=m2)
+
+
+def _pool_grid(n_blk: int, hd: int):
+    bc = min(256, next_pow2(hd)) if not is_interpreter() else min(64, next_pow2(hd))
+    bb = 32 if not is_interpreter() else 16
+    return bb, bc, (triton.cdiv(n_blk, bb), triton.cdiv(hd, bc))
+
+
+class MaskedBlockMean(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mask_u8, block):
+        n, h, d = x.shape
+        x = x.contiguous()
+        n_blk = n // block
+        out = _common.new_empty((n_blk, h, d), x)
+        bb, bc, grid = _pool_grid(n_blk, h * d)
+        _pool_fwd_kernel[grid](x, mask_u8, out, n_blk, HD=h * d, L=block, BLOCK_B=bb, BLOCK_C=bc, num_warps=4)
+        ctx.save_for_backward(mask_u8)
+        ctx.shape, ctx.block = x.shape, block
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        (mask_u8,) = ctx.saved_tensors
+        n, h, d = ctx.shape
+        dout = dout.contiguous()
+        dx = _common.new_empty((n, h, d), dout)
+        bb, bc, grid = _pool_grid(n // ctx.block, h * d)
+        _pool_bwd_kernel[grid](dout, mask_u8, dx, n // ctx.block, HD=h * d, L=ctx.block, BLOCK_B=bb, BLOCK_C=bc,
+                               num_warps=4)
+        return dx, None, None
+
+
+def masked_block_mean(x: Tensor, mask: Tensor, block: int) -> Tensor:
+    r"""Mean of the valid rows of each block of ``block`` consecutive rows: ``x [N, H, D]``,
+    ``mask [N]`` -> ``[N // block, H, D]`` (zero for a block with no valid row). One pass each way."""
+    if x.size(0) % block:
+        raise ValueError(f"x has {x.size(0)} rows, not a multiple of block={block}")
+    return MaskedBlockMean.apply(x, mask.to(torch.bool).contiguous().view(torch.uint8), block)
