@@ -48,6 +48,7 @@ def branch_keys(num_points=4096, seed=3, cfg=BSAConfig(ball_size=256, cmp_block=
     v = torch.zeros_like(k)
     # the query group: the middle group of one ball
     m, g = cfg.ball_size, cfg.group_size
+    query_ball = min(query_ball, tree.num_balls - 1)
     group = query_ball * (m // g) + (m // g) // 2
     q_slots = torch.arange(group * g, (group + 1) * g)
     # ball branch: every valid slot of the query's ball

@@ -168,8 +168,12 @@ class KNNGNN(nn.Module):
     pure-torch fallback) and never crosses clouds.
 
     Args:
-        in_channels (int), out_channels (int), hidden_channels (int), num_layers (int),
-        k (int): neighbours per point. dim (int): coordinate dimension.
+        in_channels (int): input features.
+        out_channels (int): output features.
+        hidden_channels (int): width of every EdgeConv layer.
+        num_layers (int): EdgeConv layers.
+        k (int): neighbours per point.
+        dim (int): coordinate dimension.
 
     Shapes:
         - **input:** ``x`` :math:`(|\mathcal{V}|, F_{in})`, ``pos`` :math:`(|\mathcal{V}|, d)`,
