@@ -376,6 +376,27 @@ def test_bsa_attention_nan_stays_in_its_cloud():
     assert torch.equal(dirty[other], clean[other])
 
 
+@pytest.mark.parametrize("kind", ["identical", "duplicates", "collinear", "huge"])
+def test_triton_path_on_degenerate_clouds(kind):
+    # the kernels (interpreted on CPU, compiled on CUDA) on degenerate geometry and tiny clouds:
+    # finite, equal to the reference, finite gradients (coincident points: d||p_i - p_j||/dp = 0)
+    pytest.importorskip("triton")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    pos, batch = _clouds([1, 2, M - 1, M + 1], kind, 3, seed=29)
+    pos, batch = pos.float().to(dev), batch.to(dev)
+    tree = build_ball_tree(pos, batch, M)
+    cfg = BSAConfig(ball_size=M, cmp_block=4, slc_block=4, topk=2, group_size=4)
+    g = torch.Generator().manual_seed(30)
+    q, k, v = (torch.randn(tree.num_slots, 2, 16, generator=g).to(dev).requires_grad_(True) for _ in range(3))
+    pt = tree.to_tree(pos).requires_grad_(True)
+    kw = dict(sigma=-torch.ones(2, device=dev), gates=torch.rand(tree.num_slots, 2, 3, generator=g).to(dev))
+    out = bsa_attention(q, k, v, pt, tree, cfg, backend="triton", **kw)
+    ref = bsa_attention(q, k, v, pt, tree, cfg, backend="torch", **kw)
+    assert _all_finite(out) and rel_err(out, ref) < 1e-4
+    out.square().sum().backward()
+    assert _all_finite(q.grad, k.grad, v.grad, pt.grad)
+
+
 @requires_cuda
 def test_device_mismatch_names_the_argument():
     conv = _conv().cuda()
