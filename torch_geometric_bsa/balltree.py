@@ -207,8 +207,8 @@ def build_ball_tree(pos: Tensor, batch: Optional[Tensor] = None, ball_size: int 
             Erwin's rotated tree for cross-ball mixing on alternating layers.
 
     Returns:
-        :class:`BallTree`. Costs ``ceil(log2(max balls per cloud))`` sorts of ``N`` keys and a few
-        host synchronisations (level count and sizes).
+        :class:`BallTree`. Costs ``ceil(log2(max balls per cloud))`` sorts of ``N`` keys, two scans
+        per level, and a few host synchronisations (level count and sizes).
     """
     batch = _check_inputs(pos, batch, ball_size)
     device = pos.device
@@ -236,19 +236,34 @@ def build_ball_tree(pos: Tensor, batch: Optional[Tensor] = None, ball_size: int 
     max_balls = int(balls_per_cloud.max())
     levels = 0 if max_balls <= 1 else math.ceil(math.log2(max_balls))
     idx = torch.arange(n, device=device)
+    if levels:
+        # coordinates scaled into [0, 0.25] so that `seg_start + coordinate` orders first by node, then
+        # by coordinate: node extents then come from one cummax / reversed cummin scan over the whole
+        # array (nodes are contiguous runs in `order`), without scatter atomics (all points of the
+        # root hit one address) and without host syncs
+        lo0, hi0 = pos.amin(0), pos.amax(0)
+        pos = (pos - lo0) * (0.25 / (hi0 - lo0).max().clamp_min(1e-300))
+        if num_clouds > 1:  # then per cloud (same scan), so a tiny cloud beside a huge one keeps its precision
+            off = cloud_start[batch].to(pos.dtype).unsqueeze(1)
+            t = pos + off
+            hi_c = torch.cummax(t, 0).values[cloud_start[batch] + counts[batch] - 1] - off
+            lo_c = torch.flip(torch.cummin(torch.flip(t, (0,)), 0).values, (0,))[cloud_start[batch]] - off
+            ext = (hi_c - lo_c).amax(1, keepdim=True)
+            pos = ((pos - lo_c) * (0.25 / torch.where(ext > 0, ext, torch.ones_like(ext)))).clamp(0, 0.25)
     for _ in range(levels):
         p = pos[order]
         split = seg_balls > 1
-        # spread of each node along each axis: scatter min/max keyed by the node's first index
-        seg = seg_start.unsqueeze(1).expand_as(p)
-        lo = torch.full_like(p, math.inf).scatter_reduce(0, seg, p, "amin", include_self=True)
-        hi = torch.full_like(p, -math.inf).scatter_reduce(0, seg, p, "amax", include_self=True)
-        lo, hi = lo[seg_start], hi[seg_start]
+        # extent of each point's node along each axis, read at the node's first and last index
+        off = seg_start.to(p.dtype).unsqueeze(1)
+        t = p + off
+        hi = torch.cummax(t, 0).values[seg_start + seg_count - 1] - off
+        lo = torch.flip(torch.cummin(torch.flip(t, (0,)), 0).values, (0,))[seg_start] - off
+        lo = torch.minimum(lo, hi)
         spread = hi - lo
         axis = spread.argmax(1, keepdim=True)
         coord = (p.gather(1, axis) - lo.gather(1, axis)).squeeze(1)
         width = spread.gather(1, axis).squeeze(1)
-        key = torch.where(split, 0.5 * coord / torch.where(width > 0, width, torch.ones_like(width)),
+        key = torch.where(split, 0.5 * (coord / torch.where(width > 0, width, torch.ones_like(width))).clamp(0, 1),
                           torch.zeros_like(coord))
         # nodes are contiguous runs in `order`; key in [0, 0.5] never crosses to the next node
         key = seg_start.to(key.dtype) + key
