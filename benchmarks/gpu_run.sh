@@ -14,7 +14,8 @@ for stage in "$@"; do
            python -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)";;
     tests) log tests; timeout ${T_TESTS:-300} python -m pytest -q -p no:cacheprovider -x --timeout 240 \
              tests/kernels -m "gpu or not slow" 2>&1 | tail -n 60 > "$OUT/tests.log"; tail -n 15 "$OUT/tests.log";;
-    gputests) log gputests; timeout ${T_TESTS:-300} python -m pytest -q -p no:cacheprovider -m gpu tests \
+    gputests) log gputests; timeout ${T_TESTS:-300} python -m pytest -q -p no:cacheprovider tests/kernels \
+             tests/test_hardening.py tests/test_conv.py tests/test_transformer.py -m "gpu or not slow" \
              2>&1 | tail -n 60 > "$OUT/gputests.log"; tail -n 15 "$OUT/gputests.log";;
     profile) log profile; timeout ${T_PROF:-120} python benchmarks/profile_bsa.py ${PROF_ARGS:-} > "$OUT/profile.log" 2>&1; grep -A3 "#####" "$OUT/profile.log";;
     bsatests) log bsatests; timeout ${T_TESTS:-120} python -m pytest -q -p no:cacheprovider tests/kernels/test_bsa_triton.py 2>&1 | tail -n 5;;
