@@ -154,6 +154,9 @@ def main():
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--rep", type=int, default=50)
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--flex-sizes", default="4096,65536", help="sizes at which the FlexAttention BSA is timed "
+                    "(it compiles anew per shape)")
+    ap.add_argument("--configs", default="paper,fast")
     args = ap.parse_args()
     from torch_geometric_bsa import BSAConfig
     cfgs = {"paper": BSAConfig(ball_size=256, cmp_block=8, slc_block=8, topk=16, group_size=8),
@@ -162,6 +165,8 @@ def main():
     torch._dynamo.config.cache_size_limit = 64  # flex recompiles per shape; never fall back to eager
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = 64
+    flex_sizes = {int(x) for x in args.flex_sizes.split(",") if x}
+    cfgs = {k_: cfgs[k_] for k_ in args.configs.split(",")}
     rows, info = [], env_info()
     print(info, flush=True)
     for n in [int(x) for x in args.sizes.split(",")]:
@@ -187,7 +192,7 @@ def main():
                     row["sdpa_fwd"], row["sdpa_fwdbwd"], _ = timed(sdpa_full, c, cfg, rep)
                 if n <= 16384:
                     row["ref_fwd"], row["ref_fwdbwd"], _ = timed(reference, c, cfg, max(5, rep // 5))
-                if n in (4096, 65536) and not args.no_flex:  # flex recompiles per shape
+                if n in flex_sizes and not args.no_flex:  # flex recompiles per shape
                     for tile in (128,):  # flex's default tiles (16x16 selection tiles failed to lower on torch 2.11)
                         FLEX_TILE["tile"] = tile
                         try:

@@ -4,7 +4,7 @@ import torch
 from torch_geometric_bsa import BallTree, build_ball_tree
 from torch_geometric_bsa.balltree import random_rotation
 
-from conftest import random_batch
+from conftest import random_batch, requires_cuda
 
 
 def _check_tree(tree: BallTree, pos, batch):
@@ -136,3 +136,15 @@ def test_bad_ball_size():
     pos, _ = random_batch([10])
     with pytest.raises(ValueError, match="ball_size"):
         build_ball_tree(pos, ball_size=0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("method", ["segment", "scatter"])
+def test_cuda_tree_equals_cpu_tree(method, monkeypatch):
+    import torch_geometric_bsa.balltree as bt
+    monkeypatch.setattr(bt, "CUDA_EXTENT_METHOD", method)
+    pos, batch = random_batch([5000, 1, 700, 40000], seed=11)
+    cpu = build_ball_tree(pos, batch, 64)
+    gpu = build_ball_tree(pos.cuda(), batch.cuda(), 64)
+    for name in ("perm", "mask", "inv", "ptr"):
+        assert torch.equal(getattr(cpu, name), getattr(gpu, name).cpu()), name

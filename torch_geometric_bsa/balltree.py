@@ -7,6 +7,8 @@ build is vectorized over points and clouds: one sort per tree level, on CPU or G
 from __future__ import annotations
 
 import math
+
+import numpy as np
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -175,18 +177,50 @@ def _spread_bits(x: Tensor, dim: int) -> Tensor:
     return (x | (x << 1)) & 0x55555555
 
 
-def _morton_order(p: Tensor, ball: Tensor) -> Tensor:
-    r"""Stable permutation sorting points by (ball, Morton code inside the ball's bounding box)."""
-    d = p.size(1)
-    seg = ball.unsqueeze(1).expand_as(p)
-    nb = int(ball.max()) + 1
-    lo = p.new_full((nb, d), math.inf).scatter_reduce(0, seg, p, "amin", include_self=True)[ball]
-    hi = p.new_full((nb, d), -math.inf).scatter_reduce(0, seg, p, "amax", include_self=True)[ball]
-    levels = 1023 if d == 3 else 65535
-    span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
-    cell = ((p - lo) / span * levels).round().long().clamp_(0, levels)
-    code = sum(_spread_bits(cell[:, i], d) << (d - 1 - i) for i in range(d))
-    return torch.sort((ball << 32) | code, stable=True).indices
+def _morton_order(p: Tensor, start: Tensor, count: Tensor) -> Tensor:
+    r"""Stable permutation that sorts the points of each ball (the contiguous runs
+    ``p[start:start + count]``, host tensors) by their Morton code in the ball's bounding box."""
+    n, d = p.shape
+    lo, hi = _node_extents(p, start, count, p.device)
+    inv_span = torch.where(hi > lo, 1.0 / (hi - lo), torch.zeros_like(hi))
+    counts = count.to(p.device)
+    levels = 1024 if d == 3 else 65536
+    x = (p - torch.repeat_interleave(lo, counts, dim=0, output_size=n)) \
+        * torch.repeat_interleave(inv_span * (levels - 1), counts, dim=0, output_size=n)
+    cell = x.round_().long().clamp_(0, levels - 1)
+    code = _spread_bits(cell[:, 0], d) << (d - 1)
+    for i in range(1, d):
+        code |= _spread_bits(cell[:, i], d) << (d - 1 - i)
+    ball = torch.repeat_interleave(torch.arange(start.numel(), device=p.device), counts, output_size=n)
+    return torch.sort((ball << 32) | code.long(), stable=True).indices
+
+
+_QMAX = float((1 << 24) - 1)  # float32 holds every integer up to 2^24
+
+
+# How node extents are reduced on a GPU: "segment" (torch.segment_reduce over the contiguous runs:
+# no atomics) or "scatter" (scatter_reduce keyed by node: atomics, all points of the root on one
+# address). benchmarks/bench_tree.py times both; docs/perf-notes.md has the figures.
+CUDA_EXTENT_METHOD = "segment"
+
+
+def _node_extents(p: Tensor, start: Tensor, count: Tensor, device: torch.device):
+    r"""Bounding box ``(lo, hi)``, each ``[num_nodes, d]``, of the nodes that are the contiguous runs
+    ``p[start:start + count]`` (host tensors ``start``, ``count``; no empty node)."""
+    if p.device.type == "cpu":
+        # numpy's reduceat is a single sequential pass (torch.segment_reduce is 4x slower on CPU)
+        a, s = p.numpy(), start.numpy()
+        return (torch.from_numpy(np.minimum.reduceat(a, s, axis=0)),
+                torch.from_numpy(np.maximum.reduceat(a, s, axis=0)))
+    lengths = count.to(device, non_blocking=True)
+    if CUDA_EXTENT_METHOD == "scatter":
+        node = torch.repeat_interleave(torch.arange(count.numel(), device=device), lengths,
+                                       output_size=p.size(0)).unsqueeze(1).expand_as(p)
+        shape = (count.numel(), p.size(1))
+        return (p.new_full(shape, math.inf).scatter_reduce(0, node, p, "amin"),
+                p.new_full(shape, -math.inf).scatter_reduce(0, node, p, "amax"))
+    return (torch.segment_reduce(p, "min", lengths=lengths, axis=0, unsafe=True),
+            torch.segment_reduce(p, "max", lengths=lengths, axis=0, unsafe=True))
 
 
 @torch.no_grad()
@@ -207,8 +241,8 @@ def build_ball_tree(pos: Tensor, batch: Optional[Tensor] = None, ball_size: int 
             Erwin's rotated tree for cross-ball mixing on alternating layers.
 
     Returns:
-        :class:`BallTree`. Costs ``ceil(log2(max balls per cloud))`` sorts of ``N`` keys, two scans
-        per level, and a few host synchronisations (level count and sizes).
+        :class:`BallTree`. Costs ``ceil(log2(max balls per cloud))`` sorts of ``N`` integer keys, a
+        min/max reduction per level, and a few host synchronisations (level count and sizes).
     """
     batch = _check_inputs(pos, batch, ball_size)
     device = pos.device
@@ -217,7 +251,7 @@ def build_ball_tree(pos: Tensor, batch: Optional[Tensor] = None, ball_size: int 
         if rotation.shape != (pos.size(1), pos.size(1)):
             raise ValueError(f"rotation must be [{pos.size(1)}, {pos.size(1)}], got {list(rotation.shape)}")
         pos = pos @ rotation.to(pos)
-    # float64 sort keys (node index + normalized coordinate): exact for 1e6+ nodes on CPU and GPU
+    # float64 for the per-cloud normalisation (coordinates at 1e8 scale keep their digits)
     pos = pos.to(torch.float64)
 
     num_clouds = int(batch[-1]) + 1
@@ -228,63 +262,58 @@ def build_ball_tree(pos: Tensor, batch: Optional[Tensor] = None, ball_size: int 
     cloud_start = torch.zeros_like(ptr)
     cloud_start[1:] = torch.cumsum(counts, 0)
 
-    # Per point: its node as (first index in the valid-point order, valid count, ball count).
-    order = torch.arange(n, device=device)
-    seg_start = cloud_start[batch]
-    seg_count = counts[batch]
-    seg_balls = balls_per_cloud[batch]
-    max_balls = int(balls_per_cloud.max())
+    # The tree is built top-down, one level per pass. Nodes are contiguous runs of `order` (the
+    # valid points in tree order), described on the host by (start, count) arrays of at most
+    # num_balls entries; a node of c valid points holds ceil(c / m) balls and splits while c > m.
+    counts_h = counts.cpu()
+    max_balls = int((counts_h + m - 1).div(m, rounding_mode="floor").max())
     levels = 0 if max_balls <= 1 else math.ceil(math.log2(max_balls))
     idx = torch.arange(n, device=device)
-    if levels:
-        # coordinates scaled into [0, 0.25] so that `seg_start + coordinate` orders first by node, then
-        # by coordinate: node extents then come from one cummax / reversed cummin scan over the whole
-        # array (nodes are contiguous runs in `order`), without scatter atomics (all points of the
-        # root hit one address) and without host syncs
-        lo0, hi0 = pos.amin(0), pos.amax(0)
-        pos = (pos - lo0) * (0.25 / (hi0 - lo0).max().clamp_min(1e-300))
-        if num_clouds > 1:  # then per cloud (same scan), so a tiny cloud beside a huge one keeps its precision
-            off = cloud_start[batch].to(pos.dtype).unsqueeze(1)
-            t = pos + off
-            hi_c = torch.cummax(t, 0).values[cloud_start[batch] + counts[batch] - 1] - off
-            lo_c = torch.flip(torch.cummin(torch.flip(t, (0,)), 0).values, (0,))[cloud_start[batch]] - off
-            ext = (hi_c - lo_c).amax(1, keepdim=True)
-            pos = ((pos - lo_c) * (0.25 / torch.where(ext > 0, ext, torch.ones_like(ext)))).clamp(0, 0.25)
+    order = idx
+    # per-cloud normalisation into [0, 1]: a cloud is a contiguous run of the input (batch is sorted)
+    start_h = torch.cumsum(counts_h, 0) - counts_h
+    keep = counts_h > 0
+    n_start, n_count = start_h[keep], counts_h[keep]
+    lo_c, hi_c = _node_extents(pos, n_start, n_count, device)
+    ext = (hi_c - lo_c).amax(1, keepdim=True)
+    cnt = n_count.to(device)
+    lo_c = torch.repeat_interleave(lo_c, cnt, dim=0, output_size=n)
+    inv_ext = torch.repeat_interleave(torch.where(ext > 0, 1.0 / ext, torch.ones_like(ext)), cnt, dim=0, output_size=n)
+    p = ((pos - lo_c) * inv_ext).clamp_(0, 1).float()
     for _ in range(levels):
-        p = pos[order]
-        split = seg_balls > 1
-        # extent of each point's node along each axis, read at the node's first and last index
-        off = seg_start.to(p.dtype).unsqueeze(1)
-        t = p + off
-        hi = torch.cummax(t, 0).values[seg_start + seg_count - 1] - off
-        lo = torch.flip(torch.cummin(torch.flip(t, (0,)), 0).values, (0,))[seg_start] - off
-        lo = torch.minimum(lo, hi)
+        num_nodes = n_start.numel()
+        # integer sort key `node << 24 | quantised coordinate along the node's widest axis`: one
+        # stable radix sort per level orders the points by node, then by coordinate. 24 bits are
+        # float32's resolution of the normalised coordinate: only points that coincide at that
+        # resolution tie, and ties keep the previous order (deterministic)
+        lo, hi = _node_extents(p, n_start, n_count, device)
         spread = hi - lo
-        axis = spread.argmax(1, keepdim=True)
-        coord = (p.gather(1, axis) - lo.gather(1, axis)).squeeze(1)
-        width = spread.gather(1, axis).squeeze(1)
-        key = torch.where(split, 0.5 * (coord / torch.where(width > 0, width, torch.ones_like(width))).clamp(0, 1),
-                          torch.zeros_like(coord))
-        # nodes are contiguous runs in `order`; key in [0, 0.5] never crosses to the next node
-        key = seg_start.to(key.dtype) + key
+        axis = spread.argmax(1)
+        lo_a = lo.gather(1, axis[:, None]).squeeze(1)
+        width = spread.gather(1, axis[:, None]).squeeze(1)
+        split = n_count.to(device) > m
+        scale = torch.where(split & (width > 0), _QMAX / torch.where(width > 0, width, 1.0), 0.0)
+        node = torch.repeat_interleave(torch.arange(num_nodes, device=device), n_count.to(device), output_size=n)
+        coord = p.gather(1, axis.index_select(0, node)[:, None]).squeeze(1)
+        q = (coord - lo_a.index_select(0, node)).mul_(scale.index_select(0, node)).clamp_(0, _QMAX)
+        key = torch.add(q.long(), node, alpha=1 << 24)
         perm = torch.sort(key, stable=True).indices
-        order, seg_start, seg_count, seg_balls = order[perm], seg_start[perm], seg_count[perm], seg_balls[perm]
-        left_balls = (seg_balls + 1) // 2
-        left_count = left_balls * m
-        rank = idx - seg_start
-        right = split & (rank >= left_count)
-        seg_start = torch.where(right, seg_start + left_count, seg_start)
-        seg_count = torch.where(split, torch.where(right, seg_count - left_count, left_count), seg_count)
-        seg_balls = torch.where(split, torch.where(right, seg_balls - left_balls, left_balls), seg_balls)
+        order, p = order.index_select(0, perm), p.index_select(0, perm)
+        # children: the left one takes ceil(balls / 2) full balls (the median up to padding)
+        split_h = n_count > m
+        left = (n_count + 2 * m - 1).div(2 * m, rounding_mode="floor") * m
+        c_start = torch.stack([n_start, n_start + left], 1)
+        c_count = torch.stack([torch.where(split_h, left, n_count), n_count - left], 1)
+        c_keep = torch.stack([torch.ones_like(split_h), split_h], 1)
+        n_start, n_count = c_start[c_keep], c_count[c_keep]
 
     # Inside each ball, order points along a Z-order (Morton) curve of the ball's bounding box, so
     # that the short contiguous blocks of the compression and selection branches are compact too.
-    ball = (idx - cloud_start[batch[order]]) // m + ptr[batch[order]] // m
-    order = order[_morton_order(pos[order], ball)]
+    order = order.index_select(0, _morton_order(p, n_start, n_count))
 
     # valid points fill each cloud's slots from its start; the tail of the cloud is padding
-    sorted_batch = batch[order]
-    slot = ptr[sorted_batch] + (idx - cloud_start[sorted_batch])
+    sorted_batch = batch.index_select(0, order)
+    slot = ptr.index_select(0, sorted_batch) + (idx - cloud_start.index_select(0, sorted_batch))
     num_slots = int(ptr[-1])
     perm_out = torch.full((num_slots,), -1, dtype=torch.long, device=device)
     perm_out[slot] = order
