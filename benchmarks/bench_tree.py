@@ -61,18 +61,6 @@ def main():
             rows.append(dict(N=n, clouds=args.clouds, device=dev, method="ours",
                              ms=timer(lambda: build_ball_tree(pos, batch, ball_size=m))))
             print(rows[-1], flush=True)
-            if dev == "cuda":  # the other way of reducing node extents on a GPU (same tree, checked)
-                import torch_geometric_bsa.balltree as bt
-                default, other = bt.CUDA_EXTENT_METHOD, {"segment": "scatter", "scatter": "segment"}[bt.CUDA_EXTENT_METHOD]
-                ref = build_ball_tree(pos, batch, ball_size=m).perm
-                bt.CUDA_EXTENT_METHOD = other
-                try:
-                    same = bool(torch.equal(build_ball_tree(pos, batch, ball_size=m).perm, ref))
-                    rows.append(dict(N=n, clouds=args.clouds, device=dev, method=f"ours ({other} extents)",
-                                     ms=timer(lambda: build_ball_tree(pos, batch, ball_size=m)), same_tree=same))
-                finally:
-                    bt.CUDA_EXTENT_METHOD = default
-                print(rows[-1], flush=True)
             if dev == "cpu" and bt is not None:
                 b = batch if batch is not None else torch.zeros(n, dtype=torch.long)
                 rows.append(dict(N=n, clouds=args.clouds, device="cpu", method="balltree-erwin",
@@ -91,10 +79,9 @@ def main():
     for r in rows:  # speed-up of ours against the others at the same size
         ref = [o["ms"] for o in rows if o["N"] == r["N"] and o["method"] == "ours" and o["device"] == r["device"]]
         r["x_ours"] = r["ms"] / ref[0] if ref and r["method"] != "ours" else None
-        r.setdefault("same_tree", None)
     od = out_dir()
     write_json(os.path.join(od, f"{args.tag}.json"), dict(env=info, args=vars(args), results=rows))
-    cols, fmt = ["N", "clouds", "device", "method", "ms", "x_ours", "same_tree"], dict(ms=".2f", x_ours=".2f")
+    cols, fmt = ["N", "clouds", "device", "method", "ms", "x_ours"], dict(ms=".2f", x_ours=".2f")
     with open(os.path.join(od, f"{args.tag}.md"), "w") as f:
         f.write(markdown_table(rows, cols, fmt) + "\n")
     if args.profile and torch.cuda.is_available():
