@@ -634,8 +634,8 @@ def test_torch_compile_triton_path_traces_the_kernels():
 
 
 @requires_cuda
-@pytest.mark.xfail(reason="inductor cannot lower bool.view(torch.uint8) (kernels/ball.py, kernels/combine.py "
-                          "mask views); .to(torch.uint8) lowers", strict=False)
+@pytest.mark.xfail(reason="inductor could not lower the bool.view(torch.uint8) mask views; they are casts "
+                          "now (.to(torch.uint8)), not yet rerun on a GPU", strict=False)
 def test_torch_compile_triton_path_inductor():
     _compiled_matches_eager("inductor")
 

@@ -192,6 +192,15 @@ def _morton_order_by_ball(p: Tensor, ball: Tensor) -> Tensor:
     return torch.sort((ball << 32) | code, stable=True).indices
 
 
+_SPREAD = {}
+
+
+def _spread_table(d: int, levels: int) -> Tensor:
+    if d not in _SPREAD:
+        _SPREAD[d] = _spread_bits(torch.arange(levels, dtype=torch.long), d)
+    return _SPREAD[d]
+
+
 def _morton_order(p: Tensor, start: Tensor, count: Tensor) -> Tensor:
     r"""Stable permutation that sorts the points of each ball (the contiguous runs
     ``p[start:start + count]``, host tensors) by their Morton code in the ball's bounding box."""
@@ -202,10 +211,11 @@ def _morton_order(p: Tensor, start: Tensor, count: Tensor) -> Tensor:
     levels = 1024 if d == 3 else 65536
     x = (p - torch.repeat_interleave(lo, counts, dim=0, output_size=n)) \
         * torch.repeat_interleave(inv_span * (levels - 1), counts, dim=0, output_size=n)
-    cell = x.round_().long().clamp_(0, levels - 1)
-    code = _spread_bits(cell[:, 0], d) << (d - 1)
+    cell = x.round_().clamp_(0, levels - 1).int()
+    table = _spread_table(d, levels)  # the bit spreading as one lookup per coordinate
+    code = table.index_select(0, cell[:, 0]) << (d - 1)
     for i in range(1, d):
-        code |= _spread_bits(cell[:, i], d) << (d - 1 - i)
+        code |= table.index_select(0, cell[:, i]) << (d - 1 - i)
     ball = torch.repeat_interleave(torch.arange(start.numel(), device=p.device), counts, output_size=n)
     return torch.sort((ball << 32) | code.long(), stable=True).indices
 
@@ -245,6 +255,7 @@ def _tree_order_host_nodes(pos: Tensor, counts: Tensor, m: int, n: int) -> Tenso
     lo_c = torch.repeat_interleave(lo_c, cnt, dim=0, output_size=n)
     inv_ext = torch.repeat_interleave(torch.where(ext > 0, 1.0 / ext, torch.ones_like(ext)), cnt, dim=0, output_size=n)
     p = ((pos - lo_c) * inv_ext).clamp_(0, 1).float()
+    key, key_sorted, perm_buf = (torch.empty(n, dtype=torch.long, device=device) for _ in range(3))
     for _ in range(levels):
         num_nodes = n_start.numel()
         # integer sort key `node << 24 | quantised coordinate along the node's widest axis`: one
@@ -261,9 +272,9 @@ def _tree_order_host_nodes(pos: Tensor, counts: Tensor, m: int, n: int) -> Tenso
         node = torch.repeat_interleave(torch.arange(num_nodes, device=device), n_count.to(device), output_size=n)
         coord = p.gather(1, axis.index_select(0, node)[:, None]).squeeze(1)
         q = (coord - lo_a.index_select(0, node)).mul_(scale.index_select(0, node)).clamp_(0, _QMAX)
-        key = torch.add(q.long(), node, alpha=1 << 24)
-        perm = torch.sort(key, stable=True).indices
-        order, p = order.index_select(0, perm), p.index_select(0, perm)
+        torch.add(q.long(), node, alpha=1 << 24, out=key)
+        perm = torch.sort(key, stable=True, out=(key_sorted, perm_buf)).indices  # reused buffers:
+        order, p = order.index_select(0, perm), p.index_select(0, perm)         # fewer page faults
         # children: the left one takes ceil(balls / 2) full balls (the median up to padding)
         split_h = n_count > m
         left = (n_count + 2 * m - 1).div(2 * m, rounding_mode="floor") * m

@@ -171,7 +171,7 @@ def gated_combine(o_ball: Tensor, o_c: Tensor, o_slc: Tensor, gates: Tensor, mas
         raise ValueError(f"q_unit must be a power of two, got {q_unit}")
     dt = o_ball.dtype
     return GatedCombine.apply(o_ball, o_c.to(dt), o_slc.to(dt), gates,
-                              mask.to(torch.bool).contiguous().view(torch.uint8), q_unit)
+                              mask.to(torch.bool).to(torch.uint8), q_unit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,4 +249,4 @@ def masked_block_mean(x: Tensor, mask: Tensor, block: int) -> Tensor:
     ``mask [N]`` -> ``[N // block, H, D]`` (zero for a block with no valid row). One pass each way."""
     if x.size(0) % block:
         raise ValueError(f"x has {x.size(0)} rows, not a multiple of block={block}")
-    return MaskedBlockMean.apply(x, mask.to(torch.bool).contiguous().view(torch.uint8), block)
+    return MaskedBlockMean.apply(x, mask.to(torch.bool).to(torch.uint8), block)
