@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generated datasets: 'quick' (small, minutes on a CPU) or 'full' (the dataset's defaults)")
     g.add_argument("--num-train", type=_positive_int, default=None, help="training samples to generate/use")
     g.add_argument("--num-test", type=_positive_int, default=None, help="test samples to generate/use")
-    g.add_argument("--num-points", type=_positive_int, default=None, help="points per generated cloud")
+    g.add_argument("--num-points", type=_positive_int, default=None, help="points per generated cloud (car, toy)")
     g.add_argument("--snapshot", default=None, metavar="PATH",
                    help="read the splits from PATH if it exists, else build them and save them there")
     g.add_argument("--data-kw", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
@@ -174,9 +175,52 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    validate_args(parser, args)
+    return args
+
+
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(?::(\d+))?")
+MAX_SEED = 2 ** 32 - 1  # NumPy's seed range (np.random.seed); torch accepts it too
+
+
+def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    r"""Every check of the flags beyond their argparse ``type``/``choices`` (which already reject,
+    e.g., ``--steps 0``, ``--lr -1``, ``--batch-size 0``, ``--log-every 0``, ``--ckpt-every -1``).
+
+    Runs right after parsing, before any data generation or model building; a bad value stops with
+    ``parser.error`` (exit status 2, ``error: argument --FLAG: ...`` on stderr)."""
+    def bad(flag: str, msg: str):
+        parser.error(f"argument {flag}: {msg}")
+
+    # optimisation
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        bad("--weight-decay", f"expected a finite number >= 0, got {args.weight_decay}")
+    if not (math.isfinite(args.grad_clip) and args.grad_clip >= 0):
+        bad("--grad-clip", f"expected a finite max grad norm >= 0 (0 turns clipping off), got {args.grad_clip}")
+    if not 0 <= args.seed <= MAX_SEED:
+        bad("--seed", f"expected an integer in [0, {MAX_SEED}], got {args.seed}")
+
+    # device (and what needs a particular one)
+    m = _DEVICE_RE.fullmatch(args.device)
+    if m is None:
+        bad("--device", f"expected auto, cpu, cuda or cuda:N, got {args.device!r}")
+    if args.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            bad("--device", f"{args.device!r} requested but CUDA is not available "
+                            f"(torch {torch.__version__}); use --device cpu")
+        if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+            bad("--device", f"{args.device!r} requested but only {torch.cuda.device_count()} CUDA "
+                            f"device(s) are visible")
+    on_cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    if args.backend == "triton" and args.model in ("bsa", "ball") and not on_cuda:
+        bad("--backend", f"'triton' needs a CUDA device (--device {args.device}); use --backend torch or auto")
+
+    # model
     if args.model in ATTENTION_MODELS:
         if args.hidden % args.heads:
             parser.error(f"--heads {args.heads} must divide --hidden {args.hidden}")
+        if int(args.mlp_ratio * args.hidden) < 1:
+            bad("--mlp-ratio", f"{args.mlp_ratio:g} x --hidden {args.hidden} leaves an MLP of width 0")
         if args.model == "bsa":
             from torch_geometric_bsa.reference import BSAConfig
             try:
@@ -184,13 +228,29 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                           topk=args.topk, group_size=args.group_size)
             except ValueError as e:
                 parser.error(f"BSA sizes: {e} (flags --ball-size/--cmp-block/--slc-block/--group-size)")
+
+    # data
     if args.num_points is not None and args.dataset not in ("car", "toy"):
         parser.error(f"--num-points applies to the generated 'car' dataset, not {args.dataset!r}")
     if args.data_workers and args.dataset != "car":
         parser.error(f"--data-workers applies to the generated 'car' dataset, not {args.dataset!r}")
+    if args.data_kw:
+        if args.dataset == "toy":
+            bad("--data-kw", "the 'toy' dataset takes no keywords (use --num-train/--num-test/--num-points)")
+        import inspect
+        from torch_geometric_bsa.datasets import DATASETS
+        params = inspect.signature(DATASETS[args.dataset]).parameters
+        if not any(q.kind is inspect.Parameter.VAR_KEYWORD for q in params.values()):
+            known = [k for k in params if k not in ("root", "split")]
+            for k, _ in args.data_kw:
+                if k not in known:
+                    bad("--data-kw", f"unknown keyword {k!r} for --dataset {args.dataset} (known: {', '.join(known)})")
+
+    # files
     if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
         parser.error(f"--resume: no checkpoint at {args.resume}")
-    return args
+    if not args.prepare_data and os.path.exists(args.out) and not os.path.isdir(args.out):
+        bad("--out", f"{args.out} exists and is not a folder")
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,8 +340,9 @@ def load_splits(args) -> tuple:
         snap = torch.load(args.snapshot, map_location="cpu", weights_only=False)
         return snap["train"], snap["test"], snap["stats"]
     if args.dataset == "toy":
-        train, test, stats = (toy_dataset("train", args.num_train or 8, args.seed),
-                              toy_dataset("test", args.num_test or 4, args.seed), {})
+        pts = (args.num_points, args.num_points) if args.num_points else (96, 160)
+        train, test, stats = (toy_dataset("train", args.num_train or 8, args.seed, pts),
+                              toy_dataset("test", args.num_test or 4, args.seed, pts), {})
     else:
         from torch_geometric_bsa.datasets import get_dataset
         kw = dataset_kwargs(args)
@@ -596,6 +657,11 @@ def _write_csv(path: str, rows: List[Dict]):
 # --------------------------------------------------------------------------------------------
 # Main loop
 # --------------------------------------------------------------------------------------------
+class NonFiniteLossError(FloatingPointError):
+    r"""The training loss (or the parameters) became NaN/Inf; ``main`` raises it on every rank after
+    writing ``OUT/nonfinite.json`` and the logs, leaving the last good checkpoint untouched."""
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args = parse_args(argv)
     dd = Dist(args.device)
@@ -660,7 +726,8 @@ def _run(args, dd: Dist) -> Dict:
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total, args.warmup, args.min_lr_ratio))
+    lr_fn = cosine_with_warmup(total, args.warmup, args.min_lr_ratio)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_fn)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     amp_dtype = torch.bfloat16 if precision == "bf16" else None
 
@@ -684,8 +751,71 @@ def _run(args, dd: Dist) -> Dict:
         resumed_acc = ck["loss_acc"]
         set_rng_state(ck["rng"][dd.rank % len(ck["rng"])])
         log(f"[train] resumed from {path} at step {step}")
+    ckpt_step = step if args.resume and os.path.abspath(path) == os.path.abspath(ckpt_path) else None
+
+    def guard(mean_loss: Optional[float] = None):
+        r"""Non-finite loss guard: raise :class:`NonFiniteLossError` if a training loss so far was
+        NaN/Inf (``bad_step`` below) or, away from logging steps, if the parameters are.
+
+        It never synchronises on its own: at a logging step it looks only at ``mean_loss``, the
+        interval's mean that the loop has just read (non-finite iff one of the interval's losses
+        was); otherwise it is called before an evaluation or a checkpoint, which synchronise
+        anyway, and reads one all-reduced pair of flags. So a bad step is caught at most
+        ``--log-every`` steps late, and always before it can reach a checkpoint."""
+        if mean_loss is not None:
+            if math.isfinite(mean_loss):
+                return
+            params_ok = None
+        else:
+            params_ok_t = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+            flags = dd.all_sum(torch.stack([(bad_step > 0).double(), (~params_ok_t).double()])).tolist()
+            if flags == [0.0, 0.0]:
+                return
+            params_ok = flags[1] == 0
+        # failing: from here on, synchronising costs nothing
+        never = 2 ** 62
+        first_t = torch.where(bad_step > 0, bad_step, torch.full_like(bad_step, never))
+        if dd.world > 1:
+            dist.all_reduce(first_t, op=dist.ReduceOp.MIN)
+        first = int(first_t) if int(first_t) != never else None
+        if first is not None:
+            what = f"the training loss became non-finite (NaN/Inf) at step {first} of {total}"
+            lr_at = sched.base_lrs[0] * lr_fn(first - 1)
+        else:
+            what = f"the parameters became non-finite by step {step} of {total} (every loss up to it was finite)"
+            lr_at = sched.get_last_lr()[0]
+        hint = ("enable --grad-clip (it is 0: off; e.g. --grad-clip 1)" if args.grad_clip == 0
+                else f"lower --grad-clip (now {args.grad_clip:g})")
+        if precision == "bf16":
+            hint += " or try --precision fp32"
+        debug_path = os.path.join(args.out, "nonfinite.json")
+        kept = (f"the last good checkpoint ({ckpt_path}, step {ckpt_step}) is left as it was" if ckpt_step is not None
+                else "no checkpoint was written")
+        msg = (f"{what}: lower --lr (now {args.lr:g}; {lr_at:.3g} at that step) or {hint}; {kept}; "
+               f"details in {debug_path}")
+        bar.close()
+        if dd.main:
+            batches = None
+            if first is not None:  # the clouds each rank trained on at that step (the order is seeded)
+                epoch, b = divmod(first - 1, steps_per_epoch)
+                batches = {}
+                for r in range(dd.world):
+                    s = ShardSampler(len(train), r, dd.world, shuffle=True, seed=args.seed)
+                    s.set_epoch(epoch)
+                    batches[r] = list(s)[b * args.batch_size:(b + 1) * args.batch_size]
+            with open(debug_path, "w") as f:
+                json.dump({"error": msg, "step": first, "detected_at_step": step, "planned_steps": total,
+                           "lr_at_step": lr_at, "interval_mean_loss": None if mean_loss is None else str(mean_loss),
+                           "parameters_finite": params_ok, "last_checkpoint_step": ckpt_step,
+                           "train_indices_per_rank": batches, "train_log": train_log, "eval_log": eval_log,
+                           "args": vars(args)}, f, indent=1)
+            _write_csv(os.path.join(args.out, "train_log.csv"), train_log)
+            _write_csv(os.path.join(args.out, "eval_log.csv"), eval_log)
+        raise NonFiniteLossError(msg)
 
     def checkpoint():
+        nonlocal ckpt_step
+        guard()  # a non-finite state never overwrites the last good checkpoint
         states = [None] * dd.world
         if dd.world > 1:
             dist.all_gather_object(states, rng_state())
@@ -697,6 +827,7 @@ def _run(args, dd: Dist) -> Dict:
                 "scheduler": sched.state_dict(), "step": step, "rng": states, "train_log": train_log,
                 "eval_log": eval_log, "train_time": train_time, "model_name": args.model, "args": vars(args),
                 "loss_acc": loss_acc.cpu()})
+        ckpt_step = step
 
     start_step = step
     if device.type == "cuda":
@@ -710,6 +841,8 @@ def _run(args, dd: Dist) -> Dict:
     loss_acc = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, count since last log
     if resumed_acc is not None:
         loss_acc.copy_(resumed_acc)
+    # first step whose loss was NaN/Inf (0: none yet), updated on the device: no host sync per step
+    bad_step = torch.zeros((), dtype=torch.long, device=device)
     pts_acc, t_log, stopped_early = 0, time.perf_counter(), False
     ema = None
     while step < total and not stopped_early:
@@ -728,6 +861,7 @@ def _run(args, dd: Dist) -> Dict:
             sched.step()
             step += 1
             loss_acc += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
+            bad_step = torch.where((bad_step == 0) & ~torch.isfinite(loss.detach()), step, bad_step)
             pts_acc += pos.size(0)
             if step % args.log_every == 0 or step == total:
                 dd.all_sum(loss_acc)
@@ -736,6 +870,7 @@ def _run(args, dd: Dist) -> Dict:
                 now = time.perf_counter()
                 train_time += now - t_step  # the rest of the interval is added below
                 mean_loss = float(loss_acc[0] / loss_acc[1])
+                guard(mean_loss)  # reuses this read: no extra synchronisation
                 pts_s = pts_acc * dd.world / max(now - t_log, 1e-9)
                 ema = mean_loss if ema is None else 0.7 * ema + 0.3 * mean_loss
                 train_log.append({"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": mean_loss,
@@ -748,6 +883,7 @@ def _run(args, dd: Dist) -> Dict:
                 train_time += time.perf_counter() - t_step
             bar.update(1)
             if args.eval_every and step % args.eval_every == 0 and step < total:
+                guard()
                 m = evaluate(ddp, test, norm, args, dd, autocast)
                 eval_log.append({"step": step, **m})
                 log(f"[train] step {step}: test MSE {m['test_mse']:.5f}, rel L2 {m['test_rel_l2']:.4f}")
@@ -767,6 +903,7 @@ def _run(args, dd: Dist) -> Dict:
                 break
     bar.close()
 
+    guard()
     final = evaluate(ddp, test, norm, args, dd, autocast)
     if not eval_log or eval_log[-1]["step"] != step:
         eval_log.append({"step": step, **final})
@@ -806,4 +943,9 @@ def _run(args, dd: Dist) -> Dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except NonFiniteLossError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)

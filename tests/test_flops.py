@@ -23,3 +23,25 @@ def test_model_flops_bsa_cheaper_than_full_at_scale():
     assert model_flops(100, 64, 4, 8, "ball")["attention"] > 0
     with pytest.raises(ValueError):
         model_flops(100, 64, 4, 8, "none")
+
+
+def test_paper_full_attention_gflops():
+    # the paper's model (18 layers, width 64, 8 heads) on one ShapeNet-Car cloud padded to 4,096
+    # slots as Erwin's tree does: the paper reports 87.08 GFLOPs for full attention; we count 87.04
+    # (docs/paper-check.md: the remaining 0.05% is most likely the RMSNorms)
+    full = model_flops(4096, 64, 18, 8, "full")["total"] / 1e9
+    assert full == pytest.approx(87.08, rel=1e-3)
+    # attention is 4 N^2 C per layer: 18 * 4 * 4096^2 * 64
+    assert model_flops(4096, 64, 18, 8, "full")["attention"] == pytest.approx(18 * 4 * 4096 ** 2 * 64)
+
+
+def test_paper_bsa_gflops_is_far_below_full():
+    # the paper's 27.91 GFLOPs for BSA is not reproduced by any natural configuration
+    # (docs/paper-check.md); our architecture with DESIGN's defaults counts 27.0 and with the
+    # authors' code defaults (top-k 4, group compression) 16.8: both well under a third of full
+    full = model_flops(4096, 64, 18, 8, "full")["total"]
+    ours = model_flops(4096, 64, 18, 8, "bsa", cfg=BSAConfig())["total"]
+    authors = model_flops(4096, 64, 18, 8, "bsa", cfg=BSAConfig(topk=4, group_compression=True))["total"]
+    assert ours / 1e9 == pytest.approx(27.04, rel=1e-3)
+    assert authors / 1e9 == pytest.approx(16.77, rel=1e-3)
+    assert authors < ours < full / 3

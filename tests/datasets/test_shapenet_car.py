@@ -1,5 +1,6 @@
 """ShapeNetCar on a tiny fake copy of the UPT-preprocessed layout."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -87,3 +88,43 @@ def test_wrong_car_count(tmp_path):
     write_fake_shapenet(tmp_path, num_cars=NUM_CARS - 1)
     with pytest.raises(ValueError, match="found 11 car folders.*expected 12"):
         load(tmp_path, "train")
+
+
+@pytest.mark.parametrize("car, name, value, count", [
+    (0, "pressure.npy", np.nan, 1),           # car 0 is written as .npy, car 5 as .th
+    (5, "mesh_points.th", np.inf, 1),
+    (5, "pressure.th", np.nan, 3),
+    (0, "mesh_points.npy", 1e39, 1),           # float64 beyond float32's range: Inf in training
+])
+def test_nan_or_inf_names_file(tmp_path, car, name, value, count):
+    cars = write_fake_shapenet(tmp_path)
+    path = os.path.join(cars[car][0], name)
+    arr = (cars[car][1] if name.startswith("mesh") else cars[car][2]).astype(np.float64)
+    arr.reshape(-1)[:count] = value
+    if name.endswith(".npy"):
+        np.save(path, arr)
+    else:
+        torch.save(torch.from_numpy(arr), path)
+    with pytest.raises(ValueError, match=re.escape(f"{path} contains {count} NaN/Inf values")):
+        load(tmp_path, "train")
+
+
+def test_non_numeric_file_names_it(tmp_path):
+    cars = write_fake_shapenet(tmp_path)
+    path = os.path.join(cars[0][0], "pressure.npy")
+    np.save(path, np.full(NUM_POINTS, "x"))
+    with pytest.raises(ValueError, match=re.escape(path) + " should hold real numbers"):
+        load(tmp_path, "train")
+
+
+@pytest.mark.parametrize("kw, name", [
+    (dict(num_points=0), "num_points"), (dict(num_points=40.0), "num_points"),
+    (dict(num_cars=1, num_test=1), "num_cars"), (dict(num_test=0), "num_test"),
+    (dict(num_test=True), "num_test"), (dict(num_test=NUM_CARS), "num_test"),
+    (dict(split_seed=0.5), "split_seed"),
+])
+def test_invalid_arguments(tmp_path, kw, name):
+    # Checked before any file is looked at (tmp_path is empty).
+    with pytest.raises(ValueError, match=rf"^{name} must"):
+        ShapeNetCar(str(tmp_path), "train", log=False, **{**dict(num_points=NUM_POINTS,
+                    num_cars=NUM_CARS, num_test=NUM_TEST), **kw})

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import inspect
 from typing import Dict, Type
 
 from ._cache import CachedSplitDataset
@@ -36,8 +37,16 @@ def get_dataset(name: str, root: str, split: str = "train", **kwargs) -> CachedS
     """
     try:
         cls = DATASETS[name]
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: an unhashable name
         raise ValueError(f"unknown dataset name {name!r}; choose one of {sorted(DATASETS)}") from None
+    # A ValueError naming the keyword and the valid ones, not Python's TypeError: the keywords
+    # often come from the command line (examples/train.py --data-kw).
+    params = inspect.signature(cls.__init__).parameters
+    known = [p for p in params if p not in ("self", "root", "split")]
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        raise ValueError(f"unknown argument {unknown[0]!r} for dataset {name!r}; {cls.__name__} "
+                         f"takes {', '.join(known)}")
     return cls(root, split=split, **kwargs)
 
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from . import panel
 from ._cache import SPLITS, CachedSplitDataset, attach_stats, single_threaded
+from .elasticity import check_int
 
 __all__ = ["CarShape", "CarPressure", "make_scaling_cloud", "car_panel_solution"]
 
@@ -228,12 +229,14 @@ class CarPressure(CachedSplitDataset):
                  num_points: int = 3586, n_length: int = 30, n_around: int = 28, seed: int = 0,
                  num_workers: int = 0, transform=None, pre_transform=None, pre_filter=None, log: bool = True,
                  force_reload: bool = False) -> None:
-        if min(num_train, num_test, num_points) < 1 or n_length < 3 or n_around < 3:
-            raise ValueError("num_train, num_test, num_points must be >= 1 and "
-                             "n_length, n_around >= 3")
+        for name, value, low in (("num_train", num_train, 1), ("num_test", num_test, 1),
+                                 ("num_points", num_points, 1), ("n_length", n_length, 3),
+                                 ("n_around", n_around, 3), ("seed", seed, 0),  # NumPy seeds are >= 0
+                                 ("num_workers", num_workers, 0)):
+            check_int(name, value, low)
         self.num_train, self.num_test, self.num_points = num_train, num_test, num_points
         self.n_length, self.n_around, self.seed = n_length, n_around, seed
-        self.num_workers = max(0, int(num_workers))
+        self.num_workers = int(num_workers)
         super().__init__(root, split, transform, pre_transform, pre_filter, log, force_reload)
 
     def cache_config(self) -> Dict:
@@ -302,8 +305,9 @@ def make_scaling_cloud(num_points: int, seed: int = 0, mesh_resolution: int = 25
     Returns:
         ``Data(x=[N, 3] normals, pos=[N, 3], y=[N, 1] Cp)`` in float32.
     """
-    if num_points < 1:
-        raise ValueError(f"num_points must be >= 1, got {num_points}")
+    check_int("num_points", num_points)
+    check_int("seed", seed, 0)  # NumPy seeds are >= 0
+    check_int("mesh_resolution", mesh_resolution, 3)
     with single_threaded():
         return _scaling_cloud(num_points, seed, mesh_resolution)
 

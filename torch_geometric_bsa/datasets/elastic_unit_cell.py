@@ -6,6 +6,8 @@ own graded mesh (:mod:`.elastic_fem`), target the von Mises stress over the appl
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Dict, List
 
 import numpy as np
@@ -16,6 +18,7 @@ from tqdm.auto import tqdm
 from . import elastic_fem
 from ._cache import SPLITS, CachedSplitDataset, attach_stats
 from .elastic_fem import Ellipse, mesh_perforated_square, solve_uniaxial_tension, von_mises
+from .elasticity import check_int
 
 __all__ = ["ElasticUnitCell", "sample_voids"]
 
@@ -75,8 +78,17 @@ class ElasticUnitCell(CachedSplitDataset):
                  max_voids: int = 3, h_min: float = 0.012, h_max: float = 0.04,
                  arc_points: int = 48, seed: int = 0, transform=None, pre_transform=None,
                  pre_filter=None, log: bool = True, force_reload: bool = False) -> None:
-        if min(num_train, num_test, max_voids) < 1 or not 0 < h_min <= h_max:
-            raise ValueError("num_train, num_test, max_voids must be >= 1 and 0 < h_min <= h_max")
+        for name, value, low in (("num_train", num_train, 1), ("num_test", num_test, 1),
+                                 ("max_voids", max_voids, 1), ("arc_points", arc_points, 1),
+                                 ("seed", seed, 0)):  # NumPy seeds are >= 0
+            check_int(name, value, low)
+        for name, value in (("h_min", h_min), ("h_max", h_max)):
+            # the mesher would fail on inf/NaN deep inside NumPy, naming no argument
+            if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                    or not math.isfinite(value) or value <= 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if h_min > h_max:
+            raise ValueError(f"h_min must be <= h_max, got h_min={h_min}, h_max={h_max}")
         self.num_train, self.num_test, self.max_voids = num_train, num_test, max_voids
         self.h_min, self.h_max, self.arc_points, self.seed = h_min, h_max, arc_points, seed
         super().__init__(root, split, transform, pre_transform, pre_filter, log, force_reload)

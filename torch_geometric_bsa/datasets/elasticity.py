@@ -5,8 +5,9 @@ standard protocol trains on the first 1000 samples and tests on the last 200.
 """
 from __future__ import annotations
 
+import numbers
 import os.path as osp
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -15,6 +16,26 @@ from torch_geometric.data import Data
 from ._cache import CachedSplitDataset, attach_stats
 
 __all__ = ["Elasticity"]
+
+
+def check_int(name: str, value, minimum: Optional[int] = 1) -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is an int >= ``minimum`` (any int if
+    ``None``). NumPy ints pass; bools do not: ``num_test=True`` is a slip, not 1."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+            or (minimum is not None and value < minimum)):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise ValueError(f"{name} must be an int{bound}, got {value!r}")
+
+
+def _check_finite(path: str, arr: np.ndarray, what: str, samples: np.ndarray) -> None:
+    """Raise a ValueError naming ``path`` if ``arr`` (samples on the last axis, ``samples`` their
+    indices in the file) holds NaN/Inf, which would otherwise reach training silently."""
+    bad = ~np.isfinite(arr)
+    n = int(np.count_nonzero(bad))
+    if n:
+        first = int(samples[bad.reshape(-1, bad.shape[-1]).any(0).argmax()])
+        raise ValueError(f"Elasticity: {path} contains {n} NaN/Inf values in the {what} of the "
+                         f"samples read (first in sample {first}).")
 
 
 class Elasticity(CachedSplitDataset):
@@ -49,8 +70,9 @@ class Elasticity(CachedSplitDataset):
     def __init__(self, root: str, split: str = "train", num_train: int = 1000,
                  num_test: int = 200, num_points: int = 972, transform=None, pre_transform=None,
                  pre_filter=None, log: bool = True, force_reload: bool = False) -> None:
-        if min(num_train, num_test, num_points) < 1:
-            raise ValueError("num_train, num_test and num_points must be >= 1")
+        for name, value in (("num_train", num_train), ("num_test", num_test),
+                            ("num_points", num_points)):
+            check_int(name, value)
         self.num_train, self.num_test, self.num_points = num_train, num_test, num_points
         super().__init__(root, split, transform, pre_transform, pre_filter, log, force_reload)
 
@@ -88,10 +110,22 @@ class Elasticity(CachedSplitDataset):
             raise ValueError(
                 f"Elasticity: {s_path} should have shape [{self.num_points}, {xy.shape[2]}] "
                 f"(matching {self.XY_FILE}), found shape {list(sigma.shape)}.")
+        for path, arr in ((xy_path, xy), (s_path, sigma)):
+            if arr.dtype.kind not in "iuf":
+                raise ValueError(f"Elasticity: {path} should hold real numbers, found dtype "
+                                 f"{arr.dtype}.")
         S = xy.shape[2]
-        xy_t = torch.from_numpy(np.ascontiguousarray(np.transpose(xy, (2, 0, 1)))).float()
-        s_t = torch.from_numpy(np.ascontiguousarray(np.transpose(sigma))).float()
-        ranges = {"train": range(self.num_train), "test": range(S - self.num_test, S)}
+        # Only the samples the splits read are checked: the release's middle samples are unused.
+        used = np.r_[0:self.num_train, S - self.num_test:S]
+        xy_u = np.asarray(xy[:, :, used], dtype=np.float32)
+        s_u = np.asarray(sigma[:, used], dtype=np.float32)
+        # Checked as float32, what training sees: float64 values beyond its range count as Inf.
+        _check_finite(xy_path, xy_u, "node coordinates", used)
+        _check_finite(s_path, s_u, "stress", used)
+        xy_t = torch.from_numpy(np.ascontiguousarray(np.transpose(xy_u, (2, 0, 1))))
+        s_t = torch.from_numpy(np.ascontiguousarray(np.transpose(s_u)))
+        ranges = {"train": range(self.num_train),
+                  "test": range(self.num_train, self.num_train + self.num_test)}
         out = {split: [Data(x=xy_t[i].clone(), pos=xy_t[i], y=s_t[i][:, None]) for i in r]
                for split, r in ranges.items()}
         y = torch.cat([d.y for d in out["train"]])

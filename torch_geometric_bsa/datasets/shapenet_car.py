@@ -16,6 +16,7 @@ from torch_geometric.data import Data
 from tqdm.auto import tqdm
 
 from ._cache import CachedSplitDataset, attach_stats
+from .elasticity import check_int
 
 __all__ = ["ShapeNetCar"]
 
@@ -36,7 +37,17 @@ def _load_array(folder: str, names, what: str, shape, car: str) -> np.ndarray:
                 raise ValueError(
                     f"ShapeNetCar: {path} should hold {what} of shape {list(shape)}, "
                     f"found shape {list(got)} (car {car}).")
-            return arr.reshape(shape).astype(np.float32)
+            if arr.dtype.kind not in "iuf":
+                raise ValueError(f"ShapeNetCar: {path} should hold real numbers, found dtype "
+                                 f"{arr.dtype} (car {car}).")
+            arr = arr.reshape(shape).astype(np.float32)
+            # NaN/Inf would otherwise reach training silently. Checked as float32, what training
+            # sees: float64 values beyond its range count as Inf.
+            bad = int(np.count_nonzero(~np.isfinite(arr)))
+            if bad:
+                raise ValueError(f"ShapeNetCar: {path} contains {bad} NaN/Inf values in its "
+                                 f"{what} (car {car}).")
+            return arr
     raise FileNotFoundError(
         f"ShapeNetCar: expected {what} in {osp.join(folder, names[0])} (or {names[1]}), "
         f"found neither (car {car}).")
@@ -85,8 +96,13 @@ class ShapeNetCar(CachedSplitDataset):
                  num_cars: int = NUM_CARS, num_test: int = NUM_TEST, split_seed: int = 0,
                  transform=None, pre_transform=None, pre_filter=None, log: bool = True,
                  force_reload: bool = False) -> None:
-        if not 0 < num_test < num_cars:
-            raise ValueError(f"need 0 < num_test < num_cars, got {num_test}, {num_cars}")
+        check_int("num_points", num_points)
+        check_int("num_cars", num_cars, 2)
+        check_int("num_test", num_test)
+        if num_test >= num_cars:  # the train split would be empty
+            raise ValueError(f"num_test must be < num_cars, got num_test={num_test}, "
+                             f"num_cars={num_cars}")
+        check_int("split_seed", split_seed, None)
         self.num_points, self.num_cars = num_points, num_cars
         self.num_test, self.split_seed = num_test, split_seed
         super().__init__(root, split, transform, pre_transform, pre_filter, log, force_reload)
