@@ -341,7 +341,10 @@ def build_ball_tree(pos: Tensor, batch: Optional[Tensor] = None, ball_size: int 
     Each node is split on the axis of largest spread at the rank that keeps the left child a
     whole number of full balls (``ceil(balls / 2) * ball_size`` points, the median up to padding),
     so every ball has exactly ``ball_size`` slots and only a cloud's last ball holds padding.
-    Ties are broken by the previous order, so the build is deterministic.
+    Inside each ball the points follow a Morton (Z-order) curve, so short blocks are compact too.
+    Ties are broken by the previous order, so the build is deterministic. CPU and CUDA tensors take
+    different paths (host-side node bookkeeping with 24-bit quantised sort keys on the CPU, all on
+    the device with float64 keys on a GPU); they give the same tree up to ties.
 
     Args:
         pos (Tensor): positions ``[N, d]``, ``d`` in ``{2, 3}``, finite.
@@ -351,8 +354,8 @@ def build_ball_tree(pos: Tensor, batch: Optional[Tensor] = None, ball_size: int 
             Erwin's rotated tree for cross-ball mixing on alternating layers.
 
     Returns:
-        :class:`BallTree`. Costs ``ceil(log2(max balls per cloud))`` sorts of ``N`` integer keys, a
-        min/max reduction per level, and a few host synchronisations (level count and sizes).
+        :class:`BallTree`. Costs ``ceil(log2(max balls per cloud))`` stable sorts of ``N`` keys and a
+        min/max reduction per level, plus a few host synchronisations (level count and sizes).
     """
     batch = _check_inputs(pos, batch, ball_size)
     device = pos.device
