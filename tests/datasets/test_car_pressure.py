@@ -141,3 +141,23 @@ def test_parallel_generation_is_identical(tmp_path):
     for a, b in zip(serial, par):
         assert torch.equal(a.pos, b.pos) and torch.equal(a.y, b.y) and torch.equal(a.x, b.x)
     assert serial.y_mean == par.y_mean and serial.y_std == par.y_std
+
+
+@pytest.mark.parametrize("kw, name", [
+    (dict(num_train=0), "num_train"), (dict(num_test=1.5), "num_test"),
+    (dict(num_points=0), "num_points"), (dict(n_length=2), "n_length"),
+    (dict(n_around=8.0), "n_around"), (dict(seed=-1), "seed"), (dict(num_workers=-1), "num_workers"),
+])
+def test_invalid_arguments(tmp_path, kw, name):
+    with pytest.raises(ValueError, match=rf"^{name} must be an int"):
+        CarPressure(str(tmp_path), "train", **{**SMALL, **kw})
+    assert not os.path.exists(tmp_path / "processed")  # rejected before generating anything
+
+
+@pytest.mark.parametrize("kw, name", [
+    (dict(num_points=0), "num_points"), (dict(num_points=100.0), "num_points"),
+    (dict(seed=-1), "seed"), (dict(mesh_resolution=2), "mesh_resolution"),
+])
+def test_scaling_cloud_invalid_arguments(kw, name):
+    with pytest.raises(ValueError, match=rf"^{name} must be an int"):
+        make_scaling_cloud(**{"num_points": 100, **kw})

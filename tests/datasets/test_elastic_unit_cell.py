@@ -76,3 +76,16 @@ def test_dataset(tmp_path):
     other = ElasticUnitCell(str(tmp_path / "a"), "train", **{**SMALL, "h_max": 0.09})
     assert len(list((tmp_path / "a" / "processed").iterdir())) == 2
     assert other[0].pos.shape != d.pos.shape or not torch.equal(other[0].pos, d.pos)
+
+
+@pytest.mark.parametrize("kw, name", [
+    (dict(num_train=0), "num_train"), (dict(num_test=1.0), "num_test"),
+    (dict(max_voids=0), "max_voids"), (dict(arc_points=0), "arc_points"), (dict(seed=-1), "seed"),
+    (dict(h_min=0.0), "h_min"), (dict(h_min=float("nan")), "h_min"),
+    (dict(h_max=float("inf")), "h_max"), (dict(h_max="0.08"), "h_max"),
+    (dict(h_min=0.09), "h_min must be <= h_max"),
+])
+def test_invalid_arguments(tmp_path, kw, name):
+    with pytest.raises(ValueError, match=rf"^{name}"):
+        ElasticUnitCell(str(tmp_path), "train", **{**SMALL, **kw})
+    assert not (tmp_path / "processed").exists()  # rejected before generating anything

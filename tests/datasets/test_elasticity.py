@@ -1,5 +1,6 @@
 """Elasticity on tiny fake Geo-FNO .npy files."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -52,3 +53,40 @@ def test_wrong_shapes(tmp_path):
     with pytest.raises(ValueError, match=r"sigma_10\.npy should have shape \[30, 9\].*found shape \[30, 8\]"):
         Elasticity(str(tmp_path), "train", num_train=5, num_test=2, num_points=NP, log=False,
                    force_reload=True)
+
+
+KW = dict(num_train=5, num_test=2, num_points=NP, log=False)  # reads samples 0..4 and 7, 8
+
+
+@pytest.mark.parametrize("name, index, sample", [
+    ("Random_UnitCell_sigma_10.npy", (np.s_[:3], 1), 1),
+    ("Random_UnitCell_XY_10.npy", (4, 0, 8), 8),
+    ("Random_UnitCell_XY_10.npy", (4, 1, 7), 7),
+])
+def test_nan_or_inf_names_file(tmp_path, name, index, sample):
+    xy, sigma = write_fake(str(tmp_path))
+    arr = sigma if "sigma" in name else xy
+    arr[index] = np.nan if "sigma" in name else -np.inf
+    np.save(os.path.join(tmp_path, name), arr)
+    count = 3 if "sigma" in name else 1
+    msg = f"{os.path.join(tmp_path, name)} contains {count} NaN/Inf values"
+    with pytest.raises(ValueError, match=re.escape(msg) + rf".*first in sample {sample}\)"):
+        Elasticity(str(tmp_path), "test", **KW)
+
+
+def test_nan_in_unused_sample_is_ignored(tmp_path):
+    xy, sigma = write_fake(str(tmp_path))
+    sigma[:, 5] = np.nan  # between the train and the test samples: never read
+    np.save(os.path.join(tmp_path, "Random_UnitCell_sigma_10.npy"), sigma)
+    test = Elasticity(str(tmp_path), "test", **KW)
+    assert torch.isfinite(test.y).all() and np.isfinite(test.y_mean)
+
+
+@pytest.mark.parametrize("kw, name", [
+    (dict(num_train=0), "num_train"), (dict(num_train=True), "num_train"),
+    (dict(num_test=-1), "num_test"), (dict(num_points=30.0), "num_points"),
+])
+def test_invalid_arguments(tmp_path, kw, name):
+    write_fake(str(tmp_path))
+    with pytest.raises(ValueError, match=rf"^{name} must be an int >= 1"):
+        Elasticity(str(tmp_path), "train", **{**KW, **kw})

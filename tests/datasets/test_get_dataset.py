@@ -22,3 +22,15 @@ def test_errors(tmp_path):
         get_dataset("car", str(tmp_path), "val")
     with pytest.raises(FileNotFoundError, match="ShapeNetCar"):
         get_dataset("shapenet-car", str(tmp_path / "x"), log=False)
+    with pytest.raises(ValueError, match=r"unknown dataset name \['car'\]"):
+        get_dataset(["car"], str(tmp_path))
+
+
+def test_unknown_keyword_names_it(tmp_path):
+    # a typo (num_point) or another dataset's keyword: named, with the valid ones
+    with pytest.raises(ValueError, match="unknown argument 'num_point' for dataset 'car'; "
+                                         "CarPressure takes num_train, num_test, num_points"):
+        get_dataset("car", str(tmp_path), num_point=16)
+    with pytest.raises(ValueError, match="unknown argument 'max_voids' for dataset 'elasticity'"):
+        get_dataset("elasticity", str(tmp_path), max_voids=2)
+    assert not (tmp_path / "processed").exists()

@@ -117,14 +117,16 @@ class Elasticity(CachedSplitDataset):
         S = xy.shape[2]
         # Only the samples the splits read are checked: the release's middle samples are unused.
         used = np.r_[0:self.num_train, S - self.num_test:S]
-        xy_u = np.asarray(xy[:, :, used], dtype=np.float32)
-        s_u = np.asarray(sigma[:, used], dtype=np.float32)
-        # Checked as float32, what training sees: float64 values beyond its range count as Inf.
+        # Checked as float32, what training sees: float64 values beyond its range become Inf (no
+        # overflow warning, the error says it).
+        with np.errstate(over="ignore"):
+            xy_u = np.asarray(xy[:, :, used], dtype=np.float32)
+            s_u = np.asarray(sigma[:, used], dtype=np.float32)
         _check_finite(xy_path, xy_u, "node coordinates", used)
         _check_finite(s_path, s_u, "stress", used)
         xy_t = torch.from_numpy(np.ascontiguousarray(np.transpose(xy_u, (2, 0, 1))))
         s_t = torch.from_numpy(np.ascontiguousarray(np.transpose(s_u)))
-        ranges = {"train": range(self.num_train),
+        ranges = {"train": range(self.num_train),  # rows of xy_t / s_t, i.e. positions in used
                   "test": range(self.num_train, self.num_train + self.num_test)}
         out = {split: [Data(x=xy_t[i].clone(), pos=xy_t[i], y=s_t[i][:, None]) for i in r]
                for split, r in ranges.items()}

@@ -40,9 +40,11 @@ def _load_array(folder: str, names, what: str, shape, car: str) -> np.ndarray:
             if arr.dtype.kind not in "iuf":
                 raise ValueError(f"ShapeNetCar: {path} should hold real numbers, found dtype "
                                  f"{arr.dtype} (car {car}).")
-            arr = arr.reshape(shape).astype(np.float32)
             # NaN/Inf would otherwise reach training silently. Checked as float32, what training
-            # sees: float64 values beyond its range count as Inf.
+            # sees: float64 values beyond its range become Inf (no overflow warning, the error
+            # below says it).
+            with np.errstate(over="ignore"):
+                arr = arr.reshape(shape).astype(np.float32)
             bad = int(np.count_nonzero(~np.isfinite(arr)))
             if bad:
                 raise ValueError(f"ShapeNetCar: {path} contains {bad} NaN/Inf values in its "
