@@ -753,15 +753,17 @@ def _run(args, dd: Dist) -> Dict:
         log(f"[train] resumed from {path} at step {step}")
     ckpt_step = step if args.resume and os.path.abspath(path) == os.path.abspath(ckpt_path) else None
 
-    def guard(mean_loss: Optional[float] = None):
+    def guard(mean_loss: Optional[float] = None, test: Optional[Dict[str, float]] = None):
         r"""Non-finite loss guard: raise :class:`NonFiniteLossError` if a training loss so far was
-        NaN/Inf (``bad_step`` below) or, away from logging steps, if the parameters are.
+        NaN/Inf (``bad_step`` below) or, away from logging steps, if the parameters or the test
+        metrics ``test`` are.
 
         It never synchronises on its own: at a logging step it looks only at ``mean_loss``, the
         interval's mean that the loop has just read (non-finite iff one of the interval's losses
-        was); otherwise it is called before an evaluation or a checkpoint, which synchronise
+        was); otherwise it runs next to an evaluation or before a checkpoint, which synchronise
         anyway, and reads one all-reduced pair of flags. So a bad step is caught at most
         ``--log-every`` steps late, and always before it can reach a checkpoint."""
+        test_ok = test is None or all(math.isfinite(v) for v in test.values())
         if mean_loss is not None:
             if math.isfinite(mean_loss):
                 return
@@ -769,7 +771,7 @@ def _run(args, dd: Dist) -> Dict:
         else:
             params_ok_t = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
             flags = dd.all_sum(torch.stack([(bad_step > 0).double(), (~params_ok_t).double()])).tolist()
-            if flags == [0.0, 0.0]:
+            if flags == [0.0, 0.0] and test_ok:
                 return
             params_ok = flags[1] == 0
         # failing: from here on, synchronising costs nothing
@@ -782,15 +784,17 @@ def _run(args, dd: Dist) -> Dict:
             what = f"the training loss became non-finite (NaN/Inf) at step {first} of {total}"
             lr_at = sched.base_lrs[0] * lr_fn(first - 1)
         else:
-            what = f"the parameters became non-finite by step {step} of {total} (every loss up to it was finite)"
-            lr_at = sched.get_last_lr()[0]
+            what = (f"the parameters became non-finite by step {step} of {total}" if not params_ok else
+                    f"the test metrics became non-finite at step {step} of {total} (the model's outputs overflow)")
+            what += " while every training loss up to it was finite"
+            lr_at = sched.base_lrs[0] * lr_fn(step - 1)
         hint = ("enable --grad-clip (it is 0: off; e.g. --grad-clip 1)" if args.grad_clip == 0
                 else f"lower --grad-clip (now {args.grad_clip:g})")
         if precision == "bf16":
             hint += " or try --precision fp32"
         debug_path = os.path.join(args.out, "nonfinite.json")
-        kept = (f"the last good checkpoint ({ckpt_path}, step {ckpt_step}) is left as it was" if ckpt_step is not None
-                else "no checkpoint was written")
+        kept = (f"the last finite checkpoint ({ckpt_path}, step {ckpt_step}) is left as it was"
+                if ckpt_step is not None else "no checkpoint was written")
         msg = (f"{what}: lower --lr (now {args.lr:g}; {lr_at:.3g} at that step) or {hint}; {kept}; "
                f"details in {debug_path}")
         bar.close()
@@ -806,9 +810,10 @@ def _run(args, dd: Dist) -> Dict:
             with open(debug_path, "w") as f:
                 json.dump({"error": msg, "step": first, "detected_at_step": step, "planned_steps": total,
                            "lr_at_step": lr_at, "interval_mean_loss": None if mean_loss is None else str(mean_loss),
-                           "parameters_finite": params_ok, "last_checkpoint_step": ckpt_step,
-                           "train_indices_per_rank": batches, "train_log": train_log, "eval_log": eval_log,
-                           "args": vars(args)}, f, indent=1)
+                           "parameters_finite": params_ok,
+                           "test_metrics": test and {k: str(v) for k, v in test.items()},
+                           "last_checkpoint_step": ckpt_step, "train_indices_per_rank": batches,
+                           "train_log": train_log, "eval_log": eval_log, "args": vars(args)}, f, indent=1)
             _write_csv(os.path.join(args.out, "train_log.csv"), train_log)
             _write_csv(os.path.join(args.out, "eval_log.csv"), eval_log)
         raise NonFiniteLossError(msg)
@@ -883,8 +888,8 @@ def _run(args, dd: Dist) -> Dict:
                 train_time += time.perf_counter() - t_step
             bar.update(1)
             if args.eval_every and step % args.eval_every == 0 and step < total:
-                guard()
                 m = evaluate(ddp, test, norm, args, dd, autocast)
+                guard(test=m)  # evaluation has synchronised anyway
                 eval_log.append({"step": step, **m})
                 log(f"[train] step {step}: test MSE {m['test_mse']:.5f}, rel L2 {m['test_rel_l2']:.4f}")
                 t_log = time.perf_counter()
@@ -903,8 +908,8 @@ def _run(args, dd: Dist) -> Dict:
                 break
     bar.close()
 
-    guard()
     final = evaluate(ddp, test, norm, args, dd, autocast)
+    guard(test=final)
     if not eval_log or eval_log[-1]["step"] != step:
         eval_log.append({"step": step, **final})
     checkpoint()

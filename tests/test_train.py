@@ -122,6 +122,123 @@ def test_bad_flags_give_argparse_errors(bad, msg, capsys):
     assert __import__("re").search(msg, capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("bad, flag", [
+    (["--weight-decay", "-0.1"], "--weight-decay"),
+    (["--weight-decay", "nan"], "--weight-decay"),
+    (["--grad-clip", "-1"], "--grad-clip"),
+    (["--grad-clip", "inf"], "--grad-clip"),  # 0 turns clipping off; inf is not a way to say so
+    (["--seed", "-1"], "--seed"),
+    (["--seed", str(2 ** 32)], "--seed"),
+    (["--lr", "0"], "--lr"),
+    (["--lr", "-0.001"], "--lr"),
+    (["--lr", "inf"], "--lr"),
+    (["--steps", "-2"], "--steps"),
+    (["--epochs", "0"], "--epochs"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--device", "gpu"], "--device"),
+    (["--device", "cuda:x"], "--device"),
+    (["--ckpt-every", "-1"], "--ckpt-every"),
+    (["--log-every", "0"], "--log-every"),
+    (["--eval-every", "-1"], "--eval-every"),
+    (["--threads", "0"], "--threads"),
+    (["--max-time", "0"], "--max-time"),
+    (["--stop-after", "0"], "--stop-after"),
+    (["--min-lr-ratio", "-0.5"], "--min-lr-ratio"),
+    (["--mlp-ratio", "0.001"], "--mlp-ratio"),
+    (["--model", "bsa", "--backend", "triton", "--device", "cpu"], "--backend"),
+    (["--data-kw", "n_length=6"], "--data-kw"),  # the toy dataset takes no keywords
+    (["--dataset", "car", "--data-kw", "no_such_key=1"], "--data-kw"),
+])
+def test_invalid_flag_values_exit_naming_the_flag(bad, flag, tmp_path, capsys, monkeypatch):
+    def never(*a, **k):
+        raise AssertionError("the flags must be rejected before any data generation or model building")
+    monkeypatch.setattr(train, "load_splits", never)
+    monkeypatch.setattr(train, "build_model", never)
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--steps", "2", "--out", str(tmp_path)] + bad)
+    assert e.value.code == 2
+    assert f"error: argument {flag}:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cuda, count, device, msg", [
+    (False, 0, "cuda", "CUDA is not available"),
+    (False, 0, "cuda:0", "CUDA is not available"),
+    (True, 1, "cuda:1", "only 1 CUDA device"),
+])
+def test_invalid_device_flag_without_that_gpu(cuda, count, device, msg, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(TINY + ["--device", device])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: argument --device:" in err and msg in err
+
+
+def test_invalid_out_flag_and_cli_exit_status(tmp_path, capsys):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "train.py")] + TINY +
+                       ["--grad-clip", "-1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "error: argument --grad-clip:" in r.stderr, r.stderr[-2000:]
+    afile = tmp_path / "a_file"
+    afile.write_text("")
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(TINY + ["--out", str(afile)])
+    assert e.value.code == 2 and "error: argument --out:" in capsys.readouterr().err
+
+
+def test_flag_edge_values_work(tmp_path):
+    # the lower ends are valid: no clipping, no weight decay, seed 0, checkpoint/evaluate at the end only;
+    # --num-points now sizes the toy clouds too (it used to be accepted and ignored)
+    m = train.main(TINY + ["--model", "pointnet", "--steps", "2", "--grad-clip", "0", "--weight-decay", "0",
+                           "--seed", "0", "--ckpt-every", "0", "--eval-every", "0", "--num-points", "50",
+                           "--no-plots", "--out", str(tmp_path)])
+    assert m["steps"] == 2 and m["mean_points"] == 50 and m["test_mse"] == m["test_mse"]
+
+
+# lr 1e30 without clipping: AdamW's first update moves every weight by ~1e30, so the forward of step 2
+# overflows and its loss is NaN (the loss of step 1, on the initial weights, is finite)
+DIVERGE = TINY + ["--model", "pointnet", "--steps", "6", "--lr", "1e30", "--grad-clip", "0", "--no-plots"]
+
+
+@pytest.mark.parametrize("flags, detected_at", [
+    (["--log-every", "1", "--eval-every", "0", "--ckpt-every", "0"], 2),   # caught by the logged loss
+    (["--log-every", "4", "--eval-every", "0", "--ckpt-every", "0"], 4),   # ... which still names step 2
+    (["--log-every", "10", "--eval-every", "0", "--ckpt-every", "1"], 2),  # caught before the checkpoint
+])
+def test_nan_loss_stops_with_a_clear_error(tmp_path, flags, detected_at):
+    out = str(tmp_path)
+    with pytest.raises(train.NonFiniteLossError) as e:
+        train.main(DIVERGE + flags + ["--out", out])
+    msg = str(e.value)
+    assert "non-finite" in msg and "at step 2 of 6" in msg and "--lr" in msg and "--grad-clip" in msg
+    info = json.load(open(os.path.join(out, "nonfinite.json")))
+    assert info["step"] == 2 and info["detected_at_step"] == detected_at and info["error"] == msg
+    assert len(info["train_indices_per_rank"]["0"]) == 2
+    assert not os.path.exists(os.path.join(out, "metrics.json"))
+    if "--ckpt-every" in flags and flags[flags.index("--ckpt-every") + 1] == "1":
+        # the step-1 checkpoint is kept, not overwritten by the diverged state
+        params, ck = _final_params(out)
+        assert ck["step"] == 1 and info["last_checkpoint_step"] == 1
+        assert all(torch.isfinite(v).all() for v in params.values())
+        assert "step 1) is left as it was" in msg
+    else:
+        assert not os.path.exists(os.path.join(out, "checkpoint.pt")) and "no checkpoint was written" in msg
+
+
+def test_nan_test_metrics_stop_before_the_checkpoint(tmp_path):
+    with pytest.raises(train.NonFiniteLossError, match="test metrics became non-finite at step 1"):
+        train.main(DIVERGE + ["--eval-every", "1", "--ckpt-every", "1", "--out", str(tmp_path)])
+    assert not os.path.exists(os.path.join(str(tmp_path), "checkpoint.pt"))
+
+
+def test_nan_loss_cli_exits_nonzero(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "train.py")] + DIVERGE +
+                       ["--eval-every", "0", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "error: the training loss became non-finite (NaN/Inf) at step 2 of 6: lower --lr" in r.stderr
+    assert "--grad-clip" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_bf16_autocast_cpu(tmp_path):
     m = train.main(TINY + ["--model", "bsa", "--steps", "2", "--precision", "bf16", "--no-plots",
                            "--out", str(tmp_path)])
