@@ -272,9 +272,12 @@ def _tree_order_host_nodes(pos: Tensor, counts: Tensor, m: int, n: int) -> Tenso
         node = torch.repeat_interleave(torch.arange(num_nodes, device=device), n_count.to(device), output_size=n)
         coord = p.gather(1, axis.index_select(0, node)[:, None]).squeeze(1)
         q = (coord - lo_a.index_select(0, node)).mul_(scale.index_select(0, node)).clamp_(0, _QMAX)
-        torch.add(q.long(), node, alpha=1 << 24, out=key)
-        perm = torch.sort(key, stable=True, out=(key_sorted, perm_buf)).indices  # reused buffers:
-        order, p = order.index_select(0, perm), p.index_select(0, perm)         # fewer page faults
+        if num_nodes <= 128:  # the key fits in int32: a radix sort of half the bytes, 2x faster
+            perm = torch.sort(torch.add(q.int(), node.int(), alpha=1 << 24), stable=True).indices
+        else:  # reused buffers: fewer page faults
+            torch.add(q.long(), node, alpha=1 << 24, out=key)
+            perm = torch.sort(key, stable=True, out=(key_sorted, perm_buf)).indices
+        order, p = order.index_select(0, perm), p.index_select(0, perm)
         # children: the left one takes ceil(balls / 2) full balls (the median up to padding)
         split_h = n_count > m
         left = (n_count + 2 * m - 1).div(2 * m, rounding_mode="floor") * m
