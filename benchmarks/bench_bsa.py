@@ -30,7 +30,7 @@ def make_case(n, h, d, cfg, seed=0, dtype=torch.bfloat16, device="cuda"):
     rnd = lambda *s: torch.randn(*s, device=device, dtype=dtype, generator=g).requires_grad_()  # noqa: E731
     c = dict(n=n, tree=tree, pos=tree.to_tree(pos).to(dtype), q=rnd(n, h, d), k=rnd(n, h, d), v=rnd(n, h, d),
              sigma=torch.full((h,), -1.0, device=device, dtype=dtype, requires_grad=True),
-             gates=torch.rand(n, h, 3, device=device, dtype=dtype).requires_grad_())
+             gates=torch.rand(n, h, cfg.num_branches, device=device, dtype=dtype).requires_grad_())
     c["do"] = torch.randn(n, h, d, device=device, dtype=dtype)
     return c
 
@@ -117,14 +117,15 @@ def branch_split(c, cfg, rep):
     else:
         qc = q
     q_unit = tree.num_slots // qc.size(0)
-    ranges = compressed_ranges(tree, q_unit, cfg.cmp_stride)
+    ranges = compressed_ranges(tree, q_unit, cfg.cmp_stride, window=cfg.cmp_window)
+    rg = True if cfg.cmp_window is not None else None
     with torch.no_grad():
-        out["cmp_fwd"] = bench_gpu(lambda: compressed_attention_triton(qc, kc, vc, cm, tree, cfg.cmp_stride, ranges=ranges), rep=rep)
-        o_c, lse = compressed_attention_triton(qc, kc, vc, cm, tree, cfg.cmp_stride, ranges=ranges)
+        out["cmp_fwd"] = bench_gpu(lambda: compressed_attention_triton(qc, kc, vc, cm, tree, cfg.cmp_stride, ranges=ranges, ragged=rg), rep=rep)
+        o_c, lse = compressed_attention_triton(qc, kc, vc, cm, tree, cfg.cmp_stride, ranges=ranges, ragged=rg)
     doc = torch.randn_like(o_c)
 
     def cmp_fb():
-        o, _ = compressed_attention_triton(qc, kc, vc, cm, tree, cfg.cmp_stride, ranges=ranges)
+        o, _ = compressed_attention_triton(qc, kc, vc, cm, tree, cfg.cmp_stride, ranges=ranges, ragged=rg)
         torch.autograd.backward(o, doc)
     out["cmp_fwdbwd"] = bench_gpu(cmp_fb, rep=rep)
     with torch.no_grad():
@@ -134,6 +135,8 @@ def branch_split(c, cfg, rep):
     out["slc_fwdbwd"] = bench_gpu(fb(lambda: selected_attention_triton(q, k, v, idx, tree.mask, g, cfg.slc_block)), rep=rep)
     # floors (ms): FLOPs over the matmul ceiling, or bytes over the copy ceiling
     nq, nb = qc.size(0), kc.size(0)
+    if cfg.cmp_window is not None:  # keys per query: the window's blocks
+        nb = min(nb, cfg.cmp_window // cfg.cmp_stride)
     unit = 2.0 * nq * nb * d * h  # one [Q x NB] matmul over all heads
     f = lambda flops: flops / (MATMUL_TFLOPS * 1e12) * 1e3  # noqa: E731
     nbytes = q.numel() * q.element_size()
@@ -161,7 +164,11 @@ def main():
     from torch_geometric_bsa import BSAConfig
     cfgs = {"paper": BSAConfig(ball_size=256, cmp_block=8, slc_block=8, topk=16, group_size=8),
             "fast": BSAConfig(ball_size=256, cmp_block=8, slc_block=8, topk=16, group_size=8,
-                              group_compression=True)}
+                              group_compression=True),
+            # the large-cloud option: compression and selection within windows of 16,384 slots
+            # plus one coarse key per ball (BSAConfig.cmp_window)
+            "fastwin": BSAConfig(ball_size=256, cmp_block=8, slc_block=8, topk=16, group_size=8,
+                                 group_compression=True, cmp_window=16384)}
     torch._dynamo.config.cache_size_limit = 64  # flex recompiles per shape; never fall back to eager
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = 64
@@ -192,7 +199,7 @@ def main():
                     row["sdpa_fwd"], row["sdpa_fwdbwd"], _ = timed(sdpa_full, c, cfg, rep)
                 if n <= 16384:
                     row["ref_fwd"], row["ref_fwdbwd"], _ = timed(reference, c, cfg, max(5, rep // 5))
-                if n in flex_sizes and not args.no_flex:  # flex recompiles per shape
+                if n in flex_sizes and not args.no_flex and cfg.cmp_window is None:  # flex recompiles per shape
                     for tile in (128,):  # flex's default tiles (16x16 selection tiles failed to lower on torch 2.11)
                         FLEX_TILE["tile"] = tile
                         try:

@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--topk", type=_positive_int, default=8, help="BSA selected blocks per group")
     g.add_argument("--group-size", type=_positive_int, default=8, help="BSA query group size")
     g.add_argument("--group-compression", action="store_true", help="BSA: pool queries per group")
+    g.add_argument("--cmp-window", type=_positive_int, default=None,
+                   help="BSA for very large clouds: compression/selection within windows of this many "
+                        "tree-ordered slots (a multiple of --ball-size) plus a coarse per-ball branch")
     g.add_argument("--compression", default="mlp", choices=("mlp", "mean"), help="BSA block pooling")
     g.add_argument("--rotate", action="store_true", help="alternate layers use a rotated ball tree")
     g.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
@@ -225,9 +228,10 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             from torch_geometric_bsa.reference import BSAConfig
             try:
                 BSAConfig(ball_size=args.ball_size, cmp_block=args.cmp_block, slc_block=args.slc_block,
-                          topk=args.topk, group_size=args.group_size)
+                          topk=args.topk, group_size=args.group_size, cmp_window=args.cmp_window)
             except ValueError as e:
-                parser.error(f"BSA sizes: {e} (flags --ball-size/--cmp-block/--slc-block/--group-size)")
+                parser.error(f"BSA sizes: {e} (flags --ball-size/--cmp-block/--slc-block/--group-size/"
+                             "--cmp-window)")
 
     # data
     if args.num_points is not None and args.dataset not in ("car", "toy"):
@@ -453,7 +457,7 @@ def build_model(args, in_channels: int, out_channels: int, dim: int, backend: Op
         if args.model == "bsa":
             kw.update(cmp_block=args.cmp_block, slc_block=args.slc_block, topk=args.topk,
                       group_size=args.group_size, group_compression=args.group_compression,
-                      compression=args.compression)
+                      compression=args.compression, cmp_window=args.cmp_window)
         return BSATransformer(in_channels, out_channels, args.hidden, args.layers, args.heads,
                               attention=args.model, mlp_ratio=args.mlp_ratio, rotate=args.rotate, dim=dim,
                               ball_size=args.ball_size, **kw)
@@ -495,7 +499,8 @@ def model_gflops(args, n: int, in_channels: int, out_channels: int, dim: int, mo
         from torch_geometric_bsa.flops import model_flops
         from torch_geometric_bsa.reference import BSAConfig
         cfg = BSAConfig(ball_size=args.ball_size, cmp_block=args.cmp_block, slc_block=args.slc_block,
-                        topk=args.topk, group_size=args.group_size, group_compression=args.group_compression) \
+                        topk=args.topk, group_size=args.group_size, group_compression=args.group_compression,
+                        cmp_window=args.cmp_window) \
             if args.model == "bsa" else BSAConfig(ball_size=args.ball_size, cmp_block=1, slc_block=1,
                                                   group_size=1)
         return model_flops(n, args.hidden, args.layers, args.heads, args.model, cfg, mlp_ratio=args.mlp_ratio,

@@ -45,3 +45,16 @@ def test_paper_bsa_gflops_is_far_below_full():
     assert ours / 1e9 == pytest.approx(27.04, rel=1e-3)
     assert authors / 1e9 == pytest.approx(16.77, rel=1e-3)
     assert authors < ours < full / 3
+
+
+def test_cmp_window_flops():
+    # 1M points, fast configuration: the window cuts the compression term from N/s to W/s keys per
+    # query and adds N/m coarse keys
+    cfg = BSAConfig(group_compression=True)
+    n, w = 1 << 20, 1 << 14
+    plain = bsa_flops(n, cfg, heads=8, head_dim=64)
+    win = bsa_flops(n, cfg.with_(cmp_window=w), heads=8, head_dim=64)
+    assert plain["crs"] == 0.0
+    assert win["cmp"] == pytest.approx(plain["cmp"] * w / n)
+    assert win["crs"] == pytest.approx(plain["cmp"] * 8 / 256)
+    assert win["cmp"] + win["crs"] < plain["cmp"] / 20

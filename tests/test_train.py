@@ -329,3 +329,16 @@ def test_compare_deadline_skips_what_cannot_fit(tmp_path):
                          "--results", str(tmp_path / "r.md"), "--"] + TINY)
     assert rows[0]["error"].startswith("skipped")
     assert "failed: skipped" in open(str(tmp_path / "r.md")).read()
+
+
+def test_cmp_window_flag(tmp_path, capsys):
+    # the large-cloud option trains end to end and is counted in the FLOPs; a window that is not a
+    # multiple of the ball size is rejected naming the flag
+    base = TINY + ["--model", "bsa", "--steps", "2", "--log-every", "1", "--no-plots"]
+    m = train.main(base + ["--cmp-window", "64", "--out", str(tmp_path / "w")])
+    plain = train.main(base + ["--out", str(tmp_path / "p")])
+    assert m["steps"] == 2 and m["test_mse"] == m["test_mse"]
+    assert m["parameters"] > plain["parameters"]  # the fourth gate
+    with pytest.raises(SystemExit) as e:
+        train.main(base + ["--cmp-window", "40", "--out", str(tmp_path / "bad")])
+    assert e.value.code == 2 and "--cmp-window" in capsys.readouterr().err

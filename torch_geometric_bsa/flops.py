@@ -26,7 +26,8 @@ def bsa_flops(n: int, cfg: BSAConfig, heads: int, head_dim: int, compression: st
     r"""FLOPs of each BSA branch for one cloud of ``n`` points (padded to the ball size).
 
     Returns a dict with ``ball``, ``cmp`` (attention over compressed keys, which also yields the
-    selection scores), ``cmp_pool`` (the compression MLP), ``slc`` and ``total``.
+    selection scores), ``cmp_pool`` (the compression MLP), ``slc``, ``crs`` (the coarse branch of
+    ``cfg.cmp_window``, else 0) and ``total``.
     """
     m = cfg.ball_size
     n_pad = -(-n // m) * m
@@ -35,10 +36,13 @@ def bsa_flops(n: int, cfg: BSAConfig, heads: int, head_dim: int, compression: st
     d = head_dim
     out = {
         "ball": attention_flops(n_pad, m, heads, d),
-        "cmp": attention_flops(q_cmp, nb, heads, d),
+        # with a window, each query sees the blocks of its window only
+        "cmp": attention_flops(q_cmp, nb if cfg.cmp_window is None else min(nb, cfg.cmp_window // cfg.cmp_stride),
+                               heads, d),
         # two MLPs (k and v) of l*D -> D -> D per block and head
         "cmp_pool": (2 * 2.0 * nb * heads * (cfg.cmp_block * d * d + d * d)) if compression == "mlp" else 0.0,
         "slc": attention_flops(n_pad, min(cfg.topk * cfg.slc_block, n_pad), heads, d),
+        "crs": 0.0 if cfg.cmp_window is None else attention_flops(q_cmp, n_pad // m, heads, d),
     }
     out["total"] = sum(out.values())
     return out

@@ -47,8 +47,9 @@ def _check(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, cfg: BS
         raise ValueError(f"cfg.ball_size={cfg.ball_size} differs from the tree's ball_size={tree.ball_size}")
     if sigma.shape != (q.size(1),):
         raise ValueError(f"sigma must have shape [H={q.size(1)}], got {list(sigma.shape)}")
-    if gates.shape != (q.size(0), q.size(1), 3):
-        raise ValueError(f"gates must have shape [N_pad, H, 3], got {list(gates.shape)}")
+    nb = cfg.num_branches
+    if gates.shape != (q.size(0), q.size(1), nb):
+        raise ValueError(f"gates must have shape [N_pad, H, {nb}] (cfg.num_branches), got {list(gates.shape)}")
     devs = {t.device for t in (q, k, v, pos, sigma, gates, tree.perm)}
     if len(devs) > 1:
         raise ValueError(f"all inputs (q, k, v, pos, sigma, gates, tree) must be on one device, got {devs}")
@@ -66,7 +67,8 @@ def bsa_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, 
         tree (BallTree): the ball tree the tensors are ordered by.
         cfg (BSAConfig): block sizes, top-k and group size.
         sigma (Tensor): ``[H]`` per-head distance-bias scale of the ball branch.
-        gates (Tensor): ``[N_pad, H, 3]`` branch weights (ball, compression, selection).
+        gates (Tensor): ``[N_pad, H, B]`` branch weights (ball, compression, selection, and the
+            coarse branch when ``cfg.cmp_window`` is set: ``B = cfg.num_branches``).
         k_cmp, v_cmp (Tensor, optional): ``[N_pad // cmp_stride, H, D]`` compressed keys and
             values; mean pooling when omitted.
         backend (str): ``"auto"`` (Triton on CUDA, else PyTorch), ``"torch"`` or ``"triton"``.

@@ -35,6 +35,13 @@ class BSAConfig:
         topk (int): selected blocks per query group ``k``.
         group_size (int): queries per selection group ``g``.
         group_compression (bool): pool queries per group for the compression branch too.
+        cmp_window (int, optional): for large clouds. When set (a multiple of ``ball_size``), the
+            compression branch and the selection only see the blocks of the query's window (the
+            aligned run of ``cmp_window`` slots of its cloud that holds it: a subtree of the ball
+            tree when the cloud has a power-of-two number of balls), and a fourth, **coarse**
+            branch attends to one mean-pooled key per ball of the whole cloud. Costs
+            ``N * (cmp_window / s + N / ball_size)`` instead of ``N * N / s``; the gates get a
+            fourth column. ``None`` (default): the paper's whole-cloud compression.
     """
 
     ball_size: int = 256
@@ -44,6 +51,7 @@ class BSAConfig:
     topk: int = 16
     group_size: int = 8
     group_compression: bool = False
+    cmp_window: Optional[int] = None
 
     def __post_init__(self):
         for name in ("ball_size", "cmp_block", "slc_block", "topk", "group_size"):
@@ -58,6 +66,15 @@ class BSAConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must divide ball_size={self.ball_size} "
                                  "(blocks and groups must not straddle balls or clouds)")
         object.__setattr__(self, "cmp_stride", s)
+        w = self.cmp_window
+        if w is not None and (not isinstance(w, int) or w < self.ball_size or w % self.ball_size):
+            raise ValueError(f"cmp_window must be None or a positive multiple of ball_size={self.ball_size}, "
+                             f"got {w!r}")
+
+    @property
+    def num_branches(self) -> int:
+        r"""Gated branches: ball, compression, selection, and the coarse one with ``cmp_window``."""
+        return 3 if self.cmp_window is None else 4
 
     def with_(self, **kw) -> "BSAConfig":
         return replace(self, **kw)
@@ -169,8 +186,10 @@ def compress_mean(k: Tensor, v: Tensor, mask: Tensor, slot_batch: Tensor, block:
 
 
 def compressed_attention(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cmp_mask: Tensor, tree: BallTree,
-                         cmp_stride: int, scale: Optional[float] = None, return_probs: bool = False):
-    r"""Every query attends to all compressed blocks of its own cloud.
+                         cmp_stride: int, scale: Optional[float] = None, return_probs: bool = False,
+                         window: Optional[int] = None):
+    r"""Every query attends to all compressed blocks of its own cloud (of its window of ``window``
+    slots of the cloud, when given: blocks and queries with the same ``cloud slot // window``).
 
     Args:
         q: ``[Q, H, D]`` queries in tree order at granularity ``q_unit = N_pad // Q`` (1 for
@@ -193,7 +212,11 @@ def compressed_attention(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cmp_mask: Tens
     logits = scale * qd.transpose(1, 2).to(acc) @ kd.permute(0, 2, 3, 1).to(acc)  # [B, H, Qm, NB]
     # probabilities stay in fp32 for 16-bit inputs: rounding them to bf16 (8 bits) would turn near
     # ties of the selection scores into exact ties and flip the top-k against the fp32 result
-    p = _masked_softmax(logits, (bmask & bvalid)[:, None, None, :])
+    valid = (bmask & bvalid)[:, None, None, :]
+    if window is not None:
+        same = _window_mask(logits.size(2), q_unit, logits.size(3), cmp_stride, window, q.device)
+        valid = valid & same
+    p = _masked_softmax(logits, valid)
     # padded queries (a group: all of it padded) get zero output and no say in the selection
     qmask = tree.mask.view(-1, q_unit).any(1)
     qmd, _ = _to_dense(qmask, tree.ptr, tree.max_slots, q_unit)
@@ -201,6 +224,13 @@ def compressed_attention(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cmp_mask: Tens
     od = (p @ vd.transpose(1, 2).to(acc)).transpose(1, 2).to(q.dtype)    # [B, Qm, H, D]
     o = _from_dense(od, tree.ptr, tree.max_slots, q.size(0), q_unit)
     return (o, p) if return_probs else o
+
+
+def _window_mask(nq: int, q_unit: int, nk: int, k_unit: int, window: int, device) -> Tensor:
+    r"""``[Qm, NK]`` bool: row and column units (cloud-relative slots ``i * unit``) share a window."""
+    qw = torch.arange(nq, device=device) * q_unit // window
+    kw = torch.arange(nk, device=device) * k_unit // window
+    return qw[:, None] == kw[None, :]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +253,10 @@ def selection_scores(p_cmp: Tensor, tree: BallTree, cfg: BSAConfig, q_unit: int)
     overlap = (cb[:, None] < sb[None] + ls) & (sb[None] < cb[:, None] + l)
     scores = ph @ overlap.to(ph.dtype)                          # [B, NG, NS]
     slc_valid, present = _to_dense(_block_any(tree.mask, ls), tree.ptr, tree.max_slots, ls)
-    return scores.masked_fill(~(slc_valid & present)[:, None, :], -math.inf)
+    valid = (slc_valid & present)[:, None, :]
+    if cfg.cmp_window is not None:  # only the blocks of the group's own window
+        valid = valid & _window_mask(scores.size(1), g, ns, ls, cfg.cmp_window, scores.device)
+    return scores.masked_fill(~valid, -math.inf)
 
 
 def _block_any(mask: Tensor, block: int) -> Tensor:
@@ -291,7 +324,8 @@ def bsa_reference(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, 
 
     Args:
         q, k, v: ``[N_pad, H, D]`` tree order. pos: ``[N_pad, d]``. sigma: ``[H]``.
-        gates: ``[N_pad, H, 3]`` branch weights (ball, compression, selection), already squashed.
+        gates: ``[N_pad, H, B]`` branch weights (ball, compression, selection and, with
+            ``cfg.cmp_window``, coarse: ``B = cfg.num_branches``), already squashed.
         k_cmp, v_cmp: ``[N_pad // s, H, D]`` compressed keys/values (e.g. from an MLP); mean
             pooling when omitted. cmp_mask: ``[N_pad // s]`` (derived from the tree when omitted).
 
@@ -299,7 +333,7 @@ def bsa_reference(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, 
         ``[N_pad, H, D]`` (zero at padded slots); with ``return_branches`` also a dict of the
         branch outputs and the selected block indices.
     """
-    mask, s, g = tree.mask, cfg.cmp_stride, cfg.group_size
+    mask, s, g, w = tree.mask, cfg.cmp_stride, cfg.group_size, cfg.cmp_window
     o_ball = ball_attention(q, k, v, pos, sigma, mask, cfg.ball_size)
     if k_cmp is None:
         k_cmp, v_cmp, cmp_mask = compress_mean(k, v, mask, tree.slot_batch, cfg.cmp_block, s)
@@ -307,18 +341,26 @@ def bsa_reference(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, 
         _, cmp_mask = blockify(mask, mask, tree.slot_batch, cfg.cmp_block, s)
         cmp_mask = cmp_mask.any(1)
     if cfg.group_compression:
-        w = mask.view(-1, g, 1, 1).to(q.dtype)
-        q_cmp = (q.view(-1, g, *q.shape[1:]) * w).sum(1) / w.sum(1).clamp_min(1.0)
-        o_g, p_cmp = compressed_attention(q_cmp, k_cmp, v_cmp, cmp_mask, tree, s, return_probs=True)
-        o_cmp = o_g.repeat_interleave(g, 0) * mask.view(-1, 1, 1)
+        wq = mask.view(-1, g, 1, 1).to(q.dtype)
+        q_cmp = (q.view(-1, g, *q.shape[1:]) * wq).sum(1) / wq.sum(1).clamp_min(1.0)
         q_unit = g
     else:
-        o_cmp, p_cmp = compressed_attention(q, k_cmp, v_cmp, cmp_mask, tree, s, return_probs=True)
-        q_unit = 1
+        q_cmp, q_unit = q, 1
+    o_c, p_cmp = compressed_attention(q_cmp, k_cmp, v_cmp, cmp_mask, tree, s, return_probs=True, window=w)
+    o_cmp = o_c.repeat_interleave(g, 0) * mask.view(-1, 1, 1) if cfg.group_compression else o_c
     with torch.no_grad():
         idx, idx_valid = select_blocks(selection_scores(p_cmp, tree, cfg, q_unit), cfg.topk)
     o_slc = selected_attention(q, k, v, idx, idx_valid, tree, cfg)
     out = gates[..., 0:1] * o_ball + gates[..., 1:2] * o_cmp + gates[..., 2:3] * o_slc
+    branches = dict(ball=o_ball, cmp=o_cmp, slc=o_slc, idx=idx, idx_valid=idx_valid)
+    if w is not None:
+        # the coarse global branch: one mean-pooled key per ball of the whole cloud
+        m = cfg.ball_size
+        k_crs, v_crs, crs_mask = compress_mean(k, v, mask, tree.slot_batch, m, m)
+        o_r = compressed_attention(q_cmp, k_crs, v_crs, crs_mask, tree, m)
+        o_crs = o_r.repeat_interleave(g, 0) * mask.view(-1, 1, 1) if cfg.group_compression else o_r
+        out = out + gates[..., 3:4] * o_crs
+        branches["crs"] = o_crs
     if return_branches:
-        return out, dict(ball=o_ball, cmp=o_cmp, slc=o_slc, idx=idx, idx_valid=idx_valid)
+        return out, branches
     return out

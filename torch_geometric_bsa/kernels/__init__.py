@@ -62,8 +62,10 @@ def bsa_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree, cfg, *, sigma
         q_unit = g
     else:
         q_cmp, q_unit = q, 1
-    ranges = compressed_ranges(tree, q_unit, s)
-    o_c, lse = compressed_attention_triton(q_cmp, k_cmp, v_cmp, cmp_mask, tree, s, ranges=ranges)
+    w = cfg.cmp_window
+    ranges = compressed_ranges(tree, q_unit, s, window=w)
+    o_c, lse = compressed_attention_triton(q_cmp, k_cmp, v_cmp, cmp_mask, tree, s, ranges=ranges,
+                                           ragged=True if w is not None else None)
     with torch.no_grad():
         if cfg.cmp_block == s == ls and (g // q_unit) & (g // q_unit - 1) == 0:
             from .topk import select_topk_triton
@@ -72,10 +74,21 @@ def bsa_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree, cfg, *, sigma
             idx = _dense_selection(q_cmp.detach(), k_cmp.detach(), v_cmp.detach(), cmp_mask, tree, cfg, q_unit)
     o_slc = selected_attention_triton(q, k, v, idx, mask, g, ls)
     from .combine import gated_combine
-    out = gated_combine(o_ball, o_c, o_slc, gates, mask, q_unit)  # one pass, no repeat_interleave copy
+    out = gated_combine(o_ball, o_c, o_slc, gates[..., :3], mask, q_unit)  # one pass, no repeat_interleave copy
+    o_crs = None
+    if w is not None:
+        # the coarse global branch: one mean-pooled key per ball of the whole cloud
+        m = cfg.ball_size
+        k_crs, v_crs, crs_mask = compress_mean_fast(k, v, tree, m, m)
+        o_r, _ = compressed_attention_triton(q_cmp, k_crs, v_crs, crs_mask, tree, m)
+        o_crs = o_r.repeat_interleave(g, 0) * mask.view(-1, 1, 1) if cfg.group_compression else o_r
+        out = out + gates[..., 3:4] * o_crs
     if return_branches:
         o_cmp = o_c.repeat_interleave(g, 0) * mask.view(-1, 1, 1) if cfg.group_compression else o_c
-        return out, dict(ball=o_ball, cmp=o_cmp, slc=o_slc, idx=idx)
+        branches = dict(ball=o_ball, cmp=o_cmp, slc=o_slc, idx=idx)
+        if o_crs is not None:
+            branches["crs"] = o_crs
+        return out, branches
     return out
 
 
@@ -83,7 +96,8 @@ def _dense_selection(q_cmp, k_cmp, v_cmp, cmp_mask, tree, cfg, q_unit):
     r"""Fallback selection for block shapes the streamed kernel does not cover: the reference's dense
     scores, converted to global block ids ``[N_pad // g, k']`` (-1 = invalid)."""
     from ..reference import _from_dense, compressed_attention, select_blocks, selection_scores
-    _, p = compressed_attention(q_cmp, k_cmp, v_cmp, cmp_mask, tree, cfg.cmp_stride, return_probs=True)
+    _, p = compressed_attention(q_cmp, k_cmp, v_cmp, cmp_mask, tree, cfg.cmp_stride, return_probs=True,
+                                window=cfg.cmp_window)
     idx, valid = select_blocks(selection_scores(p, tree, cfg, q_unit), cfg.topk)
     ng = tree.num_slots // cfg.group_size
     loc = _from_dense(torch.where(valid, idx, -1), tree.ptr, tree.max_slots, ng, cfg.group_size)

@@ -223,19 +223,38 @@ class CompressedAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def compressed_ranges(tree, q_unit: int, cmp_stride: int):
-    r"""Per-query key ranges and per-key query ranges of the compression branch (int32)."""
+def compressed_ranges(tree, q_unit: int, cmp_stride: int, window: Optional[int] = None):
+    r"""Per-query key ranges and per-key query ranges of the compression branch (int32).
+
+    With ``window`` (slots, a multiple of the ball size), each range is cut to the aligned run of
+    ``window`` slots of the cloud that holds the row (``BSAConfig.cmp_window``).
+    """
     kstart, kend = cloud_ranges(tree, q_unit, cmp_stride)
+    qstart, qend = cloud_ranges(tree, cmp_stride, q_unit)
+    if window is not None:
+        kstart, kend = _cut_to_window(tree, q_unit, cmp_stride, window, kstart, kend)
+        qstart, qend = _cut_to_window(tree, cmp_stride, q_unit, window, qstart, qend)
     # a query row with no valid slot (padding; a group: all of it) sees no key: zero output and
     # no say in the selection, as in the reference
     qvalid = tree.mask.view(-1, q_unit).any(1)
     kend = torch.where(qvalid, kend, kstart).contiguous()
-    qstart, qend = cloud_ranges(tree, cmp_stride, q_unit)
     return kstart, kend, qstart, qend
 
 
+def _cut_to_window(tree, unit_rows: int, unit_cols: int, window: int, start: Tensor, end: Tensor):
+    # the row's window in slots, relative to its cloud's first slot, then back to column units
+    n = tree.num_slots // unit_rows
+    rows = torch.arange(n, device=start.device, dtype=torch.int64) * unit_rows
+    cloud0 = tree.ptr[tree.slot_batch[::unit_rows][:n]]
+    w0 = cloud0 + (rows - cloud0) // window * window
+    ws = (w0 // unit_cols).to(torch.int32)
+    we = ((w0 + window) // unit_cols).to(torch.int32)
+    return torch.maximum(start, ws).contiguous(), torch.minimum(end, we).contiguous()
+
+
 def compressed_attention_triton(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cmp_mask: Tensor, tree,
-                                cmp_stride: int, scale: Optional[float] = None, ranges=None):
+                                cmp_stride: int, scale: Optional[float] = None, ranges=None,
+                                ragged: Optional[bool] = None):
     r"""Triton :func:`~torch_geometric_bsa.reference.compressed_attention`: returns ``(o, lse)``.
 
     ``q [Q, H, D]`` at query granularity ``N_pad // Q`` (1 per point, ``g`` for pooled group
@@ -247,5 +266,6 @@ def compressed_attention_triton(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cmp_mas
     if ranges is None:
         ranges = compressed_ranges(tree, q_unit, cmp_stride)
     kmask = cmp_mask.to(torch.int8).contiguous()
-    ragged = tree.num_clouds > 1  # a Python int: no host sync
+    if ragged is None:  # per-row ranges matter with several clouds (or windows: the caller says so)
+        ragged = tree.num_clouds > 1  # a Python int: no host sync
     return CompressedAttention.apply(q, k_cmp, v_cmp, kmask, *ranges, scale, ragged)

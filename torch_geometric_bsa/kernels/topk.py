@@ -114,6 +114,9 @@ def select_topk_triton(q_cmp: Tensor, k_cmp: Tensor, lse: Tensor, cmp_mask: Tens
         ranges = compressed_ranges(tree, q_unit, cfg.cmp_stride)
     kstart, kend = ranges[0], ranges[1]
     gstart, gend = cloud_ranges(tree, g, ls)
+    if cfg.cmp_window is not None:  # only the blocks of the group's own window are candidates
+        from .compressed import _cut_to_window
+        gstart, gend = _cut_to_window(tree, g, ls, cfg.cmp_window, gstart, gend)
     svalid = tree.mask.view(-1, ls).any(1).to(torch.int8)
     kmask = cmp_mask.to(torch.int8)
     idx = _common.new_empty((n_g, topk), q_cmp, torch.int32)

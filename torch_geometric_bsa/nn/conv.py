@@ -182,6 +182,9 @@ class BSAConv(_TreeAttentionConv):
         slc_block (int): selection block ``l'``. topk (int): selected blocks ``k``.
         group_size (int): queries sharing a selection ``g``.
         group_compression (bool): pool queries per group in the compression branch (faster).
+        cmp_window (int, optional): for very large clouds: the compression and selection see only
+            the query's window of ``cmp_window`` tree-ordered slots, and a fourth gated branch
+            attends to one pooled key per ball of the whole cloud (:class:`BSAConfig`).
         compression (str): ``"mlp"`` (paper) or ``"mean"`` block pooling.
         branches (str): ``"all"`` (BSA) or ``"ball"`` (ball attention only, Erwin-style).
         dim (int): coordinate dimension, 2 or 3.
@@ -197,18 +200,18 @@ class BSAConv(_TreeAttentionConv):
                  ball_size: int = 256, cmp_block: int = 8, cmp_stride: Optional[int] = None,
                  slc_block: int = 8, topk: int = 16, group_size: int = 8, group_compression: bool = False,
                  compression: str = "mlp", branches: str = "all", dim: int = 3, bias: bool = True,
-                 backend: str = "auto"):
+                 backend: str = "auto", cmp_window: Optional[int] = None):
         super().__init__(in_channels, out_channels, heads, ball_size, dim, bias)
         if branches not in ("all", "ball"):
             raise ValueError(f"branches must be 'all' or 'ball', got {branches!r}")
         self.cfg = BSAConfig(ball_size=ball_size, cmp_block=cmp_block, cmp_stride=cmp_stride,
                              slc_block=slc_block, topk=topk, group_size=group_size,
-                             group_compression=group_compression)
+                             group_compression=group_compression, cmp_window=cmp_window)
         self.branches, self.backend = branches, backend
         # sigma < 0: nearer points weigh more (Erwin initialises the distance bias this way)
         self.sigma = nn.Parameter(torch.empty(heads))
         if branches == "all":
-            self.gate = nn.Linear(in_channels, 3 * heads)
+            self.gate = nn.Linear(in_channels, self.cfg.num_branches * heads)
             self.compress = KVCompressor(self.head_dim, cmp_block, self.cfg.cmp_stride, compression)
         self.reset_parameters()
 
@@ -225,7 +228,7 @@ class BSAConv(_TreeAttentionConv):
         if self.branches == "ball":
             o = ball_attention(q, k, v, pos_t, self.sigma.to(q.dtype), tree.mask, tree.ball_size, self.backend)
         else:
-            gates = torch.sigmoid(self.gate(h)).view(-1, self.heads, 3)
+            gates = torch.sigmoid(self.gate(h)).view(-1, self.heads, self.cfg.num_branches)
             k_cmp, v_cmp, cmp_mask = self.compress(k, v, tree)
             o = bsa_attention(q, k, v, pos_t, tree, self.cfg, sigma=self.sigma.to(q.dtype), gates=gates,
                               k_cmp=k_cmp, v_cmp=v_cmp, cmp_mask=cmp_mask, backend=self.backend)
