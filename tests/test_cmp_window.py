@@ -119,6 +119,7 @@ def test_conv_with_window_trains_and_is_order_independent():
     conv = BSAConv(16, heads=2, ball_size=16, cmp_block=4, slc_block=4, topk=2, group_size=4,
                    cmp_window=32, backend="torch")
     assert conv.gate.out_features == 4 * 2
+    assert repr(conv) == "BSAConv(16, 16, heads=2, ball_size=16, cmp_window=32)"
     y = conv(x, pos, batch)
     y.square().mean().backward()
     assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in conv.parameters())

@@ -236,6 +236,8 @@ class BSAConv(_TreeAttentionConv):
 
     def __repr__(self) -> str:
         extra = "" if self.branches == "all" else ", branches='ball'"
+        if self.branches == "all" and self.cfg.cmp_window is not None:
+            extra += f", cmp_window={self.cfg.cmp_window}"
         return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, heads={self.heads}, "
                 f"ball_size={self.ball_size}{extra})")
 
