@@ -11,7 +11,7 @@ export BALL_ARGS=${BALL_ARGS:-"--sizes 4096,65536,262144 --layouts cloud --metho
 export BSA_ARGS=${BSA_ARGS:-"--sizes 4096,65536,1048576 --configs paper,fast,fastwin --flex-sizes 65536 --rep 30"}
 OUT="$R" timeout ${T_ALL:-450} bash benchmarks/gpu_run.sh env tree ball bsa
 echo "=== cuda tests ($(date +%T))"
-PYTHONPATH=$PWD timeout ${T_TESTS:-45} python -m pytest -q -p no:cacheprovider tests/test_balltree.py \
-  tests/kernels/test_bsa_triton.py tests/kernels/test_ball.py -m "gpu or not slow" 2>&1 | tail -n 30 > "$R/tests.log"; tail -n 5 "$R/tests.log"
+PYTHONPATH=$PWD timeout ${T_TESTS:-90} python -m pytest -q -p no:cacheprovider tests/test_balltree.py \
+  tests/test_cmp_window.py tests/kernels/test_bsa_triton.py tests/kernels/test_ball.py -m "gpu or not slow" 2>&1 | tail -n 30 > "$R/tests.log"; tail -n 5 "$R/tests.log"
 (cd "$R" && tar czf ../results.tgz . ) && rm -rf "$R"
 ls -la "${OUT:-bench_out}"

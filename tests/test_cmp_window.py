@@ -125,3 +125,22 @@ def test_conv_with_window_trains_and_is_order_independent():
     assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in conv.parameters())
     perm = torch.cat([torch.randperm(70), 70 + torch.randperm(45)])
     assert torch.allclose(conv(x[perm], pos[perm], batch)[:, :], y.detach()[perm], atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_path_real_size_gpu(dtype):
+    # realistic shapes: ball 256, blocks 8, group 8, windows of 4,096 slots, ragged batch
+    from torch_geometric_bsa.kernels import bsa_triton
+    cfg = BSAConfig(ball_size=256, cmp_block=8, slc_block=8, topk=16, group_size=8, group_compression=True,
+                    cmp_window=4096)
+    tree, pos, q, k, v, sigma, gates = _case([9000, 300, 5000], cfg, h=8, d=64, seed=11, device="cuda",
+                                             dtype=dtype)
+    out, br = bsa_triton(q, k, v, pos, tree, cfg, sigma=sigma, gates=gates, return_branches=True)
+    ref, rb = bsa_reference(*(t.float() for t in (q, k, v, pos)), tree, cfg, sigma=sigma.float(),
+                            gates=gates.float(), return_branches=True)
+    tol = {torch.float32: 1e-4, torch.bfloat16: 1.5e-2}[dtype]
+    for name in ("ball", "cmp", "crs"):
+        assert rel_err(br[name], rb[name]) < tol, name
+    assert bool(torch.isfinite(out).all())
