@@ -397,6 +397,19 @@ def test_triton_path_on_degenerate_clouds(kind):
     assert _all_finite(q.grad, k.grad, v.grad, pt.grad)
 
 
+def test_module_and_input_on_different_devices():
+    # runs without a GPU: the module on the meta device, the inputs on the CPU
+    pos, batch = random_batch([20], seed=18)
+    x = torch.randn(20, C)
+    conv = _conv().to("meta")
+    with pytest.raises(ValueError, match="parameters are on meta"):
+        conv(x, pos, batch)
+    model = BSATransformer(C, 1, hidden_channels=8, num_layers=1, heads=2, ball_size=M, cmp_block=4,
+                           slc_block=4, topk=2, group_size=4).to("meta")
+    with pytest.raises(ValueError, match="parameters are on meta"):
+        model(x, pos, batch)
+
+
 @requires_cuda
 def test_device_mismatch_names_the_argument():
     conv = _conv().cuda()

@@ -21,9 +21,11 @@ TreeLike = Union[BallTree, Sequence[BallTree], None]
 
 
 def check_point_inputs(x: Tensor, pos: Tensor, batch: Optional[Tensor], in_channels: Optional[int] = None,
-                       dim: Optional[int] = None, weight_dtype: Optional[torch.dtype] = None) -> None:
+                       dim: Optional[int] = None, weight_dtype: Optional[torch.dtype] = None,
+                       weight_device: Optional[torch.device] = None) -> None:
     r"""Raises a ValueError naming the argument for malformed ``x``, ``pos`` or ``batch`` (and for an
-    ``x`` whose dtype differs from the layer's ``weight_dtype`` outside autocast)."""
+    ``x`` whose dtype differs from the layer's ``weight_dtype`` outside autocast, or that is not on
+    the layer's ``weight_device``)."""
     if not isinstance(x, Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a 2-D tensor [N, C], got "
                          f"{list(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
@@ -55,6 +57,9 @@ def check_point_inputs(x: Tensor, pos: Tensor, batch: Optional[Tensor], in_chann
                          "module (e.g. model.to(x.dtype)), or run under torch.autocast")
     if x.device != pos.device or (batch is not None and batch.device != x.device):
         raise ValueError("x, pos and batch must be on the same device")
+    if weight_device is not None and x.device != weight_device:
+        raise ValueError(f"x is on {x.device} but the layer's parameters are on {weight_device}: move the "
+                         f"inputs or the module (e.g. model.to(x.device))")
 
 
 def resolve_tree(tree: TreeLike, pos: Tensor, batch: Optional[Tensor], ball_size: int) -> BallTree:
@@ -135,7 +140,7 @@ class _TreeAttentionConv(nn.Module):
             mod.reset_parameters()
 
     def forward(self, x: Tensor, pos: Tensor, batch: Optional[Tensor] = None, tree: TreeLike = None) -> Tensor:
-        check_point_inputs(x, pos, batch, self.in_channels, self.dim, self.qkv.weight.dtype)
+        check_point_inputs(x, pos, batch, self.in_channels, self.dim, self.qkv.weight.dtype, self.qkv.weight.device)
         tree = resolve_tree(tree, pos, batch, self.ball_size)
         pos_t = tree.to_tree(pos.to(x.dtype))
         return tree.from_tree(self.forward_tree(tree.to_tree(x), pos_t, tree))

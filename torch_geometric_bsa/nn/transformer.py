@@ -111,7 +111,7 @@ class BSATransformer(nn.Module):
                 tree = get_ball_tree(data, self.ball_size)
         if x is None:
             x = pos.new_zeros(pos.size(0), 0)
-        check_point_inputs(x, pos, batch, self.in_channels, self.dim, self.head.weight.dtype)
+        check_point_inputs(x, pos, batch, self.in_channels, self.dim, self.head.weight.dtype, self.head.weight.device)
         tree = resolve_tree(tree, pos, batch, self.ball_size)
         trees = [tree]
         if self.rotate and self.num_layers > 1:
