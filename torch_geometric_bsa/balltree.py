@@ -7,11 +7,10 @@ build is vectorized over points and clouds: one sort per tree level, on CPU or G
 from __future__ import annotations
 
 import math
-
-import numpy as np
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -203,29 +202,28 @@ def _spread_table(d: int, levels: int) -> Tensor:
 
 def _morton_order(p: Tensor, start: Tensor, count: Tensor) -> Tensor:
     r"""Stable permutation that sorts the points of each ball (the contiguous runs
-    ``p[start:start + count]``, host tensors) by their Morton code in the ball's bounding box."""
+    ``p[start:start + count]`` of a CPU tensor) by their Morton code in the ball's bounding box."""
     n, d = p.shape
-    lo, hi = _node_extents(p, start, count, p.device)
+    lo, hi = _node_extents(p, start)
     inv_span = torch.where(hi > lo, 1.0 / (hi - lo), torch.zeros_like(hi))
-    counts = count.to(p.device)
     levels = 1024 if d == 3 else 65536
-    x = (p - torch.repeat_interleave(lo, counts, dim=0, output_size=n)) \
-        * torch.repeat_interleave(inv_span * (levels - 1), counts, dim=0, output_size=n)
+    x = (p - torch.repeat_interleave(lo, count, dim=0, output_size=n)) \
+        * torch.repeat_interleave(inv_span * (levels - 1), count, dim=0, output_size=n)
     cell = x.round_().clamp_(0, levels - 1).int()
     table = _spread_table(d, levels)  # the bit spreading as one lookup per coordinate
     code = table.index_select(0, cell[:, 0]) << (d - 1)
     for i in range(1, d):
         code |= table.index_select(0, cell[:, i]) << (d - 1 - i)
-    ball = torch.repeat_interleave(torch.arange(start.numel(), device=p.device), counts, output_size=n)
+    ball = torch.repeat_interleave(torch.arange(start.numel()), count, output_size=n)
     return torch.sort((ball << 32) | code.long(), stable=True).indices
 
 
 _QMAX = float((1 << 24) - 1)  # float32 holds every integer up to 2^24
 
 
-def _node_extents(p: Tensor, start: Tensor, count: Tensor, device: torch.device):
+def _node_extents(p: Tensor, start: Tensor):
     r"""Bounding box ``(lo, hi)``, each ``[num_nodes, d]``, of the nodes that are the contiguous runs
-    ``p[start:start + count]`` of a CPU tensor (``start``, ``count`` host tensors; no empty node).
+    starting at ``start`` (a host tensor, increasing; no empty node) of a CPU tensor ``p``.
     numpy's ``reduceat`` is one sequential pass, 4x faster here than ``torch.segment_reduce``."""
     a, s = p.numpy(), start.numpy()
     return (torch.from_numpy(np.minimum.reduceat(a, s, axis=0)),
@@ -234,42 +232,38 @@ def _node_extents(p: Tensor, start: Tensor, count: Tensor, device: torch.device)
 
 def _tree_order_host_nodes(pos: Tensor, counts: Tensor, m: int, n: int) -> Tensor:
     r"""Tree order of the valid points (CPU path): node bookkeeping on the host, one stable sort of
-    integer keys per level, Morton order inside each ball. ``pos`` float64 ``[N, d]``, clouds
-    contiguous with ``counts`` points each."""
-    device = pos.device
+    integer keys per level, Morton order inside each ball. ``pos`` float64 ``[N, d]`` on the CPU,
+    clouds contiguous with ``counts`` points each."""
     # The tree is built top-down, one level per pass. Nodes are contiguous runs of `order` (the
     # valid points in tree order), described on the host by (start, count) arrays of at most
     # num_balls entries; a node of c valid points holds ceil(c / m) balls and splits while c > m.
-    counts_h = counts.cpu()
-    max_balls = int((counts_h + m - 1).div(m, rounding_mode="floor").max())
+    max_balls = int((counts + m - 1).div(m, rounding_mode="floor").max())
     levels = 0 if max_balls <= 1 else math.ceil(math.log2(max_balls))
-    idx = torch.arange(n, device=device)
-    order = idx
+    order = torch.arange(n)
     # per-cloud normalisation into [0, 1]: a cloud is a contiguous run of the input (batch is sorted)
-    start_h = torch.cumsum(counts_h, 0) - counts_h
-    keep = counts_h > 0
-    n_start, n_count = start_h[keep], counts_h[keep]
-    lo_c, hi_c = _node_extents(pos, n_start, n_count, device)
+    keep = counts > 0
+    n_start, n_count = (torch.cumsum(counts, 0) - counts)[keep], counts[keep]
+    lo_c, hi_c = _node_extents(pos, n_start)
     ext = (hi_c - lo_c).amax(1, keepdim=True)
-    cnt = n_count.to(device)
-    lo_c = torch.repeat_interleave(lo_c, cnt, dim=0, output_size=n)
-    inv_ext = torch.repeat_interleave(torch.where(ext > 0, 1.0 / ext, torch.ones_like(ext)), cnt, dim=0, output_size=n)
+    lo_c = torch.repeat_interleave(lo_c, n_count, dim=0, output_size=n)
+    inv_ext = torch.repeat_interleave(torch.where(ext > 0, 1.0 / ext, torch.ones_like(ext)), n_count, dim=0,
+                                      output_size=n)
     p = ((pos - lo_c) * inv_ext).clamp_(0, 1).float()
-    key, key_sorted, perm_buf = (torch.empty(n, dtype=torch.long, device=device) for _ in range(3))
+    key, key_sorted, perm_buf = (torch.empty(n, dtype=torch.long) for _ in range(3))
     for _ in range(levels):
         num_nodes = n_start.numel()
         # integer sort key `node << 24 | quantised coordinate along the node's widest axis`: one
         # stable radix sort per level orders the points by node, then by coordinate. 24 bits are
         # float32's resolution of the normalised coordinate: only points that coincide at that
         # resolution tie, and ties keep the previous order (deterministic)
-        lo, hi = _node_extents(p, n_start, n_count, device)
+        lo, hi = _node_extents(p, n_start)
         spread = hi - lo
         axis = spread.argmax(1)
         lo_a = lo.gather(1, axis[:, None]).squeeze(1)
         width = spread.gather(1, axis[:, None]).squeeze(1)
-        split = n_count.to(device) > m
+        split = n_count > m
         scale = torch.where(split & (width > 0), _QMAX / torch.where(width > 0, width, 1.0), 0.0)
-        node = torch.repeat_interleave(torch.arange(num_nodes, device=device), n_count.to(device), output_size=n)
+        node = torch.repeat_interleave(torch.arange(num_nodes), n_count, output_size=n)
         coord = p.gather(1, axis.index_select(0, node)[:, None]).squeeze(1)
         q = (coord - lo_a.index_select(0, node)).mul_(scale.index_select(0, node)).clamp_(0, _QMAX)
         if num_nodes <= 128:  # the key fits in int32: a radix sort of half the bytes, 2x faster
@@ -279,11 +273,10 @@ def _tree_order_host_nodes(pos: Tensor, counts: Tensor, m: int, n: int) -> Tenso
             perm = torch.sort(key, stable=True, out=(key_sorted, perm_buf)).indices
         order, p = order.index_select(0, perm), p.index_select(0, perm)
         # children: the left one takes ceil(balls / 2) full balls (the median up to padding)
-        split_h = n_count > m
         left = (n_count + 2 * m - 1).div(2 * m, rounding_mode="floor") * m
         c_start = torch.stack([n_start, n_start + left], 1)
-        c_count = torch.stack([torch.where(split_h, left, n_count), n_count - left], 1)
-        c_keep = torch.stack([torch.ones_like(split_h), split_h], 1)
+        c_count = torch.stack([torch.where(split, left, n_count), n_count - left], 1)
+        c_keep = torch.stack([torch.ones_like(split), split], 1)
         n_start, n_count = c_start[c_keep], c_count[c_keep]
 
     # Inside each ball, order points along a Z-order (Morton) curve of the ball's bounding box, so

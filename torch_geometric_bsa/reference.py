@@ -226,6 +226,12 @@ def compressed_attention(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cmp_mask: Tens
     return (o, p) if return_probs else o
 
 
+def per_slot(o: Tensor, mask: Tensor, q_unit: int) -> Tensor:
+    r"""A compression-branch output at query granularity ``q_unit`` (1, or ``g`` with group
+    compression) as ``[N_pad, H, D]``: each group's row repeated over its slots, zero at padding."""
+    return o if q_unit == 1 else o.repeat_interleave(q_unit, 0) * mask.view(-1, 1, 1)
+
+
 def _window_mask(nq: int, q_unit: int, nk: int, k_unit: int, window: int, device) -> Tensor:
     r"""``[Qm, NK]`` bool: row and column units (cloud-relative slots ``i * unit``) share a window."""
     qw = torch.arange(nq, device=device) * q_unit // window
@@ -347,7 +353,7 @@ def bsa_reference(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, 
     else:
         q_cmp, q_unit = q, 1
     o_c, p_cmp = compressed_attention(q_cmp, k_cmp, v_cmp, cmp_mask, tree, s, return_probs=True, window=w)
-    o_cmp = o_c.repeat_interleave(g, 0) * mask.view(-1, 1, 1) if cfg.group_compression else o_c
+    o_cmp = per_slot(o_c, mask, q_unit)
     with torch.no_grad():
         idx, idx_valid = select_blocks(selection_scores(p_cmp, tree, cfg, q_unit), cfg.topk)
     o_slc = selected_attention(q, k, v, idx, idx_valid, tree, cfg)
@@ -357,8 +363,7 @@ def bsa_reference(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, 
         # the coarse global branch: one mean-pooled key per ball of the whole cloud
         m = cfg.ball_size
         k_crs, v_crs, crs_mask = compress_mean(k, v, mask, tree.slot_batch, m, m)
-        o_r = compressed_attention(q_cmp, k_crs, v_crs, crs_mask, tree, m)
-        o_crs = o_r.repeat_interleave(g, 0) * mask.view(-1, 1, 1) if cfg.group_compression else o_r
+        o_crs = per_slot(compressed_attention(q_cmp, k_crs, v_crs, crs_mask, tree, m), mask, q_unit)
         out = out + gates[..., 3:4] * o_crs
         branches["crs"] = o_crs
     if return_branches:

@@ -73,6 +73,7 @@ def bsa_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree, cfg, *, sigma
         else:
             idx = _dense_selection(q_cmp.detach(), k_cmp.detach(), v_cmp.detach(), cmp_mask, tree, cfg, q_unit)
     o_slc = selected_attention_triton(q, k, v, idx, mask, g, ls)
+    from ..reference import per_slot
     from .combine import gated_combine
     out = gated_combine(o_ball, o_c, o_slc, gates[..., :3], mask, q_unit)  # one pass, no repeat_interleave copy
     o_crs = None
@@ -80,12 +81,10 @@ def bsa_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree, cfg, *, sigma
         # the coarse global branch: one mean-pooled key per ball of the whole cloud
         m = cfg.ball_size
         k_crs, v_crs, crs_mask = compress_mean_fast(k, v, tree, m, m)
-        o_r, _ = compressed_attention_triton(q_cmp, k_crs, v_crs, crs_mask, tree, m)
-        o_crs = o_r.repeat_interleave(g, 0) * mask.view(-1, 1, 1) if cfg.group_compression else o_r
+        o_crs = per_slot(compressed_attention_triton(q_cmp, k_crs, v_crs, crs_mask, tree, m)[0], mask, q_unit)
         out = out + gates[..., 3:4] * o_crs
     if return_branches:
-        o_cmp = o_c.repeat_interleave(g, 0) * mask.view(-1, 1, 1) if cfg.group_compression else o_c
-        branches = dict(ball=o_ball, cmp=o_cmp, slc=o_slc, idx=idx)
+        branches = dict(ball=o_ball, cmp=per_slot(o_c, mask, q_unit), slc=o_slc, idx=idx)
         if o_crs is not None:
             branches["crs"] = o_crs
         return out, branches
