@@ -241,7 +241,7 @@ def main():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name, style in (("paper", "-o"), ("fast", "-s")):
+        for name, style in (("paper", "-o"), ("fast", "-s"), ("fastwin", "-^")):
             r = [x for x in rows if x["config"] == name and x.get("ours_fwdbwd")]
             ax.loglog([x["N"] for x in r], [x["ours_fwdbwd"] for x in r], style, label=f"BSA triton ({name})")
             r2 = [x for x in r if x.get("flex_fwdbwd")]
