@@ -28,11 +28,13 @@ def compress_mean_fast(k: Tensor, v: Tensor, tree, block: int, stride: int):
 
 
 def _ball(q, k, v, pos, sigma, mask, ball_size):
-    try:
+    # the fused kernel covers balls of 16..512 (powers of two) and head dims up to 128; other
+    # shapes (small balls are cheap anyway) take the reference's dense per-ball attention
+    if 16 <= ball_size <= 512 and ball_size & (ball_size - 1) == 0 and q.size(-1) <= 128:
         from .ball import ball_attention_triton
-    except ImportError:  # pragma: no cover - ball kernel not present
-        from ..reference import ball_attention as ball_attention_triton
-    return ball_attention_triton(q, k, v, pos, sigma, mask, ball_size)
+        return ball_attention_triton(q, k, v, pos, sigma, mask, ball_size)
+    from ..reference import ball_attention
+    return ball_attention(q, k, v, pos, sigma, mask, ball_size)
 
 
 def bsa_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree, cfg, *, sigma: Tensor, gates: Tensor,

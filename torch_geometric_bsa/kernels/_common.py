@@ -15,6 +15,12 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, n))))
 
 
+def dot_dim(d: int) -> int:
+    r"""Padded head dim for ``tl.dot`` tiles: a power of two and at least 16 (compiled ``tl.dot``
+    needs K >= 16; the interpreter does not, so only the GPU catches a smaller one)."""
+    return max(16, next_pow2(d))
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs stay exact ("ieee") so that fp32 runs can be compared index for index with the
     # reference; bf16/fp16 ignore this.

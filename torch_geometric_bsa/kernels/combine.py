@@ -179,14 +179,16 @@ def gated_combine(o_ball: Tensor, o_c: Tensor, o_slc: Tensor, gates: Tensor, mas
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _pool_fwd_kernel(X, MASK, OUT, n_blk, HD: tl.constexpr, L: tl.constexpr, BLOCK_B: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
+                     BLOCK_C: tl.constexpr, UNROLL: tl.constexpr):
     b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     bm = b < n_blk
     m2 = bm[:, None] & (c < HD)[None, :]
     acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
     cnt = tl.zeros([BLOCK_B], dtype=tl.float32)
-    for j in tl.static_range(L):
+    # unrolled for compression blocks and groups; a loop for ball-sized blocks (the coarse branch:
+    # unrolling 256 steps took minutes to compile)
+    for j in tl.range(0, L, loop_unroll_factor=UNROLL):
         n = b * L + j
         w = (tl.load(MASK + n, mask=bm, other=0) != 0).to(tl.float32)
         x = tl.load(X + n[:, None] * HD + c[None, :], mask=m2, other=0.0).to(tl.float32)
@@ -198,19 +200,23 @@ def _pool_fwd_kernel(X, MASK, OUT, n_blk, HD: tl.constexpr, L: tl.constexpr, BLO
 
 @triton.jit
 def _pool_bwd_kernel(DOUT, MASK, DX, n_blk, HD: tl.constexpr, L: tl.constexpr, BLOCK_B: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
+                     BLOCK_C: tl.constexpr, UNROLL: tl.constexpr):
     b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     bm = b < n_blk
     m2 = bm[:, None] & (c < HD)[None, :]
     cnt = tl.zeros([BLOCK_B], dtype=tl.float32)
-    for j in tl.static_range(L):
+    for j in tl.range(0, L, loop_unroll_factor=UNROLL):
         cnt += (tl.load(MASK + b * L + j, mask=bm, other=0) != 0).to(tl.float32)
     g = tl.load(DOUT + b[:, None] * HD + c[None, :], mask=m2, other=0.0).to(tl.float32) / tl.maximum(cnt, 1.0)[:, None]
-    for j in tl.static_range(L):
+    for j in tl.range(0, L, loop_unroll_factor=UNROLL):
         n = b * L + j
         w = (tl.load(MASK + n, mask=bm, other=0) != 0).to(tl.float32)
         tl.store(DX + n[:, None] * HD + c[None, :], (g * w[:, None]).to(DX.dtype.element_ty), mask=m2)
+
+
+def _unroll(block: int) -> int:
+    return block if block <= 32 else 8
 
 
 def _pool_grid(n_blk: int, hd: int):
@@ -227,7 +233,8 @@ class MaskedBlockMean(torch.autograd.Function):
         n_blk = n // block
         out = _common.new_empty((n_blk, h, d), x)
         bb, bc, grid = _pool_grid(n_blk, h * d)
-        _pool_fwd_kernel[grid](x, mask_u8, out, n_blk, HD=h * d, L=block, BLOCK_B=bb, BLOCK_C=bc, num_warps=4)
+        _pool_fwd_kernel[grid](x, mask_u8, out, n_blk, HD=h * d, L=block, BLOCK_B=bb, BLOCK_C=bc,
+                               UNROLL=_unroll(block), num_warps=4)
         ctx.save_for_backward(mask_u8)
         ctx.shape, ctx.block = x.shape, block
         return out
@@ -240,7 +247,7 @@ class MaskedBlockMean(torch.autograd.Function):
         dx = _common.new_empty((n, h, d), dout)
         bb, bc, grid = _pool_grid(n // ctx.block, h * d)
         _pool_bwd_kernel[grid](dout, mask_u8, dx, n // ctx.block, HD=h * d, L=ctx.block, BLOCK_B=bb, BLOCK_C=bc,
-                               num_warps=4)
+                               UNROLL=_unroll(ctx.block), num_warps=4)
         return dx, None, None
 
 

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import _common
 from .combine import row_dot
-from ._common import EMPTY_LSE as _EMPTY, LOG2E, cdiv, cloud_ranges, dot_precision, next_pow2
+from ._common import EMPTY_LSE as _EMPTY, LOG2E, cdiv, cloud_ranges, dot_dim, dot_precision, next_pow2
 
 __all__ = ["compressed_attention_triton", "CompressedAttention"]
 
@@ -194,7 +194,7 @@ class CompressedAttention(torch.autograd.Function):
         lse = _common.new_empty((nq, h), q, torch.float32)
         _cmp_fwd[lambda meta: (cdiv(nq, meta["BLOCK_M"]), h)](
             q, k_cmp, v_cmp, kmask, kstart, kend, o, lse, nq, q.stride(0), k_cmp.stride(0), o.stride(0),
-            scale * LOG2E, next_pow2(nq), next_pow2(k_cmp.size(0)), H=h, D=d, BLOCK_D=next_pow2(d), PREC=dot_precision(q.dtype), RAGGED=ragged)
+            scale * LOG2E, next_pow2(nq), next_pow2(k_cmp.size(0)), H=h, D=d, BLOCK_D=dot_dim(d), PREC=dot_precision(q.dtype), RAGGED=ragged)
         ctx.save_for_backward(q, k_cmp, v_cmp, o, lse, kmask, kstart, kend, qstart, qend)
         ctx.scale, ctx.ragged = scale, ragged
         ctx.mark_non_differentiable(lse)
@@ -215,11 +215,11 @@ class CompressedAttention(torch.autograd.Function):
         _cmp_dkdv[lambda meta: (cdiv(nk, meta["BLOCK_N"]), h)](
             q, k_cmp, v_cmp, do, lse, delta, kmask, kstart, kend, qstart, qend, dk, dv, nk,
             q.stride(0), k_cmp.stride(0), do.stride(0), scale * LOG2E, scale, next_pow2(nq), next_pow2(nk),
-            H=h, D=d, BLOCK_D=next_pow2(d), PREC=prec, RAGGED=ragged)
+            H=h, D=d, BLOCK_D=dot_dim(d), PREC=prec, RAGGED=ragged)
         _cmp_dq[lambda meta: (cdiv(nq, meta["BLOCK_M"]), h)](
             q, k_cmp, v_cmp, do, lse, delta, kmask, kstart, kend, dq, nq,
             q.stride(0), k_cmp.stride(0), do.stride(0), scale * LOG2E, scale, next_pow2(nq), next_pow2(nk),
-            H=h, D=d, BLOCK_D=next_pow2(d), PREC=prec, RAGGED=ragged)
+            H=h, D=d, BLOCK_D=dot_dim(d), PREC=prec, RAGGED=ragged)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 

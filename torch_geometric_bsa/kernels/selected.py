@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import _common
 from .combine import row_dot
-from ._common import LOG2E, cdiv, dot_precision, is_interpreter, next_pow2
+from ._common import LOG2E, cdiv, dot_dim, dot_precision, is_interpreter, next_pow2
 
 __all__ = ["selected_attention_triton", "SelectedAttention", "invert_selection"]
 
@@ -173,6 +173,8 @@ def _launch(d: int, ls: int, topk: int, g: int, dtype: torch.dtype):
     else:
         keys = 64 if dtype == torch.float32 else 128
     cb = max(1, min(next_pow2(topk), keys // ls_p2))
+    # a key tile of at least 16 (K of P @ V in a compiled tl.dot); blocks past TOPK load masked
+    cb = max(cb, 16 // ls_p2)
     gm = max(16, next_pow2(g))
     return ls_p2, cb, gm
 
@@ -190,7 +192,7 @@ class SelectedAttention(torch.autograd.Function):
         ls_p2, cb, gm = _launch(d, ls, topk, g, q.dtype)
         _slc_fwd_kernel[(n // g, h)](
             q, k, v, mask_i8, idx, o, lse, q.stride(0), scale * LOG2E,
-            G=g, H=h, D=d, LS=ls, LS_P2=ls_p2, TOPK=topk, CB=cb, GM=gm, BLOCK_D=next_pow2(d),
+            G=g, H=h, D=d, LS=ls, LS_P2=ls_p2, TOPK=topk, CB=cb, GM=gm, BLOCK_D=dot_dim(d),
             PREC=dot_precision(q.dtype), num_warps=4, num_stages=2)
         ctx.save_for_backward(q, k, v, o, lse, mask_i8, idx)
         ctx.g, ctx.ls, ctx.scale = g, ls, scale
@@ -209,7 +211,7 @@ class SelectedAttention(torch.autograd.Function):
         prec = dot_precision(q.dtype)
         _slc_bwd_dq_kernel[(n // g, h)](
             q, k, v, do, mask_i8, idx, lse, delta, dq, q.stride(0), scale * LOG2E, scale,
-            G=g, H=h, D=d, LS=ls, LS_P2=ls_p2, TOPK=topk, CB=cb, GM=gm, BLOCK_D=next_pow2(d), PREC=prec,
+            G=g, H=h, D=d, LS=ls, LS_P2=ls_p2, TOPK=topk, CB=cb, GM=gm, BLOCK_D=dot_dim(d), PREC=prec,
             num_warps=4, num_stages=2)
         nblk = n // ls
         bptr, bgrp = invert_selection(idx, nblk)
@@ -217,7 +219,7 @@ class SelectedAttention(torch.autograd.Function):
         gb = max(1, (16 if is_interpreter() else 64) // g_p2)
         _slc_bwd_dkdv_kernel[(nblk, h)](
             q, k, v, do, mask_i8, bptr, bgrp, lse, delta, dk, dv, q.stride(0), scale * LOG2E, scale,
-            G=g, G_P2=g_p2, H=h, D=d, LS=ls, LP=max(16, ls_p2), GB=gb, BLOCK_D=next_pow2(d), PREC=prec,
+            G=g, G_P2=g_p2, H=h, D=d, LS=ls, LP=max(16, ls_p2), GB=gb, BLOCK_D=dot_dim(d), PREC=prec,
             num_warps=4, num_stages=2)
         return dq, dk, dv, None, None, None, None, None
 

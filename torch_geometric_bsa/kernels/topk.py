@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _common
-from ._common import LOG2E, cdiv, cloud_ranges, dot_precision, is_interpreter, next_pow2
+from ._common import LOG2E, cdiv, cloud_ranges, dot_dim, dot_precision, is_interpreter, next_pow2
 
 __all__ = ["select_topk_triton"]
 
@@ -132,5 +132,5 @@ def select_topk_triton(q_cmp: Tensor, k_cmp: Tensor, lse: Tensor, cmp_mask: Tens
         q_cmp, k_cmp, lse, kmask, svalid, kstart, kend, gstart, gend, idx, n_q, n_g,
         q_cmp.stride(0), k_cmp.stride(0), scale * LOG2E,
         H=h, D=d, QPG=qpg, TOPK=topk, TOPK_P2=next_pow2(topk), BLOCK_G=bg, BLOCK_N=bn,
-        BLOCK_D=next_pow2(d), PREC=dot_precision(q_cmp.dtype), num_warps=nw, num_stages=2)
+        BLOCK_D=dot_dim(d), PREC=dot_precision(q_cmp.dtype), num_warps=nw, num_stages=2)
     return idx
