@@ -89,6 +89,9 @@ def _ball_fwd_kernel(Q, K, V, POS, SIGMA, MASK, O, LSE,
     qvalid = tl.load(MASK + rows) != 0
     xq, yq, zq = _load_pos(POS, rows, stride_pos, PDIM)
     # log2 domain: exp2(x * log2 e) = exp(x)
+    # fp32 scalars: inductor hands Python floats to user kernels as fp64, which would turn the
+    # loop-carried softmax state into fp64
+    sm_scale = tl.cast(sm_scale, tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
     sig2 = tl.load(SIGMA + h).to(tl.float32) * 1.4426950408889634
 
@@ -140,6 +143,9 @@ def _ball_bwd_kernel(Q, K, V, O, DO, POS, SIGMA, MASK, LSE,
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d[None, :] < D
     hoff = h * D
+    # fp32 scalars: inductor hands Python floats to user kernels as fp64, which would turn the
+    # loop-carried softmax state into fp64
+    sm_scale = tl.cast(sm_scale, tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
     sigma = tl.load(SIGMA + h).to(tl.float32)
     sig2 = sigma * 1.4426950408889634
@@ -241,6 +247,9 @@ def _ball_bwd_merged_kernel(Q, K, V, O, DO, POS, SIGMA, MASK, LSE,
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d[None, :] < D
     hoff = h * D
+    # fp32 scalars: inductor hands Python floats to user kernels as fp64, which would turn the
+    # loop-carried softmax state into fp64
+    sm_scale = tl.cast(sm_scale, tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
     sigma = tl.load(SIGMA + h).to(tl.float32)
     sig2 = sigma * 1.4426950408889634

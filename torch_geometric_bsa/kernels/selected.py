@@ -28,6 +28,7 @@ def _slc_fwd_kernel(Q, K, V, MASK, IDX, O, LSE, stride_n,
                     BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     # grid: (groups, heads); rows = the group's G queries (padded to GM), keys = CB blocks per step
     grp = tl.program_id(0)
+    qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 when inductor launches the kernel
     h = tl.program_id(1)
     r = tl.arange(0, GM)
     rows = grp * G + r
@@ -75,6 +76,8 @@ def _slc_bwd_dq_kernel(Q, K, V, DO, MASK, IDX, LSE, DELTA, DQ, stride_n, qk_scal
                        BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     # grid: (groups, heads); dQ = scale * sum_j P (dP - delta) k_j over the group's selected keys
     grp = tl.program_id(0)
+    qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 when inductor launches the kernel
+    sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 when inductor launches the kernel
     h = tl.program_id(1)
     r = tl.arange(0, GM)
     rows = grp * G + r
@@ -115,6 +118,8 @@ def _slc_bwd_dkdv_kernel(Q, K, V, DO, MASK, BPTR, BGRP, LSE, DELTA, DK, DV, stri
                          PREC: tl.constexpr):
     # grid: (selection blocks, heads); streams over the groups that selected this block (CSR)
     blk = tl.program_id(0)
+    qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 when inductor launches the kernel
+    sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 when inductor launches the kernel
     h = tl.program_id(1)
     t = tl.arange(0, LP)
     slot = blk * LS + t
@@ -166,12 +171,16 @@ def invert_selection(idx: Tensor, num_blocks: int):
     return ptr.to(torch.int32), (order // topk).to(torch.int32)
 
 
+LAUNCH_OVERRIDE: dict = {}  # tile sweeps only (benchmarks/sweep_bsa.py); empty in normal use
+
+
 def _launch(d: int, ls: int, topk: int, g: int, dtype: torch.dtype):
     ls_p2 = next_pow2(ls)
     if is_interpreter():
         keys = 16
     else:
         keys = 64 if dtype == torch.float32 else 128
+    keys = LAUNCH_OVERRIDE.get("keys", keys)
     cb = max(1, min(next_pow2(topk), keys // ls_p2))
     # a key tile of at least 16 (K of P @ V in a compiled tl.dot); blocks past TOPK load masked
     cb = max(cb, 16 // ls_p2)
@@ -193,7 +202,7 @@ class SelectedAttention(torch.autograd.Function):
         _slc_fwd_kernel[(n // g, h)](
             q, k, v, mask_i8, idx, o, lse, q.stride(0), scale * LOG2E,
             G=g, H=h, D=d, LS=ls, LS_P2=ls_p2, TOPK=topk, CB=cb, GM=gm, BLOCK_D=dot_dim(d),
-            PREC=dot_precision(q.dtype), num_warps=4, num_stages=2)
+            PREC=dot_precision(q.dtype), **LAUNCH_OVERRIDE.get("fwd", dict(num_warps=4, num_stages=2)))
         ctx.save_for_backward(q, k, v, o, lse, mask_i8, idx)
         ctx.g, ctx.ls, ctx.scale = g, ls, scale
         return o
@@ -212,15 +221,15 @@ class SelectedAttention(torch.autograd.Function):
         _slc_bwd_dq_kernel[(n // g, h)](
             q, k, v, do, mask_i8, idx, lse, delta, dq, q.stride(0), scale * LOG2E, scale,
             G=g, H=h, D=d, LS=ls, LS_P2=ls_p2, TOPK=topk, CB=cb, GM=gm, BLOCK_D=dot_dim(d), PREC=prec,
-            num_warps=4, num_stages=2)
+            **LAUNCH_OVERRIDE.get("dq", dict(num_warps=4, num_stages=2)))
         nblk = n // ls
         bptr, bgrp = invert_selection(idx, nblk)
         g_p2 = next_pow2(g)
-        gb = max(1, (16 if is_interpreter() else 64) // g_p2)
+        gb = max(1, LAUNCH_OVERRIDE.get("dkdv_rows", 16 if is_interpreter() else 64) // g_p2)
         _slc_bwd_dkdv_kernel[(nblk, h)](
             q, k, v, do, mask_i8, bptr, bgrp, lse, delta, dk, dv, q.stride(0), scale * LOG2E, scale,
             G=g, G_P2=g_p2, H=h, D=d, LS=ls, LP=max(16, ls_p2), GB=gb, BLOCK_D=dot_dim(d), PREC=prec,
-            num_warps=4, num_stages=2)
+            **LAUNCH_OVERRIDE.get("dkdv", dict(num_warps=4, num_stages=2)))
         return dq, dk, dv, None, None, None, None, None
 
 

@@ -1,0 +1,108 @@
+"""Tile sweeps of the top-k selection kernel and the selected-attention kernels at one size (GPU).
+
+For each configuration (``paper``: per-query compression, ``fast``: group compression) it times
+``select_topk_triton`` over ``(BLOCK_G, BLOCK_N, num_warps)`` and the selected attention's forward
+and backward over keys per step, warps/stages and dK/dV rows per step, all through the kernels'
+``LAUNCH_OVERRIDE`` dicts; the current defaults are the rows marked ``*``. bf16, heads 8, dim 64.
+
+Usage (GPU): ``python benchmarks/sweep_bsa.py --n 65536``; writes sweep_bsa.json to $OUT (or bench_out).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_bsa import make_case  # noqa: E402
+from common import bench_gpu, env_info, format_table, out_dir, write_json  # noqa: E402
+
+
+def prepare(c, cfg):
+    from torch_geometric_bsa.kernels import compress_mean_fast
+    from torch_geometric_bsa.kernels.combine import masked_block_mean
+    from torch_geometric_bsa.kernels.compressed import compressed_attention_triton, compressed_ranges
+    tree = c["tree"]
+    q, k, v = (c[x].detach() for x in ("q", "k", "v"))
+    kc, vc, cm = compress_mean_fast(k, v, tree, cfg.cmp_block, cfg.cmp_stride)
+    if cfg.group_compression:
+        q_cmp, unit = masked_block_mean(q, tree.mask, cfg.group_size), cfg.group_size
+    else:
+        q_cmp, unit = q, 1
+    ranges = compressed_ranges(tree, unit, cfg.cmp_stride, window=cfg.cmp_window)
+    _, lse = compressed_attention_triton(q_cmp, kc, vc, cm, tree, cfg.cmp_stride, ranges=ranges,
+                                         ragged=True if cfg.cmp_window is not None else None)
+    return q_cmp, kc, lse, cm, ranges
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=65536)
+    ap.add_argument("--configs", default="paper,fast")
+    args = ap.parse_args()
+    from torch_geometric_bsa import BSAConfig
+    from torch_geometric_bsa.kernels import selected as S
+    from torch_geometric_bsa.kernels import topk as T
+    cfgs = {"paper": BSAConfig(ball_size=256, cmp_block=8, slc_block=8, topk=16, group_size=8),
+            "fast": BSAConfig(ball_size=256, cmp_block=8, slc_block=8, topk=16, group_size=8,
+                              group_compression=True)}
+    info, rows = env_info(), []
+    print(info, flush=True)
+    for name in args.configs.split(","):
+        cfg = cfgs[name]
+        c = make_case(args.n, 8, 64, cfg)
+        tree = c["tree"]
+        q_cmp, kc, lse, cm, ranges = prepare(c, cfg)
+        topk = lambda: T.select_topk_triton(q_cmp, kc, lse, cm, tree, cfg, ranges=ranges)  # noqa: E731
+        base_idx = topk()
+        rows.append(dict(config=name, kernel="topk", tiles="default *", ms=bench_gpu(topk)))
+        qpg = cfg.group_size if not cfg.group_compression else 1
+        for bg, bn, nw in itertools.product((4, 8, 16, 32), (64, 128), (4, 8)):
+            if bg * qpg < 16 or bg * qpg > 256:
+                continue
+            T.LAUNCH_OVERRIDE["launch"] = (bg, bn, nw)
+            try:
+                same = bool(torch.equal(topk(), base_idx))
+                rows.append(dict(config=name, kernel="topk", tiles=f"BG={bg} BN={bn} w={nw}",
+                                 ms=bench_gpu(topk), same_idx=same))
+            except Exception as e:  # noqa: BLE001
+                rows.append(dict(config=name, kernel="topk", tiles=f"BG={bg} BN={bn} w={nw}", err=repr(e)[:120]))
+            T.LAUNCH_OVERRIDE.clear()
+            print(rows[-1], flush=True)
+        q, k, v = (c[x].detach().requires_grad_() for x in ("q", "k", "v"))
+        do = c["do"]
+
+        def slc_fwd():
+            return S.selected_attention_triton(q, k, v, base_idx, tree.mask, cfg.group_size, cfg.slc_block)
+
+        def slc_fb():
+            torch.autograd.grad(slc_fwd(), (q, k, v), do)
+        rows.append(dict(config=name, kernel="slc", tiles="default *", fwd_ms=bench_gpu(slc_fwd),
+                         ms=bench_gpu(slc_fb)))
+        print(rows[-1], flush=True)
+        grid = [(keys, ws, 64) for keys, ws in itertools.product((64, 128, 256), ((4, 2), (4, 3), (8, 2)))]
+        for keys, (w, st), dk_rows in grid + [(128, (4, 2), 32), (128, (4, 2), 128)]:
+            S.LAUNCH_OVERRIDE.update(keys=keys, fwd=dict(num_warps=w, num_stages=st),
+                                     dq=dict(num_warps=w, num_stages=st), dkdv_rows=dk_rows,
+                                     dkdv=dict(num_warps=w, num_stages=st))
+            tiles = f"keys={keys} w={w} st={st} dkdv_rows={dk_rows}"
+            try:
+                rows.append(dict(config=name, kernel="slc", tiles=tiles, fwd_ms=bench_gpu(slc_fwd), ms=bench_gpu(slc_fb)))
+            except Exception as e:  # noqa: BLE001
+                rows.append(dict(config=name, kernel="slc", tiles=tiles, err=repr(e)[:120]))
+                traceback.print_exc()
+            S.LAUNCH_OVERRIDE.clear()
+            print(rows[-1], flush=True)
+        del c
+        torch.cuda.empty_cache()
+    write_json(os.path.join(out_dir(), "sweep_bsa.json"), dict(env=info, args=vars(args), rows=rows))
+    print(format_table(rows, ["config", "kernel", "tiles", "fwd_ms", "ms", "same_idx"],
+                       {"fwd_ms": ".3f", "ms": ".3f"}))
+
+
+if __name__ == "__main__":
+    main()
