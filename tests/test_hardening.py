@@ -681,7 +681,9 @@ def _compiled_matches_eager(backend):
     out = torch.compile(model, backend=backend)(x, pos, batch, tree=tree)
     out.square().mean().backward()
     assert rel_err(out, ref) < 1e-5
-    assert all(rel_err(p.grad, g) < 1e-4 for p, g in zip(model.parameters(), gref))
+    errs = {name: rel_err(p.grad, g) for (name, p), g in zip(model.named_parameters(), gref)}
+    bad = {k_: f"{e:.2e}" for k_, e in errs.items() if not e < 1e-4}
+    assert not bad, f"gradients off (relative error, worst first): {sorted(bad.items(), key=lambda x: -float(x[1]))}"
 
 
 @requires_cuda
