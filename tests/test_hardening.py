@@ -681,7 +681,13 @@ def _compiled_matches_eager(backend):
     out = torch.compile(model, backend=backend)(x, pos, batch, tree=tree)
     out.square().mean().backward()
     assert rel_err(out, ref) < 1e-5
-    errs = {name: rel_err(p.grad, g) for (name, p), g in zip(model.named_parameters(), gref)}
+    # each gradient relative to max(its own norm, 1e-4 x the norm of all of them): the last bias of
+    # the key-compression MLP (phi_k) shifts every logit of a query equally, so softmax makes its
+    # gradient exactly zero (1e-19 in float64) and fp32 leaves only rounding noise there, which a
+    # plain relative error compares noise to noise (seen on the H100: 38%)
+    total = sum(float(g.double().norm()) ** 2 for g in gref) ** 0.5
+    errs = {name: float((p.grad.double() - g.double()).norm()) / max(float(g.double().norm()), 1e-4 * total)
+            for (name, p), g in zip(model.named_parameters(), gref)}
     bad = {k_: f"{e:.2e}" for k_, e in errs.items() if not e < 1e-4}
     assert not bad, f"gradients off (relative error, worst first): {sorted(bad.items(), key=lambda x: -float(x[1]))}"
 
@@ -697,9 +703,9 @@ def test_torch_compile_triton_path_traces_the_kernels():
 
 
 @requires_cuda
-@pytest.mark.xfail(reason="inductor could not lower the bool.view(torch.uint8) mask views; they are casts "
-                          "now (.to(torch.uint8)), not yet rerun on a GPU", strict=False)
 def test_torch_compile_triton_path_inductor():
+    # the default backend: inductor compiles the model around the Triton kernels (it needed the mask
+    # views to be casts and the kernels' float scalars cast to fp32; ~100 s on the H100)
     _compiled_matches_eager("inductor")
 
 
