@@ -150,6 +150,44 @@ def branch_split(c, cfg, rep):
     return out
 
 
+
+def plot(rows, info, heads, dim, path):
+    r"""fwd+bwd time against N per configuration (eager solid, CUDA graph dotted), SDPA dashed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, mark in (("paper", "o"), ("fast", "s"), ("fastwin", "^")):
+            r = sorted((x for x in rows if x["config"] == name and x.get("ours_fwdbwd")), key=lambda x: x["N"])
+            if r:
+                line, = ax.loglog([x["N"] for x in r], [x["ours_fwdbwd"] for x in r], "-" + mark,
+                                  label=f"BSA triton ({name})")
+            rg = [x for x in r if x.get("ours_graph_fwdbwd")]
+            if rg:
+                ax.loglog([x["N"] for x in rg], [x["ours_graph_fwdbwd"] for x in rg], ":" + mark,
+                          color=line.get_color(), alpha=0.7, label=f"BSA triton ({name}), CUDA graph")
+            rf = [x for x in r if x.get("flex_fwdbwd")]
+            if rf:
+                ax.loglog([x["N"] for x in rf], [x["flex_fwdbwd"] for x in rf], "x", color=line.get_color(),
+                          label=f"Flex BSA ({name})")
+        first = {}
+        for x in rows:  # one SDPA point per N: the first configuration's (they time the same call)
+            if x.get("sdpa_fwdbwd"):
+                first.setdefault(x["N"], x)
+        r = sorted(first.values(), key=lambda x: x["N"])
+        if r:
+            ax.loglog([x["N"] for x in r], [x["sdpa_fwdbwd"] for x in r], "--k", label="SDPA full")
+        ax.set_xlabel("points N (one cloud)")
+        ax.set_ylabel("fwd+bwd ms (median)")
+        ax.set_title(f"BSA, bf16, H={heads}, D={dim} ({info.get('gpu', '?')})")
+        ax.legend(fontsize=7)
+        ax.grid(True, which="both", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="4096,16384,65536,262144,1048576")
@@ -160,7 +198,15 @@ def main():
     ap.add_argument("--flex-sizes", default="4096,65536", help="sizes at which the FlexAttention BSA is timed "
                     "(it compiles anew per shape)")
     ap.add_argument("--configs", default="paper,fast")
+    ap.add_argument("--plot-only", metavar="JSON", help="redraw bench_bsa.png from a saved bench_bsa.json")
     args = ap.parse_args()
+    if args.plot_only:
+        import json
+        with open(args.plot_only) as f:
+            saved = json.load(f)
+        plot(saved["rows"], saved["env"], saved["args"]["heads"], saved["args"]["dim"],
+             os.path.join(out_dir(), "bench_bsa.png"))
+        return
     from torch_geometric_bsa import BSAConfig
     cfgs = {"paper": BSAConfig(ball_size=256, cmp_block=8, slc_block=8, topk=16, group_size=8),
             "fast": BSAConfig(ball_size=256, cmp_block=8, slc_block=8, topk=16, group_size=8,
@@ -236,27 +282,7 @@ def main():
     cols2 = ["N", "config", "ball_fwdbwd", "cmp_fwd", "cmp_fwdbwd", "topk", "slc_fwd", "slc_fwdbwd",
              "cmp_fwdbwd_frac", "topk_frac", "slc_fwdbwd_frac", "ball_fwdbwd_frac"]
     print(format_table(rows, cols2, {k_: ".3f" for k_ in cols2[2:]}))
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name, style in (("paper", "-o"), ("fast", "-s"), ("fastwin", "-^")):
-            r = [x for x in rows if x["config"] == name and x.get("ours_fwdbwd")]
-            ax.loglog([x["N"] for x in r], [x["ours_fwdbwd"] for x in r], style, label=f"BSA triton ({name})")
-            r2 = [x for x in r if x.get("flex_fwdbwd")]
-            ax.loglog([x["N"] for x in r2], [x["flex_fwdbwd"] for x in r2], ":" + style[-1], label=f"Flex BSA ({name})")
-        r = [x for x in rows if x["config"] == "paper" and x.get("sdpa_fwdbwd")]
-        ax.loglog([x["N"] for x in r], [x["sdpa_fwdbwd"] for x in r], "--k", label="SDPA full")
-        ax.set_xlabel("points N (one cloud)")
-        ax.set_ylabel("fwd+bwd ms (median)")
-        ax.set_title(f"BSA, bf16, H={args.heads}, D={args.dim} ({info.get('gpu', '?')})")
-        ax.legend(fontsize=8)
-        ax.grid(True, which="both", alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "bench_bsa.png"), dpi=120)
-    except Exception:  # noqa: BLE001
-        traceback.print_exc()
+    plot(rows, info, args.heads, args.dim, os.path.join(out, "bench_bsa.png"))
 
 
 if __name__ == "__main__":
