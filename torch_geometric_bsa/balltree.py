@@ -21,8 +21,8 @@ __all__ = ["BallTree", "build_ball_tree", "random_rotation"]
 class BallTree:
     r"""A ball tree over a batch of point clouds, stored as a permutation into padded tree order.
 
-    Tree order ("slots"): cloud after cloud, each cloud padded to a multiple of :obj:`ball_size`;
-    every contiguous run of :obj:`ball_size` slots is one leaf ball, and every left subtree is full,
+    Tree order ("slots"): cloud after cloud, each cloud padded to a multiple of ``ball_size``;
+    every contiguous run of ``ball_size`` slots is one leaf ball, and every left subtree is full,
     so the padding of a cloud is the tail of its last ball.
 
     Attributes:
@@ -178,7 +178,7 @@ def _spread_bits(x: Tensor, dim: int) -> Tensor:
 
 def _morton_order_by_ball(p: Tensor, ball: Tensor) -> Tensor:
     r"""Stable permutation sorting points by (ball, Morton code inside the ball's bounding box);
-    ``ball`` is each point's ball index (device-resident variant of :func:`_morton_order`)."""
+    ``ball`` is each point's ball index (device-resident variant of ``_morton_order``)."""
     d = p.size(1)
     seg = ball.unsqueeze(1).expand_as(p)
     nb = int(ball.max()) + 1
@@ -350,7 +350,7 @@ def build_ball_tree(pos: Tensor, batch: Optional[Tensor] = None, ball_size: int 
             Erwin's rotated tree for cross-ball mixing on alternating layers.
 
     Returns:
-        :class:`BallTree`. Costs ``ceil(log2(max balls per cloud))`` stable sorts of ``N`` keys and a
+        ``BallTree``. Costs ``ceil(log2(max balls per cloud))`` stable sorts of ``N`` keys and a
         min/max reduction per level, plus a few host synchronisations (level count and sizes).
     """
     batch = _check_inputs(pos, batch, ball_size)

@@ -51,7 +51,7 @@ def bsa_flops(n: int, cfg: BSAConfig, heads: int, head_dim: int, compression: st
 def model_flops(n: int, hidden: int, num_layers: int, heads: int, attention: str = "bsa",
                 cfg: Optional[BSAConfig] = None, mlp_ratio: float = 4.0, in_channels: int = 3,
                 out_channels: int = 1, dim: int = 3, compression: str = "mlp") -> Dict[str, float]:
-    r"""Forward FLOPs of :class:`~torch_geometric_bsa.nn.BSATransformer` on one cloud of ``n`` points.
+    r"""Forward FLOPs of ``BSATransformer`` on one cloud of ``n`` points.
 
     Returns ``attention`` (the attention op of all layers), ``linear`` (embedding, q/k/v, gates,
     output projections, SwiGLU, head) and ``total``.

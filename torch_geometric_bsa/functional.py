@@ -62,7 +62,7 @@ def bsa_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, 
     r"""Ball Sparse Attention on tree-ordered, padded tensors.
 
     Args:
-        q, k, v (Tensor): ``[N_pad, H, D]`` in tree order (:meth:`BallTree.to_tree`).
+        q, k, v (Tensor): ``[N_pad, H, D]`` in tree order (``BallTree.to_tree``).
         pos (Tensor): ``[N_pad, d]`` tree-ordered positions.
         tree (BallTree): the ball tree the tensors are ordered by.
         cfg (BSAConfig): block sizes, top-k and group size.
@@ -90,8 +90,8 @@ def ball_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, sigma: Tensor, 
                    backend: str = "auto") -> Tensor:
     r"""The ball branch alone (Erwin-style ball attention with distance bias), ``[N_pad, H, D]``.
 
-    Same arguments as :func:`torch_geometric_bsa.reference.ball_attention`; ``backend`` as in
-    :func:`bsa_attention`.
+    Same arguments as ``torch_geometric_bsa.reference.ball_attention``; ``backend`` as in
+    ``bsa_attention``.
     """
     if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape or q.size(0) % ball_size:
         raise ValueError(f"q, k, v must share a shape [N_pad, H, D] with N_pad a multiple of "

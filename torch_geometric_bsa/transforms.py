@@ -32,8 +32,8 @@ class CacheBallTree(BaseTransform):
     fingerprint of the positions in ``data.ball_tree_key``), so models skip the build each step.
 
     Use with static positions (e.g. as ``pre_transform`` or ``transform`` of a dataset). Models
-    read the cache through :func:`get_ball_tree`, which rebuilds when positions have changed.
-    A collated :class:`~torch_geometric.data.Batch` holds a list of trees; models concatenate them.
+    read the cache through ``get_ball_tree``, which rebuilds when positions have changed.
+    A collated ``Batch`` holds a list of trees; models concatenate them.
 
     Args:
         ball_size (int): points per ball; must equal the model's ``ball_size``.

@@ -2,12 +2,12 @@
 
 ``get_dataset(name, root, split, **kw)`` is the one entry point the training script uses:
 
-* ``"shapenet-car"``: :class:`ShapeNetCar`, the BSA paper's benchmark (UPT preprocessed layout);
-* ``"elasticity"``: :class:`Elasticity`, Geo-FNO's ``.npy`` files;
-* ``"car"``: :class:`CarPressure`, generated car-like bodies with potential-flow surface pressure;
-* ``"elasticity-gen"``: :class:`ElasticUnitCell`, generated perforated cells, von Mises stress.
+* ``"shapenet-car"``: ``ShapeNetCar``, the BSA paper's benchmark (UPT preprocessed layout);
+* ``"elasticity"``: ``Elasticity``, Geo-FNO's ``.npy`` files;
+* ``"car"``: ``CarPressure``, generated car-like bodies with potential-flow surface pressure;
+* ``"elasticity-gen"``: ``ElasticUnitCell``, generated perforated cells, von Mises stress.
 
-:func:`make_scaling_cloud` gives a single large cloud (10^4..10^6 points) for speed runs.
+``make_scaling_cloud`` gives a single large cloud (10^4..10^6 points) for speed runs.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def get_dataset(name: str, root: str, split: str = "train", **kwargs) -> CachedS
     """Build dataset ``name`` (a key of :data:`DATASETS`) for ``split`` under ``root``.
 
     ``kwargs`` go to the dataset class (sizes, seed, transform, ...). Every dataset returns
-    :class:`~torch_geometric.data.Data` with ``pos``, ``x``, a normalised ``y [N, 1]`` and
+    ``Data`` with ``pos``, ``x``, a normalised ``y [N, 1]`` and
     ``y_mean``/``y_std``, so ``y * y_std + y_mean`` recovers physical units.
     """
     try:

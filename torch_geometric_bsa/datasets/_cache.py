@@ -60,9 +60,9 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
 class CachedSplitDataset(InMemoryDataset):
     """InMemoryDataset with a ``split`` argument and a per-configuration cache folder.
 
-    Subclasses set ``cache_name``, implement :meth:`cache_config` (JSON-able dict of everything
-    that changes the processed data) and :meth:`build` (returns ``{"train": [...], "test": [...]}``
-    lists of :class:`~torch_geometric.data.Data`), and may list ``cache_sources``: modules whose
+    Subclasses set ``cache_name``, implement ``cache_config`` (JSON-able dict of everything
+    that changes the processed data) and ``build`` (returns ``{"train": [...], "test": [...]}``
+    lists of ``Data``), and may list ``cache_sources``: modules whose
     source code is part of the key besides this one and the subclass's own module.
     """
 

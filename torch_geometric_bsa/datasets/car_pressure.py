@@ -1,9 +1,9 @@
 """CarPressure: car-like bodies with the surface pressure of steady potential flow.
 
 Each sample is a random closed car-like body (superellipse plan and sections, a cabin bump, a
-narrower greenhouse), a source-panel solution of the flow along +x (:mod:`.panel`) on a coarse
+narrower greenhouse), a source-panel solution of the flow along +x (``.panel``) on a coarse
 triangulation, and a few thousand points sampled on the exact surface carrying the interpolated
-pressure coefficient. :func:`make_scaling_cloud` gives the same kind of cloud with 10^4..10^6 points
+pressure coefficient. ``make_scaling_cloud`` gives the same kind of cloud with 10^4..10^6 points
 and a cheap analytic field, for speed runs.
 """
 from __future__ import annotations
@@ -191,9 +191,9 @@ class CarPressure(CachedSplitDataset):
     r"""Generated car-like bodies with the surface pressure of steady potential flow.
 
     Physics: incompressible, inviscid, irrotational flow with free stream ``U = (1, 0, 0)``
-    around the closed body (no ground, no wake); the body is a random :class:`CarShape`, the flow a
+    around the closed body (no ground, no wake); the body is a random ``CarShape``, the flow a
     constant-strength source-panel solution on ``2 * n_around * (n_length - 1)`` triangles
-    (exact panel integrals, centroid collocation, see :mod:`.panel`), and the target the pressure
+    (exact panel integrals, centroid collocation, see ``.panel``), and the target the pressure
     coefficient ``Cp = 1 - |V|^2 / |U|^2`` interpolated at ``num_points`` points sampled
     area-uniformly on the exact surface.
 
@@ -213,13 +213,13 @@ class CarPressure(CachedSplitDataset):
             process). Each car is generated single-threaded from its own seed either way, so the
             data (and the cache key) do not depend on it.
 
-    Each sample is a :class:`~torch_geometric.data.Data` with
+    Each sample is a ``Data`` with
 
     * ``pos [N, 3]``: surface points (metres, nose towards -x);
     * ``x [N, 3]``: outward unit normals;
     * ``y [N, 1]``: normalised ``Cp``: ``(Cp - y_mean) / y_std`` with the train split's statistics
       (also ``dataset.y_mean``, ``dataset.y_std``);
-    * ``y_mean``, ``y_std`` ``[1]`` and ``shape_params [1, 12]`` (:class:`CarShape` fields).
+    * ``y_mean``, ``y_std`` ``[1]`` and ``shape_params [1, 12]`` (``CarShape`` fields).
     """
 
     cache_name = "car_pressure"
@@ -293,14 +293,14 @@ def _ellipsoid_surface_speedup(a: float, b: float, c: float) -> float:
 def make_scaling_cloud(num_points: int, seed: int = 0, mesh_resolution: int = 256) -> Data:
     """A large car-surface cloud for speed runs (10^4..10^6 points, about a second at 10^6).
 
-    Runs single-threaded (see :func:`._cache.single_threaded`): the same ``seed`` gives the same
+    Runs single-threaded (see ``._cache.single_threaded``): the same ``seed`` gives the same
     cloud on every machine.
 
-    Points are sampled area-uniformly on a fine triangulation of a random :class:`CarShape`
+    Points are sampled area-uniformly on a fine triangulation of a random ``CarShape``
     (drawn from ``seed``) and lifted onto the exact surface. The field is cheap and analytic: the
     potential-flow ``Cp`` of the car's bounding ellipsoid transplanted onto the car's normals,
     ``Cp = 1 - C^2 (1 - n_x^2)`` (exact for an ellipsoid, a plausible field elsewhere); it is
-    *not* the panel solution, so use :class:`CarPressure` for accuracy studies.
+    *not* the panel solution, so use ``CarPressure`` for accuracy studies.
 
     Returns:
         ``Data(x=[N, 3] normals, pos=[N, 3], y=[N, 1] Cp)`` in float32.

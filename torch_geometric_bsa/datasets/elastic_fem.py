@@ -1,9 +1,9 @@
 """Plane-stress linear elasticity of perforated unit cells: a graded triangle mesher and a P2 solver.
 
-scikit-fem has no mesher for domains with holes, so :func:`mesh_perforated_square` builds one:
+scikit-fem has no mesher for domains with holes, so ``mesh_perforated_square`` builds one:
 graded points (fine on the void boundaries, coarse far away) are triangulated with
 ``scipy.spatial.Delaunay`` and the triangles inside voids are dropped; the result is checked to
-cover exactly the square minus the (polygonal) voids. :func:`solve_uniaxial_tension` then solves
+cover exactly the square minus the (polygonal) voids. ``solve_uniaxial_tension`` then solves
 uniaxial tension with quadratic triangles and returns nodal stresses. Validated against Kirsch's
 stress concentration factor 3 (see ``tests/datasets/test_elastic_unit_cell.py``).
 """
@@ -57,7 +57,7 @@ class Ellipse:
         return np.stack([self.cx + c * x - s * y, self.cy + s * x + c * y], 1)
 
     def polygon_area(self, spacing: float) -> float:
-        """Area of the polygon through :meth:`boundary` points (what the mesh actually cuts out)."""
+        """Area of the polygon through ``boundary`` points (what the mesh actually cuts out)."""
         p = self.boundary(spacing)
         x, y = p[:, 0], p[:, 1]
         return 0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))

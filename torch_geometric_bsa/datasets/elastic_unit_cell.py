@@ -1,8 +1,8 @@
 """ElasticUnitCell: perforated unit cells under uniaxial tension, von Mises stress at the nodes.
 
-A generated stand-in for Geo-FNO's Elasticity benchmark (:class:`.Elasticity`): the unit square
+A generated stand-in for Geo-FNO's Elasticity benchmark (``.Elasticity``): the unit square
 with random circular/elliptic voids, plane-stress linear elasticity solved with scikit-fem on our
-own graded mesh (:mod:`.elastic_fem`), target the von Mises stress over the applied traction.
+own graded mesh (``.elastic_fem``), target the von Mises stress over the applied traction.
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ class ElasticUnitCell(CachedSplitDataset):
     Samples are deterministic in ``(seed, split, index)``; both splits are generated on first use
     and cached under ``root/processed/elastic_unit_cell-<hash>/``.
 
-    Each sample is a :class:`~torch_geometric.data.Data` with
+    Each sample is a ``Data`` with
 
     * ``pos [N, 2]`` mesh vertices in the unit square (N varies, ~1,000-1,500 by default);
     * ``x [N, 2]`` the same coordinates (Geo-FNO's Elasticity input is the point coordinates too);

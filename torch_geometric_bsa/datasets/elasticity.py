@@ -58,7 +58,7 @@ class Elasticity(CachedSplitDataset):
         num_train, num_test, num_points: 1000, 200, 972 for the release; smaller values read
             reduced copies (tests).
 
-    Each sample is a :class:`~torch_geometric.data.Data` with ``pos [972, 2]``, ``x [972, 2]``
+    Each sample is a ``Data`` with ``pos [972, 2]``, ``x [972, 2]``
     (a copy of ``pos``, the benchmark's input), ``y [972, 1]`` stress normalised with the train
     split's scalar mean/std, and ``y_mean``/``y_std`` ``[1]``.
     """

@@ -3,7 +3,7 @@
 Hess–Smith style: the body surface is a closed triangle mesh, every triangle carries a constant
 source density, collocation points sit at the triangle centroids, and the induced velocities are the
 *exact* integrals over each flat triangle (edge log terms + solid angle), so no near-field
-quadrature tuning is needed. Used by :class:`~torch_geometric_bsa.datasets.CarPressure` and
+quadrature tuning is needed. Used by ``CarPressure`` and
 validated against the analytic sphere solution ``Cp = 1 - 9/4 sin^2(theta)``.
 """
 from __future__ import annotations
@@ -140,7 +140,7 @@ def solve_source_panels(
     Args:
         vertices: ``[V, 3]`` float64 vertex positions.
         faces: ``[F, 3]`` long, consistently oriented with normals pointing *out* of the body
-            (use :func:`orient_outward` first if unsure).
+            (use ``orient_outward`` first if unsure).
         u_inf: free-stream velocity.
         chunk: rows of the influence matrix built at once (temporaries ~ chunk * F * 100 bytes).
 

@@ -82,7 +82,7 @@ class ShapeNetCar(CachedSplitDataset):
         num_points, num_cars, num_test, split_seed: the layout's constants (3586, 889, 189, 0);
             change them only for reduced copies of the data (e.g. tests).
 
-    Each sample is a :class:`~torch_geometric.data.Data` with ``pos [3586, 3]`` (raw coordinates,
+    Each sample is a ``Data`` with ``pos [3586, 3]`` (raw coordinates,
     the car's length along z), ``x [3586, 3]`` (a copy of ``pos``: the dataset has no other
     per-point input; models embed it as they like), ``y [3586, 1]`` normalised pressure,
     ``y_mean``/``y_std`` ``[1]`` and ``car_id`` ``[1]`` (position in the 889-car order).
@@ -138,7 +138,7 @@ class ShapeNetCar(CachedSplitDataset):
 
     @staticmethod
     def test_indices(num_cars: int = NUM_CARS, num_test: int = NUM_TEST, seed: int = 0) -> torch.Tensor:
-        """Sorted test-split indices into :meth:`car_folders`: UPT's seeded permutation
+        """Sorted test-split indices into ``car_folders``: UPT's seeded permutation
         ``torch.randperm(num_cars, generator=torch.Generator().manual_seed(seed))[:num_test]``."""
         g = torch.Generator().manual_seed(seed)
         return torch.randperm(num_cars, generator=g)[:num_test].sort().values

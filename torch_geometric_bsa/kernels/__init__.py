@@ -15,7 +15,7 @@ __all__ = ["bsa_triton", "compress_mean_fast"]
 
 
 def compress_mean_fast(k: Tensor, v: Tensor, tree, block: int, stride: int):
-    r"""Same as :func:`~torch_geometric_bsa.reference.compress_mean`; for ``stride == block`` a
+    r"""Same as ``compress_mean``; for ``stride == block`` a
     one-pass masked mean kernel (no gathered copy of K and V), else the reference gather."""
     if stride != block:
         from ..reference import compress_mean
@@ -41,7 +41,7 @@ def bsa_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree, cfg, *, sigma
                k_cmp: Optional[Tensor] = None, v_cmp: Optional[Tensor] = None,
                cmp_mask: Optional[Tensor] = None, return_branches: bool = False):
     r"""Full BSA through the Triton kernels; same signature and result as
-    :func:`~torch_geometric_bsa.reference.bsa_reference` (``[N_pad, H, D]``, zero at padded slots).
+    ``bsa_reference`` (``[N_pad, H, D]``, zero at padded slots).
 
     The selection's top-k runs streamed in a kernel when ``cmp_block == cmp_stride == slc_block``
     (the defaults); otherwise the selection scores come from the dense reference (O(N^2 / l) memory).

@@ -1,6 +1,6 @@
 """Fused Triton kernel for the ball branch (DESIGN §1.2b), forward and backward.
 
-Must equal :func:`torch_geometric_bsa.reference.ball_attention`: exact softmax attention inside each
+Must equal ``torch_geometric_bsa.reference.ball_attention``: exact softmax attention inside each
 ball of ``m`` contiguous tree-ordered slots, logits ``scale * q_i.k_j + sigma_h * ||p_i - p_j||``.
 The distance bias is computed in-kernel from positions (no ``[m, m]`` tensor in memory), padded keys
 are masked in-kernel, padded queries get zero output; the log-sum-exp is saved for the backward.
@@ -447,7 +447,7 @@ class BallAttentionFunction(torch.autograd.Function):
 
 def ball_attention_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, sigma: Tensor, mask: Tensor,
                           ball_size: int, scale: Optional[float] = None) -> Tensor:
-    r"""Fused ball attention; equals :func:`torch_geometric_bsa.reference.ball_attention`.
+    r"""Fused ball attention; equals ``torch_geometric_bsa.reference.ball_attention``.
 
     Args:
         q, k, v: ``[N_pad, H, D]`` tree order, fp32/fp16/bf16, ``D <= 128``.

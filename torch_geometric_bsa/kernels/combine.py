@@ -4,7 +4,7 @@
 compression ``o_cmp`` is read per group (row ``n // q_unit`` of ``o_c``) and masked by slot validity,
 so the ``repeat_interleave`` copy of the PyTorch version never exists. The backward writes the three
 branch gradients, the gate gradients and (summed over each group's rows) the gradient of ``o_c`` in
-one pass. Must equal the PyTorch expression in :func:`torch_geometric_bsa.reference.bsa_reference`.
+one pass. Must equal the PyTorch expression in ``torch_geometric_bsa.reference.bsa_reference``.
 
 ``row_dot(a, b)`` is ``(a.float() * b.float()).sum(-1)`` without the two float32 copies: the
 ``delta = rowsum(dO * O)`` term of the attention backward passes.

@@ -1,6 +1,6 @@
 """Compression branch: varlen attention of every query over the compressed keys of its own cloud.
 
-Must equal :func:`torch_geometric_bsa.reference.compressed_attention`. Pooling (mean or MLP) stays
+Must equal ``torch_geometric_bsa.reference.compressed_attention``. Pooling (mean or MLP) stays
 in PyTorch; ``k_cmp``/``v_cmp`` arrive as tensors and receive gradients. The forward saves the
 log-sum-exp (log2 units), which the top-k kernel (topk.py) reuses to normalise probabilities.
 """
@@ -263,7 +263,7 @@ def _cut_to_window(tree, unit_rows: int, unit_cols: int, window: int, start: Ten
 def compressed_attention_triton(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cmp_mask: Tensor, tree,
                                 cmp_stride: int, scale: Optional[float] = None, ranges=None,
                                 ragged: Optional[bool] = None):
-    r"""Triton :func:`~torch_geometric_bsa.reference.compressed_attention`: returns ``(o, lse)``.
+    r"""Triton ``compressed_attention``: returns ``(o, lse)``.
 
     ``q [Q, H, D]`` at query granularity ``N_pad // Q`` (1 per point, ``g`` for pooled group
     queries); ``lse [Q, H]`` float32 in log2 units (``1e30`` where a row has no valid block).

@@ -1,6 +1,6 @@
 """Selection branch: each query group attends to the ``k * l'`` keys of its selected blocks.
 
-Must equal :func:`torch_geometric_bsa.reference.selected_attention`. Forward and dQ run one program
+Must equal ``torch_geometric_bsa.reference.selected_attention``. Forward and dQ run one program
 per (group, head): the group's ``g`` queries are the M side of the tile (padded to 16 for
 ``tl.dot``), so each selected KV block is loaded once for the whole group. dK/dV run one program per
 (selection block, head) over an inverted index block -> groups that selected it (a stable sort of the
@@ -235,7 +235,7 @@ class SelectedAttention(torch.autograd.Function):
 
 def selected_attention_triton(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, mask: Tensor, group_size: int,
                               slc_block: int, scale=None) -> Tensor:
-    r"""Triton :func:`~torch_geometric_bsa.reference.selected_attention` with *global* block ids
+    r"""Triton ``selected_attention`` with *global* block ids
     ``idx [N_pad // group_size, k]`` (``-1`` = no block). Zero at padded queries."""
     d = q.size(-1)
     scale = d ** -0.5 if scale is None else scale

@@ -1,7 +1,7 @@
 """Group selection: importance of every selection block per query group and its top-k, streamed.
 
-Must equal :func:`~torch_geometric_bsa.reference.selection_scores` followed by
-:func:`~torch_geometric_bsa.reference.select_blocks` (indices where scores are not tied). No
+Must equal ``selection_scores`` followed by
+``select_blocks`` (indices where scores are not tied). No
 ``[groups, blocks]`` matrix is ever in memory: each program owns ``BLOCK_G`` groups, streams over the
 compressed keys of their cloud, recomputes ``P = exp2(s - lse)`` per head from the log-sum-exp of the
 compression forward, sums it over heads and the group's queries, and merges each tile into a running

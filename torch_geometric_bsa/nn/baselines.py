@@ -1,6 +1,6 @@
 """Accuracy baselines for the BSA comparison (DESIGN §4): PointNet and a kNN-graph GNN (EdgeConv).
 
-Both take the same ``(x, pos, batch)`` (or a ``Data``/``Batch``) as :class:`BSATransformer` and
+Both take the same ``(x, pos, batch)`` (or a ``Data``/``Batch``) as ``BSATransformer`` and
 predict per-point targets, so one training script drives all models. ``knn_graph`` uses
 ``torch_cluster`` when it is installed (PyG's policy) and an exact pure-torch search otherwise.
 """
@@ -78,7 +78,7 @@ def knn_graph_torch(pos: Tensor, k: int, batch: Optional[Tensor] = None, loop: b
 
 def knn_graph(pos: Tensor, k: int, batch: Optional[Tensor] = None, loop: bool = False) -> Tensor:
     r"""kNN graph (``flow="source_to_target"``): ``torch_cluster.knn_graph`` when installed, else
-    :func:`knn_graph_torch` (exact)."""
+    ``knn_graph_torch`` (exact)."""
     if WITH_TORCH_CLUSTER:
         return torch_cluster.knn_graph(pos, k, batch, loop=loop)
     return knn_graph_torch(pos, k, batch, loop=loop)
@@ -155,7 +155,7 @@ class PointNet(nn.Module):
 
 
 class KNNGNN(nn.Module):
-    r"""A kNN-graph GNN: a stack of :class:`~torch_geometric.nn.EdgeConv` layers (DGCNN-style) on a
+    r"""A kNN-graph GNN: a stack of ``EdgeConv`` layers (DGCNN-style) on a
     fixed kNN graph of the positions, with residual connections.
 
     .. math::
@@ -164,7 +164,7 @@ class KNNGNN(nn.Module):
         \mathbf{p}_j - \mathbf{p}_i])
 
     Relative positions enter every message, so the layer sees geometry, not only features. The
-    graph is built once per forward with :func:`knn_graph` (``torch_cluster`` or the exact
+    graph is built once per forward with ``knn_graph`` (``torch_cluster`` or the exact
     pure-torch fallback) and never crosses clouds.
 
     Args:

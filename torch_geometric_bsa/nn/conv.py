@@ -163,7 +163,7 @@ class _TreeAttentionConv(nn.Module):
 class BSAConv(_TreeAttentionConv):
     r"""Ball Sparse Attention layer (Brita et al., arXiv 2506.12541).
 
-    Points are ordered by a ball tree (:func:`build_ball_tree`); for query :math:`i`, head
+    Points are ordered by a ball tree (``build_ball_tree``); for query :math:`i`, head
     :math:`h`:
 
     .. math::
@@ -189,7 +189,7 @@ class BSAConv(_TreeAttentionConv):
         group_compression (bool): pool queries per group in the compression branch (faster).
         cmp_window (int, optional): for very large clouds: the compression and selection see only
             the query's window of ``cmp_window`` tree-ordered slots, and a fourth gated branch
-            attends to one pooled key per ball of the whole cloud (:class:`BSAConfig`).
+            attends to one pooled key per ball of the whole cloud (``BSAConfig``).
         compression (str): ``"mlp"`` (paper) or ``"mean"`` block pooling.
         branches (str): ``"all"`` (BSA) or ``"ball"`` (ball attention only, Erwin-style).
         dim (int): coordinate dimension, 2 or 3.
@@ -248,9 +248,9 @@ class BSAConv(_TreeAttentionConv):
 
 
 class FullAttentionConv(_TreeAttentionConv):
-    r"""Full softmax attention over each cloud (SDPA), the accuracy and speed peer of :class:`BSAConv`.
+    r"""Full softmax attention over each cloud (SDPA), the accuracy and speed peer of ``BSAConv``.
 
-    Same interface and positional input as :class:`BSAConv`; costs :math:`O(N_c^2)` per cloud.
+    Same interface and positional input as ``BSAConv``; costs :math:`O(N_c^2)` per cloud.
 
     Shapes:
         - **input:** :math:`(|\mathcal{V}|, C)`, :math:`(|\mathcal{V}|, d)`, :math:`(|\mathcal{V}|)`

@@ -49,7 +49,7 @@ class BSATransformer(nn.Module):
     r"""Point-cloud transformer with Ball Sparse Attention (Brita et al., arXiv 2506.12541).
 
     ``embed -> L x [h + Attn(RMSNorm(h)), h + SwiGLU(RMSNorm(h))] -> RMSNorm -> head``, with the
-    attention chosen by ``attention``: ``"bsa"`` (:class:`BSAConv`), ``"ball"`` (ball branch only,
+    attention chosen by ``attention``: ``"bsa"`` (``BSAConv``), ``"ball"`` (ball branch only,
     Erwin-style) or ``"full"`` (SDPA over each cloud), so comparisons share one model.
 
     Args:
@@ -59,11 +59,11 @@ class BSATransformer(nn.Module):
         attention (str): ``"bsa"``, ``"ball"`` or ``"full"``.
         mlp_ratio (float): SwiGLU hidden size over ``C``.
         rotate (bool): alternate layers use a ball tree of randomly rotated positions (Erwin).
-        dim (int): coordinate dimension. **bsa_kwargs: passed to :class:`BSAConv` (ball_size,
+        dim (int): coordinate dimension. **bsa_kwargs: passed to ``BSAConv`` (ball_size,
             cmp_block, slc_block, topk, group_size, group_compression, compression, backend, ...).
 
     Shapes:
-        - **input:** ``x`` :math:`(|\mathcal{V}|, F_{in})` (or a :class:`~torch_geometric.data.Data`
+        - **input:** ``x`` :math:`(|\mathcal{V}|, F_{in})` (or a ``Data``
           holding ``x``, ``pos``, ``batch``), ``pos`` :math:`(|\mathcal{V}|, d)`, ``batch``
           :math:`(|\mathcal{V}|)`
         - **output:** :math:`(|\mathcal{V}|, F_{out})` in input order
