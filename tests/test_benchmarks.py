@@ -1,0 +1,46 @@
+"""The benchmark scripts' CPU-side parts: tables and plots from saved results (the timing runs need a GPU)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAVED = os.path.join(ROOT, "docs", "bench", "bsa_h100_v2.json")
+
+
+@pytest.mark.skipif(not os.path.isfile(SAVED), reason="no saved bench_bsa.json in docs/bench")
+def test_bench_bsa_redraws_its_plot_from_saved_json(tmp_path):
+    pytest.importorskip("matplotlib")
+    env = {**os.environ, "OUT": str(tmp_path), "MPLBACKEND": "Agg"}
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_bsa.py"), "--plot-only", SAVED],
+                   env=env, check=True, capture_output=True, timeout=120)
+    png = tmp_path / "bench_bsa.png"
+    assert png.is_file() and png.stat().st_size > 10_000
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_format_table_prints_missing_values_as_dashes():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from common import format_table
+    finally:
+        sys.path.pop(0)
+    rows = [dict(N=4096, config="paper", ms=0.6683), dict(N=65536, config="fast")]
+    text = format_table(rows, ["N", "config", "ms"], {"ms": ".3f"})
+    lines = text.splitlines()
+    assert len(lines) == 3 and "0.668" in lines[1] and lines[2].split()[-1] == "-"
+
+
+def test_saved_bench_results_carry_device_and_command_arguments():
+    # every committed benchmark JSON says where and how it was made (docs/benchmarks.md cites them)
+    folder = os.path.join(ROOT, "docs", "bench")
+    names = [n for n in os.listdir(folder) if n.endswith(".json")]
+    assert names
+    for name in names:
+        with open(os.path.join(folder, name)) as f:
+            saved = json.load(f)
+        assert "env" in saved and ("args" in saved or "command" in saved), name
+        assert saved["env"].get("gpu") or saved["env"].get("cpu"), name
