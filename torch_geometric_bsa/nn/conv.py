@@ -189,7 +189,10 @@ class BSAConv(_TreeAttentionConv):
         group_compression (bool): pool queries per group in the compression branch (faster).
         cmp_window (int, optional): for very large clouds: the compression and selection see only
             the query's window of ``cmp_window`` tree-ordered slots, and a fourth gated branch
-            attends to one pooled key per ball of the whole cloud (``BSAConfig``).
+            attends to one pooled key per ball of the whole cloud (``BSAConfig``). Meant for
+            clouds much larger than the window (e.g. 16,384 at 10^5-10^6 points: 0.9x the per-point
+            time of 65k instead of 6x); with the window at a quarter of the cloud it cost accuracy
+            in our training comparison (docs/results.md).
         compression (str): ``"mlp"`` (paper) or ``"mean"`` block pooling.
         branches (str): ``"all"`` (BSA) or ``"ball"`` (ball attention only, Erwin-style).
         dim (int): coordinate dimension, 2 or 3.
