@@ -100,10 +100,11 @@ def _linear_flops(module: nn.Module, rows: float) -> float:
 class PointNet(nn.Module):
     r"""PointNet for per-point regression (Qi et al., 2017, segmentation head).
 
-    .. math::
-        \mathbf{h}_i = \mathrm{MLP}_1([\mathbf{x}_i, \mathbf{p}_i]), \quad
-        \mathbf{g}_c = \max_{j \in c} \mathrm{MLP}_2(\mathbf{h}_j), \quad
-        \mathbf{y}_i = \mathrm{MLP}_3([\mathbf{h}_i, \mathbf{g}_{c(i)}])
+    $$
+    \mathbf{h}_i = \mathrm{MLP}_1([\mathbf{x}_i, \mathbf{p}_i]), \quad
+    \mathbf{g}_c = \max_{j \in c} \mathrm{MLP}_2(\mathbf{h}_j), \quad
+    \mathbf{y}_i = \mathrm{MLP}_3([\mathbf{h}_i, \mathbf{g}_{c(i)}])
+    $$
 
     The global feature is max-pooled per cloud (``batch``), so clouds never mix.
 
@@ -114,9 +115,9 @@ class PointNet(nn.Module):
         dim (int): coordinate dimension.
 
     Shapes:
-        - **input:** ``x`` :math:`(|\mathcal{V}|, F_{in})`, ``pos`` :math:`(|\mathcal{V}|, d)`,
-          ``batch`` :math:`(|\mathcal{V}|)`
-        - **output:** :math:`(|\mathcal{V}|, F_{out})`
+        - **input:** ``x`` $(|\mathcal{V}|, F_{in})$, ``pos`` $(|\mathcal{V}|, d)$,
+          ``batch`` $(|\mathcal{V}|)$
+        - **output:** $(|\mathcal{V}|, F_{out})$
     """
 
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 64,
@@ -158,10 +159,11 @@ class KNNGNN(nn.Module):
     r"""A kNN-graph GNN: a stack of ``EdgeConv`` layers (DGCNN-style) on a
     fixed kNN graph of the positions, with residual connections.
 
-    .. math::
-        \mathbf{h}_i^{(l+1)} = \mathbf{h}_i^{(l)} + \max_{j \in \mathcal{N}_k(i)}
-        \mathrm{MLP}([\mathbf{h}_i^{(l)}, \mathbf{h}_j^{(l)} - \mathbf{h}_i^{(l)},
-        \mathbf{p}_j - \mathbf{p}_i])
+    $$
+    \mathbf{h}_i^{(l+1)} = \mathbf{h}_i^{(l)} + \max_{j \in \mathcal{N}_k(i)}
+    \mathrm{MLP}([\mathbf{h}_i^{(l)}, \mathbf{h}_j^{(l)} - \mathbf{h}_i^{(l)},
+    \mathbf{p}_j - \mathbf{p}_i])
+    $$
 
     Relative positions enter every message, so the layer sees geometry, not only features. The
     graph is built once per forward with ``knn_graph`` (``torch_cluster`` or the exact
@@ -176,9 +178,9 @@ class KNNGNN(nn.Module):
         dim (int): coordinate dimension.
 
     Shapes:
-        - **input:** ``x`` :math:`(|\mathcal{V}|, F_{in})`, ``pos`` :math:`(|\mathcal{V}|, d)`,
-          ``batch`` :math:`(|\mathcal{V}|)`
-        - **output:** :math:`(|\mathcal{V}|, F_{out})`
+        - **input:** ``x`` $(|\mathcal{V}|, F_{in})$, ``pos`` $(|\mathcal{V}|, d)$,
+          ``batch`` $(|\mathcal{V}|)$
+        - **output:** $(|\mathcal{V}|, F_{out})$
     """
 
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 64, num_layers: int = 4,

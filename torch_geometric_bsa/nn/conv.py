@@ -78,7 +78,7 @@ def resolve_tree(tree: TreeLike, pos: Tensor, batch: Optional[Tensor], ball_size
 class KVCompressor(nn.Module):
     r"""Pools keys and values of each compression block into one (DESIGN §1.2b).
 
-    ``mode="mlp"``: :math:`\tilde k_b = \phi_k([k_j + E_{pos}(j - bs)]_j)` with a two-layer MLP
+    ``mode="mlp"``: $\tilde k_b = \phi_k([k_j + E_{pos}(j - bs)]_j)$ with a two-layer MLP
     over the flattened block (``l * D -> D -> D``), shared by all heads; padded slots enter as
     zeros. ``mode="mean"``: the mean over the block's valid slots.
     """
@@ -163,23 +163,24 @@ class _TreeAttentionConv(nn.Module):
 class BSAConv(_TreeAttentionConv):
     r"""Ball Sparse Attention layer (Brita et al., arXiv 2506.12541).
 
-    Points are ordered by a ball tree (``build_ball_tree``); for query :math:`i`, head
-    :math:`h`:
+    Points are ordered by a ball tree (``build_ball_tree``); for query $i$, head
+    $h$:
 
-    .. math::
-        \mathbf{h}_i = \mathbf{x}_i + \mathbf{W}_{pos}(\mathbf{p}_i - \mathbf{c}_{B(i)}), \qquad
-        \mathbf{o}_i = \sum_{b \in \{ball, cmp, slc\}} \sigma(\mathbf{W}_g \mathbf{h}_i)_{h,b}\,
-        \mathrm{softmax}\Big(\tfrac{\mathbf{q}_i^\top \mathbf{K}_b}{\sqrt{D}} + \beta_b\Big)\mathbf{V}_b,
-        \qquad \mathbf{y}_i = \mathbf{W}_o \mathbf{o}_i
+    $$
+    \mathbf{h}_i = \mathbf{x}_i + \mathbf{W}_{pos}(\mathbf{p}_i - \mathbf{c}_{B(i)}), \qquad
+    \mathbf{o}_i = \sum_{b \in \{ball, cmp, slc\}} \sigma(\mathbf{W}_g \mathbf{h}_i)_{h,b}\,
+    \mathrm{softmax}\Big(\tfrac{\mathbf{q}_i^\top \mathbf{K}_b}{\sqrt{D}} + \beta_b\Big)\mathbf{V}_b,
+    \qquad \mathbf{y}_i = \mathbf{W}_o \mathbf{o}_i
+    $$
 
-    where the ball branch attends to the :math:`m` points of the query's ball with bias
-    :math:`\beta_{ij} = \sigma_h \lVert \mathbf{p}_i - \mathbf{p}_j \rVert`, the compression branch to
+    where the ball branch attends to the $m$ points of the query's ball with bias
+    $\beta_{ij} = \sigma_h \lVert \mathbf{p}_i - \mathbf{p}_j \rVert$, the compression branch to
     one pooled key per block of ``cmp_block`` points of the whole cloud, and the selection branch to
     the ``topk`` blocks of ``slc_block`` points with the most compressed-attention mass for the
     query's group of ``group_size`` points. Clouds of a batch never attend to each other.
 
     Args:
-        in_channels (int): input features :math:`C` (also the attention width; ``heads`` divides it).
+        in_channels (int): input features $C$ (also the attention width; ``heads`` divides it).
         out_channels (int, optional): output features (default ``in_channels``).
         heads (int): attention heads.
         ball_size (int): points per ball ``m``.
@@ -199,9 +200,9 @@ class BSAConv(_TreeAttentionConv):
         backend (str): ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"torch"`` or ``"triton"``.
 
     Shapes:
-        - **input:** node features :math:`(|\mathcal{V}|, C)`, positions :math:`(|\mathcal{V}|, d)`,
-          batch vector :math:`(|\mathcal{V}|)` (optional, sorted), ball tree (optional)
-        - **output:** node features :math:`(|\mathcal{V}|, C_{out})` in input order
+        - **input:** node features $(|\mathcal{V}|, C)$, positions $(|\mathcal{V}|, d)$,
+          batch vector $(|\mathcal{V}|)$ (optional, sorted), ball tree (optional)
+        - **output:** node features $(|\mathcal{V}|, C_{out})$ in input order
     """
 
     def __init__(self, in_channels: int, out_channels: Optional[int] = None, heads: int = 8,
@@ -253,11 +254,11 @@ class BSAConv(_TreeAttentionConv):
 class FullAttentionConv(_TreeAttentionConv):
     r"""Full softmax attention over each cloud (SDPA), the accuracy and speed peer of ``BSAConv``.
 
-    Same interface and positional input as ``BSAConv``; costs :math:`O(N_c^2)` per cloud.
+    Same interface and positional input as ``BSAConv``; costs $O(N_c^2)$ per cloud.
 
     Shapes:
-        - **input:** :math:`(|\mathcal{V}|, C)`, :math:`(|\mathcal{V}|, d)`, :math:`(|\mathcal{V}|)`
-        - **output:** :math:`(|\mathcal{V}|, C_{out})`
+        - **input:** $(|\mathcal{V}|, C)$, $(|\mathcal{V}|, d)$, $(|\mathcal{V}|)$
+        - **output:** $(|\mathcal{V}|, C_{out})$
     """
 
     def __init__(self, in_channels: int, out_channels: Optional[int] = None, heads: int = 8,

@@ -63,10 +63,10 @@ class BSATransformer(nn.Module):
             cmp_block, slc_block, topk, group_size, group_compression, compression, backend, ...).
 
     Shapes:
-        - **input:** ``x`` :math:`(|\mathcal{V}|, F_{in})` (or a ``Data``
-          holding ``x``, ``pos``, ``batch``), ``pos`` :math:`(|\mathcal{V}|, d)`, ``batch``
-          :math:`(|\mathcal{V}|)`
-        - **output:** :math:`(|\mathcal{V}|, F_{out})` in input order
+        - **input:** ``x`` $(|\mathcal{V}|, F_{in})$ (or a ``Data``
+          holding ``x``, ``pos``, ``batch``), ``pos`` $(|\mathcal{V}|, d)$, ``batch``
+          $(|\mathcal{V}|)$
+        - **output:** $(|\mathcal{V}|, F_{out})$ in input order
     """
 
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 64, num_layers: int = 4,
