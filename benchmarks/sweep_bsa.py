@@ -23,21 +23,10 @@ from common import bench_gpu, env_info, format_table, out_dir, write_json  # noq
 
 
 def prepare(c, cfg):
-    from torch_geometric_bsa.kernels import compress_mean_fast
-    from torch_geometric_bsa.kernels.combine import masked_block_mean
-    from torch_geometric_bsa.kernels.compressed import compressed_attention_triton, compressed_ranges
-    tree = c["tree"]
+    from torch_geometric_bsa.kernels import compression_branch
     q, k, v = (c[x].detach() for x in ("q", "k", "v"))
-    kc, vc, cm = compress_mean_fast(k, v, tree, cfg.cmp_block, cfg.cmp_stride)
-    if cfg.group_compression:
-        q_cmp, unit = masked_block_mean(q, tree.mask, cfg.group_size), cfg.group_size
-    else:
-        q_cmp, unit = q, 1
-    ranges = compressed_ranges(tree, unit, cfg.cmp_stride, window=cfg.cmp_window)
-    _, lse = compressed_attention_triton(q_cmp, kc, vc, cm, tree, cfg.cmp_stride, ranges=ranges,
-                                         ragged=True if cfg.cmp_window is not None else None)
+    _, lse, q_cmp, _, kc, _, cm, ranges = compression_branch(q, k, v, c["tree"], cfg)
     return q_cmp, kc, lse, cm, ranges
-
 
 def main():
     ap = argparse.ArgumentParser()

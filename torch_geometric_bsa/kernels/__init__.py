@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["bsa_triton", "compress_mean_fast"]
+__all__ = ["bsa_triton", "compress_mean_fast", "compression_branch"]
 
 
 def compress_mean_fast(k: Tensor, v: Tensor, tree, block: int, stride: int):
@@ -28,10 +28,10 @@ def compress_mean_fast(k: Tensor, v: Tensor, tree, block: int, stride: int):
 
 
 def _ball(q, k, v, pos, sigma, mask, ball_size):
-    # the fused kernel covers balls of 16..512 (powers of two) and head dims up to 128; other
-    # shapes (small balls are cheap anyway) take the reference's dense per-ball attention
-    if 16 <= ball_size <= 512 and ball_size & (ball_size - 1) == 0 and q.size(-1) <= 128:
-        from .ball import ball_attention_triton
+    # shapes the fused kernel does not cover (balls below 16 are cheap anyway) take the reference's
+    # dense per-ball attention
+    from .ball import ball_attention_triton, supports
+    if supports(ball_size, q.size(-1)):
         return ball_attention_triton(q, k, v, pos, sigma, mask, ball_size)
     from ..reference import ball_attention
     return ball_attention(q, k, v, pos, sigma, mask, ball_size)
@@ -46,28 +46,14 @@ def bsa_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree, cfg, *, sigma
     The selection's top-k runs streamed in a kernel when ``cmp_block == cmp_stride == slc_block``
     (the defaults); otherwise the selection scores come from the dense reference (O(N^2 / l) memory).
     """
-    from .compressed import compressed_attention_triton, compressed_ranges
+    from .compressed import compressed_attention_triton
     from .selected import selected_attention_triton
 
     mask, s, g, ls = tree.mask, cfg.cmp_stride, cfg.group_size, cfg.slc_block
     o_ball = _ball(q, k, v, pos, sigma, mask, cfg.ball_size)
-    if k_cmp is None:
-        k_cmp, v_cmp, cmp_mask = compress_mean_fast(k, v, tree, cfg.cmp_block, s)
-    elif cmp_mask is None:
-        from ..reference import blockify
-        _, cm = blockify(mask, mask, tree.slot_batch, cfg.cmp_block, s)
-        cmp_mask = cm.any(1)
-    h, d = q.shape[1:]
-    if cfg.group_compression:
-        from .combine import masked_block_mean
-        q_cmp = masked_block_mean(q, mask, g)
-        q_unit = g
-    else:
-        q_cmp, q_unit = q, 1
+    o_c, lse, q_cmp, q_unit, k_cmp, v_cmp, cmp_mask, ranges = compression_branch(
+        q, k, v, tree, cfg, k_cmp, v_cmp, cmp_mask)
     w = cfg.cmp_window
-    ranges = compressed_ranges(tree, q_unit, s, window=w)
-    o_c, lse = compressed_attention_triton(q_cmp, k_cmp, v_cmp, cmp_mask, tree, s, ranges=ranges,
-                                           ragged=True if w is not None else None)
     with torch.no_grad():
         if cfg.cmp_block == s == ls and (g // q_unit) & (g // q_unit - 1) == 0:
             from .topk import select_topk_triton
@@ -91,6 +77,34 @@ def bsa_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree, cfg, *, sigma
             branches["crs"] = o_crs
         return out, branches
     return out
+
+
+def compression_branch(q: Tensor, k: Tensor, v: Tensor, tree, cfg, k_cmp: Optional[Tensor] = None,
+                       v_cmp: Optional[Tensor] = None, cmp_mask: Optional[Tensor] = None):
+    r"""The compression branch of :func:`bsa_triton` and what the selection reuses from it.
+
+    Returns ``(o_c, lse, q_cmp, q_unit, k_cmp, v_cmp, cmp_mask, ranges)``: the branch output and
+    log-sum-exp at query granularity ``q_unit`` (1, or ``group_size`` with group compression), the
+    (pooled) queries, the compressed keys/values and their mask (mean pooling when not given), and
+    the per-row key ranges (cut to ``cfg.cmp_window`` when set).
+    """
+    from .compressed import compressed_attention_triton, compressed_ranges
+    mask, s = tree.mask, cfg.cmp_stride
+    if k_cmp is None:
+        k_cmp, v_cmp, cmp_mask = compress_mean_fast(k, v, tree, cfg.cmp_block, s)
+    elif cmp_mask is None:
+        from ..reference import blockify
+        _, cm = blockify(mask, mask, tree.slot_batch, cfg.cmp_block, s)
+        cmp_mask = cm.any(1)
+    if cfg.group_compression:
+        from .combine import masked_block_mean
+        q_cmp, q_unit = masked_block_mean(q, mask, cfg.group_size), cfg.group_size
+    else:
+        q_cmp, q_unit = q, 1
+    ranges = compressed_ranges(tree, q_unit, s, window=cfg.cmp_window)
+    o_c, lse = compressed_attention_triton(q_cmp, k_cmp, v_cmp, cmp_mask, tree, s, ranges=ranges,
+                                           ragged=True if cfg.cmp_window is not None else None)
+    return o_c, lse, q_cmp, q_unit, k_cmp, v_cmp, cmp_mask, ranges
 
 
 def _dense_selection(q_cmp, k_cmp, v_cmp, cmp_mask, tree, cfg, q_unit):

@@ -445,6 +445,12 @@ class BallAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, dpos, dsigma, None, None, None
 
 
+def supports(ball_size: int, head_dim: int) -> bool:
+    r"""Whether the fused kernel covers these shapes: balls of a power of two in ``[16, 512]`` (its
+    tiles are at least 16 wide, as compiled ``tl.dot`` needs), head dims in ``[1, 128]``."""
+    return 16 <= ball_size <= 512 and ball_size & (ball_size - 1) == 0 and 1 <= head_dim <= 128
+
+
 def ball_attention_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, sigma: Tensor, mask: Tensor,
                           ball_size: int, scale: Optional[float] = None) -> Tensor:
     r"""Fused ball attention; equals ``torch_geometric_bsa.reference.ball_attention``.
@@ -465,11 +471,11 @@ def ball_attention_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, sigma: T
     n, h, d = q.shape
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share a dtype in float32/float16/bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not isinstance(ball_size, int) or ball_size < 16 or ball_size > 512 or ball_size & (ball_size - 1):
+    if not isinstance(ball_size, int) or not supports(ball_size, 1):
         raise ValueError(f"ball_size must be a power of two in [16, 512], got {ball_size!r}")
     if n % ball_size:
         raise ValueError(f"N_pad={n} must be a multiple of ball_size={ball_size}")
-    if not 1 <= d <= 128:
+    if not supports(16, d):
         raise ValueError(f"head dim must be in [1, 128], got {d}")
     if pos.dim() != 2 or pos.size(0) != n or pos.size(1) not in (2, 3) or not pos.is_floating_point():
         raise ValueError(f"pos must be a float tensor [N_pad={n}, 2 or 3], got {list(pos.shape)} {pos.dtype}")

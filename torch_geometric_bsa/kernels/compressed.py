@@ -6,6 +6,7 @@ log-sum-exp (log2 units), which the top-k kernel (topk.py) reuses to normalise p
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -173,7 +174,6 @@ def _configs(kind: str):
     C = triton.Config
     if is_interpreter():
         return [C({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    import os
     if os.environ.get("BSA_AUTOTUNE", "1") == "0":  # GPU test runs: one config, no tuning per new shape
         return [C({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3)]
     shapes = {"fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3)],
