@@ -681,15 +681,22 @@ def _compiled_matches_eager(backend):
     out = torch.compile(model, backend=backend)(x, pos, batch, tree=tree)
     out.square().mean().backward()
     assert rel_err(out, ref) < 1e-5
-    # each gradient relative to max(its own norm, 1e-4 x the norm of all of them): the last bias of
-    # the key-compression MLP (phi_k) shifts every logit of a query equally, so softmax makes its
-    # gradient exactly zero (1e-19 in float64) and fp32 leaves only rounding noise there, which a
-    # plain relative error compares noise to noise (seen on the H100: 38%)
+    # every gradient within 1e-4 relative, except the last bias of the key-compression MLP (phi_k):
+    # it shifts every compressed logit of a query equally, so softmax makes its gradient exactly zero
+    # (1e-19 in float64) and fp32 leaves rounding noise there, which a relative error would compare
+    # to noise (seen on the H100: 38%). For it both runs must be ~0 against the other gradients.
     total = sum(float(g.double().norm()) ** 2 for g in gref) ** 0.5
-    errs = {name: float((p.grad.double() - g.double()).norm()) / max(float(g.double().norm()), 1e-4 * total)
-            for (name, p), g in zip(model.named_parameters(), gref)}
-    bad = {k_: f"{e:.2e}" for k_, e in errs.items() if not e < 1e-4}
-    assert not bad, f"gradients off (relative error, worst first): {sorted(bad.items(), key=lambda x: -float(x[1]))}"
+    bad = {}
+    for (name, p), g in zip(model.named_parameters(), gref):
+        if name.endswith("compress.phi_k.2.bias"):
+            worst = max(float(p.grad.norm()), float(g.norm()))
+            if not worst < 1e-6 * total:
+                bad[name] = f"{worst / total:.2e} of the total norm, expected ~0"
+        else:
+            err = rel_err(p.grad, g)
+            if not err < 1e-4:
+                bad[name] = f"{err:.2e}"
+    assert not bad, f"gradients off: {bad}"
 
 
 @requires_cuda

@@ -77,10 +77,14 @@ def call(fn, tree, pos, cfg, x):
     BSAConfig(ball_size=16, cmp_block=4, cmp_stride=2, slc_block=8, topk=2, group_size=8),
 ], ids=["paper", "group_compression", "strided_fallback"])
 def test_bsa_triton_fp32(cfg):
-    mlp = cfg.cmp_stride != cfg.cmp_block
-    tree, pos, x = inputs([50, 90, 20], cfg, h=2, d=16, dtype=torch.float32, mlp=mlp)
+    check_fp32([50, 90, 20], cfg, d=16, mlp=cfg.cmp_stride != cfg.cmp_block)
+
+
+def check_fp32(sizes, cfg, d, mlp=False, seed=9):
+    # fp32 kernels against the float64 reference: output within 1e-5, every gradient within 1e-4
+    tree, pos, x = inputs(sizes, cfg, h=2, d=d, dtype=torch.float32, mlp=mlp)
     out = call(K.bsa_triton, tree, pos, cfg, x)
-    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
     grads = torch.autograd.grad(out, list(x.values()), do)
     x64 = {k_: t.detach().double().requires_grad_() for k_, t in x.items()}
     ref = call(R.bsa_reference, tree, pos.double(), cfg, x64)
@@ -101,16 +105,7 @@ def test_bsa_triton_small_tiles(cfg, d):
     # tiles below 16 (head dim, top-k * block, ball size): compiled tl.dot needs K >= 16, which the
     # CPU interpreter does not enforce; the kernels pad these tiles (or, for balls < 16, take the
     # reference's ball branch), so they compile on a GPU and still equal the reference
-    tree, pos, x = inputs([37, 70, 9], cfg, h=2, d=d, dtype=torch.float32)
-    out = call(K.bsa_triton, tree, pos, cfg, x)
-    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(10)).to(DEVICE)
-    grads = torch.autograd.grad(out, list(x.values()), do)
-    x64 = {k_: t.detach().double().requires_grad_() for k_, t in x.items()}
-    ref = call(R.bsa_reference, tree, pos.double(), cfg, x64)
-    rgrads = torch.autograd.grad(ref, list(x64.values()), do.double())
-    assert rel(out, ref) < 1e-5
-    for name, a, b in zip(x, grads, rgrads):
-        assert rel(a, b) < 1e-4, name
+    check_fp32([37, 70, 9], cfg, d=d, seed=10)
 
 
 def check_low_precision(sizes, cfg, h, d, dtype):
