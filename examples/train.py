@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0: off)")
     g.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--compile", action="store_true",
+                   help="CUDA only: capture the training step as a CUDA graph (torch_geometric_bsa.capture."
+                        "GraphedStep), one graph per batch shape; the ball tree is built outside the graph")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
@@ -729,8 +732,13 @@ def _run(args, dd: Dist) -> Dict:
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    if args.compile and (device.type != "cuda" or dd.world > 1 or args.rotate or args.model not in ATTENTION_MODELS):
+        raise ValueError("--compile captures the step as a CUDA graph: it needs --device cuda, one process, "
+                         "an attention model (bsa/full/ball) and no --rotate")
+    # on CUDA the fused AdamW: a few kernels for all parameters instead of several per parameter
+    fused = dict(fused=True, capturable=args.compile) if device.type == "cuda" else {}
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, **fused)
     lr_fn = cosine_with_warmup(total, args.warmup, args.min_lr_ratio)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_fn)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
@@ -853,6 +861,12 @@ def _run(args, dd: Dist) -> Dict:
         loss_acc.copy_(resumed_acc)
     # first step whose loss was NaN/Inf (0: none yet), updated on the device: no host sync per step
     bad_step = torch.zeros((), dtype=torch.long, device=device)
+    graphed = None
+    if args.compile:
+        from torch_geometric_bsa import build_ball_tree
+        from torch_geometric_bsa.capture import GraphedStep
+        graphed = GraphedStep(model, opt, lambda pred, target: F.mse_loss(pred.float(), target),
+                              autocast_dtype=amp_dtype, clip_grad_norm=args.grad_clip or None)
     pts_acc, t_log, stopped_early = 0, time.perf_counter(), False
     ema = None
     while step < total and not stopped_early:
@@ -860,14 +874,18 @@ def _run(args, dd: Dist) -> Dict:
         for data in loader:
             t_step = time.perf_counter()
             x, pos, batch, y = _to_input(data, norm, device)
-            with autocast():
-                pred = ddp(x, pos, batch)
-            loss = F.mse_loss(pred.float(), norm.target(y))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            opt.step()
+            if graphed is not None:
+                tree = build_ball_tree(pos, batch, args.ball_size)
+                loss = graphed(x, pos, batch, tree=tree, target=norm.target(y))
+            else:
+                with autocast():
+                    pred = ddp(x, pos, batch)
+                loss = F.mse_loss(pred.float(), norm.target(y))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if args.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                opt.step()
             sched.step()
             step += 1
             loss_acc += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
@@ -884,7 +902,7 @@ def _run(args, dd: Dist) -> Dict:
                 pts_s = pts_acc * dd.world / max(now - t_log, 1e-9)
                 ema = mean_loss if ema is None else 0.7 * ema + 0.3 * mean_loss
                 train_log.append({"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": mean_loss,
-                                  "lr": sched.get_last_lr()[0], "points_per_s": pts_s,
+                                  "lr": float(sched.get_last_lr()[0]), "points_per_s": pts_s,
                                   "train_time_s": train_time})
                 bar.set_postfix(loss=f"{ema:.4f}", pts_s=f"{pts_s:,.0f}", refresh=False)
                 loss_acc.zero_()

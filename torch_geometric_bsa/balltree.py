@@ -7,7 +7,7 @@ build is vectorized over points and clouds: one sort per tree level, on CPU or G
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
@@ -36,6 +36,11 @@ class BallTree:
         num_balls (int): ``N_pad // ball_size``.
         max_slots (int): largest padded cloud size (``max(ptr[1:] - ptr[:-1])``), a Python int so
             that dense per-cloud layouts need no host synchronisation later.
+
+    Everything the layers derive from the tree alone (masks in the kernels' dtypes, per-row cloud
+    ranges, cumulative cloud lengths) is computed once, on first use, and memoised on the tree
+    (``cached``), so an 18-layer model derives it once per batch. The tensors of a tree are
+    therefore treated as immutable: build a new tree rather than writing into one.
     """
 
     perm: Tensor
@@ -47,6 +52,23 @@ class BallTree:
     ball_size: int
     num_balls: int
     max_slots: int
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def cached(self, key, fn):
+        r"""``fn()`` memoised on this tree under ``key``: for tensors derived from the tree alone."""
+        try:
+            return self._cache[key]
+        except KeyError:
+            value = self._cache[key] = fn()
+            return value
+
+    def float_mask(self, dtype: torch.dtype) -> Tensor:
+        r"""Slot validity as ``[N_pad, 1]`` of ``dtype`` (multiplies features to zero their padding)."""
+        return self.cached(("float_mask", dtype), lambda: self.mask[:, None].to(dtype))
+
+    def mask_as(self, dtype: torch.dtype) -> Tensor:
+        r"""Slot validity ``[N_pad]`` as ``dtype`` (the kernels read int8 / uint8 masks)."""
+        return self.cached(("mask", dtype), lambda: self.mask.to(dtype).contiguous())
 
     @property
     def num_slots(self) -> int:

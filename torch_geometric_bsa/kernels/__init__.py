@@ -34,7 +34,7 @@ def _ball(q, k, v, pos, sigma, mask, ball_size):
     if supports(ball_size, q.size(-1)):
         return ball_attention_triton(q, k, v, pos, sigma, mask, ball_size)
     from ..reference import ball_attention
-    return ball_attention(q, k, v, pos, sigma, mask, ball_size)
+    return ball_attention(q, k, v, pos, sigma, mask.bool(), ball_size)
 
 
 def bsa_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree, cfg, *, sigma: Tensor, gates: Tensor,
@@ -50,7 +50,9 @@ def bsa_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree, cfg, *, sigma
     from .selected import selected_attention_triton
 
     mask, s, g, ls = tree.mask, cfg.cmp_stride, cfg.group_size, cfg.slc_block
-    o_ball = _ball(q, k, v, pos, sigma, mask, cfg.ball_size)
+    # the kernels read masks as uint8 / int8: converted once per tree, not per layer
+    mask_u8, mask_i8 = tree.mask_as(torch.uint8), tree.mask_as(torch.int8)
+    o_ball = _ball(q, k, v, pos, sigma, mask_u8, cfg.ball_size)
     o_c, lse, q_cmp, q_unit, k_cmp, v_cmp, cmp_mask, ranges = compression_branch(
         q, k, v, tree, cfg, k_cmp, v_cmp, cmp_mask)
     w = cfg.cmp_window
@@ -60,10 +62,10 @@ def bsa_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree, cfg, *, sigma
             idx = select_topk_triton(q_cmp.detach(), k_cmp.detach(), lse, cmp_mask, tree, cfg, ranges=ranges)
         else:
             idx = _dense_selection(q_cmp.detach(), k_cmp.detach(), v_cmp.detach(), cmp_mask, tree, cfg, q_unit)
-    o_slc = selected_attention_triton(q, k, v, idx, mask, g, ls)
+    o_slc = selected_attention_triton(q, k, v, idx, mask_i8, g, ls)
     from ..reference import per_slot
     from .combine import gated_combine
-    out = gated_combine(o_ball, o_c, o_slc, gates[..., :3], mask, q_unit)  # one pass, no repeat_interleave copy
+    out = gated_combine(o_ball, o_c, o_slc, gates[..., :3], mask_u8, q_unit)  # one pass, no repeat_interleave copy
     o_crs = None
     if w is not None:
         # the coarse global branch: one mean-pooled key per ball of the whole cloud
@@ -96,9 +98,11 @@ def compression_branch(q: Tensor, k: Tensor, v: Tensor, tree, cfg, k_cmp: Option
         from ..reference import blockify
         _, cm = blockify(mask, mask, tree.slot_batch, cfg.cmp_block, s)
         cmp_mask = cm.any(1)
+    if cmp_mask is tree._cache.get(("block_any", cfg.cmp_block, s)):  # the compressor's (cached) mask
+        cmp_mask = tree.cached(("block_any_i8", cfg.cmp_block, s), lambda: cmp_mask.to(torch.int8))
     if cfg.group_compression:
         from .combine import masked_block_mean
-        q_cmp, q_unit = masked_block_mean(q, mask, cfg.group_size), cfg.group_size
+        q_cmp, q_unit = masked_block_mean(q, tree.mask_as(torch.uint8), cfg.group_size), cfg.group_size
     else:
         q_cmp, q_unit = q, 1
     ranges = compressed_ranges(tree, q_unit, s, window=cfg.cmp_window)
@@ -111,6 +115,7 @@ def _dense_selection(q_cmp, k_cmp, v_cmp, cmp_mask, tree, cfg, q_unit):
     r"""Fallback selection for block shapes the streamed kernel does not cover: the reference's dense
     scores, converted to global block ids ``[N_pad // g, k']`` (-1 = invalid)."""
     from ..reference import _from_dense, compressed_attention, select_blocks, selection_scores
+    cmp_mask = cmp_mask.bool()
     _, p = compressed_attention(q_cmp, k_cmp, v_cmp, cmp_mask, tree, cfg.cmp_stride, return_probs=True,
                                 window=cfg.cmp_window)
     idx, valid = select_blocks(selection_scores(p, tree, cfg, q_unit), cfg.topk)

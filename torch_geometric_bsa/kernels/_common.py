@@ -39,11 +39,13 @@ def cloud_ranges(tree, unit_rows: int, unit_cols: int) -> tuple[Tensor, Tensor]:
     Clouds are contiguous slot ranges ``ptr[c]..ptr[c+1]`` whose sizes are multiples of both units
     (cfg validation), so these ranges are exact and no row or column straddles two clouds.
     """
-    n = tree.num_slots // unit_rows
-    cloud = tree.slot_batch[::unit_rows][:n]
-    start = (tree.ptr[cloud] // unit_cols).to(torch.int32)
-    end = (tree.ptr[cloud + 1] // unit_cols).to(torch.int32)
-    return start.contiguous(), end.contiguous()
+    def compute():
+        n = tree.num_slots // unit_rows
+        cloud = tree.slot_batch[::unit_rows][:n]
+        start = (tree.ptr[cloud] // unit_cols).to(torch.int32)
+        end = (tree.ptr[cloud + 1] // unit_cols).to(torch.int32)
+        return start.contiguous(), end.contiguous()
+    return tree.cached(("cloud_ranges", unit_rows, unit_cols), compute)
 
 
 def new_empty(shape, like: Tensor, dtype=None) -> Tensor:

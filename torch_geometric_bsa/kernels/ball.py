@@ -486,6 +486,6 @@ def ball_attention_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, sigma: T
     scale = d ** -0.5 if scale is None else float(scale)
     if n == 0:
         return q.new_zeros(q.shape) + 0 * (k.sum() + v.sum())
-    mask_u8 = mask.to(torch.bool).to(torch.uint8)
+    mask_u8 = mask if mask.dtype == torch.uint8 else mask.to(torch.bool).to(torch.uint8)
     return BallAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), pos.contiguous(),
                                        sigma.contiguous(), mask_u8, ball_size, scale)

@@ -171,7 +171,7 @@ def gated_combine(o_ball: Tensor, o_c: Tensor, o_slc: Tensor, gates: Tensor, mas
         raise ValueError(f"q_unit must be a power of two, got {q_unit}")
     dt = o_ball.dtype
     return GatedCombine.apply(o_ball, o_c.to(dt), o_slc.to(dt), gates,
-                              mask.to(torch.bool).to(torch.uint8), q_unit)
+                              _as_u8(mask), q_unit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,4 +256,9 @@ def masked_block_mean(x: Tensor, mask: Tensor, block: int) -> Tensor:
     ``mask [N]`` -> ``[N // block, H, D]`` (zero for a block with no valid row). One pass each way."""
     if x.size(0) % block:
         raise ValueError(f"x has {x.size(0)} rows, not a multiple of block={block}")
-    return MaskedBlockMean.apply(x, mask.to(torch.bool).to(torch.uint8), block)
+    return MaskedBlockMean.apply(x, _as_u8(mask), block)
+
+
+def _as_u8(mask: Tensor) -> Tensor:
+    # the kernels read ``mask != 0``; a uint8 mask (the tree's cached one) passes as is
+    return mask if mask.dtype == torch.uint8 else mask.to(torch.bool).to(torch.uint8)

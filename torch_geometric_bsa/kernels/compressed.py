@@ -237,16 +237,18 @@ def compressed_ranges(tree, q_unit: int, cmp_stride: int, window: Optional[int] 
     With ``window`` (slots, a multiple of the ball size), each range is cut to the aligned run of
     ``window`` slots of the cloud that holds the row (``BSAConfig.cmp_window``).
     """
-    kstart, kend = cloud_ranges(tree, q_unit, cmp_stride)
-    qstart, qend = cloud_ranges(tree, cmp_stride, q_unit)
-    if window is not None:
-        kstart, kend = _cut_to_window(tree, q_unit, cmp_stride, window, kstart, kend)
-        qstart, qend = _cut_to_window(tree, cmp_stride, q_unit, window, qstart, qend)
-    # a query row with no valid slot (padding; a group: all of it) sees no key: zero output and
-    # no say in the selection, as in the reference
-    qvalid = tree.mask.view(-1, q_unit).any(1)
-    kend = torch.where(qvalid, kend, kstart).contiguous()
-    return kstart, kend, qstart, qend
+    def compute():
+        kstart, kend = cloud_ranges(tree, q_unit, cmp_stride)
+        qstart, qend = cloud_ranges(tree, cmp_stride, q_unit)
+        if window is not None:
+            kstart, kend = _cut_to_window(tree, q_unit, cmp_stride, window, kstart, kend)
+            qstart, qend = _cut_to_window(tree, cmp_stride, q_unit, window, qstart, qend)
+        # a query row with no valid slot (padding; a group: all of it) sees no key: zero output
+        # and no say in the selection, as in the reference
+        qvalid = tree.mask.view(-1, q_unit).any(1)
+        kend = torch.where(qvalid, kend, kstart).contiguous()
+        return kstart, kend, qstart, qend
+    return tree.cached(("compressed_ranges", q_unit, cmp_stride, window), compute)
 
 
 def _cut_to_window(tree, unit_rows: int, unit_cols: int, window: int, start: Tensor, end: Tensor):
@@ -273,7 +275,7 @@ def compressed_attention_triton(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cmp_mas
     q_unit = tree.num_slots // q.size(0)
     if ranges is None:
         ranges = compressed_ranges(tree, q_unit, cmp_stride)
-    kmask = cmp_mask.to(torch.int8).contiguous()
+    kmask = cmp_mask if cmp_mask.dtype == torch.int8 else cmp_mask.to(torch.int8).contiguous()
     if ragged is None:  # per-row ranges matter with several clouds (or windows: the caller says so)
         ragged = tree.num_clouds > 1  # a Python int: no host sync
     return CompressedAttention.apply(q, k_cmp, v_cmp, kmask, *ranges, scale, ragged)

@@ -239,4 +239,5 @@ def selected_attention_triton(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, mask
     ``idx [N_pad // group_size, k]`` (``-1`` = no block). Zero at padded queries."""
     d = q.size(-1)
     scale = d ** -0.5 if scale is None else scale
-    return SelectedAttention.apply(q, k, v, mask.to(torch.int8), idx.contiguous(), group_size, slc_block, scale)
+    mask = mask if mask.dtype == torch.int8 else mask.to(torch.int8)
+    return SelectedAttention.apply(q, k, v, mask, idx.contiguous(), group_size, slc_block, scale)

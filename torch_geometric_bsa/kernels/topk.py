@@ -116,12 +116,15 @@ def select_topk_triton(q_cmp: Tensor, k_cmp: Tensor, lse: Tensor, cmp_mask: Tens
         from .compressed import compressed_ranges
         ranges = compressed_ranges(tree, q_unit, cfg.cmp_stride)
     kstart, kend = ranges[0], ranges[1]
-    gstart, gend = cloud_ranges(tree, g, ls)
-    if cfg.cmp_window is not None:  # only the blocks of the group's own window are candidates
-        from .compressed import _cut_to_window
-        gstart, gend = _cut_to_window(tree, g, ls, cfg.cmp_window, gstart, gend)
-    svalid = tree.mask.view(-1, ls).any(1).to(torch.int8)
-    kmask = cmp_mask.to(torch.int8)
+    def group_ranges():
+        gstart, gend = cloud_ranges(tree, g, ls)
+        if cfg.cmp_window is not None:  # only the blocks of the group's own window are candidates
+            from .compressed import _cut_to_window
+            gstart, gend = _cut_to_window(tree, g, ls, cfg.cmp_window, gstart, gend)
+        return gstart, gend
+    gstart, gend = tree.cached(("group_ranges", g, ls, cfg.cmp_window), group_ranges)
+    svalid = tree.cached(("block_any_i8", ls), lambda: tree.mask.view(-1, ls).any(1).to(torch.int8))
+    kmask = cmp_mask if cmp_mask.dtype == torch.int8 else cmp_mask.to(torch.int8)
     idx = _common.new_empty((n_g, topk), q_cmp, torch.int32)
     scale = d ** -0.5 if scale is None else scale
     if "launch" in LAUNCH_OVERRIDE:  # benchmarks/sweep_bsa.py: (BLOCK_G, BLOCK_N, num_warps)

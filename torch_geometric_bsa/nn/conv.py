@@ -15,9 +15,18 @@ from ..balltree import BallTree, build_ball_tree
 from ..functional import ball_attention, bsa_attention
 from ..reference import BSAConfig, blockify, full_attention
 
-__all__ = ["BSAConv", "FullAttentionConv", "KVCompressor", "check_point_inputs", "resolve_tree"]
+__all__ = ["BSAConv", "FullAttentionConv", "KVCompressor", "check_point_inputs", "resolve_tree",
+           "value_checks_enabled"]
 
 TreeLike = Union[BallTree, Sequence[BallTree], None]
+
+
+def value_checks_enabled() -> bool:
+    r"""Whether the boundary's value checks (finite inputs: one host sync) run: not while a CUDA
+    graph is being captured, nor while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def check_point_inputs(x: Tensor, pos: Tensor, batch: Optional[Tensor], in_channels: Optional[int] = None,
@@ -44,13 +53,19 @@ def check_point_inputs(x: Tensor, pos: Tensor, batch: Optional[Tensor], in_chann
         raise ValueError(f"pos has {pos.size(1)} coordinates but the layer was built for dim={dim}")
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("x contains NaN or Inf values")
     if not pos.is_floating_point():
         raise ValueError(f"pos must be a floating-point tensor, got {pos.dtype}")
-    # positions are cast to x's dtype: 1e5-scale coordinates overflow float16 into inf
-    if not bool(torch.isfinite(pos.to(x.dtype) if pos.dtype != x.dtype else pos).all()):
-        raise ValueError(f"pos contains NaN or Inf values (or values beyond the range of x's dtype {x.dtype})")
+    if value_checks_enabled():
+        # one host sync at the model boundary (never inside a layer); skipped under CUDA-graph
+        # capture and torch.compile, where a sync is an error or a graph break
+        finite = torch.isfinite(x).all()
+        # positions are cast to x's dtype: 1e5-scale coordinates overflow float16 into inf
+        finite_pos = torch.isfinite(pos.to(x.dtype) if pos.dtype != x.dtype else pos).all()
+        ok = torch.stack([finite, finite_pos]).tolist()
+        if not ok[0]:
+            raise ValueError("x contains NaN or Inf values")
+        if not ok[1]:
+            raise ValueError(f"pos contains NaN or Inf values (or values beyond the range of x's dtype {x.dtype})")
     if (weight_dtype is not None and x.dtype != weight_dtype
             and not torch.is_autocast_enabled(x.device.type)):
         raise ValueError(f"x has dtype {x.dtype} but the layer's parameters are {weight_dtype}: cast x or the "
@@ -73,6 +88,20 @@ def resolve_tree(tree: TreeLike, pos: Tensor, batch: Optional[Tensor], ball_size
     if tree.num_points != pos.size(0):
         raise ValueError(f"tree was built on {tree.num_points} points but pos has {pos.size(0)}")
     return tree
+
+
+def relative_positions(pos_t: Tensor, tree: BallTree) -> Tensor:
+    r"""``pos_t - c_B(i)`` (the slot's ball centroid), zero at padded slots, ``[N_pad, d]``.
+
+    Memoised on the tree for this ``pos_t``: every layer of a model reads the same tensor.
+    """
+    hit = tree._cache.get("relative_positions")
+    if hit is not None and hit[0] is pos_t:
+        return hit[1]
+    centers = tree.ball_centers(pos_t).repeat_interleave(tree.ball_size, 0)
+    rel = (pos_t - centers) * tree.float_mask(pos_t.dtype)
+    tree._cache["relative_positions"] = (pos_t, rel)
+    return rel
 
 
 class KVCompressor(nn.Module):
@@ -106,16 +135,22 @@ class KVCompressor(nn.Module):
 
     def forward(self, k: Tensor, v: Tensor, tree: BallTree):
         r"""``k, v [N_pad, H, D]`` -> ``k_cmp, v_cmp [N_pad // s, H, D]``, block mask ``[N_pad // s]``."""
-        kb, valid = blockify(k, tree.mask, tree.slot_batch, self.cmp_block, self.cmp_stride)
-        vb, _ = blockify(v, tree.mask, tree.slot_batch, self.cmp_block, self.cmp_stride)
-        w = valid.to(k.dtype)[..., None, None]  # [NB, l, 1, 1]
+        l, s = self.cmp_block, self.cmp_stride
+        if l == s:  # blocks tile the slots and never straddle clouds (cloud sizes are multiples of l)
+            kb, vb = k.view(-1, l, *k.shape[1:]), v.view(-1, l, *v.shape[1:])
+            valid = tree.cached(("block_valid", l), lambda: tree.mask.view(-1, l))
+        else:
+            kb, valid = blockify(k, tree.mask, tree.slot_batch, l, s)
+            vb, _ = blockify(v, tree.mask, tree.slot_batch, l, s)
+        block_mask = tree.cached(("block_any", l, s), lambda: valid.any(1))
+        w = tree.cached(("block_weight", l, s, k.dtype), lambda: valid.to(k.dtype)[..., None, None])  # [NB, l, 1, 1]
         if self.mode == "mean":
             cnt = w.sum(1).clamp_min(1.0)
-            return (kb * w).sum(1) / cnt, (vb * w).sum(1) / cnt, valid.any(1)
+            return (kb * w).sum(1) / cnt, (vb * w).sum(1) / cnt, block_mask
         nb, l, h, d = kb.shape
         pe = self.pos_emb.to(k.dtype)[None, :, None, :]
         flat = lambda t: ((t + pe) * w).permute(0, 2, 1, 3).reshape(nb, h, l * d)  # noqa: E731
-        return self.phi_k(flat(kb)), self.phi_v(flat(vb)), valid.any(1)
+        return self.phi_k(flat(kb)), self.phi_v(flat(vb)), block_mask
 
 
 class _TreeAttentionConv(nn.Module):
@@ -146,9 +181,9 @@ class _TreeAttentionConv(nn.Module):
         return tree.from_tree(self.forward_tree(tree.to_tree(x), pos_t, tree))
 
     def _qkv(self, x_t: Tensor, pos_t: Tensor, tree: BallTree):
-        # Erwin: features see their position relative to the ball centroid before the projection
-        centers = tree.ball_centers(pos_t).repeat_interleave(tree.ball_size, 0)
-        h = (x_t + self.pos_proj(pos_t - centers)) * tree.mask[:, None].to(x_t.dtype)
+        # Erwin: features see their position relative to the ball centroid before the projection.
+        # Padded slots of x_t and of the relative positions are zero, so h is zero there too.
+        h = x_t + self.pos_proj(relative_positions(pos_t, tree).to(x_t.dtype))
         q, k, v = self.qkv(h).view(-1, 3, self.heads, self.head_dim).unbind(1)
         return h, q, k, v
 
@@ -241,7 +276,7 @@ class BSAConv(_TreeAttentionConv):
             k_cmp, v_cmp, cmp_mask = self.compress(k, v, tree)
             o = bsa_attention(q, k, v, pos_t, tree, self.cfg, sigma=self.sigma.to(q.dtype), gates=gates,
                               k_cmp=k_cmp, v_cmp=v_cmp, cmp_mask=cmp_mask, backend=self.backend)
-        return self.out(o.reshape(-1, self.in_channels)) * tree.mask[:, None].to(o.dtype)
+        return self.out(o.reshape(-1, self.in_channels)) * tree.float_mask(o.dtype)
 
     def __repr__(self) -> str:
         extra = "" if self.branches == "all" else ", branches='ball'"
@@ -266,6 +301,37 @@ class FullAttentionConv(_TreeAttentionConv):
         super().__init__(in_channels, out_channels, heads, ball_size, dim, bias)
 
     def forward_tree(self, x_t: Tensor, pos_t: Tensor, tree: BallTree) -> Tensor:
+        if _varlen_ok(x_t, self.head_dim):
+            # FlashAttention over the packed valid points of each cloud: no padding mask, which
+            # would push SDPA off its flash kernels. tree.inv lists each cloud's slots in turn.
+            n, h = tree.num_points, self.heads
+            hp = (x_t + self.pos_proj(relative_positions(pos_t, tree).to(x_t.dtype))).index_select(0, tree.inv)
+            qkv = self.qkv(hp).view(n, 3, h, self.head_dim).transpose(0, 1).contiguous()  # [3, N, H, D]
+            cu = tree.cached("cu_seqlens", lambda: F.pad(torch.cumsum(tree.counts, 0), (1, 0)).to(torch.int32))
+            o = _varlen_attn(qkv[0], qkv[1], qkv[2], cu, cu, tree.max_slots, tree.max_slots)
+            return tree.to_tree(self.out(o.reshape(n, self.in_channels)))
         _, q, k, v = self._qkv(x_t, pos_t, tree)
         o = full_attention(q, k, v, tree)
-        return self.out(o.reshape(-1, self.in_channels)) * tree.mask[:, None].to(o.dtype)
+        return self.out(o.reshape(-1, self.in_channels)) * tree.float_mask(o.dtype)
+
+
+def _varlen_attn(*args):
+    from torch.nn.attention.varlen import varlen_attn
+    return varlen_attn(*args)
+
+
+def _varlen_ok(x: Tensor, head_dim: int) -> bool:
+    # FlashAttention: CUDA, 16-bit (x itself, or autocast's dtype), head dims a multiple of 8 up to 256
+    if not x.is_cuda or head_dim % 8 or head_dim > 256:
+        return False
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    if dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return _HAS_VARLEN
+
+
+try:
+    from torch.nn.attention import varlen as _varlen  # noqa: F401  (torch >= 2.9)
+    _HAS_VARLEN = True
+except ImportError:  # pragma: no cover - older torch: the dense masked SDPA path
+    _HAS_VARLEN = False

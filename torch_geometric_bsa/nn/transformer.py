@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ..balltree import BallTree, build_ball_tree, random_rotation
 from .conv import BSAConv, FullAttentionConv, TreeLike, check_point_inputs, resolve_tree
 
-__all__ = ["BSATransformer", "SwiGLU"]
+__all__ = ["BSATransformer", "RMSNorm", "SwiGLU"]
 
 
 class SwiGLU(nn.Module):
@@ -34,15 +34,26 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(a) * b)
 
 
+class RMSNorm(nn.RMSNorm):
+    r"""``nn.RMSNorm`` whose weight follows the input's dtype: under bf16 autocast the input is bf16
+    and an fp32 weight would keep ``F.rms_norm`` off its fused kernel (a dozen kernels instead of
+    one). Statistics are still taken in fp32 by the fused kernel."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = None if self.weight is None else self.weight.to(x.dtype)
+        return F.rms_norm(x, self.normalized_shape, w, self.eps)
+
+
 class _Block(nn.Module):
     def __init__(self, attn: nn.Module, channels: int, mlp_hidden: int):
         super().__init__()
-        self.norm1, self.attn = nn.RMSNorm(channels), attn
-        self.norm2, self.mlp = nn.RMSNorm(channels), SwiGLU(channels, mlp_hidden)
+        self.norm1, self.attn = RMSNorm(channels), attn
+        self.norm2, self.mlp = RMSNorm(channels), SwiGLU(channels, mlp_hidden)
 
     def forward(self, h: Tensor, pos_t: Tensor, tree: BallTree) -> Tensor:
+        # padded slots of h stay zero: RMSNorm and the bias-free SwiGLU map zero rows to zero
         h = h + self.attn.forward_tree(self.norm1(h), pos_t, tree)
-        return h + self.mlp(self.norm2(h)) * tree.mask[:, None].to(h.dtype)
+        return h + self.mlp(self.norm2(h))
 
 
 class BSATransformer(nn.Module):
@@ -91,7 +102,7 @@ class BSATransformer(nn.Module):
 
         self.blocks = nn.ModuleList(_Block(make_attn(), hidden_channels, int(mlp_ratio * hidden_channels))
                                     for _ in range(num_layers))
-        self.norm = nn.RMSNorm(hidden_channels)
+        self.norm = RMSNorm(hidden_channels)
         self.head = nn.Linear(hidden_channels, out_channels)
         if rotate:  # a fixed rotation, saved with the model so that a reload gives the same trees
             self.register_buffer("rotation", random_rotation(dim, torch.Generator().manual_seed(0)))
