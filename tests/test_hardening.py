@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from torch_geometric.data import Data
 
 from torch_geometric_bsa import BSAConfig, BSAConv, BSATransformer, build_ball_tree, bsa_attention
+from torch_geometric_bsa.io import load_checked
 from torch_geometric_bsa.reference import ball_attention as ball_reference
 from torch_geometric_bsa.reference import bsa_reference, compress_mean
 from torch_geometric_bsa.transforms import CacheBallTree
@@ -744,11 +745,11 @@ def test_train_killed_mid_run_resumes_to_the_same_result(tmp_path):
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)  # no chance to clean up: only the last atomic checkpoint survives
     proc.wait(timeout=30)
-    ck = torch.load(ckpt, map_location="cpu", weights_only=False)
+    ck = load_checked(ckpt)
     assert 2 <= ck["step"] <= 40 and ck["step"] % 2 == 0
     subprocess.run(_train_cmd(killed, "--resume"), env=env, check=True, capture_output=True, timeout=300)
-    a = torch.load(os.path.join(straight, "checkpoint.pt"), map_location="cpu", weights_only=False)
-    b = torch.load(ckpt, map_location="cpu", weights_only=False)
+    a = load_checked(os.path.join(straight, "checkpoint.pt"))
+    b = load_checked(ckpt)
     assert a["step"] == b["step"] == 40
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name

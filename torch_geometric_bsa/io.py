@@ -15,6 +15,7 @@ import os
 import os.path as osp
 import pickle
 import re
+import shutil
 import socket
 import time
 import uuid
@@ -111,8 +112,13 @@ def save_checked(path: str, obj: Any, keep_previous: bool = False) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        if osp.exists(path):  # a kill between the two renames leaves the previous file: still resumable
-            os.replace(path, previous_path(path))
+        if osp.exists(path):  # a second name for the current file, then rename: `path` never disappears
+            prev_tmp = f"{previous_path(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            try:
+                os.link(path, prev_tmp)
+            except OSError:  # no hard links on this file system
+                shutil.copyfile(path, prev_tmp)
+            os.replace(prev_tmp, previous_path(path))
         os.replace(tmp, path)
     finally:
         if osp.exists(tmp):
