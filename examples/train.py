@@ -407,8 +407,15 @@ class Normalizer(nn.Module):
             self.phys_mean.copy_(stats["y_mean"].expand_as(self.phys_mean))
             self.phys_std.copy_(stats["y_std"].expand_as(self.phys_std))
         else:
-            self.y_mean.copy_(y.mean(0))
-            self.y_std.copy_(y.std(0).clamp_min(1e-8))
+            mean = y.mean(0)
+            std = y.std(0) if y.size(0) > 1 else torch.ones_like(mean)
+            # a constant target (std 0, or one point: NaN) is centred, not scaled: 0, not NaN or noise x 1e8
+            const = ~(std > 1e-12 * mean.abs().clamp_min(1.0))
+            if bool(const.any()):
+                print(f"[train] warning: target channel(s) {const.nonzero().flatten().tolist()} are constant in "
+                      "the training set: centred but not scaled", flush=True)
+            self.y_mean.copy_(mean)
+            self.y_std.copy_(torch.where(const, torch.ones_like(std), std))
             self.phys_mean.zero_()
             self.phys_std.fill_(1.0)
         return self
@@ -548,10 +555,10 @@ def set_rng_state(st: Dict):
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def save_checkpoint(path: str, obj: Dict):
+def save_checkpoint(path: str, obj: Dict, keep_previous: bool = True):
     r"""Atomic and checksummed (``torch_geometric_bsa.io``); the checkpoint it replaces is kept as
     ``checkpoint.prev.pt``, the fallback of ``--resume`` when the newest one is corrupt."""
-    save_checked(path, obj, keep_previous=True)
+    save_checked(path, obj, keep_previous=keep_previous)
 
 
 class RunError(RuntimeError):
@@ -926,7 +933,8 @@ def _run(args, dd: Dist) -> Dict:
                 "scheduler": sched.state_dict(), "step": step, "rng": states, "train_log": train_log,
                 "eval_log": eval_log, "train_time": train_time, "model_name": args.model, "args": vars(args),
                 "config": config,
-                "loss_acc": loss_acc.cpu()})
+                "loss_acc": loss_acc.cpu()},
+                keep_previous=ckpt_step != step)  # a second save at one step keeps the older fallback
         ckpt_step = step
 
     start_step = step
