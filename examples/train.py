@@ -592,6 +592,9 @@ def read_resume_checkpoint(args, log=print, rename_bad: bool = True):
             continue
         try:
             ck = load_checked(cand)
+        except FileNotFoundError:  # renamed aside by rank 0 meanwhile
+            problems.append(f"{cand}: no such file")
+            continue
         except UnsafeFileError as e:
             raise RunError(f"--resume: {e}") from None
         except CorruptFileError as e:
