@@ -127,6 +127,23 @@ def test_snapshot_round_trip(tmp_path):
         assert torch.equal(d1.pos, d2.pos) and torch.equal(d1.y, d2.y)
 
 
+@pytest.mark.parametrize("ext", ["th", "npy"])
+def test_shapenet_raw_files_never_run_code(tmp_path, ext):
+    import numpy as np
+    sys.path.insert(0, os.path.join(ROOT, "tests", "datasets"))
+    from test_shapenet_car import load, write_fake_shapenet
+    cars = write_fake_shapenet(str(tmp_path), npy_every=1 if ext == "npy" else 10 ** 6)
+    folder, marker = cars[0][0], str(tmp_path / "marker")
+    path = os.path.join(folder, f"mesh_points.{ext}")
+    if ext == "th":
+        open(path, "wb").write(_crafted("raw_torch", marker))
+    else:
+        np.save(path, np.array([_Evil(marker)], dtype=object), allow_pickle=True)
+    with pytest.raises(UnsafeFileError, match=f"mesh_points.{ext}"):
+        load(tmp_path, "train")
+    assert not os.path.exists(marker)
+
+
 class _Tiny(CachedSplitDataset):
     r"""A dataset that builds in milliseconds, counting its builds."""
     cache_name = "tiny"
