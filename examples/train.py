@@ -345,6 +345,8 @@ def load_splits(args) -> tuple:
 
     With ``--snapshot PATH`` the splits are read from PATH when it exists (written by an earlier run
     with the same flag), so a dataset generated on one machine can be carried to another."""
+    if args.snapshot:  # a write of the snapshot that was killed leaves a temp file beside it
+        remove_stale_temps(os.path.dirname(os.path.abspath(args.snapshot)), os.path.basename(args.snapshot) + ".tmp")
     if args.snapshot and os.path.isfile(args.snapshot):
         snap = load_checked(args.snapshot)  # checksummed; tensors and plain containers only
         try:

@@ -302,6 +302,16 @@ def test_leftover_temp_files_are_cleaned(tmp_path):
     assert sorted(os.listdir(folder)) == sorted(names[2:])  # a live writer's file and others are kept
 
 
+def test_snapshot_leftover_temp_is_cleaned_and_others_kept(tmp_path):
+    dead = _dead_pid()
+    snap = str(tmp_path / "snap.pt")
+    mine, other = f"{snap}.tmp-{dead}-0123abcd", str(tmp_path / f"unrelated.tmp{dead}")
+    for p in (mine, other):
+        open(p, "w").write("partial")
+    train.main(TINY + ["--prepare-data", "--snapshot", snap])
+    assert not os.path.exists(mine) and os.path.exists(other) and os.path.exists(snap)
+
+
 def test_train_cleans_leftover_temp_files(tmp_path, capsys):
     out, dead = str(tmp_path / "run"), _dead_pid()
     os.makedirs(out)

@@ -195,14 +195,15 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(folder: str) -> List[str]:
+def remove_stale_temps(folder: str, prefix: str = "") -> List[str]:
     r"""Remove the temporary files that writers killed mid-write left in ``folder``
-    (``*.tmp-<pid>-<hex>`` and ``*.tmp<pid>``, with ``<pid>`` no longer running); returns their paths."""
+    (``*.tmp-<pid>-<hex>`` and ``*.tmp<pid>``, with ``<pid>`` no longer running; only names that
+    start with ``prefix``); returns their paths."""
     removed = []
     if not osp.isdir(folder):
         return removed
     for name in os.listdir(folder):
-        m = _TEMP_RE.fullmatch(name)
+        m = _TEMP_RE.fullmatch(name) if name.startswith(prefix) else None
         if m is None or pid_alive(int(m.group(1))):
             continue
         path = osp.join(folder, name)
