@@ -5,6 +5,7 @@ takes) the tree; `forward_tree` is the tree-order core the transformer chains wi
 """
 from __future__ import annotations
 
+import numbers
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -128,7 +129,7 @@ class _TreeAttentionConv(nn.Module):
     def __init__(self, in_channels: int, out_channels: Optional[int], heads: int, ball_size: int, dim: int,
                  bias: bool = True):
         super().__init__()
-        if not isinstance(heads, int) or heads < 1:
+        if isinstance(heads, bool) or not isinstance(heads, numbers.Integral) or heads < 1:
             raise ValueError(f"heads must be a positive int, got {heads!r}")
         if in_channels % heads:
             raise ValueError(f"heads={heads} must divide in_channels={in_channels}")
