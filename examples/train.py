@@ -7,7 +7,9 @@ One entry point for every model (so comparisons share data, optimiser, schedule 
     torchrun --nproc-per-node 2 examples/train.py --model gnn # data parallel (gloo on CPU, nccl on CUDA)
 
 Writes ``metrics.json``, ``train_log.csv``, ``eval_log.csv``, ``loss.png``, ``field.png`` and
-``checkpoint.pt`` to ``--out``; ``--resume`` continues a run exactly (docs/training.md).
+``checkpoint.pt`` (checksummed; the one before it is kept as ``checkpoint.prev.pt``) to ``--out``;
+``--resume`` continues a run exactly and refuses changed flags; a lock keeps two runs out of one
+``--out`` (docs/training.md, docs/reliability.md).
 """
 from __future__ import annotations
 
@@ -34,6 +36,9 @@ if __package__ in (None, ""):  # `python examples/train.py` from a checkout with
 from torch_geometric.data import Data  # noqa: E402
 from torch_geometric.loader import DataLoader  # noqa: E402
 from torch_geometric.utils import scatter  # noqa: E402
+
+from torch_geometric_bsa.io import (CorruptFileError, DirLock, LockError, UnsafeFileError,  # noqa: E402
+                                    load_checked, previous_path, remove_stale_temps, save_checked)
 
 MODELS = ("bsa", "full", "ball", "pointnet", "gnn")
 DATASETS = ("car", "elasticity-gen", "shapenet-car", "elasticity", "toy")
@@ -343,9 +348,15 @@ def load_splits(args) -> tuple:
 
     With ``--snapshot PATH`` the splits are read from PATH when it exists (written by an earlier run
     with the same flag), so a dataset generated on one machine can be carried to another."""
+    if args.snapshot:  # a write of the snapshot that was killed leaves a temp file beside it
+        remove_stale_temps(os.path.dirname(os.path.abspath(args.snapshot)), os.path.basename(args.snapshot) + ".tmp")
     if args.snapshot and os.path.isfile(args.snapshot):
-        snap = torch.load(args.snapshot, map_location="cpu", weights_only=False)
-        return snap["train"], snap["test"], snap["stats"]
+        snap = load_checked(args.snapshot)  # checksummed; tensors and plain containers only
+        try:
+            return ([Data.from_dict(d) for d in snap["train"]], [Data.from_dict(d) for d in snap["test"]],
+                    snap["stats"])
+        except (KeyError, TypeError, AttributeError) as e:
+            raise CorruptFileError(f"{args.snapshot}: not a --snapshot file ({type(e).__name__}: {e})") from None
     if args.dataset == "toy":
         pts = (args.num_points, args.num_points) if args.num_points else (96, 160)
         train, test, stats = (toy_dataset("train", args.num_train or 8, args.seed, pts),
@@ -359,12 +370,10 @@ def load_splits(args) -> tuple:
         if args.dataset not in GENERATED:  # real files: --num-train/--num-test take a prefix
             train = train[:args.num_train] if args.num_train else train
             test = test[:args.num_test] if args.num_test else test
-    if args.snapshot:
-        os.makedirs(os.path.dirname(os.path.abspath(args.snapshot)), exist_ok=True)
-        tmp = f"{args.snapshot}.tmp{os.getpid()}"
-        torch.save({"train": [train[i] for i in range(len(train))], "test": [test[i] for i in range(len(test))],
-                    "stats": stats, "meta": {"dataset": args.dataset, **dataset_kwargs(args)}}, tmp)
-        os.replace(tmp, args.snapshot)
+    if args.snapshot:  # samples as dicts of tensors: the file needs no class allowlist to load
+        save_checked(args.snapshot, {"train": [train[i].to_dict() for i in range(len(train))],
+                                     "test": [test[i].to_dict() for i in range(len(test))],
+                                     "stats": stats, "meta": {"dataset": args.dataset, **dataset_kwargs(args)}})
     return train, test, stats
 
 
@@ -403,8 +412,15 @@ class Normalizer(nn.Module):
             self.phys_mean.copy_(stats["y_mean"].expand_as(self.phys_mean))
             self.phys_std.copy_(stats["y_std"].expand_as(self.phys_std))
         else:
-            self.y_mean.copy_(y.mean(0))
-            self.y_std.copy_(y.std(0).clamp_min(1e-8))
+            mean = y.mean(0)
+            std = y.std(0) if y.size(0) > 1 else torch.ones_like(mean)
+            # a constant target (std 0, or one point: NaN) is centred, not scaled: 0, not NaN or noise x 1e8
+            const = ~(std > 1e-12 * mean.abs().clamp_min(1.0))
+            if bool(const.any()):
+                print(f"[train] warning: target channel(s) {const.nonzero().flatten().tolist()} are constant in "
+                      "the training set: centred but not scaled", flush=True)
+            self.y_mean.copy_(mean)
+            self.y_std.copy_(torch.where(const, torch.ones_like(std), std))
             self.phys_mean.zero_()
             self.phys_std.fill_(1.0)
         return self
@@ -527,7 +543,9 @@ def cosine_with_warmup(total: int, warmup_frac: float, min_ratio: float):
 
 
 def rng_state() -> Dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    name, keys, pos, has_gauss, gauss = np.random.get_state()  # numpy's array as a tensor: loads weights_only
+    st = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                    gauss), "python": random.getstate()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -535,16 +553,79 @@ def rng_state() -> Dict:
 
 def set_rng_state(st: Dict):
     torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
+    name, keys, pos, has_gauss, gauss = st["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(st["python"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def save_checkpoint(path: str, obj: Dict):
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a torn checkpoint
+def save_checkpoint(path: str, obj: Dict, keep_previous: bool = True):
+    r"""Atomic and checksummed (``torch_geometric_bsa.io``); the checkpoint it replaces is kept as
+    ``checkpoint.prev.pt``, the fallback of ``--resume`` when the newest one is corrupt."""
+    save_checked(path, obj, keep_previous=keep_previous)
+
+
+class RunError(RuntimeError):
+    r"""A run that must not start: ``--out`` locked by a live run, or ``--resume`` refused."""
+
+
+# Flags that may differ on --resume: where and how the run is shown, placed or stopped. Every other
+# flag is recorded in the checkpoint ("config") and a difference is refused (read_resume_checkpoint).
+RESUME_MAY_CHANGE = ("resume", "stop_after", "max_time", "no_plots", "no_progress", "threads", "device",
+                     "data_workers", "prepare_data", "log_every", "eval_every", "ckpt_every", "out", "root",
+                     "snapshot")
+
+
+def run_config(args) -> Dict:
+    r"""The flags that define a run (all but ``RESUME_MAY_CHANGE``), JSON-normalised for comparison."""
+    return json.loads(json.dumps({k: v for k, v in sorted(vars(args).items()) if k not in RESUME_MAY_CHANGE}))
+
+
+def read_resume_checkpoint(args, log=print, rename_bad: bool = True):
+    r"""``(checkpoint, path)`` for ``--resume``: the newest checkpoint, or the previous one
+    (``checkpoint.prev.pt``) when the newest is missing, truncated or fails its checksum (logged).
+
+    Raises ``RunError`` when no usable checkpoint exists, when a file is unsafe (a crafted pickle
+    is never loaded and never skipped silently), or when the checkpoint's recorded flags differ
+    from this invocation's (each differing flag is listed)."""
+    path = os.path.join(args.out, "checkpoint.pt") if args.resume == "auto" else args.resume
+    problems = []
+    for cand in (path, previous_path(path)):
+        if not os.path.isfile(cand):
+            problems.append(f"{cand}: no such file")
+            continue
+        try:
+            ck = load_checked(cand)
+        except FileNotFoundError:  # renamed aside by rank 0 meanwhile
+            problems.append(f"{cand}: no such file")
+            continue
+        except UnsafeFileError as e:
+            raise RunError(f"--resume: {e}") from None
+        except CorruptFileError as e:
+            problems.append(str(e))
+            continue
+        if cand != path:
+            log(f"[train] --resume: {problems[0]}; falling back to the previous checkpoint {cand} "
+                f"(step {ck.get('step')})")
+            if (rename_bad and os.path.isfile(path)
+                    and os.path.abspath(path) == os.path.abspath(os.path.join(args.out, "checkpoint.pt"))):  # else the next save would rotate it over the good one
+                os.replace(path, path + ".corrupt")
+                log(f"[train] --resume: kept the unusable file as {path}.corrupt")
+        break
+    else:
+        raise RunError("--resume: no usable checkpoint:\n  " + "\n  ".join(problems))
+    saved, now = ck.get("config"), run_config(args)
+    if saved is None:
+        raise RunError(f"--resume: {cand} records no run configuration (written by an older version); "
+                       "start a new run")
+    diff = [f"  --{k.replace('_', '-')}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now"
+            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if diff:
+        raise RunError(f"--resume: {cand} was written with other flags; a resumed run must keep them "
+                       f"(changing them would not continue the same run):\n" + "\n".join(diff) +
+                       "\nresume with the checkpoint's values, or start a new run in another --out")
+    return ck, cand
 
 
 # --------------------------------------------------------------------------------------------
@@ -673,9 +754,27 @@ class NonFiniteLossError(FloatingPointError):
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args = parse_args(argv)
     dd = Dist(args.device)
+    lock = None
     try:
+        if not args.prepare_data:  # one run per --out: rank 0 holds OUT/.lock, every rank learns the outcome
+            err = None
+            if dd.main:
+                try:
+                    lock = DirLock(args.out).acquire(on_stale=lambda m: print(f"[train] {m}", flush=True))
+                    for p in remove_stale_temps(args.out):  # what a killed writer left behind
+                        print(f"[train] removed the partial file {p} of an interrupted write", flush=True)
+                except LockError as e:
+                    err = f"--out: {e}"
+            if dd.world > 1:
+                ok = dd.all_sum(torch.tensor([0.0 if err else 1.0], device=dd.device))
+                if float(ok) < dd.world and err is None:
+                    err = f"--out: rank 0 could not lock {args.out}"
+            if err:
+                raise RunError(err)
         return _run(args, dd)
     finally:
+        if lock is not None:
+            lock.release()
         dd.close()
 
 
@@ -689,6 +788,10 @@ def _run(args, dd: Dist) -> Dict:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
+    config = run_config(args)  # before anything below fills in defaults
+    ck = None
+    if args.resume and not args.prepare_data:  # before the data: a refused resume fails fast
+        ck, resume_path = read_resume_checkpoint(args, log, rename_bad=dd.main)
 
     t0 = time.perf_counter()
     if dd.main:  # generated datasets are built (and cached) once, by rank 0
@@ -749,11 +852,8 @@ def _run(args, dd: Dist) -> Dict:
 
     step, train_log, eval_log, train_time, resumed_acc = 0, [], [], 0.0, None
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
-    if args.resume:
-        path = ckpt_path if args.resume == "auto" else args.resume
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+    if ck is not None:
+        path = resume_path
         if ck["model_name"] != args.model:
             raise ValueError(f"--resume: checkpoint is for --model {ck['model_name']}, not {args.model}")
         model.load_state_dict(ck["model"])
@@ -764,7 +864,8 @@ def _run(args, dd: Dist) -> Dict:
         resumed_acc = ck["loss_acc"]
         set_rng_state(ck["rng"][dd.rank % len(ck["rng"])])
         log(f"[train] resumed from {path} at step {step}")
-    ckpt_step = step if args.resume and os.path.abspath(path) == os.path.abspath(ckpt_path) else None
+    ckpt_step = step if ck is not None and os.path.abspath(path) == os.path.abspath(ckpt_path) else None
+    ck = None  # the loaded tensors are in the model now
 
     def guard(mean_loss: Optional[float] = None, test: Optional[Dict[str, float]] = None):
         r"""Non-finite loss guard: raise :class:`NonFiniteLossError` if a training loss so far was
@@ -844,7 +945,9 @@ def _run(args, dd: Dist) -> Dict:
                 "model": model.state_dict(), "norm": norm.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "step": step, "rng": states, "train_log": train_log,
                 "eval_log": eval_log, "train_time": train_time, "model_name": args.model, "args": vars(args),
-                "loss_acc": loss_acc.cpu()})
+                "config": config,
+                "loss_acc": loss_acc.cpu()},
+                keep_previous=ckpt_step != step)  # a second save at one step keeps the older fallback
         ckpt_step = step
 
     start_step = step
@@ -973,7 +1076,7 @@ def _run(args, dd: Dist) -> Dict:
 if __name__ == "__main__":
     try:
         main()
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, RunError, CorruptFileError, UnsafeFileError) as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+from torch_geometric_bsa.io import load_checked
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -26,7 +28,7 @@ TINY = ["--dataset", "toy", "--num-train", "6", "--num-test", "3", "--batch-size
 
 
 def _final_params(out):
-    ck = torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=False)
+    ck = load_checked(os.path.join(out, "checkpoint.pt"))
     return ck["model"], ck
 
 

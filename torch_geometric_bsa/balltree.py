@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from ._validate import positions_fingerprint
 
 __all__ = ["BallTree", "build_ball_tree", "random_rotation"]
 
@@ -36,6 +38,10 @@ class BallTree:
         num_balls (int): ``N_pad // ball_size``.
         max_slots (int): largest padded cloud size (``max(ptr[1:] - ptr[:-1])``), a Python int so
             that dense per-cloud layouts need no host synchronisation later.
+        cloud_sizes (tuple of int, optional): valid points per cloud, on the host (``counts``).
+        pos_key (Tensor, optional): ``[B, d]`` float64 fingerprint of the positions the tree was
+            built on (``_validate.positions_fingerprint``); entry points that take ``tree=`` check
+            it against their ``pos`` without a host synchronisation on CUDA.
 
     Everything the layers derive from the tree alone (masks in the kernels' dtypes, per-row cloud
     ranges, cumulative cloud lengths) is computed once, on first use, and memoised on the tree
@@ -52,6 +58,8 @@ class BallTree:
     ball_size: int
     num_balls: int
     max_slots: int
+    cloud_sizes: Optional[Tuple[int, ...]] = None
+    pos_key: Optional[Tensor] = None
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def cached(self, key, fn):
@@ -131,14 +139,18 @@ class BallTree:
             sbs.append(t.slot_batch + clouds)
             pts, slots, clouds = pts + t.num_points, slots + t.num_slots, clouds + t.num_clouds
         perm = torch.cat(perms)
+        sizes = None if any(t.cloud_sizes is None for t in trees) else sum((t.cloud_sizes for t in trees), ())
+        key = None if any(t.pos_key is None for t in trees) else torch.cat([t.pos_key for t in trees])
         return BallTree(perm=perm, mask=perm >= 0, inv=torch.cat(invs), ptr=torch.cat(ptrs),
                         slot_batch=torch.cat(sbs), counts=torch.cat([t.counts for t in trees]),
-                        ball_size=m, num_balls=slots // m, max_slots=max(t.max_slots for t in trees))
+                        ball_size=m, num_balls=slots // m, max_slots=max(t.max_slots for t in trees),
+                        cloud_sizes=sizes, pos_key=key)
 
     def to(self, device) -> "BallTree":
         t = lambda a: a.to(device)  # noqa: E731
         return BallTree(t(self.perm), t(self.mask), t(self.inv), t(self.ptr), t(self.slot_batch),
-                        t(self.counts), self.ball_size, self.num_balls, self.max_slots)
+                        t(self.counts), self.ball_size, self.num_balls, self.max_slots, self.cloud_sizes,
+                        None if self.pos_key is None else t(self.pos_key))
 
     def __repr__(self) -> str:
         return (f"BallTree(points={self.num_points}, slots={self.num_slots}, clouds={self.num_clouds}, "
@@ -378,6 +390,7 @@ def build_ball_tree(pos: Tensor, batch: Optional[Tensor] = None, ball_size: int 
     batch = _check_inputs(pos, batch, ball_size)
     device = pos.device
     n, m = pos.size(0), ball_size
+    pos_in = pos
     if rotation is not None:
         if rotation.shape != (pos.size(1), pos.size(1)):
             raise ValueError(f"rotation must be [{pos.size(1)}, {pos.size(1)}], got {list(rotation.shape)}")
@@ -387,6 +400,8 @@ def build_ball_tree(pos: Tensor, batch: Optional[Tensor] = None, ball_size: int 
 
     num_clouds = int(batch[-1]) + 1
     counts = torch.bincount(batch, minlength=num_clouds)
+    cloud_sizes = tuple(counts.tolist())  # host metadata; num_slots and max_slots follow from it
+    pos_key = positions_fingerprint(pos_in, batch, num_clouds)
     balls_per_cloud = (counts + m - 1) // m  # empty clouds get 0 balls
     ptr = torch.zeros(num_clouds + 1, dtype=torch.long, device=device)
     ptr[1:] = torch.cumsum(balls_per_cloud * m, 0)
@@ -402,7 +417,7 @@ def build_ball_tree(pos: Tensor, batch: Optional[Tensor] = None, ball_size: int 
     idx = torch.arange(n, device=device)
     sorted_batch = batch.index_select(0, order)
     slot = ptr.index_select(0, sorted_batch) + (idx - cloud_start.index_select(0, sorted_batch))
-    num_slots = int(ptr[-1])
+    num_slots = sum(-(-c // m) * m for c in cloud_sizes)
     perm_out = torch.full((num_slots,), -1, dtype=torch.long, device=device)
     perm_out[slot] = order
     inv = torch.empty(n, dtype=torch.long, device=device)
@@ -411,4 +426,4 @@ def build_ball_tree(pos: Tensor, batch: Optional[Tensor] = None, ball_size: int 
                                          output_size=num_slots)
     return BallTree(perm=perm_out, mask=perm_out >= 0, inv=inv, ptr=ptr, slot_batch=slot_batch,
                     counts=counts, ball_size=m, num_balls=num_slots // m,
-                    max_slots=int((balls_per_cloud * m).max()))
+                    max_slots=max(-(-c // m) * m for c in cloud_sizes), cloud_sizes=cloud_sizes, pos_key=pos_key)

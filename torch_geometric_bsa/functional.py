@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._validate import check_backend_dtype, check_compressed_kv, check_coordinate_range, check_tree_matches
 from .balltree import BallTree
 from .reference import BSAConfig, bsa_reference
 
@@ -29,6 +30,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available(device) else "torch"
+    if backend == "triton" and not triton_available(device):
+        raise ValueError(f"backend='triton' needs CUDA tensors or the Triton CPU interpreter "
+                         f"(TRITON_INTERPRET=1); the tensors are on {device}: use backend='auto' or 'torch'")
     return backend
 
 
@@ -58,7 +62,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, cfg: BS
 def bsa_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, cfg: BSAConfig, *,
                   sigma: Tensor, gates: Tensor, k_cmp: Optional[Tensor] = None,
                   v_cmp: Optional[Tensor] = None, cmp_mask: Optional[Tensor] = None,
-                  backend: str = "auto") -> Tensor:
+                  backend: str = "auto", validate: bool = True) -> Tensor:
     r"""Ball Sparse Attention on tree-ordered, padded tensors.
 
     Args:
@@ -72,12 +76,21 @@ def bsa_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, 
         k_cmp, v_cmp (Tensor, optional): ``[N_pad // cmp_stride, H, D]`` compressed keys and
             values; mean pooling when omitted.
         backend (str): ``"auto"`` (Triton on CUDA, else PyTorch), ``"torch"`` or ``"triton"``.
+        validate (bool): also check tensor values: that ``tree`` was built on these positions
+            (its fingerprint) and that squared distances do not overflow ``pos``'s dtype. One flag,
+            asserted without a host sync on CUDA. Layers that checked their inputs pass ``False``.
 
     Returns:
         ``[N_pad, H, D]``, zero at padded slots.
     """
     _check(q, k, v, pos, tree, cfg, sigma, gates)
+    check_compressed_kv(q, k_cmp, v_cmp, cmp_mask, cfg.cmp_stride)
     backend = resolve_backend(backend, q.device)
+    check_backend_dtype(backend, q)
+    if validate:
+        # distances are computed in fp32 at least (16-bit inputs accumulate in fp32)
+        check_coordinate_range(pos, torch.float64 if pos.dtype == torch.float64 else torch.float32)
+        check_tree_matches(tree, pos.index_select(0, tree.inv), None, check_batch=False)
     if backend == "triton":
         from .kernels import bsa_triton
         return bsa_triton(q, k, v, pos, tree, cfg, sigma=sigma, gates=gates, k_cmp=k_cmp, v_cmp=v_cmp,
@@ -96,7 +109,9 @@ def ball_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, sigma: Tensor, 
     if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape or q.size(0) % ball_size:
         raise ValueError(f"q, k, v must share a shape [N_pad, H, D] with N_pad a multiple of "
                          f"ball_size={ball_size}; got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
-    if resolve_backend(backend, q.device) == "triton":
+    backend = resolve_backend(backend, q.device)
+    check_backend_dtype(backend, q)
+    if backend == "triton":
         from .kernels.ball import ball_attention_triton
         return ball_attention_triton(q, k, v, pos, sigma, mask, ball_size)
     from .reference import ball_attention as ref

@@ -1,9 +1,13 @@
-"""Shared plumbing for our InMemoryDatasets: one cache folder per configuration, atomic writes.
+"""Shared plumbing for our InMemoryDatasets: one cache folder per configuration, safe atomic writes.
 
 Every dataset processes *both* splits in one go (the test split is normalised with train
 statistics) into ``root/processed/<name>-<key>/{train,test}.pt``. ``key`` hashes the dataset's
 configuration, the ``pre_transform``/``pre_filter`` and, for generated datasets, the source code of
 the generator modules, so a changed argument or generator never reads a stale cache.
+
+The cache files are checksummed and loaded without unpickling code (``torch_geometric_bsa.io``):
+PyG's own ``InMemoryDataset.load`` and its ``pre_transform.pt`` check may fall back to a full
+unpickle, so both are replaced here. A corrupt cache is rebuilt, with a warning naming it.
 """
 from __future__ import annotations
 
@@ -11,16 +15,19 @@ import contextlib
 import hashlib
 import inspect
 import json
+import math
 import os
 import os.path as osp
 import re
 import sys
-import uuid
+import warnings
 from types import ModuleType
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch_geometric.data import Data, InMemoryDataset
+
+from ..io import CorruptFileError, atomic_write, load_checked, remove_stale_temps, save_checked
 
 SPLITS = ("train", "test")
 
@@ -45,18 +52,6 @@ def cache_key(config: Dict, sources: Sequence[ModuleType] = (), extra: Sequence[
     return h.hexdigest()[:12]
 
 
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file,
-    and two processes generating the same cache cannot corrupt it."""
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if osp.exists(tmp):
-            os.remove(tmp)
-
-
 class CachedSplitDataset(InMemoryDataset):
     """InMemoryDataset with a ``split`` argument and a per-configuration cache folder.
 
@@ -78,7 +73,13 @@ class CachedSplitDataset(InMemoryDataset):
         self._key: Optional[str] = None
         super().__init__(root, transform, pre_transform, pre_filter, log=log,
                          force_reload=force_reload)
-        self.load(self.processed_paths[SPLITS.index(split)])
+        path = self.processed_paths[SPLITS.index(split)]
+        try:
+            self.load(path)
+        except CorruptFileError as e:  # a cache can always be rebuilt from its sources
+            warnings.warn(f"{e}; rebuilding the cache {self.processed_dir}", stacklevel=2)
+            self._build_cache()
+            self.load(path)
 
     # -- configuration -----------------------------------------------------------------------
     def cache_config(self) -> Dict:
@@ -112,6 +113,34 @@ class CachedSplitDataset(InMemoryDataset):
     def download(self) -> None:
         pass
 
+    def _process(self) -> None:
+        # Replaces PyG's: it reads pre_transform.pt/pre_filter.pt with a full unpickle. Our cache
+        # key already covers pre_transform/pre_filter, so those files are neither read nor written.
+        if not self.force_reload and all(osp.isfile(p) for p in self.processed_paths):
+            return
+        self._build_cache()
+
+    def _build_cache(self) -> None:
+        os.makedirs(self.processed_dir, exist_ok=True)
+        remove_stale_temps(self.processed_dir)  # leftovers of a generator that was killed mid-write
+        if self.log and "PYTEST_CURRENT_TEST" not in os.environ:
+            print(f"Processing {self.processed_dir} ...", file=sys.stderr)
+        self.process()
+
+    @classmethod
+    def save(cls, data_list: Sequence[Data], path: str) -> None:
+        r"""Collates ``data_list`` and writes it as a checksummed file (``torch_geometric_bsa.io``)."""
+        data, slices = cls.collate(data_list)
+        save_checked(path, {"data": data.to_dict(), "slices": slices})
+
+    def load(self, path: str, data_cls=Data) -> None:
+        r"""Reads a file written by :meth:`save`: checksum verified, nothing unpickled beyond tensors
+        and plain containers (raises ``CorruptFileError`` / ``UnsafeFileError`` naming ``path``)."""
+        out = load_checked(path)
+        if not (isinstance(out, dict) and isinstance(out.get("data"), dict) and "slices" in out):
+            raise CorruptFileError(f"{path}: not a dataset cache (unexpected content)")
+        self.data, self.slices = data_cls.from_dict(out["data"]), out["slices"]
+
     def process(self) -> None:
         with single_threaded():
             lists = self.build()
@@ -121,7 +150,7 @@ class CachedSplitDataset(InMemoryDataset):
                 data_list = [d for d in data_list if self.pre_filter(d)]
             if self.pre_transform is not None:
                 data_list = [self.pre_transform(d) for d in data_list]
-            atomic_write(path, lambda tmp, dl=data_list: self.save(dl, tmp))
+            self.save(data_list, path)  # atomic and checksummed
 
         def write_config(tmp: str) -> None:
             with open(tmp, "w") as f:
@@ -161,7 +190,15 @@ def single_threaded():
 
 def attach_stats(data_list: List[Data], mean: float, std: float) -> None:
     """Normalise ``y`` in place and record the statistics on every sample (shape ``[1]`` so they
-    collate to ``[num_graphs]``)."""
+    collate to ``[num_graphs]``).
+
+    A (numerically) constant target, ``std`` 0, NaN or below ``1e-12 * max(1, |mean|)``, is only
+    centred: ``std`` is set to 1 with a warning, so ``y`` becomes 0 instead of NaN and
+    ``y * y_std + y_mean`` still recovers it."""
+    if not (math.isfinite(std) and std > 1e-12 * max(1.0, abs(mean))):
+        warnings.warn(f"the regression target is constant (std {std:g} around mean {mean:g}): it is "
+                      "centred but not scaled (y_std = 1)", stacklevel=2)
+        std = 1.0
     for d in data_list:
         d.y = (d.y - mean) / std
         d.y_mean = torch.tensor([mean], dtype=torch.float32)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import os.path as osp
+import pickle
 from typing import Dict, List
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from torch_geometric.data import Data
 from tqdm.auto import tqdm
 
+from ..io import UnsafeFileError
 from ._cache import CachedSplitDataset, attach_stats
 from .elasticity import check_int
 
@@ -27,11 +29,20 @@ def _load_array(folder: str, names, what: str, shape, car: str) -> np.ndarray:
     for name in names:
         path = osp.join(folder, name)
         if osp.exists(path):
-            if name.endswith(".th"):
-                arr = torch.load(path, map_location="cpu", weights_only=True)
-                arr = arr.numpy() if isinstance(arr, torch.Tensor) else np.asarray(arr)
-            else:
-                arr = np.load(path)
+            try:  # neither loader runs code from the file: weights_only, and no pickles in .npy
+                if name.endswith(".th"):
+                    arr = torch.load(path, map_location="cpu", weights_only=True)
+                    arr = arr.numpy() if isinstance(arr, torch.Tensor) else np.asarray(arr)
+                else:
+                    arr = np.load(path, allow_pickle=False)
+            except pickle.UnpicklingError as e:
+                raise UnsafeFileError(f"ShapeNetCar: {path}: refused: it asks to build objects other than "
+                                      f"tensors, which could run code ({str(e).splitlines()[0][:200]})") from None
+            except ValueError as e:
+                if "allow_pickle" not in str(e):
+                    raise
+                raise UnsafeFileError(f"ShapeNetCar: {path}: refused: an object array (a pickle) where "
+                                      "numbers were expected") from None
             got = tuple(arr.shape)
             if got != tuple(shape) and got != tuple(shape) + (1,):
                 raise ValueError(

@@ -5,12 +5,14 @@ takes) the tree; `forward_tree` is the tree-order core the transformer chains wi
 """
 from __future__ import annotations
 
+import numbers
 from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._validate import check_tree_matches, coordinate_limit
 from ..balltree import BallTree, build_ball_tree
 from ..functional import ball_attention, bsa_attention
 from ..reference import BSAConfig, blockify, full_attention
@@ -57,15 +59,16 @@ def check_point_inputs(x: Tensor, pos: Tensor, batch: Optional[Tensor], in_chann
         raise ValueError(f"pos must be a floating-point tensor, got {pos.dtype}")
     if value_checks_enabled():
         # one host sync at the model boundary (never inside a layer); skipped under CUDA-graph
-        # capture and torch.compile, where a sync is an error or a graph break
-        finite = torch.isfinite(x).all()
-        # positions are cast to x's dtype: 1e5-scale coordinates overflow float16 into inf
-        finite_pos = torch.isfinite(pos.to(x.dtype) if pos.dtype != x.dtype else pos).all()
-        ok = torch.stack([finite, finite_pos]).tolist()
+        # capture and torch.compile, where a sync is an error or a graph break. Positions are
+        # cast to x's dtype, and squared distances must stay finite in it (fp32: |p| < 5e18)
+        limit = coordinate_limit(x.dtype, pos.size(1))
+        ok = torch.stack([torch.isfinite(x).all(), (pos.abs() <= limit).all()]).tolist()  # NaN compares false
         if not ok[0]:
             raise ValueError("x contains NaN or Inf values")
         if not ok[1]:
-            raise ValueError(f"pos contains NaN or Inf values (or values beyond the range of x's dtype {x.dtype})")
+            raise ValueError(f"pos contains NaN or Inf values, or coordinates beyond +-{limit:.3g} whose squared "
+                             f"distances overflow x's dtype {x.dtype}; normalise the positions "
+                             "(e.g. torch_geometric.transforms.NormalizeScale)")
     if (weight_dtype is not None and x.dtype != weight_dtype
             and not torch.is_autocast_enabled(x.device.type)):
         raise ValueError(f"x has dtype {x.dtype} but the layer's parameters are {weight_dtype}: cast x or the "
@@ -78,15 +81,15 @@ def check_point_inputs(x: Tensor, pos: Tensor, batch: Optional[Tensor], in_chann
 
 
 def resolve_tree(tree: TreeLike, pos: Tensor, batch: Optional[Tensor], ball_size: int) -> BallTree:
-    r"""Uses a given tree (or concatenates per-cloud cached trees) or builds one."""
+    r"""Uses a given tree (or concatenates per-cloud cached trees) or builds one. A given tree is
+    checked against ``pos`` and ``batch`` (``_validate.check_tree_matches``: no host sync on CUDA)."""
     if tree is None:
         return build_ball_tree(pos, batch, ball_size)
     if not isinstance(tree, BallTree):
         tree = BallTree.cat(list(tree))
     if tree.ball_size != ball_size:
         raise ValueError(f"tree has ball_size={tree.ball_size} but the layer uses ball_size={ball_size}")
-    if tree.num_points != pos.size(0):
-        raise ValueError(f"tree was built on {tree.num_points} points but pos has {pos.size(0)}")
+    check_tree_matches(tree, pos, batch)
     return tree
 
 
@@ -159,6 +162,8 @@ class _TreeAttentionConv(nn.Module):
     def __init__(self, in_channels: int, out_channels: Optional[int], heads: int, ball_size: int, dim: int,
                  bias: bool = True):
         super().__init__()
+        if isinstance(heads, bool) or not isinstance(heads, numbers.Integral) or heads < 1:
+            raise ValueError(f"heads must be a positive int, got {heads!r}")
         if in_channels % heads:
             raise ValueError(f"heads={heads} must divide in_channels={in_channels}")
         if dim not in (2, 3):
@@ -251,6 +256,8 @@ class BSAConv(_TreeAttentionConv):
         self.cfg = BSAConfig(ball_size=ball_size, cmp_block=cmp_block, cmp_stride=cmp_stride,
                              slc_block=slc_block, topk=topk, group_size=group_size,
                              group_compression=group_compression, cmp_window=cmp_window)
+        if backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
         self.branches, self.backend = branches, backend
         # sigma < 0: nearer points weigh more (Erwin initialises the distance bias this way)
         self.sigma = nn.Parameter(torch.empty(heads))
@@ -275,7 +282,8 @@ class BSAConv(_TreeAttentionConv):
             gates = torch.sigmoid(self.gate(h)).view(-1, self.heads, self.cfg.num_branches)
             k_cmp, v_cmp, cmp_mask = self.compress(k, v, tree)
             o = bsa_attention(q, k, v, pos_t, tree, self.cfg, sigma=self.sigma.to(q.dtype), gates=gates,
-                              k_cmp=k_cmp, v_cmp=v_cmp, cmp_mask=cmp_mask, backend=self.backend)
+                              k_cmp=k_cmp, v_cmp=v_cmp, cmp_mask=cmp_mask, backend=self.backend,
+                              validate=False)  # checked once at the boundary, not per layer
         return self.out(o.reshape(-1, self.in_channels)) * tree.float_mask(o.dtype)
 
     def __repr__(self) -> str:
