@@ -5,7 +5,7 @@ median wall ms, GPU-busy ms (summed kernel time from `torch.profiler`), kernel l
 (CUDA synchronisations caught by `torch.cuda.set_sync_debug_mode`), scalar reads (`aten::item`:
 these include reads of CPU tensors, e.g. an optimizer's step counter, which do not stall the GPU)
 and peak memory. Modes: ``eager``, and ``graph`` (the step captured with CUDA graphs through
-`torch_geometric_bsa.capture.GraphedStep`, tree built outside the graph).
+`torch_geometric_bsa.capture.GraphedStep`, the tree built inside the graph).
 
     python benchmarks/bench_model.py --models paper,small --sizes 8x3586,1x16384,1x65536,1x262144 \
         --attn bsa,full,ball --modes eager,graph --kinds train,infer
@@ -129,9 +129,8 @@ def run_case(model_name: str, spec: str, attn: str, mode: str, kind: str, reps: 
         from torch_geometric_bsa.capture import GraphedStep
         graphed = GraphedStep(model, opt, loss_fn if kind == "train" else None, autocast_dtype=torch.bfloat16)
 
-        def step():
-            tree = build_ball_tree(pos, batch, model.ball_size)
-            graphed(x, pos, batch, tree=tree, target=y if kind == "train" else None)
+        def step():  # the tree is built inside the graph
+            graphed(x, pos, batch, target=y if kind == "train" else None)
     else:
         raise ValueError(mode)
 

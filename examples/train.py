@@ -164,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
     g.add_argument("--compile", action="store_true",
-                   help="CUDA only: capture the training step as a CUDA graph (torch_geometric_bsa.capture."
-                        "GraphedStep), one graph per batch shape; the ball tree is built outside the graph")
+                   help="CUDA only: capture the training step, ball tree included, as a CUDA graph "
+                        "(torch_geometric_bsa.capture.GraphedStep), one graph per batch shape")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
@@ -966,7 +966,6 @@ def _run(args, dd: Dist) -> Dict:
     bad_step = torch.zeros((), dtype=torch.long, device=device)
     graphed = None
     if args.compile:
-        from torch_geometric_bsa import build_ball_tree
         from torch_geometric_bsa.capture import GraphedStep
         graphed = GraphedStep(model, opt, lambda pred, target: F.mse_loss(pred.float(), target),
                               autocast_dtype=amp_dtype, clip_grad_norm=args.grad_clip or None)
@@ -977,9 +976,8 @@ def _run(args, dd: Dist) -> Dict:
         for data in loader:
             t_step = time.perf_counter()
             x, pos, batch, y = _to_input(data, norm, device)
-            if graphed is not None:
-                tree = build_ball_tree(pos, batch, args.ball_size)
-                loss = graphed(x, pos, batch, tree=tree, target=norm.target(y))
+            if graphed is not None:  # the ball tree is built inside the graph
+                loss = graphed(x, pos, batch, target=norm.target(y))
             else:
                 with autocast():
                     pred = ddp(x, pos, batch)

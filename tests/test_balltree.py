@@ -154,7 +154,7 @@ def test_gpu_algorithm_run_on_cpu_agrees_with_cpu_tree(monkeypatch, sizes, m, se
         start = torch.zeros_like(ptr)
         start[1:] = torch.cumsum(counts, 0)
         b = torch.repeat_interleave(torch.arange(counts.numel()), counts)
-        return B._tree_order_device(pos_, b, counts, bpc, start, ptr, m_, n)
+        return B._tree_order_device(pos_, b, counts, bpc, start, ptr, m_, n, int(bpc.max()), int(bpc.sum()))
     monkeypatch.setattr(B, "_tree_order_host_nodes", device_algorithm)
     dev = build_ball_tree(pos, batch, m)
     assert torch.equal(cpu.ptr, dev.ptr) and torch.equal(cpu.mask, dev.mask)
@@ -174,3 +174,20 @@ def test_cuda_tree_agrees_with_cpu_tree():
     assert torch.equal(perm[mask].sort().values, torch.arange(pos.size(0)))
     assert torch.equal(cpu.ptr, gpu.ptr.cpu()) and torch.equal(cpu.mask, gpu.mask.cpu())
     assert (cpu.perm == gpu.perm.cpu()).double().mean() > 0.99
+
+
+def test_build_with_layout_equals_plain_build():
+    from torch_geometric_bsa.balltree import tree_layout
+    pos, batch = random_batch([300, 17, 129], seed=3)
+    plain = build_ball_tree(pos, batch, 32)
+    layout = tree_layout(batch, 32)
+    assert layout == (3, plain.num_slots, plain.max_slots)
+    given = build_ball_tree(pos, batch, 32, layout=layout)
+    for k in ("perm", "mask", "inv", "ptr", "slot_batch", "counts"):
+        assert torch.equal(getattr(plain, k), getattr(given, k)), k
+    assert given.cloud_sizes is None and plain.cloud_sizes == (300, 17, 129)
+    with pytest.raises(ValueError, match="does not match the batch"):
+        build_ball_tree(pos, batch, 32, layout=(3, plain.num_slots + 32, plain.max_slots))
+    with pytest.raises(ValueError, match="layout must be"):
+        build_ball_tree(pos, batch, 32, layout=(3, plain.num_slots))
+    assert tree_layout(None, 32, num_points=100) == (1, 128, 128)

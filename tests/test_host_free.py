@@ -128,7 +128,30 @@ def test_full_attention_varlen_matches_dense():
 
 
 @requires_cuda
-def test_graphed_training_step_matches_eager():
+def test_tree_build_with_layout_is_sync_free():
+    from torch_geometric_bsa.balltree import tree_layout
+    pos, batch = random_batch([700, 333, 64], seed=5, device="cuda")
+    layout = tree_layout(batch, 64)
+    plain = build_ball_tree(pos, batch, 64)
+    # a capture fails on any host sync: building inside one shows the build with a layout has none
+    g = torch.cuda.CUDAGraph()
+    static_pos = pos.clone()
+    with torch.cuda.graph(g):
+        given = build_ball_tree(static_pos, batch, 64, layout=layout)
+    static_pos.copy_(pos)
+    g.replay()
+    for k in ("perm", "mask", "inv", "ptr", "slot_batch", "counts"):
+        assert torch.equal(getattr(plain, k), getattr(given, k)), k
+    # another cloud with the same layout, replayed through the same graph
+    pos2, _ = random_batch([700, 333, 64], seed=6, device="cuda")
+    static_pos.copy_(pos2)
+    g.replay()
+    assert torch.equal(build_ball_tree(pos2, batch, 64).perm, given.perm)
+
+
+@requires_cuda
+@pytest.mark.parametrize("tree_given", [True, False])
+def test_graphed_training_step_matches_eager(tree_given):
     from torch_geometric_bsa.capture import GraphedStep
     torch.manual_seed(0)
     cfg = {**SMALL, "hidden_channels": 64, "ball_size": 64, "cmp_block": 8, "slc_block": 8, "group_size": 8}
@@ -149,7 +172,8 @@ def test_graphed_training_step_matches_eager():
         loss_e.backward()
         torch.nn.utils.clip_grad_norm_(eager.parameters(), 1.0)
         opt_e.step()
-        loss_g = step(x, pos, batch, tree=build_ball_tree(pos, batch, 64), target=y)
+        tree = build_ball_tree(pos, batch, 64) if tree_given else None
+        loss_g = step(x, pos, batch, tree=tree, target=y)
         assert abs(loss_g.item() - loss_e.item()) <= 1e-4 * abs(loss_e.item()) + 1e-6
     assert step.captures == 2
     for (name, p), q in zip(eager.named_parameters(), graphed_model.parameters()):

@@ -15,10 +15,20 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["positions_fingerprint", "check_tree_matches", "check_coordinate_range", "coordinate_limit",
+__all__ = ["value_checks_enabled", "positions_fingerprint", "check_tree_matches", "check_coordinate_range", "coordinate_limit",
            "check_compressed_kv", "check_backend_dtype"]
 
 _PHI = 0.618033988749
+
+
+def value_checks_enabled() -> bool:
+    r"""Whether checks that read tensor values back to the host (finite inputs, sorted batch) run:
+    not while a CUDA graph is being captured (a sync is an error there), nor while torch.compile
+    traces (a graph break)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
 
 
 def positions_fingerprint(pos: Tensor, cloud: Tensor, num_clouds: int, absolute: bool = False) -> Tensor:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ._validate import positions_fingerprint
 
-__all__ = ["BallTree", "build_ball_tree", "random_rotation"]
+__all__ = ["BallTree", "build_ball_tree", "random_rotation", "tree_layout"]
 
 
 @dataclass
@@ -158,6 +158,8 @@ class BallTree:
 
 
 def _check_inputs(pos: Tensor, batch: Optional[Tensor], ball_size: int) -> Tensor:
+    from ._validate import value_checks_enabled
+    values = value_checks_enabled()  # reading values syncs: not under CUDA-graph capture / compile
     if not isinstance(pos, Tensor):
         raise ValueError(f"pos must be a torch.Tensor, got {type(pos).__name__}")
     if pos.dim() != 2 or pos.size(1) not in (2, 3):
@@ -166,7 +168,7 @@ def _check_inputs(pos: Tensor, batch: Optional[Tensor], ball_size: int) -> Tenso
         raise ValueError("pos is empty: build_ball_tree needs at least one point")
     if not pos.is_floating_point():
         raise ValueError(f"pos must be a floating-point tensor, got {pos.dtype}")
-    if not bool(torch.isfinite(pos).all()):
+    if values and not bool(torch.isfinite(pos).all()):
         raise ValueError("pos contains NaN or Inf values")
     if not isinstance(ball_size, int) or ball_size < 1:
         raise ValueError(f"ball_size must be a positive int, got {ball_size!r}")
@@ -181,7 +183,7 @@ def _check_inputs(pos: Tensor, batch: Optional[Tensor], ball_size: int) -> Tenso
     if batch.dtype.is_floating_point or batch.dtype == torch.bool:
         raise ValueError(f"batch must be an integer tensor, got {batch.dtype}")
     batch = batch.long()
-    if bool((batch[1:] < batch[:-1]).any()) or bool(batch[0] < 0):
+    if values and (bool((batch[1:] < batch[:-1]).any()) or bool(batch[0] < 0)):
         raise ValueError("batch must be sorted and non-negative (as PyG's Batch produces)")
     return batch
 
@@ -210,12 +212,11 @@ def _spread_bits(x: Tensor, dim: int) -> Tensor:
     return (x | (x << 1)) & 0x55555555
 
 
-def _morton_order_by_ball(p: Tensor, ball: Tensor) -> Tensor:
+def _morton_order_by_ball(p: Tensor, ball: Tensor, nb: int) -> Tensor:
     r"""Stable permutation sorting points by (ball, Morton code inside the ball's bounding box);
-    ``ball`` is each point's ball index (device-resident variant of ``_morton_order``)."""
+    ``ball`` is each point's ball index, below ``nb`` (device-resident variant of ``_morton_order``)."""
     d = p.size(1)
     seg = ball.unsqueeze(1).expand_as(p)
-    nb = int(ball.max()) + 1
     lo = p.new_full((nb, d), math.inf).scatter_reduce(0, seg, p, "amin", include_self=True)[ball]
     hi = p.new_full((nb, d), -math.inf).scatter_reduce(0, seg, p, "amax", include_self=True)[ball]
     levels = 1023 if d == 3 else 65535
@@ -321,7 +322,7 @@ def _tree_order_host_nodes(pos: Tensor, counts: Tensor, m: int, n: int) -> Tenso
 
 
 def _tree_order_device(pos: Tensor, batch: Tensor, counts: Tensor, balls_per_cloud: Tensor,
-                       cloud_start: Tensor, ptr: Tensor, m: int, n: int) -> Tensor:
+                       cloud_start: Tensor, ptr: Tensor, m: int, n: int, max_balls: int, num_balls: int) -> Tensor:
     r"""Tree order of the valid points (GPU path): every per-point quantity stays on the device, so
     a level is a fixed sequence of kernels with no host round trip. Node extents by scatter min/max
     keyed by the node's first index; float64 sort keys ``node start + coordinate in [0, 0.5]``.
@@ -332,7 +333,6 @@ def _tree_order_device(pos: Tensor, batch: Tensor, counts: Tensor, balls_per_clo
     seg_start = cloud_start[batch]
     seg_count = counts[batch]
     seg_balls = balls_per_cloud[batch]
-    max_balls = int(balls_per_cloud.max())
     levels = 0 if max_balls <= 1 else math.ceil(math.log2(max_balls))
     idx = torch.arange(n, device=device)
     for _ in range(levels):
@@ -360,12 +360,12 @@ def _tree_order_device(pos: Tensor, batch: Tensor, counts: Tensor, balls_per_clo
         seg_balls = torch.where(split, torch.where(right, seg_balls - left_balls, left_balls), seg_balls)
     sorted_batch = batch[order]
     ball = (idx - cloud_start[sorted_batch]) // m + ptr[sorted_batch] // m
-    return order[_morton_order_by_ball(pos[order], ball)]
+    return order[_morton_order_by_ball(pos[order], ball, num_balls)]
 
 
 @torch.no_grad()
 def build_ball_tree(pos: Tensor, batch: Optional[Tensor] = None, ball_size: int = 256,
-                    rotation: Optional[Tensor] = None) -> BallTree:
+                    rotation: Optional[Tensor] = None, layout: Optional[Tuple[int, int, int]] = None) -> BallTree:
     r"""Builds a ball tree over (a batch of) point clouds (Erwin, arXiv 2502.17019; DESIGN §1.1).
 
     Each node is split on the axis of largest spread at the rank that keeps the left child a
@@ -382,6 +382,10 @@ def build_ball_tree(pos: Tensor, batch: Optional[Tensor] = None, ball_size: int 
         ball_size (int): points per leaf ball ``m``.
         rotation (Tensor, optional): ``[d, d]`` matrix applied to ``pos`` before splitting; gives
             Erwin's rotated tree for cross-ball mixing on alternating layers.
+        layout (tuple, optional): ``(num_clouds, num_slots, max_slots)`` as ``tree_layout`` gives
+            them. With it the build reads nothing back from the device (on a GPU it can then be
+            captured in a CUDA graph, as ``capture.GraphedStep`` does); outside capture it is
+            checked against ``batch``. The tree then has ``cloud_sizes=None``.
 
     Returns:
         ``BallTree``. Costs ``ceil(log2(max balls per cloud))`` stable sorts of ``N`` keys and a
@@ -398,9 +402,17 @@ def build_ball_tree(pos: Tensor, batch: Optional[Tensor] = None, ball_size: int 
     # float64 for the per-cloud normalisation (coordinates at 1e8 scale keep their digits)
     pos = pos.to(torch.float64)
 
-    num_clouds = int(batch[-1]) + 1
-    counts = torch.bincount(batch, minlength=num_clouds)
-    cloud_sizes = tuple(counts.tolist())  # host metadata; num_slots and max_slots follow from it
+    if layout is None:
+        num_clouds = int(batch[-1]) + 1
+        counts = torch.bincount(batch, minlength=num_clouds)
+        cloud_sizes = tuple(counts.tolist())  # host metadata; num_slots and max_slots follow from it
+        num_slots = sum(-(-c // m) * m for c in cloud_sizes)
+        max_slots = max(-(-c // m) * m for c in cloud_sizes)
+    else:
+        num_clouds, num_slots, max_slots = _check_layout(layout, batch, m)
+        counts = torch.zeros(num_clouds, dtype=torch.long, device=device).index_add_(
+            0, batch, torch.ones_like(batch))
+        cloud_sizes = None
     pos_key = positions_fingerprint(pos_in, batch, num_clouds)
     balls_per_cloud = (counts + m - 1) // m  # empty clouds get 0 balls
     ptr = torch.zeros(num_clouds + 1, dtype=torch.long, device=device)
@@ -411,13 +423,13 @@ def build_ball_tree(pos: Tensor, batch: Optional[Tensor] = None, ball_size: int 
     if device.type == "cpu":
         order = _tree_order_host_nodes(pos, counts, m, n)
     else:
-        order = _tree_order_device(pos, batch, counts, balls_per_cloud, cloud_start, ptr, m, n)
+        order = _tree_order_device(pos, batch, counts, balls_per_cloud, cloud_start, ptr, m, n,
+                                   max_slots // m, num_slots // m)
 
     # valid points fill each cloud's slots from its start; the tail of the cloud is padding
     idx = torch.arange(n, device=device)
     sorted_batch = batch.index_select(0, order)
     slot = ptr.index_select(0, sorted_batch) + (idx - cloud_start.index_select(0, sorted_batch))
-    num_slots = sum(-(-c // m) * m for c in cloud_sizes)
     perm_out = torch.full((num_slots,), -1, dtype=torch.long, device=device)
     perm_out[slot] = order
     inv = torch.empty(n, dtype=torch.long, device=device)
@@ -426,4 +438,29 @@ def build_ball_tree(pos: Tensor, batch: Optional[Tensor] = None, ball_size: int 
                                          output_size=num_slots)
     return BallTree(perm=perm_out, mask=perm_out >= 0, inv=inv, ptr=ptr, slot_batch=slot_batch,
                     counts=counts, ball_size=m, num_balls=num_slots // m,
-                    max_slots=max(-(-c // m) * m for c in cloud_sizes), cloud_sizes=cloud_sizes, pos_key=pos_key)
+                    max_slots=max_slots, cloud_sizes=cloud_sizes, pos_key=pos_key)
+
+
+def tree_layout(batch: Optional[Tensor], ball_size: int, num_points: Optional[int] = None) -> Tuple[int, int, int]:
+    r"""``(num_clouds, num_slots, max_slots)`` of the tree ``build_ball_tree`` would build for this
+    batch vector (``None``: one cloud of ``num_points``): one small read from the device."""
+    if batch is None:
+        if num_points is None:
+            raise ValueError("tree_layout needs batch or num_points")
+        sizes = [num_points]
+    else:
+        sizes = torch.bincount(batch.long()).tolist()
+    slots = [-(-c // ball_size) * ball_size for c in sizes]
+    return len(sizes), sum(slots), max(slots)
+
+
+def _check_layout(layout, batch: Tensor, m: int) -> Tuple[int, int, int]:
+    from ._validate import value_checks_enabled
+    if (not isinstance(layout, (tuple, list)) or len(layout) != 3
+            or not all(isinstance(v, int) and v > 0 for v in layout)):
+        raise ValueError(f"layout must be (num_clouds, num_slots, max_slots) as positive ints, got {layout!r}")
+    if value_checks_enabled():
+        want = tree_layout(batch, m)
+        if tuple(layout) != want:
+            raise ValueError(f"layout={tuple(layout)} does not match the batch vector, which gives {want}")
+    return tuple(layout)

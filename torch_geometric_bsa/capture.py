@@ -2,7 +2,7 @@
 
 At the sizes people train on, an eager step is paced by the host: thousands of kernel launches and
 their Python glue. A captured step replays all of them with one launch. The ball tree is built
-outside the graph (it needs a few host reads); everything after it is sync-free and captured.
+inside the graph too: its sizes (the graph's key) are read once per step, before the replay.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from .balltree import BallTree
+from .balltree import BallTree, build_ball_tree, tree_layout
 
 __all__ = ["GraphedStep"]
 
@@ -37,8 +37,9 @@ class _Graph:
         for k, t in tensors.items():
             if t is not None:
                 self.inputs[k].copy_(t)
-        for k in _TREE_TENSORS:
-            getattr(self.tree, k).copy_(getattr(tree, k))
+        if self.tree is not None:
+            for k in _TREE_TENSORS:
+                getattr(self.tree, k).copy_(getattr(tree, k))
 
 
 class GraphedStep:
@@ -47,14 +48,17 @@ class GraphedStep:
     The first ``warmup`` calls with a new batch shape run eagerly (on a side stream, as graph
     capture wants); the next call captures the step and every later call with that shape copies
     its inputs into the graph's buffers and replays it. Every call performs exactly one real step,
-    so the warm-up calls are ordinary training steps. Shapes are keyed by the point count, the
-    tree's padded slot count, cloud count and largest cloud: batches of fixed-size clouds (e.g.
-    PyG's ``FixedPoints`` transform) reuse one graph; ragged batches capture one graph per distinct
+    so the warm-up calls are ordinary training steps. Without ``tree=``, the ball tree is built
+    inside the graph (``build_ball_tree(..., layout=...)``): the step reads the batch's layout
+    (cloud count, padded slots, largest cloud) from the device once, as its key, and nothing else.
+    Shapes are keyed by the point count and that layout: batches of fixed-size clouds (e.g. PyG's
+    ``FixedPoints`` transform) reuse one graph; ragged batches capture one graph per distinct
     shape (the ``max_graphs`` most recent are kept, each with its own memory pool).
 
     Args:
         model (nn.Module): called as ``model(x, pos, batch, tree=tree)`` (e.g. ``BSATransformer``;
-            not with ``rotate=True``, whose second tree is built inside the forward).
+            not with ``rotate=True``, whose second tree is built inside the forward); its
+            ``ball_size`` attribute sizes the trees built in the step.
         optimizer (torch.optim.Optimizer, optional): built with ``capturable=True`` (e.g.
             ``AdamW(params, fused=True, capturable=True)``). A float learning rate is turned into
             a device tensor, so that schedulers keep working after capture. ``None``: inference.
@@ -65,9 +69,10 @@ class GraphedStep:
         max_graphs (int): graphs kept, least recently used dropped first.
 
     Call:
-        ``step(x, pos, batch=None, *, tree, target=None)`` with the tree built outside
-        (``build_ball_tree``). Returns the loss (training) or the model output (inference) as a
-        tensor that the next call overwrites: ``.item()`` or ``.clone()`` it to keep it.
+        ``step(x, pos, batch=None, *, tree=None, target=None)``; ``tree``: a prebuilt tree (e.g.
+        cached by ``CacheBallTree``), else one is built inside the step. Returns the loss
+        (training) or the model output (inference) as a tensor that the next call overwrites:
+        ``.item()`` or ``.clone()`` it to keep it.
 
     Value checks (finite inputs) are skipped inside the captured graph; run the model eagerly
     once, or check the data upstream, to validate a new data source.
@@ -108,7 +113,9 @@ class GraphedStep:
     def training(self) -> bool:
         return self.optimizer is not None
 
-    def _step(self, x, pos, batch, tree, target):
+    def _step(self, x, pos, batch, tree, target, layout=None):
+        if tree is None:
+            tree = build_ball_tree(pos, batch, self.model.ball_size, layout=layout)
         if self.training:
             self.optimizer.zero_grad(set_to_none=True)
         ctx = torch.autocast("cuda", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
@@ -132,37 +139,45 @@ class GraphedStep:
         torch.cuda.current_stream().wait_stream(side)
         return result
 
-    def _capture(self, tensors: dict, tree: BallTree) -> _Graph:
+    def _capture(self, tensors: dict, tree: Optional[BallTree], layout) -> _Graph:
         g = _Graph()
         g.inputs = {k: (None if t is None else t.clone()) for k, t in tensors.items()}
-        g.tree = _static_tree(tree)
+        g.tree = None if tree is None else _static_tree(tree)
         if self.training:
             self.optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         with torch.cuda.graph(g.graph):
-            g.result = self._step(g.inputs["x"], g.inputs["pos"], g.inputs["batch"], g.tree, g.inputs["target"])
+            g.result = self._step(g.inputs["x"], g.inputs["pos"], g.inputs["batch"], g.tree, g.inputs["target"],
+                                  layout)
         self.captures += 1
         return g
 
-    def __call__(self, x: Tensor, pos: Tensor, batch: Optional[Tensor] = None, *, tree: BallTree,
+    def __call__(self, x: Tensor, pos: Tensor, batch: Optional[Tensor] = None, *, tree: Optional[BallTree] = None,
                  target: Optional[Tensor] = None) -> Tensor:
-        if not isinstance(tree, BallTree):
-            raise ValueError("tree must be a BallTree built outside the step (build_ball_tree)")
+        if tree is not None and not isinstance(tree, BallTree):
+            raise ValueError(f"tree must be a BallTree or None, got {type(tree).__name__}")
+        if tree is None and not isinstance(getattr(self.model, "ball_size", None), int):
+            raise ValueError("the model has no int ball_size attribute: pass tree= (build_ball_tree)")
         if self.training and target is None:
             raise ValueError("target is required for a training step")
         if x is None or not x.is_cuda:
             raise ValueError("GraphedStep needs CUDA inputs (x, pos, batch, target)")
         tensors = dict(x=x, pos=pos, batch=batch, target=target)
+        layout = None
+        if tree is None:
+            layout = tree_layout(batch, self.model.ball_size, pos.size(0))  # the step's one host read
+            shape = ("built",) + layout
+        else:
+            shape = ("given", tree.num_points, tree.num_slots, tree.num_clouds, tree.max_slots, tree.ball_size)
         key = (tuple(x.shape), x.dtype, tuple(pos.shape), pos.dtype, batch is None,
-               None if target is None else (tuple(target.shape), target.dtype),
-               tree.num_points, tree.num_slots, tree.num_clouds, tree.max_slots, tree.ball_size)
+               None if target is None else (tuple(target.shape), target.dtype)) + shape
         g = self._graphs.get(key)
         if g is None:
             seen = self._seen.get(key, 0)
             if seen < self.warmup:
                 self._seen[key] = seen + 1
-                return self._eager(x, pos, batch, tree, target)
-            g = self._capture(tensors, tree)
+                return self._eager(x, pos, batch, tree, target, layout)
+            g = self._capture(tensors, tree, layout)
             self._graphs[key] = g
             while len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)

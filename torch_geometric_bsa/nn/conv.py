@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validate import check_tree_matches, coordinate_limit
+from .._validate import check_tree_matches, coordinate_limit, value_checks_enabled
 from ..balltree import BallTree, build_ball_tree
 from ..functional import ball_attention, bsa_attention
 from ..reference import BSAConfig, blockify, full_attention
@@ -21,14 +21,6 @@ __all__ = ["BSAConv", "FullAttentionConv", "KVCompressor", "check_point_inputs",
            "value_checks_enabled"]
 
 TreeLike = Union[BallTree, Sequence[BallTree], None]
-
-
-def value_checks_enabled() -> bool:
-    r"""Whether the boundary's value checks (finite inputs: one host sync) run: not while a CUDA
-    graph is being captured, nor while torch.compile traces."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def check_point_inputs(x: Tensor, pos: Tensor, batch: Optional[Tensor], in_channels: Optional[int] = None,
