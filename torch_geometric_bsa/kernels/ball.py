@@ -8,8 +8,6 @@ are masked in-kernel, padded queries get zero output; the log-sum-exp is saved f
 from __future__ import annotations
 
 import contextlib
-import math
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -17,9 +15,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _common
+from ._common import dot_dim, dot_precision, is_interpreter
+
 __all__ = ["ball_attention_triton", "config_override", "fwd_config", "bwd_config"]
 
-LOG2E = 1.4426950408889634
+LOG2E = _common.LOG2E
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,15 +342,11 @@ def config_override(fwd: Optional[Tuple[int, int, int, int]] = None,
         _OVERRIDE.update(old)
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def fwd_config(m: int, d: int, dtype: torch.dtype) -> Tuple[int, int, int, int]:
     r"""``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` for ball size ``m`` and padded head dim ``d``."""
     if "fwd" in _OVERRIDE:
         return _OVERRIDE["fwd"]
-    if _interpret():  # large tiles: fewer, longer numpy steps
+    if is_interpreter():  # large tiles: fewer, longer numpy steps
         return min(64, m), min(64, m), 4, 1
     if dtype == torch.float32:
         return min(64, m), min(32, m), 4, 2
@@ -361,7 +358,7 @@ def bwd_config(m: int, d: int, dtype: torch.dtype) -> tuple:
     r"""``(BLOCK, BLOCK_M1, BLOCK_N2, num_warps, num_stages[, merged])`` for ball size ``m``, head dim ``d``."""
     if "bwd" in _OVERRIDE:
         return _OVERRIDE["bwd"]
-    if _interpret():
+    if is_interpreter():
         return min(64, m), min(64, m), min(64, m), 4, 1
     if dtype == torch.float32 or d > 64:
         return min(64, m), min(32, m), min(32, m), 4, 2
@@ -370,52 +367,36 @@ def bwd_config(m: int, d: int, dtype: torch.dtype) -> tuple:
     return min(64, m), min(32, m), min(32, m), 4, 3, True
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 follows torch's own matmul setting (tf32 only where the user allowed it)
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
 def _upcast(dtype: torch.dtype) -> bool:
-    return _interpret() and dtype == torch.bfloat16
-
-
-def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return is_interpreter() and dtype == torch.bfloat16
 
 
 # ---------------------------------------------------------------------------------------------
 # autograd glue
 # ---------------------------------------------------------------------------------------------
-def _empty(shape, like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
-    # every output buffer comes from here, so tests can poison them (unwritten elements show)
-    return torch.empty(shape, device=like.device, dtype=like.dtype if dtype is None else dtype)
-
-
 def _forward(q, k, v, pos, sigma, mask_u8, m, scale):
     n, h, d = q.shape
-    o = _empty(q.shape, q)
-    lse = _empty((h, n), q, torch.float32)
-    bm, bn, nw, ns = fwd_config(m, _block_d(d), q.dtype)
+    o = _common.new_empty(q.shape, q)
+    lse = _common.new_empty((h, n), q, torch.float32)
+    bm, bn, nw, ns = fwd_config(m, dot_dim(d), q.dtype)
     _ball_fwd_kernel[(n // bm * h,)](
         q, k, v, pos, sigma, mask_u8, o, lse, n, h, h * d, pos.stride(0), scale,
-        M=m, D=d, BLOCK_D=_block_d(d), PDIM=pos.size(1), BLOCK_M=bm, BLOCK_N=bn,
-        DOT_PREC=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=nw, num_stages=ns)
+        M=m, D=d, BLOCK_D=dot_dim(d), PDIM=pos.size(1), BLOCK_M=bm, BLOCK_N=bn,
+        DOT_PREC=dot_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=nw, num_stages=ns)
     return o, lse
 
 
 def _backward(do, q, k, v, o, lse, pos, sigma, mask_u8, m, scale, sigma_grad, pos_grad):
     n, h, d = q.shape
-    dq, dk, dv = _empty(q.shape, q), _empty(q.shape, q), _empty(q.shape, q)
-    cfg = bwd_config(m, _block_d(d), q.dtype)
+    dq, dk, dv = _common.new_empty(q.shape, q), _common.new_empty(q.shape, q), _common.new_empty(q.shape, q)
+    cfg = bwd_config(m, dot_dim(d), q.dtype)
     blk, bm1, bn2, nw, ns = cfg[:5]
     grid = n // blk * h
-    dsig = _empty((grid if sigma_grad else 1,), q, torch.float32)
-    dpos = _empty((n, h, pos.size(1)) if pos_grad else (1,), q, torch.float32)
+    dsig = _common.new_empty((grid if sigma_grad else 1,), q, torch.float32)
+    dpos = _common.new_empty((n, h, pos.size(1)) if pos_grad else (1,), q, torch.float32)
     args = (q, k, v, o, do, pos, sigma, mask_u8, lse, dq, dk, dv, dsig, dpos, n, h, h * d, pos.stride(0), scale)
-    common = dict(M=m, D=d, BLOCK_D=_block_d(d), PDIM=pos.size(1), SIGMA_GRAD=sigma_grad, POS_GRAD=pos_grad,
-                  DOT_PREC=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=nw, num_stages=ns)
+    common = dict(M=m, D=d, BLOCK_D=dot_dim(d), PDIM=pos.size(1), SIGMA_GRAD=sigma_grad, POS_GRAD=pos_grad,
+                  DOT_PREC=dot_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=nw, num_stages=ns)
     if len(cfg) > 5 and cfg[5]:
         _ball_bwd_merged_kernel[(grid,)](*args, BLOCK=blk, BLOCK_B=bm1, **common)
     else:
