@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..balltree import BallTree, build_ball_tree
-from ..functional import ball_attention, bsa_attention
+from ..functional import ball_attention, bsa_attention, resolve_backend
 from ..reference import BSAConfig, blockify, full_attention
 
 __all__ = ["BSAConv", "FullAttentionConv", "KVCompressor", "check_point_inputs", "resolve_tree"]
@@ -216,6 +216,7 @@ class BSAConv(_TreeAttentionConv):
         self.cfg = BSAConfig(ball_size=ball_size, cmp_block=cmp_block, cmp_stride=cmp_stride,
                              slc_block=slc_block, topk=topk, group_size=group_size,
                              group_compression=group_compression, cmp_window=cmp_window)
+        resolve_backend(backend, torch.device("cpu"))  # unknown names, or "triton" without triton: fail here
         self.branches, self.backend = branches, backend
         # sigma < 0: nearer points weigh more (Erwin initialises the distance bias this way)
         self.sigma = nn.Parameter(torch.empty(heads))
