@@ -178,3 +178,15 @@ def test_gps_layer_gives_every_parameter_a_gradient(local):
     assert not dead, dead
     with pytest.raises(ValueError, match="not both"):
         BSAGPSConv(16, None, attn=BSAConv(16, heads=2, config=CFG), config=CFG)
+
+
+@pytest.mark.parametrize("local", ["gine", "point_transformer"])
+def test_gps_example_runs(local):
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "gps.py")
+    spec = importlib.util.spec_from_file_location("gps_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.main(["--local", local, "--points", "80", "--clouds", "8", "--epochs", "2", "--hidden", "16"])
+    assert 0 < res["gps"] < float("inf") and 0 < res["local_only"] < float("inf") and res["variance"] > 0
