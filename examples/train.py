@@ -2,7 +2,7 @@
 
 One entry point for every model (so comparisons share data, optimiser, schedule and evaluation):
 
-    python examples/train.py                                  # generated car pressure, BSA, ~2.2 min on 2 cores
+    python examples/train.py                                  # generated car pressure, BSA, ~1.5 min on 2 cores
     python examples/train.py --model full --steps 2000 --out runs/full
     torchrun --nproc-per-node 2 examples/train.py --model gnn # data parallel (gloo on CPU, nccl on CUDA)
 
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--snapshot", default=None, metavar="PATH",
                    help="read the splits from PATH if it exists, else build them and save them there")
     g.add_argument("--data-kw", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-                   help="extra keyword for get_dataset (repeatable), e.g. --data-kw num_points=2048")
+                   help="extra keyword for get_dataset (repeatable), e.g. --data-kw n_length=30")
     g.add_argument("--data-workers", type=_nonneg_int, default=0,
                    help="processes that generate the 'car' dataset in parallel (0: in this process); "
                         "the data do not depend on it")
@@ -318,7 +318,7 @@ def toy_dataset(split: str, num: int, seed: int = 0, points=(96, 160), dim: int 
 # `--data-size quick` (the default): small generated datasets, so `python examples/train.py` runs
 # in minutes on a laptop CPU; `full` uses the dataset's own defaults. Explicit flags override.
 QUICK = {
-    "car": dict(num_train=24, num_test=8, num_points=2048, n_length=24, n_around=24),
+    "car": dict(num_train=24, num_test=8, num_points=1024, n_length=24, n_around=24),
     "elasticity-gen": dict(num_train=48, num_test=12),
 }
 GENERATED = ("car", "elasticity-gen")
