@@ -190,3 +190,28 @@ def test_gps_example_runs(local):
     spec.loader.exec_module(mod)
     res = mod.main(["--local", local, "--points", "80", "--clouds", "8", "--epochs", "2", "--hidden", "16"])
     assert 0 < res["gps"] < float("inf") and 0 < res["local_only"] < float("inf") and res["variance"] > 0
+
+
+def test_compile_of_a_model_containing_bsaconv():
+    # torch.compile / torch_geometric.compile of a PyG Sequential that holds BSAConv and builds the
+    # tree inside (graph breaks allowed there), gradients included
+    import warnings
+
+    import torch_geometric
+    from torch_geometric.nn import Sequential
+    torch._dynamo.reset()
+    x, pos, batch = _cloud()
+    torch.manual_seed(6)
+    model = Sequential("x, pos, batch", [(BSAConv(6, 16, heads=2, config=CFG), "x, pos, batch -> x"),
+                                         nn.ReLU(), nn.Linear(16, 1)])
+    ref = model(x, pos, batch)
+    ref.square().mean().backward()
+    gref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch_geometric.compile is deprecated in favour of torch.compile
+        compiled = torch_geometric.compile(model, backend="aot_eager")
+    out = compiled(x, pos, batch)
+    out.square().mean().backward()
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert all(torch.allclose(p.grad, g, atol=1e-5) for p, g in zip(model.parameters(), gref))

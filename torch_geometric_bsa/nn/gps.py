@@ -39,12 +39,15 @@ class BSAGPSConv(nn.Module):
             with ``edge_attr=...``). ``None``: global attention only.
         heads (int): BSA heads (ignored when ``attn`` is given).
         dropout (float): dropout rate.
-        act (str): MLP activation (PyG resolver name). act_kwargs (dict, optional).
+        act (str): MLP activation (a name for PyG's activation resolver).
+        act_kwargs (dict, optional): its keyword arguments.
         norm (str, optional): ``"batch_norm"`` (default, as ``GPSConv``), ``"layer_norm"``, ...
-            or ``None``. norm_kwargs (dict, optional).
+            or ``None``.
+        norm_kwargs (dict, optional): keyword arguments of the norm.
         attn (BSAConv, optional): the global attention module, ``channels -> channels``; by default
             ``BSAConv(channels, heads=heads, config=config, **attn_kwargs)``.
-        config (BSAConfig, optional), attn_kwargs (dict, optional): for the default ``attn``.
+        config (BSAConfig, optional): BSA hyper-parameters of the default ``attn``.
+        attn_kwargs (dict, optional): other keywords of the default ``attn``.
 
     Shapes:
         - **input:** node features $(|\mathcal{V}|, C)$, positions $(|\mathcal{V}|, d)$,
