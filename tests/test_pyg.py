@@ -29,6 +29,9 @@ def test_lazy_in_channels():
     assert conv.lin_in.weight.shape == (16, 5)  # materialised on the first call
     with pytest.raises(ValueError, match="channels"):
         conv(torch.randn(115, 7), pos, batch)  # the inferred width sticks
+    fresh = BSAConv(-1, 16, heads=2, **KW)  # a lazy layer loads a trained state dict
+    fresh.load_state_dict(conv.state_dict())
+    assert torch.equal(fresh(x, pos, batch), conv(x, pos, batch))
     with pytest.raises(ValueError, match="out_channels"):
         BSAConv(-1, heads=2)
     with pytest.raises(ValueError, match="heads=3 must divide out_channels=16"):
