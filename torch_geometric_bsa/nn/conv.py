@@ -5,7 +5,6 @@ takes) the tree; `forward_tree` is the tree-order core the transformer chains wi
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
@@ -105,10 +104,6 @@ def unpack_inputs(x: Any, pos: Optional[Tensor], batch: Optional[Tensor], tree: 
         from ..transforms import get_ball_tree  # validates the cache against data.pos
         tree = get_ball_tree(data, ball_size)
     return x, pos, batch, tree
-
-
-_CONFIG_FIELDS = ("ball_size", "cmp_block", "cmp_stride", "slc_block", "topk", "group_size",
-                  "group_compression", "cmp_window")
 
 
 def config_from_kwargs(config: Optional[BSAConfig], **fields) -> BSAConfig:
