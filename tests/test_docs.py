@@ -30,8 +30,14 @@ def test_docs_have_runnable_examples():
 
 @pytest.mark.parametrize("page, code", _marked_blocks(), ids=lambda v: v if v.endswith(".md") else "")
 def test_docs_example_runs(page, code):
+    import random
+
     import torch
     torch.manual_seed(0)
+    # PyG's Sequential names its generated forward module from Python's global random state and
+    # reuses a module of the same name: two Sequentials built under the same random state (another
+    # test seeded it) would share one forward. A fresh seed keeps the names apart.
+    random.seed()
     ns = {"__name__": f"docs_{page}"}
     exec(compile(code, os.path.join(DOCS, page), "exec"), ns)
 
