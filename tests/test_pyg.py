@@ -105,16 +105,8 @@ def test_compressor_module():
         BSAConv(6, heads=2, compression=KVCompressor(3, 8, 8), config=CFG)
 
 
-def _fresh_python_random():
-    # PyG's Sequential names its generated forward from Python's global random state and reuses a
-    # module of that name, so two Sequentials built under one seeded state would share a forward
-    import random
-    random.seed()
-
-
 def test_pyg_sequential_with_other_convs():
     from torch_geometric.nn import GCNConv, PointTransformerConv, Sequential
-    _fresh_python_random()
     x, pos, batch = _cloud()
     edge_index = knn_graph(pos, 6, batch)
     model = Sequential("x, pos, edge_index, batch", [
@@ -211,7 +203,6 @@ def test_compile_of_a_model_containing_bsaconv():
     import torch_geometric
     from torch_geometric.nn import Sequential
     torch._dynamo.reset()
-    _fresh_python_random()
     x, pos, batch = _cloud()
     torch.manual_seed(6)
     model = Sequential("x, pos, batch", [(BSAConv(6, 16, heads=2, config=CFG), "x, pos, batch -> x"),
