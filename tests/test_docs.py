@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -32,8 +33,16 @@ def test_docs_have_runnable_examples():
 def test_docs_example_runs(page, code):
     import torch
     torch.manual_seed(0)
-    ns = {"__name__": f"docs_{page}"}
-    exec(compile(code, os.path.join(DOCS, page), "exec"), ns)
+    # the block runs as an importable module named after its page: PyG's Sequential imports the
+    # module that built it (by file name) into its generated forward, and when that import fails
+    # it falls back to the class-level forward of the last Sequential built in the process
+    name = os.path.splitext(page)[0]
+    mod = types.ModuleType(name)
+    sys.modules[name] = mod
+    try:
+        exec(compile(code, os.path.join(DOCS, page), "exec"), mod.__dict__)
+    finally:
+        sys.modules.pop(name, None)
 
 
 def _bash_blocks(text):

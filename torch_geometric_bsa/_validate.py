@@ -50,10 +50,10 @@ def positions_fingerprint(pos: Tensor, cloud: Tensor, num_clouds: int, absolute:
 def _fail_if(bad: Tensor, message: str) -> None:
     r"""Raise ``ValueError(message)`` if the 0-dim bool ``bad`` is true: read on the CPU, asserted
     asynchronously on CUDA (no sync)."""
-    if bad.device.type == "cpu":
+    if bad.device.type == "cpu" and value_checks_enabled():
         if bool(bad):
             raise ValueError(message)
-    else:
+    else:  # CUDA, or traced by torch.compile (where reading the flag would break the graph)
         torch._assert_async(~bad)
 
 

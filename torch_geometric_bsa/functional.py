@@ -10,24 +10,49 @@ from ._validate import check_backend_dtype, check_compressed_kv, check_coordinat
 from .balltree import BallTree
 from .reference import BSAConfig, bsa_reference
 
-__all__ = ["bsa_attention", "ball_attention", "resolve_backend", "triton_available"]
+__all__ = ["bsa_attention", "ball_attention", "resolve_backend", "triton_available", "triton_installed"]
 
 _BACKENDS = ("auto", "torch", "triton")
+
+
+_TRITON_INSTALLED: Optional[bool] = None
+
+
+def triton_installed() -> bool:
+    r"""True when the optional ``triton`` package imports (probed once; it is not a hard dependency)."""
+    global _TRITON_INSTALLED
+    if _TRITON_INSTALLED is None:
+        try:
+            import triton  # noqa: F401
+            _TRITON_INSTALLED = True
+        except ImportError:
+            _TRITON_INSTALLED = False
+    return _TRITON_INSTALLED
 
 
 def triton_available(device: torch.device) -> bool:
     r"""True when the Triton kernels can run for tensors on ``device`` (CUDA, or the interpreter)."""
     import os
-    try:
-        import triton  # noqa: F401
-    except ImportError:  # pragma: no cover - triton is a core dependency
+    if not triton_installed():
         return False
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def check_backend_name(backend: str) -> None:
+    r"""What a layer can check at construction: a known name, and Triton installed for "triton"
+    (whether it can run depends on the device of the call's tensors: ``resolve_backend``)."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "triton" and not triton_installed():
+        raise ImportError("backend='triton' needs the optional triton package, which is not installed "
+                          "(pip install 'torch_geometric_bsa[triton]', Linux only); use backend='torch' "
+                          "or 'auto' for the pure-PyTorch path")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    r"""``"auto"`` -> ``"triton"`` on CUDA when Triton is installed, else ``"torch"``; ``"triton"``
+    without the package raises an ImportError that says how to get it."""
+    check_backend_name(backend)
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available(device) else "torch"
     if backend == "triton" and not triton_available(device):

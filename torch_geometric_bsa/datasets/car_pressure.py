@@ -223,6 +223,7 @@ class CarPressure(CachedSplitDataset):
     """
 
     cache_name = "car_pressure"
+    target_label = "pressure coefficient Cp (dimensionless)"  # colour-bar label of the plots
     cache_sources = (panel,)  # with this module: any edit to the generator re-generates
 
     def __init__(self, root: str, split: str = "train", num_train: int = 64, num_test: int = 16,

@@ -72,6 +72,7 @@ class ElasticUnitCell(CachedSplitDataset):
     """
 
     cache_name = "elastic_unit_cell"
+    target_label = "von Mises stress / applied traction (dimensionless)"
     cache_sources = (elastic_fem,)  # with this module: any edit to the generator re-generates
 
     def __init__(self, root: str, split: str = "train", num_train: int = 128, num_test: int = 32,

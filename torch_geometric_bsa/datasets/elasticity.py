@@ -64,6 +64,7 @@ class Elasticity(CachedSplitDataset):
     """
 
     cache_name = "elasticity"
+    target_label = "stress (units of the .npy file)"
     XY_FILE = "Random_UnitCell_XY_10.npy"
     SIGMA_FILE = "Random_UnitCell_sigma_10.npy"
 

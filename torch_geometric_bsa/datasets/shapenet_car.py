@@ -100,6 +100,7 @@ class ShapeNetCar(CachedSplitDataset):
     """
 
     cache_name = "shapenet_car"
+    target_label = "surface pressure (units of pressure.th)"
     NUM_CARS, NUM_TEST, NUM_POINTS = 889, 189, 3586
     PRESSURE_MEAN, PRESSURE_STD = -36.3099, 48.5743
     POINT_FILES = ("mesh_points.th", "mesh_points.npy")

@@ -1,6 +1,9 @@
-"""PyG modules: BSAConv, FullAttentionConv, the BSA transformer and the PointNet / kNN-GNN baselines."""
+"""PyG modules: BSAConv, FullAttentionConv, the BSA transformer, the GPS layer with BSA and the PointNet /
+kNN-GNN baselines."""
 from .conv import BSAConv, FullAttentionConv, KVCompressor
 from .transformer import BSATransformer
+from .gps import BSAGPSConv
 from .baselines import KNNGNN, PointNet, knn_graph
 
-__all__ = ["BSAConv", "FullAttentionConv", "KVCompressor", "BSATransformer", "PointNet", "KNNGNN", "knn_graph"]
+__all__ = ["BSAConv", "FullAttentionConv", "KVCompressor", "BSATransformer", "BSAGPSConv", "PointNet", "KNNGNN",
+           "knn_graph"]

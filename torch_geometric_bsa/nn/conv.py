@@ -6,19 +6,21 @@ takes) the tree; `forward_tree` is the tree-order core the transformer chains wi
 from __future__ import annotations
 
 import numbers
-from typing import List, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch_geometric.nn.dense.linear import Linear as LazyLinear
+from torch_geometric.nn.inits import reset
 
 from .._validate import check_tree_matches, coordinate_limit, value_checks_enabled
 from ..balltree import BallTree, build_ball_tree
-from ..functional import ball_attention, bsa_attention
+from ..functional import ball_attention, bsa_attention, check_backend_name
 from ..reference import BSAConfig, blockify, full_attention
 
-__all__ = ["BSAConv", "FullAttentionConv", "KVCompressor", "check_point_inputs", "resolve_tree",
-           "value_checks_enabled"]
+__all__ = ["BSAConv", "FullAttentionConv", "KVCompressor", "check_point_inputs", "resolve_tree", "unpack_inputs",
+           "config_from_kwargs", "value_checks_enabled"]
 
 TreeLike = Union[BallTree, Sequence[BallTree], None]
 
@@ -99,6 +101,47 @@ def relative_positions(pos_t: Tensor, tree: BallTree) -> Tensor:
     return rel
 
 
+def unpack_inputs(x: Any, pos: Optional[Tensor], batch: Optional[Tensor], tree: TreeLike, ball_size: int,
+                  who: str) -> Tuple[Optional[Tensor], Tensor, Optional[Tensor], TreeLike]:
+    r"""``(x, pos, batch, tree)`` from either tensors or a PyG ``Data``/``Batch`` passed as ``x``.
+
+    A ``Data`` gives ``data.x`` (may be ``None``), ``data.pos``, ``data.batch`` and, when a
+    ``CacheBallTree`` transform put one there and the positions are unchanged, its cached tree."""
+    if isinstance(x, Tensor) or x is None:
+        if pos is None:
+            raise ValueError(f"{who} needs pos: call it as {who}(x, pos, batch) or {who}(data) with a "
+                             "Data/Batch that holds pos")
+        return x, pos, batch, tree
+    if not (hasattr(x, "pos") and hasattr(x, "keys")):
+        raise ValueError(f"x must be a Tensor [N, C] or a torch_geometric Data/Batch, got {type(x).__name__}")
+    data = x
+    if pos is not None or batch is not None:
+        raise ValueError(f"{who}(data) takes pos and batch from the Data/Batch; do not pass them as well")
+    if getattr(data, "pos", None) is None:
+        raise ValueError(f"data.pos is None: {who} needs point positions")
+    x, pos, batch = data.x, data.pos, getattr(data, "batch", None)
+    if tree is None and getattr(data, "ball_tree", None) is not None:
+        from ..transforms import get_ball_tree  # validates the cache against data.pos
+        tree = get_ball_tree(data, ball_size)
+    return x, pos, batch, tree
+
+
+def config_from_kwargs(config: Optional[BSAConfig], **fields) -> BSAConfig:
+    r"""The layer's ``BSAConfig``: ``config`` when given (a keyword that differs from both its
+    default and ``config`` is an error: one source of truth), else one built from the keywords."""
+    if config is None:
+        return BSAConfig(**fields)
+    if not isinstance(config, BSAConfig):
+        raise ValueError(f"config must be a BSAConfig, got {type(config).__name__}")
+    defaults = BSAConfig.__dataclass_fields__
+    for name, value in fields.items():
+        default = defaults[name].default
+        if value != default and value != getattr(config, name):
+            raise ValueError(f"{name}={value!r} conflicts with config.{name}={getattr(config, name)!r}: "
+                             f"set it in the BSAConfig only")
+    return config
+
+
 class KVCompressor(nn.Module):
     r"""Pools keys and values of each compression block into one (DESIGN §1.2b).
 
@@ -156,31 +199,61 @@ class _TreeAttentionConv(nn.Module):
         super().__init__()
         if isinstance(heads, bool) or not isinstance(heads, numbers.Integral) or heads < 1:
             raise ValueError(f"heads must be a positive int, got {heads!r}")
-        if in_channels % heads:
-            raise ValueError(f"heads={heads} must divide in_channels={in_channels}")
+        if not isinstance(in_channels, int) or (in_channels < 1 and in_channels != -1):
+            raise ValueError(f"in_channels must be a positive int or -1 (lazy), got {in_channels!r}")
+        if in_channels == -1 and out_channels is None:
+            raise ValueError("in_channels=-1 (lazy) needs out_channels: it is the attention width")
         if dim not in (2, 3):
             raise ValueError(f"dim must be 2 or 3, got {dim}")
         self.in_channels = in_channels
         self.out_channels = in_channels if out_channels is None else out_channels
-        self.heads, self.head_dim, self.ball_size, self.dim = heads, in_channels // heads, ball_size, dim
-        self.pos_proj = nn.Linear(dim, in_channels, bias=False)
-        self.qkv = nn.Linear(in_channels, 3 * in_channels, bias=bias)
-        self.out = nn.Linear(in_channels, self.out_channels, bias=bias)
+        # attention width: in_channels, or out_channels when in_channels is inferred on the first call
+        # (like PointTransformerConv(-1, 64)); then a lazy linear map takes x to that width first
+        width = in_channels if in_channels != -1 else self.out_channels
+        if width % heads:
+            raise ValueError(f"heads={heads} must divide in_channels={in_channels}" if in_channels != -1 else
+                             f"heads={heads} must divide out_channels={width} (the attention width when "
+                             "in_channels=-1)")
+        self.channels = width
+        self.heads, self.head_dim, self.ball_size, self.dim = heads, width // heads, ball_size, dim
+        self.lin_in = LazyLinear(-1, width, bias=False) if in_channels == -1 else None
+        self.pos_proj = nn.Linear(dim, width, bias=False)
+        self.qkv = nn.Linear(width, 3 * width, bias=bias)
+        self.out = nn.Linear(width, self.out_channels, bias=bias)
 
     def reset_parameters(self):
-        for mod in (self.pos_proj, self.qkv, self.out):
-            mod.reset_parameters()
+        for mod in (self.lin_in, self.pos_proj, self.qkv, self.out):
+            if mod is not None:
+                mod.reset_parameters()
 
-    def forward(self, x: Tensor, pos: Tensor, batch: Optional[Tensor] = None, tree: TreeLike = None) -> Tensor:
-        check_point_inputs(x, pos, batch, self.in_channels, self.dim, self.qkv.weight.dtype, self.qkv.weight.device)
+    def _expected_in_channels(self) -> Optional[int]:
+        if self.lin_in is None:
+            return self.in_channels
+        return self.lin_in.in_channels if self.lin_in.in_channels > 0 else None  # known after the first call
+
+    def forward(self, x: Any, pos: Optional[Tensor] = None, batch: Optional[Tensor] = None,
+                tree: TreeLike = None) -> Tensor:
+        r"""``x [N, C_in]``, ``pos [N, d]``, ``batch [N]`` (optional), ``tree`` (optional) ->
+        ``[N, C_out]`` in input order. ``x`` may instead be a ``Data``/``Batch`` holding ``x``,
+        ``pos``, ``batch`` (and a tree cached by ``CacheBallTree``)."""
+        x, pos, batch, tree = unpack_inputs(x, pos, batch, tree, self.ball_size, self.__class__.__name__)
+        if x is None:
+            raise ValueError(f"x is None: {self.__class__.__name__} needs node features")
+        check_point_inputs(x, pos, batch, self._expected_in_channels(), self.dim, self.qkv.weight.dtype,
+                           self.qkv.weight.device)
         tree = resolve_tree(tree, pos, batch, self.ball_size)
         pos_t = tree.to_tree(pos.to(x.dtype))
         return tree.from_tree(self.forward_tree(tree.to_tree(x), pos_t, tree))
 
-    def _qkv(self, x_t: Tensor, pos_t: Tensor, tree: BallTree):
+    def _features(self, x_t: Tensor, pos_t: Tensor, tree: BallTree) -> Tensor:
+        if self.lin_in is not None:
+            x_t = self.lin_in(x_t)
         # Erwin: features see their position relative to the ball centroid before the projection.
         # Padded slots of x_t and of the relative positions are zero, so h is zero there too.
-        h = x_t + self.pos_proj(relative_positions(pos_t, tree).to(x_t.dtype))
+        return x_t + self.pos_proj(relative_positions(pos_t, tree).to(x_t.dtype))
+
+    def _qkv(self, x_t: Tensor, pos_t: Tensor, tree: BallTree):
+        h = self._features(x_t, pos_t, tree)
         q, k, v = self.qkv(h).view(-1, 3, self.heads, self.head_dim).unbind(1)
         return h, q, k, v
 
@@ -212,7 +285,9 @@ class BSAConv(_TreeAttentionConv):
     query's group of ``group_size`` points. Clouds of a batch never attend to each other.
 
     Args:
-        in_channels (int): input features $C$ (also the attention width; ``heads`` divides it).
+        in_channels (int): input features $C$ (also the attention width; ``heads`` divides it), or
+            ``-1`` to infer it on the first call (then a linear map takes ``x`` to ``out_channels``,
+            the attention width; as ``PointTransformerConv(-1, 64)``).
         out_channels (int, optional): output features (default ``in_channels``).
         heads (int): attention heads.
         ball_size (int): points per ball ``m``.
@@ -226,36 +301,50 @@ class BSAConv(_TreeAttentionConv):
             clouds much larger than the window (e.g. 16,384 at 10^5-10^6 points: 0.9x the per-point
             time of 65k instead of 6x); with the window at a quarter of the cloud it cost accuracy
             in our training comparison (docs/results.md).
-        compression (str): ``"mlp"`` (paper) or ``"mean"`` block pooling.
+        compression (str or Module): ``"mlp"`` (paper) or ``"mean"`` block pooling, or a module
+            ``compress(k, v, tree) -> (k_cmp, v_cmp, block_mask)`` with ``k, v [N_pad, H, D]``
+            in tree order and outputs ``[N_pad // cmp_stride, H, D]``, ``[N_pad // cmp_stride]``
+            (as ``KVCompressor``; the way ``PointTransformerConv`` takes ``attn_nn``).
         branches (str): ``"all"`` (BSA) or ``"ball"`` (ball attention only, Erwin-style).
         dim (int): coordinate dimension, 2 or 3.
         backend (str): ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"torch"`` or ``"triton"``.
+        config (BSAConfig, optional): all of ``ball_size, cmp_block, cmp_stride, slc_block, topk,
+            group_size, group_compression, cmp_window`` as one object, instead of the keywords.
 
     Shapes:
         - **input:** node features $(|\mathcal{V}|, C)$, positions $(|\mathcal{V}|, d)$,
-          batch vector $(|\mathcal{V}|)$ (optional, sorted), ball tree (optional)
+          batch vector $(|\mathcal{V}|)$ (optional, sorted), ball tree (optional); or one
+          ``Data``/``Batch`` holding ``x``, ``pos``, ``batch`` (and a cached tree)
         - **output:** node features $(|\mathcal{V}|, C_{out})$ in input order
     """
 
     def __init__(self, in_channels: int, out_channels: Optional[int] = None, heads: int = 8,
                  ball_size: int = 256, cmp_block: int = 8, cmp_stride: Optional[int] = None,
                  slc_block: int = 8, topk: int = 16, group_size: int = 8, group_compression: bool = False,
-                 compression: str = "mlp", branches: str = "all", dim: int = 3, bias: bool = True,
-                 backend: str = "auto", cmp_window: Optional[int] = None):
-        super().__init__(in_channels, out_channels, heads, ball_size, dim, bias)
+                 compression: Union[str, nn.Module] = "mlp", branches: str = "all", dim: int = 3,
+                 bias: bool = True, backend: str = "auto", cmp_window: Optional[int] = None,
+                 config: Optional[BSAConfig] = None):
+        cfg = config_from_kwargs(config, ball_size=ball_size, cmp_block=cmp_block, cmp_stride=cmp_stride,
+                                      slc_block=slc_block, topk=topk, group_size=group_size,
+                                      group_compression=group_compression, cmp_window=cmp_window)
+        super().__init__(in_channels, out_channels, heads, cfg.ball_size, dim, bias)
         if branches not in ("all", "ball"):
             raise ValueError(f"branches must be 'all' or 'ball', got {branches!r}")
-        self.cfg = BSAConfig(ball_size=ball_size, cmp_block=cmp_block, cmp_stride=cmp_stride,
-                             slc_block=slc_block, topk=topk, group_size=group_size,
-                             group_compression=group_compression, cmp_window=cmp_window)
-        if backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        self.cfg = cfg
+        check_backend_name(backend)  # unknown names, or "triton" without triton: fail here, not at the call
         self.branches, self.backend = branches, backend
         # sigma < 0: nearer points weigh more (Erwin initialises the distance bias this way)
         self.sigma = nn.Parameter(torch.empty(heads))
         if branches == "all":
-            self.gate = nn.Linear(in_channels, self.cfg.num_branches * heads)
-            self.compress = KVCompressor(self.head_dim, cmp_block, self.cfg.cmp_stride, compression)
+            self.gate = nn.Linear(self.channels, self.cfg.num_branches * heads)
+            if isinstance(compression, nn.Module):
+                for name in ("cmp_block", "cmp_stride"):
+                    if getattr(compression, name, getattr(self.cfg, name)) != getattr(self.cfg, name):
+                        raise ValueError(f"compression.{name}={getattr(compression, name)} differs from the "
+                                         f"layer's {name}={getattr(self.cfg, name)}")
+                self.compress = compression
+            else:
+                self.compress = KVCompressor(self.head_dim, self.cfg.cmp_block, self.cfg.cmp_stride, compression)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -263,7 +352,7 @@ class BSAConv(_TreeAttentionConv):
         nn.init.constant_(self.sigma, -1.0)
         if self.branches == "all":
             self.gate.reset_parameters()
-            self.compress.reset_parameters()
+            reset(self.compress)  # a user's compression module may or may not have reset_parameters
 
     def forward_tree(self, x_t: Tensor, pos_t: Tensor, tree: BallTree) -> Tensor:
         r"""Tree-order core: ``x_t [N_pad, C]``, ``pos_t [N_pad, d]`` -> ``[N_pad, C_out]`` (padding zero)."""
@@ -276,7 +365,7 @@ class BSAConv(_TreeAttentionConv):
             o = bsa_attention(q, k, v, pos_t, tree, self.cfg, sigma=self.sigma.to(q.dtype), gates=gates,
                               k_cmp=k_cmp, v_cmp=v_cmp, cmp_mask=cmp_mask, backend=self.backend,
                               validate=False)  # checked once at the boundary, not per layer
-        return self.out(o.reshape(-1, self.in_channels)) * tree.float_mask(o.dtype)
+        return self.out(o.reshape(-1, self.channels)) * tree.float_mask(o.dtype)
 
     def __repr__(self) -> str:
         extra = "" if self.branches == "all" else ", branches='ball'"
@@ -305,14 +394,14 @@ class FullAttentionConv(_TreeAttentionConv):
             # FlashAttention over the packed valid points of each cloud: no padding mask, which
             # would push SDPA off its flash kernels. tree.inv lists each cloud's slots in turn.
             n, h = tree.num_points, self.heads
-            hp = (x_t + self.pos_proj(relative_positions(pos_t, tree).to(x_t.dtype))).index_select(0, tree.inv)
+            hp = self._features(x_t, pos_t, tree).index_select(0, tree.inv)
             qkv = self.qkv(hp).view(n, 3, h, self.head_dim).transpose(0, 1).contiguous()  # [3, N, H, D]
             cu = tree.cached("cu_seqlens", lambda: F.pad(torch.cumsum(tree.counts, 0), (1, 0)).to(torch.int32))
             o = _varlen_attn(qkv[0], qkv[1], qkv[2], cu, cu, tree.max_slots, tree.max_slots)
-            return tree.to_tree(self.out(o.reshape(n, self.in_channels)))
+            return tree.to_tree(self.out(o.reshape(n, self.channels)))
         _, q, k, v = self._qkv(x_t, pos_t, tree)
         o = full_attention(q, k, v, tree)
-        return self.out(o.reshape(-1, self.in_channels)) * tree.float_mask(o.dtype)
+        return self.out(o.reshape(-1, self.channels)) * tree.float_mask(o.dtype)
 
 
 def _varlen_attn(*args):

@@ -5,16 +5,27 @@ is no per-layer permutation (except into the rotated tree on alternate layers wh
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torch_geometric.nn import global_add_pool, global_max_pool, global_mean_pool
+from torch_geometric.nn.dense.linear import Linear as LazyLinear
+
 from ..balltree import BallTree, build_ball_tree, random_rotation
-from .conv import BSAConv, FullAttentionConv, TreeLike, check_point_inputs, resolve_tree
+from ..reference import BSAConfig
+from .conv import BSAConv, FullAttentionConv, TreeLike, check_point_inputs, resolve_tree, unpack_inputs
 
 __all__ = ["BSATransformer", "RMSNorm", "SwiGLU"]
+
+# keywords a BSATransformer passes on to each BSAConv (the rest it sets itself)
+BSA_KWARGS = tuple(name for name in inspect.signature(BSAConv.__init__).parameters
+                   if name not in ("self", "in_channels", "out_channels", "heads", "dim", "branches", "ball_size",
+                                   "config"))
+_POOLS = {"mean": global_mean_pool, "max": global_max_pool, "add": global_add_pool}
 
 
 class SwiGLU(nn.Module):
@@ -64,41 +75,65 @@ class BSATransformer(nn.Module):
     Erwin-style) or ``"full"`` (SDPA over each cloud), so comparisons share one model.
 
     Args:
-        in_channels (int): input feature size (0 for position-only input).
-        out_channels (int): predicted channels per point.
+        in_channels (int): input feature size (0 for position-only input, -1 to infer it on the
+            first call; run one batch before building the optimizer, as for PyG's lazy modules).
+        out_channels (int): predicted channels per point (per cloud with ``pool``).
         hidden_channels (int): width ``C``. num_layers (int): blocks ``L``. heads (int): heads.
         attention (str): ``"bsa"``, ``"ball"`` or ``"full"``.
         mlp_ratio (float): SwiGLU hidden size over ``C``.
         rotate (bool): alternate layers use a ball tree of randomly rotated positions (Erwin).
-        dim (int): coordinate dimension. **bsa_kwargs: passed to ``BSAConv`` (ball_size,
-            cmp_block, slc_block, topk, group_size, group_compression, compression, backend, ...).
+        dim (int): coordinate dimension.
+        ball_size (int): points per ball (or ``config.ball_size``).
+        pool (str, optional): ``"mean"``, ``"max"`` or ``"add"``: pool the final point features
+            per cloud (``global_mean_pool`` etc.) before the head, for one output per graph
+            (classification); ``None`` (default): one output per point.
+        config (BSAConfig, optional): BSA hyper-parameters as one object.
+        **bsa_kwargs: passed to ``BSAConv`` (cmp_block, cmp_stride, slc_block, topk, group_size,
+            group_compression, cmp_window, compression, backend, bias); an unknown key raises a
+            TypeError that lists the valid ones.
 
     Shapes:
-        - **input:** ``x`` $(|\mathcal{V}|, F_{in})$ (or a ``Data``
-          holding ``x``, ``pos``, ``batch``), ``pos`` $(|\mathcal{V}|, d)$, ``batch``
-          $(|\mathcal{V}|)$
-        - **output:** $(|\mathcal{V}|, F_{out})$ in input order
+        - **input:** ``x`` $(|\mathcal{V}|, F_{in})$ (or a ``Data``/``Batch``
+          holding ``x``, ``pos``, ``batch`` and optionally a cached tree), ``pos``
+          $(|\mathcal{V}|, d)$, ``batch`` $(|\mathcal{V}|)$
+        - **output:** $(|\mathcal{V}|, F_{out})$ in input order, or $(B, F_{out})$ with ``pool``
     """
 
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 64, num_layers: int = 4,
                  heads: int = 4, attention: str = "bsa", mlp_ratio: float = 4.0, rotate: bool = False,
-                 dim: int = 3, ball_size: int = 256, **bsa_kwargs):
+                 dim: int = 3, ball_size: int = 256, pool: Optional[str] = None,
+                 config: Optional[BSAConfig] = None, **bsa_kwargs):
         super().__init__()
+        unknown = sorted(set(bsa_kwargs) - set(BSA_KWARGS))
+        if unknown:
+            raise TypeError(f"BSATransformer got unknown keyword argument(s) {unknown}; valid BSA keywords: "
+                            f"{list(BSA_KWARGS)} (and config=BSAConfig(...))")
         if attention not in ("bsa", "ball", "full"):
             raise ValueError(f"attention must be 'bsa', 'ball' or 'full', got {attention!r}")
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if pool is not None and pool not in _POOLS:
+            raise ValueError(f"pool must be None or one of {sorted(_POOLS)}, got {pool!r}")
+        if not isinstance(in_channels, int) or in_channels < -1:
+            raise ValueError(f"in_channels must be a non-negative int or -1 (lazy), got {in_channels!r}")
+        if config is not None:
+            if not isinstance(config, BSAConfig):
+                raise ValueError(f"config must be a BSAConfig, got {type(config).__name__}")
+            if ball_size not in (256, config.ball_size):
+                raise ValueError(f"ball_size={ball_size} conflicts with config.ball_size={config.ball_size}")
+            ball_size = config.ball_size
         self.in_channels, self.out_channels, self.hidden_channels = in_channels, out_channels, hidden_channels
         self.num_layers, self.heads, self.attention, self.dim = num_layers, heads, attention, dim
-        self.ball_size, self.rotate = ball_size, rotate
-        self.embed = nn.Sequential(nn.Linear(in_channels + dim, hidden_channels), nn.GELU(),
-                                   nn.Linear(hidden_channels, hidden_channels))
+        self.ball_size, self.rotate, self.pool = ball_size, rotate, pool
+        first = (LazyLinear(-1, hidden_channels) if in_channels == -1
+                 else nn.Linear(in_channels + dim, hidden_channels))
+        self.embed = nn.Sequential(first, nn.GELU(), nn.Linear(hidden_channels, hidden_channels))
 
         def make_attn():
             if attention == "full":
                 return FullAttentionConv(hidden_channels, heads=heads, ball_size=ball_size, dim=dim)
             return BSAConv(hidden_channels, heads=heads, ball_size=ball_size, dim=dim,
-                           branches="all" if attention == "bsa" else "ball", **bsa_kwargs)
+                           branches="all" if attention == "bsa" else "ball", config=config, **bsa_kwargs)
 
         self.blocks = nn.ModuleList(_Block(make_attn(), hidden_channels, int(mlp_ratio * hidden_channels))
                                     for _ in range(num_layers))
@@ -114,15 +149,12 @@ class BSATransformer(nn.Module):
 
     def forward(self, x, pos: Optional[Tensor] = None, batch: Optional[Tensor] = None,
                 tree: TreeLike = None) -> Tensor:
-        if pos is None and hasattr(x, "pos"):  # a Data / Batch object
-            data = x
-            x, pos, batch = data.x, data.pos, getattr(data, "batch", None)
-            if tree is None and getattr(data, "ball_tree", None) is not None:
-                from ..transforms import get_ball_tree  # validates the cache against data.pos
-                tree = get_ball_tree(data, self.ball_size)
+        x, pos, batch, tree = unpack_inputs(x, pos, batch, tree, self.ball_size, self.__class__.__name__)
         if x is None:
             x = pos.new_zeros(pos.size(0), 0)
-        check_point_inputs(x, pos, batch, self.in_channels, self.dim, self.head.weight.dtype, self.head.weight.device)
+        expected = self.in_channels if self.in_channels != -1 else (
+            self.embed[0].in_channels - self.dim if self.embed[0].in_channels > 0 else None)
+        check_point_inputs(x, pos, batch, expected, self.dim, self.head.weight.dtype, self.head.weight.device)
         tree = resolve_tree(tree, pos, batch, self.ball_size)
         trees = [tree]
         if self.rotate and self.num_layers > 1:
@@ -136,9 +168,12 @@ class BSATransformer(nn.Module):
                 h = trees[t].to_tree(trees[1 - t].from_tree(h))
             h = block(h, pos_ts[t], trees[t])
         last = trees[(self.num_layers - 1) % len(trees)]
-        return self.head(self.norm(last.from_tree(h)))
+        h = self.norm(last.from_tree(h))
+        if self.pool is not None:  # one row per cloud: [B, C]
+            h = _POOLS[self.pool](h, batch, size=last.num_clouds)
+        return self.head(h)
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, "
                 f"hidden_channels={self.hidden_channels}, num_layers={self.num_layers}, heads={self.heads}, "
-                f"attention='{self.attention}')")
+                f"attention='{self.attention}'" + (f", pool='{self.pool}'" if self.pool else "") + ")")
