@@ -216,7 +216,7 @@ class MultiBodyFlow(CachedSplitDataset):
     target_label = "Cp"
     cache_sources = (panel, car_pressure)
 
-    def __init__(self, root: str, split: str = "train", num_train: int = 32, num_test: int = 8,
+    def __init__(self, root: str, split: str = "train", num_train: int = 64, num_test: int = 16,
                  num_points: int = 3586, num_bodies: Tuple[int, int] = (2, 3),
                  gap: Tuple[float, float] = (0.5, 4.0), max_yaw_deg: float = 20.0,
                  n_length: int = 20, n_around: int = 16, isolated: bool = True, seed: int = 0,
