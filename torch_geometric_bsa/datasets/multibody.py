@@ -182,7 +182,8 @@ class MultiBodyFlow(CachedSplitDataset):
     metres, yaw within ``max_yaw_deg``), solved as one constant-source panel system over all bodies
     (``multibody_panel_solution``, ``2 * n_around * (n_length - 1)`` triangles per body). The target
     is the pressure coefficient ``Cp = 1 - |V|^2 / |U|^2`` at ``num_points`` points sampled
-    area-uniformly over all bodies together (one cloud) and lifted onto the exact surfaces.
+    area-uniformly over all bodies together (one cloud) and lifted onto the exact surfaces. The
+    group is centred: the mean of the body centres is the origin.
 
     Deterministic in ``(seed, split, index)``; both splits are cached under
     ``root/processed/multibody-<hash>/`` as for ``CarPressure``.
@@ -289,6 +290,10 @@ def _generate_group(job: Tuple) -> Data:
     k = int(rng.integers(num_bodies[0], num_bodies[1] + 1))
     shapes = [CarShape.sample(rng) for _ in range(k)]
     placements = sample_layout(rng, shapes, gap, math.radians(max_yaw_deg))
+    # Centre the group (mean of the body centres at the origin): no body is singled out by position.
+    cx = sum(p.x for p in placements) / k
+    cy = sum(p.y for p in placements) / k
+    placements = [Placement(p.x - cx, p.y - cy, p.yaw) for p in placements]
     sols = multibody_panel_solution(shapes, placements, n_length, n_around, isolated)
     gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
     # Area-uniform over all bodies: how many points each body gets, then uniform on each.

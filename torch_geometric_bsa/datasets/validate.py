@@ -158,6 +158,15 @@ def timing_rows():
                           f"{float(diff.abs().mean()):.3f}; isolated-body predictor: normalised "
                           f"MSE {float((diff / part.y_std).pow(2).mean()):.3f}, rel. L2 "
                           f"{float(diff.norm() / cp.norm()):.3f}")
+                    # do 16-nearest-neighbour graphs (the GNN baseline's) ever join two bodies?
+                    radius, cross = [], 0
+                    for d in part:
+                        dist, idx = torch.cdist(d.pos, d.pos).topk(17, largest=False)
+                        radius.append(dist[:, -1])
+                        cross += int((d.body[idx] != d.body[:, None]).any(1).sum())
+                    print(f"  16-NN radius median {float(torch.cat(radius).median()):.3f} m, max "
+                          f"{float(torch.cat(radius).max()):.3f} m; points with a 16-NN on another "
+                          f"body: {cross} of {sum(d.num_nodes for d in part)}")
     for n in (10 ** 4, 10 ** 5, 10 ** 6):
         make_scaling_cloud(1000)
         t = time.perf_counter()
