@@ -1,5 +1,5 @@
-"""MultiBodyFlow: potential flow around two or three car-like bodies; each body's pressure depends on
-the others.
+"""MultiBodyFlow: potential flow around two or three car-like bodies; each body's pressure
+depends on the others.
 
 A single body's potential-flow pressure is largely a function of its local shape (curvature,
 normal direction). Here 2..3 random ``CarShape`` bodies stand at random relative positions and
@@ -95,7 +95,7 @@ def sample_layout(rng: np.random.Generator, shapes: Sequence[CarShape],
                _check_points(shapes[0], placements[0], 32))]
     for k in range(1, len(shapes)):
         j = int(rng.integers(k))
-        radius = {k: _radius(shapes[k])}
+        r_new = _radius(shapes[k])
         theta = float(rng.uniform(0.0, 2 * math.pi))
         yaw = float(rng.uniform(-max_yaw, max_yaw))
         g = float(rng.uniform(*gap))
@@ -107,13 +107,14 @@ def sample_layout(rng: np.random.Generator, shapes: Sequence[CarShape],
 
         def clear(d: float, level: int) -> bool:
             p = at(d)
-            if any(_inside_footprint((p.x, p.y), s, q) or _inside_footprint((q.x, q.y), shapes[k], p)
+            if any(_inside_footprint((p.x, p.y), s, q)
+                   or _inside_footprint((q.x, q.y), shapes[k], p)
                    for s, q in zip(shapes[:k], placements)):
                 return False
             pts = _check_points(shapes[k], p, (16, 32)[level])
             for c, q, s in zip(clouds, placements, shapes[:k]):
                 # bounding spheres (centre to farthest surface point) this far apart: clear
-                if math.hypot(p.x - q.x, p.y - q.y) - radius[k] - _radius(s) >= g:
+                if math.hypot(p.x - q.x, p.y - q.y) - r_new - _radius(s) >= g:
                     continue
                 if bool(torch.cdist(pts, c[level]).min() < g):
                     return False

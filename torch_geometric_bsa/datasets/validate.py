@@ -188,12 +188,12 @@ def main() -> None:
           "max Cp change by the neighbour | solve s |\n|---|---|---|---|---|---|")
     for name, f, rel, mx, eff, dt in two_sphere_rows():
         print(f"| {name} | {f} | {rel:.4f} | {mx:.4f} | {eff:.3f} | {dt:.2f} |")
-    print("\n| two default cars side by side, gap 0.5 m: mesh per body | panels | rel. change of A's "
-          "Cp by B | side force CY on A (m^2) | Cp_min on A | s |\n|---|---|---|---|---|---|")
+    print("\n| two default cars side by side, gap 0.5 m: mesh per body | panels | rel. change of "
+          "A's Cp by B | side force CY on A (m^2) | Cp_min on A | s |\n|---|---|---|---|---|---|")
     for name, f, rel, cy, cpmin, dt in car_pair_convergence_rows():
         print(f"| {name} | {f} | {rel:.4f} | {cy:.4f} | {cpmin:.4f} | {dt:.2f} |")
-    print("\n| B relative to A (default cars, 20 x 16 mesh) | clearance m | rel. change of A's Cp | "
-          "max abs change | CY on A (m^2) |\n|---|---|---|---|---|")
+    print("\n| B relative to A (default cars, 20 x 16 mesh) | clearance m | rel. change of A's "
+          "Cp | max abs change | CY on A (m^2) |\n|---|---|---|---|---|")
     for where, gap, rel, mx, cy in interaction_rows():
         print(f"| {where} | {gap:g} | {rel:.4f} | {mx:.4f} | {cy:.4f} |")
     print("\n| Kirsch, a = 0.025 in the unit square | nodes | SCF (exact 3) | rel. error | "
