@@ -101,9 +101,11 @@ def test_dataset_sample(tmp_path):
     train = MultiBodyFlow(str(tmp_path), "train", **SMALL)
     test = MultiBodyFlow(str(tmp_path), "test", **SMALL)
     assert (len(train), len(test)) == (2, 1) and train.target_label == "Cp"
+    centres = []
     for d in list(train) + list(test):
         k = d.shape_params.shape[0]
         assert 2 <= k <= 3 and d.placement.shape == (k, 3)
+        centres.append(d.placement[:, :2].mean(0))
         assert d.pos.shape == (64, 3) and d.x.shape == (64, 3) and d.y.shape == (64, 1)
         assert d.body.shape == (64,) and set(d.body.tolist()) == set(range(k))
         assert torch.allclose(d.x.norm(dim=-1), torch.ones(64), atol=1e-5)
@@ -115,6 +117,9 @@ def test_dataset_sample(tmp_path):
         assert float((cp - d.cp_isolated).abs().max()) > 0.02
     y = torch.cat([train[i].y for i in range(2)])
     assert abs(float(y.mean())) < 1e-5 and test.y_std == train.y_std
+    # the group's centre is a random point in [-5, 5]^2 (default offset), not always the origin
+    centres = torch.stack(centres)
+    assert float(centres.abs().max()) <= 5.0 + 1e-5 and float(centres.norm(dim=-1).min()) > 1e-3
 
 
 def test_cache_round_trip_and_determinism(tmp_path, monkeypatch):
@@ -147,6 +152,7 @@ def test_get_dataset_and_no_isolated(tmp_path):
     (dict(num_bodies=(1, 2)), "num_bodies"), (dict(num_bodies=(3, 2)), "num_bodies"),
     (dict(num_bodies=3), "num_bodies"), (dict(gap=(0.0, 1.0)), "gap"),
     (dict(gap=(2.0, 1.0)), "gap"), (dict(max_yaw_deg=120), "max_yaw_deg"),
+    (dict(offset=-1.0), "offset"),
 ])
 def test_invalid_arguments(tmp_path, kw, name):
     with pytest.raises(ValueError, match=rf"^{name} must be"):

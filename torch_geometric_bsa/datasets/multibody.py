@@ -184,7 +184,8 @@ class MultiBodyFlow(CachedSplitDataset):
     (``multibody_panel_solution``, ``2 * n_around * (n_length - 1)`` triangles per body). The target
     is the pressure coefficient ``Cp = 1 - |V|^2 / |U|^2`` at ``num_points`` points sampled
     area-uniformly over all bodies together (one cloud) and lifted onto the exact surfaces. The
-    group is centred: the mean of the body centres is the origin.
+    group's centre (mean of the body centres) is uniform in ``[-offset, offset]^2`` in the ground
+    plane, so a body's absolute position says little about where the others are.
 
     Deterministic in ``(seed, split, index)``; both splits are cached under
     ``root/processed/multibody-<hash>/`` as for ``CarPressure``.
@@ -197,6 +198,7 @@ class MultiBodyFlow(CachedSplitDataset):
         num_bodies: ``(min, max)`` bodies per sample, ``2 <= min <= max``.
         gap: ``(min, max)`` clearance in metres between a new body and the nearest placed one.
         max_yaw_deg: largest yaw of a body relative to the flow (degrees).
+        offset: half-width (metres) of the square in which the group's centre is placed.
         n_length / n_around: panel grid per body.
         isolated: also store ``cp_isolated [N, 1]``: the raw ``Cp`` the point's body would have
             alone in the flow (one extra small solve per body), so that ``cp - cp_isolated`` is the
@@ -221,9 +223,10 @@ class MultiBodyFlow(CachedSplitDataset):
     def __init__(self, root: str, split: str = "train", num_train: int = 64, num_test: int = 16,
                  num_points: int = 3586, num_bodies: Tuple[int, int] = (2, 3),
                  gap: Tuple[float, float] = (0.5, 4.0), max_yaw_deg: float = 20.0,
-                 n_length: int = 20, n_around: int = 16, isolated: bool = True, seed: int = 0,
-                 num_workers: int = 0, transform=None, pre_transform=None, pre_filter=None,
-                 log: bool = True, force_reload: bool = False) -> None:
+                 offset: float = 5.0, n_length: int = 20, n_around: int = 16,
+                 isolated: bool = True, seed: int = 0, num_workers: int = 0, transform=None,
+                 pre_transform=None, pre_filter=None, log: bool = True,
+                 force_reload: bool = False) -> None:
         for name, value, low in (("num_train", num_train, 1), ("num_test", num_test, 1),
                                  ("num_points", num_points, 1), ("n_length", n_length, 3),
                                  ("n_around", n_around, 3), ("seed", seed, 0),
@@ -244,9 +247,12 @@ class MultiBodyFlow(CachedSplitDataset):
             raise ValueError(f"gap must be a pair of floats 0 < min <= max, got {gap!r}") from None
         if not (isinstance(max_yaw_deg, (int, float)) and 0.0 <= max_yaw_deg <= 90.0):
             raise ValueError(f"max_yaw_deg must be a number in [0, 90], got {max_yaw_deg!r}")
+        if not (isinstance(offset, (int, float)) and 0.0 <= offset < math.inf):
+            raise ValueError(f"offset must be a finite number >= 0, got {offset!r}")
         self.num_train, self.num_test, self.num_points = num_train, num_test, num_points
         self.num_bodies, self.gap = (int(lo), int(hi)), (g0, g1)
         self.max_yaw_deg, self.isolated = float(max_yaw_deg), bool(isolated)
+        self.offset = float(offset)
         self.n_length, self.n_around, self.seed = n_length, n_around, seed
         self.num_workers = int(num_workers)
         super().__init__(root, split, transform, pre_transform, pre_filter, log, force_reload)
@@ -254,11 +260,11 @@ class MultiBodyFlow(CachedSplitDataset):
     def cache_config(self) -> Dict:
         return dict(num_train=self.num_train, num_test=self.num_test, num_points=self.num_points,
                     num_bodies=list(self.num_bodies), gap=list(self.gap),
-                    max_yaw_deg=self.max_yaw_deg, n_length=self.n_length,
+                    max_yaw_deg=self.max_yaw_deg, offset=self.offset, n_length=self.n_length,
                     n_around=self.n_around, isolated=self.isolated, seed=self.seed)
 
     def _job(self, split: str, index: int) -> Tuple:
-        return (self.seed, self.num_bodies, self.gap, self.max_yaw_deg, self.n_length,
+        return (self.seed, self.num_bodies, self.gap, self.max_yaw_deg, self.offset, self.n_length,
                 self.n_around, self.num_points, self.isolated, split, index)
 
     def generate(self, split: str, index: int) -> Data:
@@ -286,14 +292,18 @@ class MultiBodyFlow(CachedSplitDataset):
 
 def _generate_group(job: Tuple) -> Data:
     # module level (picklable) so that MultiBodyFlow.build can map it over worker processes
-    seed, num_bodies, gap, max_yaw_deg, n_length, n_around, num_points, isolated, split, index = job
+    (seed, num_bodies, gap, max_yaw_deg, offset, n_length, n_around, num_points, isolated, split,
+     index) = job
     rng = np.random.default_rng([seed, SPLITS.index(split), index, 12])
     k = int(rng.integers(num_bodies[0], num_bodies[1] + 1))
     shapes = [CarShape.sample(rng) for _ in range(k)]
     placements = sample_layout(rng, shapes, gap, math.radians(max_yaw_deg))
-    # Centre the group (mean of the body centres at the origin): no body is singled out by position.
-    cx = sum(p.x for p in placements) / k
-    cy = sum(p.y for p in placements) / k
+    # Move the group's centre (mean of the body centres) to a random point: with the group centred,
+    # a body's absolute position would give away its neighbours' (opposite it in a pair), and with
+    # body 0 at the origin, body 0 would be marked.
+    ox, oy = (float(v) for v in rng.uniform(-offset, offset, size=2))
+    cx = sum(p.x for p in placements) / k - ox
+    cy = sum(p.y for p in placements) / k - oy
     placements = [Placement(p.x - cx, p.y - cy, p.yaw) for p in placements]
     sols = multibody_panel_solution(shapes, placements, n_length, n_around, isolated)
     gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
