@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-kw", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="extra keyword for get_dataset (repeatable), e.g. --data-kw n_length=30")
     g.add_argument("--data-workers", type=_nonneg_int, default=0,
-                   help="processes that generate the 'car' dataset in parallel (0: in this process); "
+                   help="processes that generate the 'car'/'multibody' dataset in parallel (0: in this process); "
                         "the data do not depend on it")
     g.add_argument("--prepare-data", action="store_true",
                    help="only build (or read) the dataset cache and the --snapshot, then exit")
@@ -245,10 +245,12 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
                              "--cmp-window)")
 
     # data
-    if args.num_points is not None and args.dataset not in ("car", "toy"):
-        parser.error(f"--num-points applies to the generated 'car' dataset, not {args.dataset!r}")
-    if args.data_workers and args.dataset != "car":
-        parser.error(f"--data-workers applies to the generated 'car' dataset, not {args.dataset!r}")
+    if args.num_points is not None and args.dataset not in ("car", "multibody", "toy"):
+        parser.error(f"--num-points applies to the generated 'car'/'multibody' datasets, not "
+                     f"{args.dataset!r}")
+    if args.data_workers and args.dataset not in ("car", "multibody"):
+        parser.error(f"--data-workers applies to the generated 'car'/'multibody' datasets, not "
+                     f"{args.dataset!r}")
     if args.data_kw:
         if args.dataset == "toy":
             bad("--data-kw", "the 'toy' dataset takes no keywords (use --num-train/--num-test/--num-points)")
@@ -327,8 +329,9 @@ def toy_dataset(split: str, num: int, seed: int = 0, points=(96, 160), dim: int 
 QUICK = {
     "car": dict(num_train=24, num_test=8, num_points=1024, n_length=24, n_around=24),
     "elasticity-gen": dict(num_train=48, num_test=12),
+    "multibody": dict(num_train=24, num_test=8, num_points=2048),
 }
-GENERATED = ("car", "elasticity-gen")
+GENERATED = ("car", "elasticity-gen", "multibody")
 
 
 def dataset_kwargs(args) -> Dict:
@@ -338,7 +341,7 @@ def dataset_kwargs(args) -> Dict:
         for flag, key in (("num_train", "num_train"), ("num_test", "num_test"), ("num_points", "num_points")):
             if getattr(args, flag) is not None:
                 kw[key] = getattr(args, flag)
-    if args.dataset == "car" and args.data_workers:
+    if args.dataset in ("car", "multibody") and args.data_workers:
         kw["num_workers"] = args.data_workers
     kw.update(dict(args.data_kw))
     return kw

@@ -1,12 +1,13 @@
 import pytest
 
 from torch_geometric_bsa.datasets import (DATASETS, CarPressure, ElasticUnitCell, Elasticity,
-                                          ShapeNetCar, get_dataset)
+                                          MultiBodyFlow, ShapeNetCar, get_dataset)
 
 
 def test_names():
     assert DATASETS == {"car": CarPressure, "elasticity-gen": ElasticUnitCell,
-                        "shapenet-car": ShapeNetCar, "elasticity": Elasticity}
+                        "shapenet-car": ShapeNetCar, "elasticity": Elasticity,
+                        "multibody": MultiBodyFlow}
 
 
 def test_builds_and_forwards_kwargs(tmp_path):

@@ -5,7 +5,8 @@
 * ``"shapenet-car"``: ``ShapeNetCar``, the BSA paper's benchmark (UPT preprocessed layout);
 * ``"elasticity"``: ``Elasticity``, Geo-FNO's ``.npy`` files;
 * ``"car"``: ``CarPressure``, generated car-like bodies with potential-flow surface pressure;
-* ``"elasticity-gen"``: ``ElasticUnitCell``, generated perforated cells, von Mises stress.
+* ``"elasticity-gen"``: ``ElasticUnitCell``, generated perforated cells, von Mises stress;
+* ``"multibody"``: ``MultiBodyFlow``, 2-3 car-like bodies whose pressures depend on each other.
 
 ``make_scaling_cloud`` gives a single large cloud (10^4..10^6 points) for speed runs.
 """
@@ -18,6 +19,7 @@ from ._cache import CachedSplitDataset
 from .car_pressure import CarPressure, CarShape, make_scaling_cloud
 from .elastic_unit_cell import ElasticUnitCell
 from .elasticity import Elasticity
+from .multibody import MultiBodyFlow
 from .shapenet_car import ShapeNetCar
 
 DATASETS: Dict[str, Type[CachedSplitDataset]] = {
@@ -25,6 +27,7 @@ DATASETS: Dict[str, Type[CachedSplitDataset]] = {
     "elasticity-gen": ElasticUnitCell,
     "shapenet-car": ShapeNetCar,
     "elasticity": Elasticity,
+    "multibody": MultiBodyFlow,
 }
 
 
@@ -50,5 +53,5 @@ def get_dataset(name: str, root: str, split: str = "train", **kwargs) -> CachedS
     return cls(root, split=split, **kwargs)
 
 
-__all__ = ["CarPressure", "CarShape", "ElasticUnitCell", "Elasticity", "ShapeNetCar",
-           "make_scaling_cloud", "get_dataset", "DATASETS"]
+__all__ = ["CarPressure", "CarShape", "ElasticUnitCell", "Elasticity", "MultiBodyFlow",
+           "ShapeNetCar", "make_scaling_cloud", "get_dataset", "DATASETS"]
