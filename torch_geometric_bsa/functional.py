@@ -11,7 +11,7 @@ from .reference import BSAConfig, bsa_reference
 
 __all__ = ["bsa_attention", "ball_attention", "resolve_backend", "triton_available"]
 
-_BACKENDS = ("auto", "torch", "triton")
+_BACKENDS = ("auto", "torch", "cpu", "triton")
 
 
 def triton_available(device: torch.device) -> bool:
@@ -28,7 +28,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available(device) else "torch"
+        if device.type == "cuda":
+            return "triton" if triton_available(device) else "torch"
+        return "cpu"
     return backend
 
 
@@ -71,7 +73,9 @@ def bsa_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, 
             coarse branch when ``cfg.cmp_window`` is set: ``B = cfg.num_branches``).
         k_cmp, v_cmp (Tensor, optional): ``[N_pad // cmp_stride, H, D]`` compressed keys and
             values; mean pooling when omitted.
-        backend (str): ``"auto"`` (Triton on CUDA, else PyTorch), ``"torch"`` or ``"triton"``.
+        backend (str): ``"auto"`` (Triton on CUDA, the fused-SDPA CPU path elsewhere), ``"torch"``
+            (the readable reference, ``reference.bsa_reference``), ``"cpu"`` (``cpu.bsa_cpu``: plain
+            torch ops, any device) or ``"triton"``.
 
     Returns:
         ``[N_pad, H, D]``, zero at padded slots.
@@ -82,6 +86,10 @@ def bsa_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, 
         from .kernels import bsa_triton
         return bsa_triton(q, k, v, pos, tree, cfg, sigma=sigma, gates=gates, k_cmp=k_cmp, v_cmp=v_cmp,
                           cmp_mask=cmp_mask)
+    if backend == "cpu":
+        from .cpu import bsa_cpu
+        return bsa_cpu(q, k, v, pos, tree, cfg, sigma=sigma, gates=gates, k_cmp=k_cmp, v_cmp=v_cmp,
+                       cmp_mask=cmp_mask)
     return bsa_reference(q, k, v, pos, tree, cfg, sigma=sigma, gates=gates, k_cmp=k_cmp, v_cmp=v_cmp,
                          cmp_mask=cmp_mask)
 
@@ -96,8 +104,12 @@ def ball_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, sigma: Tensor, 
     if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape or q.size(0) % ball_size:
         raise ValueError(f"q, k, v must share a shape [N_pad, H, D] with N_pad a multiple of "
                          f"ball_size={ball_size}; got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
-    if resolve_backend(backend, q.device) == "triton":
+    backend = resolve_backend(backend, q.device)
+    if backend == "triton":
         from .kernels.ball import ball_attention_triton
         return ball_attention_triton(q, k, v, pos, sigma, mask, ball_size)
+    if backend == "cpu":
+        from .cpu import ball_attention_cpu
+        return ball_attention_cpu(q, k, v, pos, sigma, mask, ball_size)
     from .reference import ball_attention as ref
     return ref(q, k, v, pos, sigma, mask, ball_size)

@@ -1,0 +1,220 @@
+"""The fast CPU path of BSA: the same function as ``reference.bsa_reference``, built from fused SDPA.
+
+``backend="cpu"`` (what ``"auto"`` picks off CUDA). Each branch is one batched
+``scaled_dot_product_attention`` call, whose CPU kernel is flash-style (no score matrix kept for the
+backward); the distance bias of the ball branch and every padding mask enter as additive float masks.
+The selection scores, which need the compressed-attention probabilities themselves, are computed
+without autograd in chunks of query rows, so that memory stays linear in N. Windows
+(``cfg.cmp_window``) are a reshape of the per-cloud dense layout. Every input stays in tree order;
+autograd goes through plain torch ops (the top-k indices are constants, as in the reference).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .balltree import BallTree
+from .reference import BSAConfig, _acc, _dense_index, blockify, compress_mean
+
+__all__ = ["bsa_cpu", "ball_attention_cpu", "supports"]
+
+#: score elements (batch x heads x query rows x blocks) per chunk of the selection-score pass:
+#: 4M fp32 values (16 MiB) keep the pass memory-bound on cache-sized pieces, not on N x N / l
+CHUNK_ELEMS = 1 << 22
+
+
+def supports(cfg: BSAConfig) -> bool:
+    r"""Every configuration of ``BSAConfig`` is covered (kept as the one place to say otherwise)."""
+    return True
+
+
+def _neg_mask(valid: Tensor, dtype: torch.dtype) -> Tensor:
+    # finite fill (not -inf): a row with no valid key gives a finite (dropped) output instead of NaN
+    return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill_(~valid, torch.finfo(dtype).min)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ball branch
+# ---------------------------------------------------------------------------------------------
+def ball_attention_cpu(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, sigma: Tensor, mask: Tensor,
+                       ball_size: int) -> Tensor:
+    r"""``reference.ball_attention`` as one SDPA over ``[num_balls, H, m, D]``.
+
+    The bias ``sigma_h * ||p_i - p_j||`` (``[num_balls, H, m, m]``, exact fp32 distances) is the
+    additive mask, with padded keys filled with the dtype's minimum. Returns ``[N_pad, H, D]``, zero
+    at padded queries.
+    """
+    n, h, d = q.shape
+    m = ball_size
+    acc = _acc(q.dtype)
+    qb, kb, vb = (t.to(acc).view(-1, m, h, d).transpose(1, 2) for t in (q, k, v))  # [nb, H, m, D]
+    pb = pos.to(_acc(pos.dtype)).view(-1, m, pos.size(-1))
+    dist = torch.cdist(pb, pb, compute_mode="donot_use_mm_for_euclid_dist")       # [nb, m, m]
+    bias = sigma.to(acc).view(1, h, 1, 1) * dist[:, None].to(acc)
+    bias = bias.masked_fill(~mask.view(-1, 1, 1, m), torch.finfo(acc).min)
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias)             # [nb, H, m, D]
+    return out.transpose(1, 2).reshape(n, h, d).to(q.dtype) * mask.view(-1, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-cloud dense layout, cut into windows
+# ---------------------------------------------------------------------------------------------
+def _windowed(x: Tensor, tree: BallTree, unit: int, length: int, window: int) -> Tuple[Tensor, Tensor]:
+    r"""Tree-ordered units ``[U, ...]`` -> ``[B * length // window, window // unit, ...]`` (cloud after
+    cloud, each cut into aligned windows of ``window`` slots) and unit validity of the same shape[:2].
+
+    ``length`` is ``tree.max_slots`` rounded up to a multiple of ``window``. A single cloud with no
+    window padding is a view.
+    """
+    nu, wu = length // unit, window // unit
+    if tree.num_clouds == 1 and x.size(0) == nu:
+        return x.view((-1, wu) + tuple(x.shape[1:])), torch.ones(length // window, wu, dtype=torch.bool,
+                                                                 device=x.device)
+    idx, valid = _dense_index(tree.ptr, length, unit, x.size(0))  # [B, nu]
+    return x[idx].view((-1, wu) + tuple(x.shape[1:])), valid.view(-1, wu)
+
+
+def _unwindowed(xd: Tensor, tree: BallTree, unit: int, length: int) -> Tensor:
+    r"""Inverse of ``_windowed`` for ``[B * length // window, window // unit, ...]``: tree-ordered
+    ``[N_pad // unit, ...]`` (a gather, so the backward is an index_add, not a scatter of zeros)."""
+    num = tree.num_slots // unit
+    flat = xd.reshape((-1,) + tuple(xd.shape[2:]))
+    if tree.num_clouds == 1 and flat.size(0) == num:
+        return flat
+    first = torch.arange(num, device=xd.device) * unit
+    b = tree.slot_batch[first]
+    local = (first - tree.ptr[b]) // unit
+    return flat[b * (length // unit) + local]
+
+
+def _unit_valid(mask: Tensor, unit: int) -> Tensor:
+    return mask.view(-1, unit).any(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compression branch (+ the selection it drives)
+# ---------------------------------------------------------------------------------------------
+def _compressed(q: Tensor, kc: Tensor, vc: Tensor, kvalid: Tensor, tree: BallTree, k_unit: int,
+                window: Optional[int]) -> Tuple[Tensor, Tuple[Tensor, Tensor, Tensor, int, int]]:
+    r"""Queries ``[Q, H, D]`` (tree order, unit ``N_pad // Q``) over compressed keys ``[N_pad // k_unit,
+    H, D]`` of their cloud (window). Returns the tree-ordered output and the windowed tensors the
+    selection pass reuses."""
+    h, d = q.shape[1:]
+    q_unit = tree.num_slots // q.size(0)
+    w = tree.max_slots if window is None else window
+    length = -(-tree.max_slots // w) * w
+    qw, qv = _windowed(q, tree, q_unit, length, w)           # [BW, Wq, H, D]
+    kw, kv = _windowed(kc, tree, k_unit, length, w)          # [BW, Wk, H, D]
+    vw, _ = _windowed(vc, tree, k_unit, length, w)
+    kmask, _ = _windowed(kvalid, tree, k_unit, length, w)
+    kok = kmask & kv                                          # [BW, Wk]
+    qt, kt, vt = qw.transpose(1, 2), kw.transpose(1, 2), vw.transpose(1, 2)  # [BW, H, W*, D]
+    o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=_neg_mask(kok[:, None, None, :], q.dtype))
+    o = _unwindowed(o.transpose(1, 2), tree, q_unit, length)
+    return o, (qt, kt, kok, length, w)
+
+
+@torch.no_grad()
+def _select(qt: Tensor, kt: Tensor, kok: Tensor, tree: BallTree, cfg: BSAConfig, q_unit: int,
+            length: int, window: int) -> Tuple[Tensor, Tensor]:
+    r"""Top-``k`` selection blocks of every query group, as ``reference.selection_scores`` and
+    ``select_blocks`` (same operations in the same order, ties to the lower index), in chunks of query
+    rows. Returns, per tree-ordered group ``[N_pad // g, k']``, the global slot of each selected
+    block's first key and the blocks' validity."""
+    g, s, l, ls = cfg.group_size, cfg.cmp_stride, cfg.cmp_block, cfg.slc_block
+    bw, h, wq, d = qt.shape
+    wk, ws = kt.size(2), window // ls
+    gq = g // q_unit                                          # query rows per group
+    scale = d ** -0.5
+    # query rows that count: the unit has a valid slot and lies inside its cloud
+    qmask, qin = _windowed(_unit_valid(tree.mask, q_unit), tree, q_unit, length, window)
+    qok = (qmask & qin).to(torch.float32)                     # [BW, Wq]
+    smask, sin = _windowed(_unit_valid(tree.mask, ls), tree, ls, length, window)
+    sok = smask & sin                                         # [BW, Ws]
+    kvalid = kok[:, None, None, :]
+    identity = l == s == ls
+    if not identity:  # compression blocks overlapping each selection block, within the window
+        cb = torch.arange(wk, device=qt.device) * s
+        sb = torch.arange(ws, device=qt.device) * ls
+        overlap = ((cb[:, None] < sb[None] + ls) & (sb[None] < cb[:, None] + l)).float()
+    kk = min(cfg.topk, ws)
+    rows = max(gq, CHUNK_ELEMS // max(1, bw * h * wk) // gq * gq)
+    kt_t = kt.to(_acc(kt.dtype)).transpose(-1, -2)           # [BW, H, D, Wk]
+    idx_parts, ok_parts = [], []
+    for r0 in range(0, wq, rows):
+        r1 = min(wq, r0 + rows)
+        logits = (scale * qt[:, :, r0:r1].to(kt_t.dtype)) @ kt_t           # [BW, H, c, Wk]
+        p = torch.softmax(logits.masked_fill_(~kvalid, torch.finfo(logits.dtype).min), dim=-1)
+        p = p.mul_(kvalid).mul_(qok[:, None, r0:r1, None])
+        ph = p.float().sum(1)                                              # [BW, c, Wk]
+        ph = ph.view(bw, -1, gq, wk).sum(2)                                # [BW, c / gq, Wk]
+        scores = ph if identity else ph @ overlap                          # [BW, c / gq, Ws]
+        scores = scores.masked_fill_(~sok[:, None, :], -math.inf)
+        val, idx = torch.sort(scores, dim=-1, descending=True, stable=True)
+        idx_parts.append(idx[..., :kk])
+        ok_parts.append(torch.isfinite(val[..., :kk]))
+    idx = torch.cat(idx_parts, 1)                              # [BW, window // g, kk], window-local
+    ok = torch.cat(ok_parts, 1)
+    # window-local block -> cloud-local slot of the block's first key
+    first = (idx + (torch.arange(bw, device=idx.device) % (length // window) * ws)[:, None, None]) * ls
+    first = _unwindowed(first.view(-1, window // g, kk), tree, g, length)    # [N_pad // g, kk]
+    ok = _unwindowed(ok.view(-1, window // g, kk), tree, g, length)
+    gb = tree.slot_batch[torch.arange(first.size(0), device=first.device) * g]
+    return first + tree.ptr[gb][:, None], ok
+
+
+def _selected(q: Tensor, k: Tensor, v: Tensor, first: Tensor, ok: Tensor, mask: Tensor, g: int,
+              ls: int) -> Tensor:
+    r"""Each group of ``g`` queries attends to the ``k' * l'`` keys of its blocks: one SDPA with the
+    groups as batch over gathered ``[N_pad // g, H, k' * l', D]`` keys and values."""
+    n, h, d = q.shape
+    ng, kk = first.shape
+    keys = (first[:, :, None] + torch.arange(ls, device=q.device)).view(ng, kk * ls).clamp_max(n - 1)
+    kvalid = mask[keys] & ok.repeat_interleave(ls, 1)                 # [NG, K]
+    ks, vs = k[keys].transpose(1, 2), v[keys].transpose(1, 2)        # [NG, H, K, D]
+    qg = q.view(ng, g, h, d).transpose(1, 2)                          # [NG, H, g, D]
+    o = F.scaled_dot_product_attention(qg, ks, vs, attn_mask=_neg_mask(kvalid[:, None, None, :], q.dtype))
+    return o.transpose(1, 2).reshape(n, h, d)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole op
+# ---------------------------------------------------------------------------------------------
+def bsa_cpu(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, cfg: BSAConfig, *,
+            sigma: Tensor, gates: Tensor, k_cmp: Optional[Tensor] = None, v_cmp: Optional[Tensor] = None,
+            cmp_mask: Optional[Tensor] = None) -> Tensor:
+    r"""BSA, the same function as ``reference.bsa_reference`` (same arguments, inputs checked by
+    ``functional.bsa_attention``). Returns ``[N_pad, H, D]``, zero at padded slots."""
+    mask, s, g, w = tree.mask, cfg.cmp_stride, cfg.group_size, cfg.cmp_window
+    n, h, d = q.shape
+    dtype, acc = q.dtype, _acc(q.dtype)
+    o_ball = ball_attention_cpu(q, k, v, pos, sigma, mask, cfg.ball_size)
+    if k_cmp is None:
+        k_cmp, v_cmp, cmp_mask = compress_mean(k, v, mask, tree.slot_batch, cfg.cmp_block, s)
+    elif cmp_mask is None:
+        _, cmp_mask = blockify(mask, mask, tree.slot_batch, cfg.cmp_block, s)
+        cmp_mask = cmp_mask.any(1)
+    qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
+    if cfg.group_compression:
+        wq = mask.view(-1, g, 1, 1).to(acc)
+        q_cmp = (qa.view(-1, g, h, d) * wq).sum(1) / wq.sum(1).clamp_min(1.0)
+        q_unit = g
+    else:
+        q_cmp, q_unit = qa, 1
+    o_c, (qt, kt, kok, length, win) = _compressed(q_cmp, k_cmp.to(acc), v_cmp.to(acc), cmp_mask, tree, s, w)
+    first, ok = _select(qt, kt, kok, tree, cfg, q_unit, length, win)
+    o_slc = _selected(qa, ka, va, first, ok, mask, g, cfg.slc_block)
+    gt = gates.to(acc)
+    out = gt[..., 0:1] * o_ball.to(acc) + gt[..., 2:3] * o_slc
+    # a group-level output multiplies its slots' gates by broadcasting (no repeat_interleave copy)
+    out = out.view(-1, q_unit, h, d) + gt[..., 1:2].view(-1, q_unit, h, 1) * o_c.view(-1, 1, h, d)
+    if w is not None:  # coarse branch: one mean-pooled key per ball of the whole cloud
+        m = cfg.ball_size
+        k_crs, v_crs, crs_mask = compress_mean(ka, va, mask, tree.slot_batch, m, m)
+        o_crs, _ = _compressed(q_cmp, k_crs, v_crs, crs_mask, tree, m, None)
+        out = out + gt[..., 3:4].view(-1, q_unit, h, 1) * o_crs.view(-1, 1, h, d)
+    return (out.view(n, h, d) * mask.view(-1, 1, 1)).to(dtype)
