@@ -40,23 +40,62 @@ def _neg_mask(valid: Tensor, dtype: torch.dtype) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # Ball branch
 # ---------------------------------------------------------------------------------------------
+class _BallAttention(torch.autograd.Function):
+    r"""Softmax attention inside balls with an additive bias ``sigma_h * dist + pad``, by hand.
+
+    SDPA cannot give the gradient of its mask without falling back to its unfused math path; this
+    does what that path does in fewer passes over the ``[num_balls * H, m, m]`` scores: the bias is
+    built by one ``addcmul`` into the logits buffer, ``baddbmm_`` adds ``q k^T`` in place, and the
+    backward gets ``d sigma`` and ``d dist`` as batched matmuls over the score gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, sigma: Tensor, dist: Tensor, pad: Tensor) -> Tensor:
+        nb, h, m, d = q.shape
+        scale = d ** -0.5
+        q3, k3, v3 = (t.reshape(nb * h, m, d) for t in (q, k, v))
+        logits = torch.addcmul(pad, sigma.view(1, h, 1, 1), dist[:, None]).view(nb * h, m, m)
+        logits.baddbmm_(q3 * scale, k3.transpose(1, 2))
+        p = torch.softmax(logits, dim=-1)
+        o = torch.bmm(p, v3)
+        ctx.save_for_backward(q3, k3, v3, sigma, dist, p, o)
+        ctx.shape = (nb, h, m, d)
+        return o.view(nb, h, m, d)
+
+    @staticmethod
+    def backward(ctx, do: Tensor):
+        q3, k3, v3, sigma, dist, p, o = ctx.saved_tensors
+        nb, h, m, d = ctx.shape
+        scale = d ** -0.5
+        do = do.reshape(nb * h, m, d)
+        dv = torch.bmm(p.transpose(1, 2), do)
+        ds = torch.bmm(do, v3.transpose(1, 2))                    # dP, then dS = P * (dP - rowsum(dO * O))
+        ds.sub_((do * o).sum(-1, keepdim=True)).mul_(p)
+        dq = torch.bmm(ds, k3).mul_(scale)
+        dk = torch.bmm(ds.transpose(1, 2), q3).mul_(scale)
+        ds4 = ds.view(nb, h, m * m)
+        dsigma = torch.bmm(ds4, dist.reshape(nb, m * m, 1)).sum(0).view(h)
+        ddist = None
+        if ctx.needs_input_grad[4]:
+            ddist = torch.bmm(sigma.view(1, 1, h).expand(nb, 1, h), ds4).view(nb, m, m)
+        return dq.view(nb, h, m, d), dk.view(nb, h, m, d), dv.view(nb, h, m, d), dsigma, ddist, None
+
+
 def ball_attention_cpu(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, sigma: Tensor, mask: Tensor,
                        ball_size: int) -> Tensor:
-    r"""``reference.ball_attention`` as one SDPA over ``[num_balls, H, m, D]``.
+    r"""``reference.ball_attention`` over ``[num_balls, H, m, D]`` in one batched pass.
 
-    The bias ``sigma_h * ||p_i - p_j||`` (``[num_balls, H, m, m]``, exact fp32 distances) is the
-    additive mask, with padded keys filled with the dtype's minimum. Returns ``[N_pad, H, D]``, zero
-    at padded queries.
+    The bias ``sigma_h * ||p_i - p_j||`` uses exact fp32 distances, padded keys get the dtype's
+    minimum. Returns ``[N_pad, H, D]``, zero at padded queries.
     """
     n, h, d = q.shape
     m = ball_size
     acc = _acc(q.dtype)
-    qb, kb, vb = (t.to(acc).view(-1, m, h, d).transpose(1, 2) for t in (q, k, v))  # [nb, H, m, D]
+    qb, kb, vb = (t.to(acc).view(-1, m, h, d).transpose(1, 2).contiguous() for t in (q, k, v))  # [nb, H, m, D]
     pb = pos.to(_acc(pos.dtype)).view(-1, m, pos.size(-1))
-    dist = torch.cdist(pb, pb, compute_mode="donot_use_mm_for_euclid_dist")       # [nb, m, m]
-    bias = sigma.to(acc).view(1, h, 1, 1) * dist[:, None].to(acc)
-    bias = bias.masked_fill(~mask.view(-1, 1, 1, m), torch.finfo(acc).min)
-    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias)             # [nb, H, m, D]
+    dist = torch.cdist(pb, pb, compute_mode="donot_use_mm_for_euclid_dist").to(acc)  # [nb, m, m]
+    pad = _neg_mask(mask.view(-1, 1, 1, m), acc)
+    out = _BallAttention.apply(qb, kb, vb, sigma.to(acc), dist, pad)               # [nb, H, m, D]
     return out.transpose(1, 2).reshape(n, h, d).to(q.dtype) * mask.view(-1, 1, 1)
 
 
@@ -135,7 +174,10 @@ def _select(qt: Tensor, kt: Tensor, kok: Tensor, tree: BallTree, cfg: BSAConfig,
     qok = (qmask & qin).to(torch.float32)                     # [BW, Wq]
     smask, sin = _windowed(_unit_valid(tree.mask, ls), tree, ls, length, window)
     sok = smask & sin                                         # [BW, Ws]
-    kvalid = kok[:, None, None, :]
+    # invalid blocks through an additive mask inside baddbmm: exp(min - max) is exactly 0, as the
+    # reference's masked_fill + re-mask; rows without a valid block only occur outside any cloud,
+    # where the query mask zeroes them (applied after the head sum: it is 0/1, so this is exact)
+    kbias = _neg_mask(kok, torch.float32)[:, None, None, :].expand(bw, h, 1, wk).reshape(bw * h, 1, wk)
     identity = l == s == ls
     if not identity:  # compression blocks overlapping each selection block, within the window
         cb = torch.arange(wk, device=qt.device) * s
@@ -143,14 +185,14 @@ def _select(qt: Tensor, kt: Tensor, kok: Tensor, tree: BallTree, cfg: BSAConfig,
         overlap = ((cb[:, None] < sb[None] + ls) & (sb[None] < cb[:, None] + l)).float()
     kk = min(cfg.topk, ws)
     rows = max(gq, CHUNK_ELEMS // max(1, bw * h * wk) // gq * gq)
-    kt_t = kt.to(_acc(kt.dtype)).transpose(-1, -2)           # [BW, H, D, Wk]
+    kt_t = kt.float().transpose(-1, -2).reshape(bw * h, d, wk)             # [BW * H, D, Wk]
+    qs = scale * qt.float()
     idx_parts, ok_parts = [], []
     for r0 in range(0, wq, rows):
         r1 = min(wq, r0 + rows)
-        logits = (scale * qt[:, :, r0:r1].to(kt_t.dtype)) @ kt_t           # [BW, H, c, Wk]
-        p = torch.softmax(logits.masked_fill_(~kvalid, torch.finfo(logits.dtype).min), dim=-1)
-        p = p.mul_(kvalid).mul_(qok[:, None, r0:r1, None])
-        ph = p.float().sum(1)                                              # [BW, c, Wk]
+        logits = torch.baddbmm(kbias, qs[:, :, r0:r1].reshape(bw * h, r1 - r0, d), kt_t)
+        p = torch.softmax(logits, dim=-1).view(bw, h, r1 - r0, wk)
+        ph = p.sum(1).mul_(qok[:, r0:r1, None])                           # [BW, c, Wk]
         ph = ph.view(bw, -1, gq, wk).sum(2)                                # [BW, c / gq, Wk]
         scores = ph if identity else ph @ overlap                          # [BW, c / gq, Ws]
         scores = scores.masked_fill_(~sok[:, None, :], -math.inf)
