@@ -22,9 +22,9 @@ from .reference import BSAConfig, _acc, _dense_index, blockify, compress_mean
 
 __all__ = ["bsa_cpu", "ball_attention_cpu", "supports"]
 
-#: score elements (batch x heads x query rows x blocks) per chunk of the selection-score pass:
-#: 4M fp32 values (16 MiB) keep the pass memory-bound on cache-sized pieces, not on N x N / l
-CHUNK_ELEMS = 1 << 22
+#: score elements per chunk (selection-score pass, ball branch):
+#: 1M fp32 values (4 MiB): cache-sized pieces, reused by the allocator, never N x N / l at once
+CHUNK_ELEMS = 1 << 20
 
 
 def supports(cfg: BSAConfig) -> bool:
@@ -43,41 +43,60 @@ def _neg_mask(valid: Tensor, dtype: torch.dtype) -> Tensor:
 class _BallAttention(torch.autograd.Function):
     r"""Softmax attention inside balls with an additive bias ``sigma_h * dist + pad``, by hand.
 
-    SDPA cannot give the gradient of its mask without falling back to its unfused math path; this
-    does what that path does in fewer passes over the ``[num_balls * H, m, m]`` scores: the bias is
-    built by one ``addcmul`` into the logits buffer, ``baddbmm_`` adds ``q k^T`` in place, and the
-    backward gets ``d sigma`` and ``d dist`` as batched matmuls over the score gradient.
+    SDPA cannot give the gradient of its mask without falling back to its unfused math path. This
+    does that path's work in chunks of balls (about ``CHUNK_ELEMS`` scores each, so that the score
+    buffers are reused from the allocator and stay in the last-level cache instead of paging in
+    ``num_balls * H * m * m`` fresh floats): the bias is one ``addcmul`` into the logits buffer,
+    ``baddbmm_`` adds ``q k^T`` in place, and the backward recomputes the probabilities (nothing of
+    size ``m * m`` is kept) and gets ``d sigma`` and ``d dist`` as batched matmuls.
     """
+
+    @staticmethod
+    def _probs(q3, k3, sigma, dist, pad, scale):
+        cb, m = dist.shape[:2]
+        h = sigma.numel()
+        logits = torch.addcmul(pad, sigma.view(1, h, 1, 1), dist[:, None]).view(cb * h, m, m)
+        return torch.softmax(logits.baddbmm_(q3 * scale, k3.transpose(1, 2)), dim=-1)
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, sigma: Tensor, dist: Tensor, pad: Tensor) -> Tensor:
         nb, h, m, d = q.shape
         scale = d ** -0.5
+        step = max(1, CHUNK_ELEMS // (h * m * m))
         q3, k3, v3 = (t.reshape(nb * h, m, d) for t in (q, k, v))
-        logits = torch.addcmul(pad, sigma.view(1, h, 1, 1), dist[:, None]).view(nb * h, m, m)
-        logits.baddbmm_(q3 * scale, k3.transpose(1, 2))
-        p = torch.softmax(logits, dim=-1)
-        o = torch.bmm(p, v3)
-        ctx.save_for_backward(q3, k3, v3, sigma, dist, p, o)
+        o = torch.empty_like(q3)
+        for b0 in range(0, nb, step):
+            b1 = min(nb, b0 + step)
+            r = slice(b0 * h, b1 * h)
+            p = _BallAttention._probs(q3[r], k3[r], sigma, dist[b0:b1], pad[b0:b1], scale)
+            torch.bmm(p, v3[r], out=o[r])
+        ctx.save_for_backward(q3, k3, v3, sigma, dist, pad, o)
         ctx.shape = (nb, h, m, d)
         return o.view(nb, h, m, d)
 
     @staticmethod
     def backward(ctx, do: Tensor):
-        q3, k3, v3, sigma, dist, p, o = ctx.saved_tensors
+        q3, k3, v3, sigma, dist, pad, o = ctx.saved_tensors
         nb, h, m, d = ctx.shape
         scale = d ** -0.5
+        step = max(1, CHUNK_ELEMS // (h * m * m))
         do = do.reshape(nb * h, m, d)
-        dv = torch.bmm(p.transpose(1, 2), do)
-        ds = torch.bmm(do, v3.transpose(1, 2))                    # dP, then dS = P * (dP - rowsum(dO * O))
-        ds.sub_((do * o).sum(-1, keepdim=True)).mul_(p)
-        dq = torch.bmm(ds, k3).mul_(scale)
-        dk = torch.bmm(ds.transpose(1, 2), q3).mul_(scale)
-        ds4 = ds.view(nb, h, m * m)
-        dsigma = torch.bmm(ds4, dist.reshape(nb, m * m, 1)).sum(0).view(h)
-        ddist = None
-        if ctx.needs_input_grad[4]:
-            ddist = torch.bmm(sigma.view(1, 1, h).expand(nb, 1, h), ds4).view(nb, m, m)
+        delta = (do * o).sum(-1, keepdim=True)                    # rowsum(dO * O)
+        dq, dk, dv = torch.empty_like(q3), torch.empty_like(k3), torch.empty_like(v3)
+        dsigma = sigma.new_zeros(h)
+        ddist = torch.empty_like(dist) if ctx.needs_input_grad[4] else None
+        for b0 in range(0, nb, step):
+            b1 = min(nb, b0 + step)
+            r = slice(b0 * h, b1 * h)
+            p = _BallAttention._probs(q3[r], k3[r], sigma, dist[b0:b1], pad[b0:b1], scale)
+            torch.bmm(p.transpose(1, 2), do[r], out=dv[r])
+            ds = torch.bmm(do[r], v3[r].transpose(1, 2)).sub_(delta[r]).mul_(p)   # dS = P (dP - delta)
+            torch.bmm(ds, k3[r], out=dq[r]).mul_(scale)
+            torch.bmm(ds.transpose(1, 2), q3[r], out=dk[r]).mul_(scale)
+            ds4 = ds.view(b1 - b0, h, m * m)
+            dsigma += torch.bmm(ds4, dist[b0:b1].reshape(b1 - b0, m * m, 1)).sum(0).view(h)
+            if ddist is not None:
+                torch.bmm(sigma.view(1, 1, h).expand(b1 - b0, 1, h), ds4, out=ddist[b0:b1].view(b1 - b0, 1, m * m))
         return dq.view(nb, h, m, d), dk.view(nb, h, m, d), dv.view(nb, h, m, d), dsigma, ddist, None
 
 
