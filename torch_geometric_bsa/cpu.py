@@ -176,6 +176,15 @@ def _compressed(q: Tensor, kc: Tensor, vc: Tensor, kvalid: Tensor, tree: BallTre
     return o, (qt, kt, kok, length, w)
 
 
+def _rank_key(scores: Tensor, valid: Tensor, lower_first: Tensor) -> Tensor:
+    r"""An int64 key whose ``topk`` is the reference's stable descending sort: scores are sums of
+    probabilities (``>= +0.0``), whose fp32 bit patterns order as the values do; the low 32 bits
+    break ties to the lower block index. Invalid blocks get negative keys (after every valid one,
+    lower index first). ``topk`` on it costs a fraction of a full stable sort."""
+    bits = scores.view(torch.int32).to(torch.int64)
+    return torch.where(valid, (bits << 32) | lower_first, -1 - (lower_first.size(0) - 1 - lower_first))
+
+
 @torch.no_grad()
 def _select(qt: Tensor, kt: Tensor, kok: Tensor, tree: BallTree, cfg: BSAConfig, q_unit: int,
             length: int, window: int) -> Tuple[Tensor, Tensor]:
@@ -203,6 +212,7 @@ def _select(qt: Tensor, kt: Tensor, kok: Tensor, tree: BallTree, cfg: BSAConfig,
         sb = torch.arange(ws, device=qt.device) * ls
         overlap = ((cb[:, None] < sb[None] + ls) & (sb[None] < cb[:, None] + l)).float()
     kk = min(cfg.topk, ws)
+    lower_first = ws - 1 - torch.arange(ws, device=qt.device)
     rows = max(gq, CHUNK_ELEMS // max(1, bw * h * wk) // gq * gq)
     kt_t = kt.float().transpose(-1, -2).reshape(bw * h, d, wk)             # [BW * H, D, Wk]
     qs = scale * qt.float()
@@ -214,10 +224,10 @@ def _select(qt: Tensor, kt: Tensor, kok: Tensor, tree: BallTree, cfg: BSAConfig,
         ph = p.sum(1).mul_(qok[:, r0:r1, None])                           # [BW, c, Wk]
         ph = ph.view(bw, -1, gq, wk).sum(2)                                # [BW, c / gq, Wk]
         scores = ph if identity else ph @ overlap                          # [BW, c / gq, Ws]
-        scores = scores.masked_fill_(~sok[:, None, :], -math.inf)
-        val, idx = torch.sort(scores, dim=-1, descending=True, stable=True)
-        idx_parts.append(idx[..., :kk])
-        ok_parts.append(torch.isfinite(val[..., :kk]))
+        key = _rank_key(scores.contiguous(), sok[:, None, :], lower_first)
+        val, idx = key.topk(kk, dim=-1)
+        idx_parts.append(idx)
+        ok_parts.append(val >= 0)
     idx = torch.cat(idx_parts, 1)                              # [BW, window // g, kk], window-local
     ok = torch.cat(ok_parts, 1)
     # window-local block -> cloud-local slot of the block's first key
@@ -234,9 +244,10 @@ def _selected(q: Tensor, k: Tensor, v: Tensor, first: Tensor, ok: Tensor, mask: 
     groups as batch over gathered ``[N_pad // g, H, k' * l', D]`` keys and values."""
     n, h, d = q.shape
     ng, kk = first.shape
-    keys = (first[:, :, None] + torch.arange(ls, device=q.device)).view(ng, kk * ls).clamp_max(n - 1)
-    kvalid = mask[keys] & ok.repeat_interleave(ls, 1)                 # [NG, K]
-    ks, vs = k[keys].transpose(1, 2), v[keys].transpose(1, 2)        # [NG, H, K, D]
+    blk = (first // ls).clamp_max(n // ls - 1).view(-1)        # whole blocks: one index per l' keys
+    kvalid = mask.view(-1, ls)[blk].view(ng, kk * ls) & ok.repeat_interleave(ls, 1)   # [NG, K]
+    ks, vs = (t.view(n // ls, ls * h * d).index_select(0, blk).view(ng, kk * ls, h, d).transpose(1, 2)
+              for t in (k, v))                                   # [NG, H, K, D]
     qg = q.view(ng, g, h, d).transpose(1, 2)                          # [NG, H, g, D]
     o = F.scaled_dot_product_attention(qg, ks, vs, attn_mask=_neg_mask(kvalid[:, None, None, :], q.dtype))
     return o.transpose(1, 2).reshape(n, h, d)
