@@ -110,8 +110,8 @@ def ball_attention_cpu(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, sigma: Tens
     n, h, d = q.shape
     m = ball_size
     acc = _acc(q.dtype)
-    qb, kb, vb = (t.to(acc).view(-1, m, h, d).transpose(1, 2).contiguous() for t in (q, k, v))  # [nb, H, m, D]
-    pb = pos.to(_acc(pos.dtype)).view(-1, m, pos.size(-1))
+    qb, kb, vb = (t.to(acc).reshape(-1, m, h, d).transpose(1, 2).contiguous() for t in (q, k, v))  # [nb, H, m, D]
+    pb = pos.to(_acc(pos.dtype)).reshape(-1, m, pos.size(-1))
     dist = torch.cdist(pb, pb, compute_mode="donot_use_mm_for_euclid_dist").to(acc)  # [nb, m, m]
     pad = _neg_mask(mask.view(-1, 1, 1, m), acc)
     out = _BallAttention.apply(qb, kb, vb, sigma.to(acc), dist, pad)               # [nb, H, m, D]
@@ -130,7 +130,7 @@ def _windowed(x: Tensor, tree: BallTree, unit: int, length: int, window: int) ->
     """
     nu, wu = length // unit, window // unit
     if tree.num_clouds == 1 and x.size(0) == nu:
-        return x.view((-1, wu) + tuple(x.shape[1:])), torch.ones(length // window, wu, dtype=torch.bool,
+        return x.reshape((-1, wu) + tuple(x.shape[1:])), torch.ones(length // window, wu, dtype=torch.bool,
                                                                  device=x.device)
     idx, valid = _dense_index(tree.ptr, length, unit, x.size(0))  # [B, nu]
     return x[idx].view((-1, wu) + tuple(x.shape[1:])), valid.view(-1, wu)
@@ -246,9 +246,9 @@ def _selected(q: Tensor, k: Tensor, v: Tensor, first: Tensor, ok: Tensor, mask: 
     ng, kk = first.shape
     blk = (first // ls).clamp_max(n // ls - 1).view(-1)        # whole blocks: one index per l' keys
     kvalid = mask.view(-1, ls)[blk].view(ng, kk * ls) & ok.repeat_interleave(ls, 1)   # [NG, K]
-    ks, vs = (t.view(n // ls, ls * h * d).index_select(0, blk).view(ng, kk * ls, h, d).transpose(1, 2)
+    ks, vs = (t.reshape(n // ls, ls * h * d).index_select(0, blk).view(ng, kk * ls, h, d).transpose(1, 2)
               for t in (k, v))                                   # [NG, H, K, D]
-    qg = q.view(ng, g, h, d).transpose(1, 2)                          # [NG, H, g, D]
+    qg = q.reshape(ng, g, h, d).transpose(1, 2)                          # [NG, H, g, D]
     o = F.scaled_dot_product_attention(qg, ks, vs, attn_mask=_neg_mask(kvalid[:, None, None, :], q.dtype))
     return o.transpose(1, 2).reshape(n, h, d)
 
@@ -273,7 +273,7 @@ def bsa_cpu(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, cfg: B
     qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
     if cfg.group_compression:
         wq = mask.view(-1, g, 1, 1).to(acc)
-        q_cmp = (qa.view(-1, g, h, d) * wq).sum(1) / wq.sum(1).clamp_min(1.0)
+        q_cmp = (qa.reshape(-1, g, h, d) * wq).sum(1) / wq.sum(1).clamp_min(1.0)
         q_unit = g
     else:
         q_cmp, q_unit = qa, 1
