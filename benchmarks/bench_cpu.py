@@ -4,12 +4,13 @@ One cloud of N points, 64 channels, 8 heads, the layers' default hyper-parameter
 in one run (median of repeats, one warm-up):
 
 - ``BSAConv`` with ``backend="auto"`` (the fused-SDPA CPU path, ``torch_geometric_bsa.cpu``), ball
-  tree build included (it runs inside every forward); ``--reference`` adds the readable
-  ``backend="torch"`` oracle;
+  tree build included (it runs inside every forward), default configuration (``bsa``) and with
+  ``group_compression=True`` (``bsa_gc``); ``--reference`` adds the readable ``backend="torch"``;
 - ``sdpa_full``: a plain multi-head attention layer (qkv projection, ``scaled_dot_product_attention``
   over all N points, output projection);
 - ``PointTransformerConv`` (PyG, k = 16) on a prebuilt kNN graph; the graph build (``knn_graph``:
-  torch-cluster when installed, else our pure-torch search) is timed on its own.
+  torch-cluster when installed, else our pure-torch search) is timed on its own, and beside it the
+  dense scan the fallback used before (``knn_dense``).
 
 Peak memory: each (layer, N) runs once in a fresh subprocess; the figure is its peak resident set
 (``VmHWM``, reset through ``/proc/self/clear_refs`` after the setup) minus the resident set just
@@ -64,8 +65,9 @@ def make_case(name: str, n: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     pos = torch.rand(n, 3, generator=g)
     x = torch.randn(n, CHANNELS, generator=g, requires_grad=True)
-    if name in ("bsa", "bsa_torch"):
-        conv = BSAConv(CHANNELS, heads=HEADS, backend="auto" if name == "bsa" else "torch")
+    if name in ("bsa", "bsa_gc", "bsa_torch"):
+        conv = BSAConv(CHANNELS, heads=HEADS, backend="torch" if name == "bsa_torch" else "auto",
+                       group_compression=name == "bsa_gc")
         return lambda: conv(x, pos).square().mean().backward()
     if name == "sdpa_full":
         layer = SDPAFullAttention(CHANNELS, HEADS)
@@ -74,6 +76,10 @@ def make_case(name: str, n: int, seed: int = 0):
     from torch_geometric_bsa.nn.baselines import knn_graph
     if name == "knn_graph":
         return lambda: knn_graph(pos, K)
+    if name == "knn_dense":  # the dense scan our fallback used before the tree pruning
+        from torch_geometric_bsa.nn.baselines import _knn_dense
+        batch = torch.zeros(n, dtype=torch.long)
+        return lambda: _knn_dense(pos, K, batch, False, 1 << 24)
     if name == "pt_conv":
         edge_index = knn_graph(pos, K)
         conv = PointTransformerConv(CHANNELS, CHANNELS)
@@ -142,7 +148,8 @@ def main():
     info = env_info()
     info["load_before"] = load()
     print(info, flush=True)
-    layers = ["bsa"] + (["bsa_torch"] if args.reference else []) + ["sdpa_full", "pt_conv", "knn_graph"]
+    layers = ["bsa", "bsa_gc"] + (["bsa_torch"] if args.reference else []) + ["sdpa_full", "pt_conv",
+                                                                               "knn_graph", "knn_dense"]
     rows = []
     for n in args.sizes:
         row = dict(N=n)
@@ -151,6 +158,7 @@ def main():
             print(n, name, f"{row[f'{name}_s']:.3f} s", flush=True)
         row["sdpa_over_bsa"] = row["sdpa_full_s"] / row["bsa_s"]
         row["bsa_over_pt"] = row["bsa_s"] / row["pt_conv_s"]
+        row["knn_speedup"] = row["knn_dense_s"] / row["knn_graph_s"]
         rows.append(row)
     mem = []
     for n in args.mem_sizes:
@@ -164,9 +172,9 @@ def main():
     od = out_dir()
     write_json(os.path.join(od, f"{args.tag}.json"), dict(env=info, args=vars(args), command=" ".join(sys.argv),
                                                          results=rows, memory=mem))
-    cols = ["N"] + [f"{x}_s" for x in layers] + ["sdpa_over_bsa", "bsa_over_pt"]
+    cols = ["N"] + [f"{x}_s" for x in layers] + ["sdpa_over_bsa", "bsa_over_pt", "knn_speedup"]
     fmt = {c: ".3f" for c in cols if c.endswith("_s")}
-    fmt.update(sdpa_over_bsa=".2f", bsa_over_pt=".2f")
+    fmt.update(sdpa_over_bsa=".2f", bsa_over_pt=".2f", knn_speedup=".1f")
     mcols = ["N", "bsa_mb", "sdpa_full_mb", "pt_conv_mb", "bsa_kb_per_pt", "sdpa_full_kb_per_pt",
              "pt_conv_kb_per_pt"]
     mfmt = {c: ".1f" for c in mcols[1:]}

@@ -216,7 +216,10 @@ def _select(qt: Tensor, kt: Tensor, kok: Tensor, tree: BallTree, cfg: BSAConfig,
     rows = max(gq, CHUNK_ELEMS // max(1, bw * h * wk) // gq * gq)
     kt_t = kt.float().transpose(-1, -2).reshape(bw * h, d, wk)             # [BW * H, D, Wk]
     qs = scale * qt.float()
-    idx_parts, ok_parts = [], []
+    # results go into buffers allocated up front: small tensors kept between the chunks' big
+    # temporaries fragment the heap (resident memory grew by ~2 MB per chunk at N = 16k)
+    idx = torch.empty(bw, wq // gq, kk, dtype=torch.long, device=qt.device)
+    ok = torch.empty(bw, wq // gq, kk, dtype=torch.bool, device=qt.device)
     for r0 in range(0, wq, rows):
         r1 = min(wq, r0 + rows)
         logits = torch.baddbmm(kbias, qs[:, :, r0:r1].reshape(bw * h, r1 - r0, d), kt_t)
@@ -225,11 +228,9 @@ def _select(qt: Tensor, kt: Tensor, kok: Tensor, tree: BallTree, cfg: BSAConfig,
         ph = ph.view(bw, -1, gq, wk).sum(2)                                # [BW, c / gq, Wk]
         scores = ph if identity else ph @ overlap                          # [BW, c / gq, Ws]
         key = _rank_key(scores.contiguous(), sok[:, None, :], lower_first)
-        val, idx = key.topk(kk, dim=-1)
-        idx_parts.append(idx)
-        ok_parts.append(val >= 0)
-    idx = torch.cat(idx_parts, 1)                              # [BW, window // g, kk], window-local
-    ok = torch.cat(ok_parts, 1)
+        val, top = key.topk(kk, dim=-1)
+        idx[:, r0 // gq:r1 // gq] = top                        # [BW, window // g, kk], window-local
+        ok[:, r0 // gq:r1 // gq] = val >= 0
     # window-local block -> cloud-local slot of the block's first key
     first = (idx + (torch.arange(bw, device=idx.device) % (length // window) * ws)[:, None, None]) * ls
     first = _unwindowed(first.view(-1, window // g, kk), tree, g, length)    # [N_pad // g, kk]
