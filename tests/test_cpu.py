@@ -141,3 +141,22 @@ def test_cpu_path_compiles_as_one_graph():
     out = fn(q, k, v)
     ref = fast.bsa_cpu(q, k, v, pt, tree, cfg, **kw)
     assert rel_err(out, ref) < 1e-6
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_path_in_many_chunks_matches_reference(monkeypatch, threads):
+    # tiny chunks: the ball and selection loops run many chunks, spread over worker threads
+    monkeypatch.setattr(fast, "CHUNK_ELEMS", 64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cfg = BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4)
+        q, k, v, pt, tree, kw = _inputs([100, 37, 64], cfg, False, seed=17, pos_grad=True)
+        ref, gref = _out_and_grads(bsa_reference, q, k, v, pt, tree, cfg, kw)
+        out, gout = _out_and_grads(fast.bsa_cpu, q, k, v, pt, tree, cfg, kw)
+        assert torch.get_num_threads() == threads  # restored after the worker pool
+    finally:
+        torch.set_num_threads(before)
+    assert rel_err(out, ref) < TOL
+    for a, b in zip(gout, gref):
+        assert rel_err(a, b) < TOL

@@ -27,6 +27,37 @@ __all__ = ["bsa_cpu", "ball_attention_cpu", "supports"]
 CHUNK_ELEMS = 1 << 20
 
 
+def _for_chunks(fn, starts, device: torch.device) -> None:
+    r"""Runs ``fn(start)`` for every chunk start, each chunk's ops single-threaded and the chunks
+    spread over ``torch.get_num_threads()`` Python threads (ops release the GIL).
+
+    Chunks write disjoint slices of preallocated outputs. One intra-op parallel region per small op
+    costs a barrier each; on a shared machine whose other processes hold the cores, every barrier
+    waits for a descheduled thread, which made this path ~10x slower with 2 threads than with one.
+    Coarse chunk-level parallelism has two barriers in all. Plain loop when compiling, on one
+    thread, or off the CPU.
+    """
+    starts = list(starts)
+    threads = 1 if torch.compiler.is_compiling() or device.type != "cpu" else torch.get_num_threads()
+    if threads == 1 or len(starts) < 2:
+        for s0 in starts:
+            fn(s0)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+    grad = torch.is_grad_enabled()  # thread-local: the workers take the caller's mode
+
+    def run(s0):
+        with torch.set_grad_enabled(grad):
+            fn(s0)
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(min(threads, len(starts))) as pool:
+            for _ in pool.map(run, starts):  # re-raises a chunk's exception here
+                pass
+    finally:
+        torch.set_num_threads(threads)
+
+
 def supports(cfg: BSAConfig) -> bool:
     r"""Every configuration of ``BSAConfig`` is covered (kept as the one place to say otherwise)."""
     return True
@@ -65,11 +96,13 @@ class _BallAttention(torch.autograd.Function):
         step = max(1, CHUNK_ELEMS // (h * m * m))
         q3, k3, v3 = (t.reshape(nb * h, m, d) for t in (q, k, v))
         o = torch.empty_like(q3)
-        for b0 in range(0, nb, step):
+
+        def chunk(b0):
             b1 = min(nb, b0 + step)
             r = slice(b0 * h, b1 * h)
             p = _BallAttention._probs(q3[r], k3[r], sigma, dist[b0:b1], pad[b0:b1], scale)
             torch.bmm(p, v3[r], out=o[r])
+        _for_chunks(chunk, range(0, nb, step), q.device)
         ctx.save_for_backward(q3, k3, v3, sigma, dist, pad, o)
         ctx.shape = (nb, h, m, d)
         return o.view(nb, h, m, d)
@@ -83,9 +116,10 @@ class _BallAttention(torch.autograd.Function):
         do = do.reshape(nb * h, m, d)
         delta = (do * o).sum(-1, keepdim=True)                    # rowsum(dO * O)
         dq, dk, dv = torch.empty_like(q3), torch.empty_like(k3), torch.empty_like(v3)
-        dsigma = sigma.new_zeros(h)
+        dsigma = sigma.new_zeros(-(-nb // step), h)               # one row per chunk, summed after
         ddist = torch.empty_like(dist) if ctx.needs_input_grad[4] else None
-        for b0 in range(0, nb, step):
+
+        def chunk(b0):
             b1 = min(nb, b0 + step)
             r = slice(b0 * h, b1 * h)
             p = _BallAttention._probs(q3[r], k3[r], sigma, dist[b0:b1], pad[b0:b1], scale)
@@ -94,9 +128,12 @@ class _BallAttention(torch.autograd.Function):
             torch.bmm(ds, k3[r], out=dq[r]).mul_(scale)
             torch.bmm(ds.transpose(1, 2), q3[r], out=dk[r]).mul_(scale)
             ds4 = ds.view(b1 - b0, h, m * m)
-            dsigma += torch.bmm(ds4, dist[b0:b1].reshape(b1 - b0, m * m, 1)).sum(0).view(h)
+            torch.sum(torch.bmm(ds4, dist[b0:b1].reshape(b1 - b0, m * m, 1)).view(b1 - b0, h), 0,
+                      out=dsigma[b0 // step])
             if ddist is not None:
                 torch.bmm(sigma.view(1, 1, h).expand(b1 - b0, 1, h), ds4, out=ddist[b0:b1].view(b1 - b0, 1, m * m))
+        _for_chunks(chunk, range(0, nb, step), q3.device)
+        dsigma = dsigma.sum(0)
         return dq.view(nb, h, m, d), dk.view(nb, h, m, d), dv.view(nb, h, m, d), dsigma, ddist, None
 
 
@@ -220,7 +257,7 @@ def _select(qt: Tensor, kt: Tensor, kok: Tensor, tree: BallTree, cfg: BSAConfig,
     # temporaries fragment the heap (resident memory grew by ~2 MB per chunk at N = 16k)
     idx = torch.empty(bw, wq // gq, kk, dtype=torch.long, device=qt.device)
     ok = torch.empty(bw, wq // gq, kk, dtype=torch.bool, device=qt.device)
-    for r0 in range(0, wq, rows):
+    def chunk(r0):
         r1 = min(wq, r0 + rows)
         logits = torch.baddbmm(kbias, qs[:, :, r0:r1].reshape(bw * h, r1 - r0, d), kt_t)
         p = torch.softmax(logits, dim=-1).view(bw, h, r1 - r0, wk)
@@ -231,6 +268,7 @@ def _select(qt: Tensor, kt: Tensor, kok: Tensor, tree: BallTree, cfg: BSAConfig,
         val, top = key.topk(kk, dim=-1)
         idx[:, r0 // gq:r1 // gq] = top                        # [BW, window // g, kk], window-local
         ok[:, r0 // gq:r1 // gq] = val >= 0
+    _for_chunks(chunk, range(0, wq, rows), qt.device)
     # window-local block -> cloud-local slot of the block's first key
     first = (idx + (torch.arange(bw, device=idx.device) % (length // window) * ws)[:, None, None]) * ls
     first = _unwindowed(first.view(-1, window // g, kk), tree, g, length)    # [N_pad // g, kk]

@@ -59,7 +59,7 @@ def knn_graph_torch(pos: Tensor, k: int, batch: Optional[Tensor] = None, loop: b
 
 #: points per ball of the kNN search tree, and how many nearest balls (at least) give the first
 #: bound; small balls prune best (docs/benchmarks.md, CPU section)
-_KNN_BALL, _KNN_PROBE = 8, 16
+_KNN_BALL, _KNN_PROBE = 8, 8
 
 
 def _exact_dist(a: Tensor, b: Tensor) -> Tensor:
@@ -68,6 +68,7 @@ def _exact_dist(a: Tensor, b: Tensor) -> Tensor:
 
 def _knn_tree(pos: Tensor, k: int, batch: Tensor, loop: bool, max_elems: int) -> Tuple[Tensor, Tensor]:
     from ..balltree import build_ball_tree
+    from ..cpu import _for_chunks
     m = _KNN_BALL
     tree = build_ball_tree(pos, batch, m)
     pt = tree.to_tree(pos)
@@ -109,15 +110,16 @@ def _knn_tree(pos: Tensor, k: int, batch: Tensor, loop: bool, max_elems: int) ->
         # sub-chunks of a few query balls, each padded only to its own largest candidate count
         sub = max(1, min(16, max_elems // (m * m * nb)))
         widths = counts.view(-1)
-        for s0 in range(0, qb.numel(), sub):
+        def chunk(s0, qb=qb, order=order, counts=counts, widths=widths, sub=sub):
             rows = slice(s0, s0 + sub)
             width = int(widths[rows].max())
             cand_ok = torch.arange(width, device=pos.device)[None] < counts[rows, None]
             val, nbr = neighbours(qb[rows], order[rows, :width], cand_ok, k)
             centre = slot[qb[rows]][:, :, None].expand_as(nbr)
             keep = torch.isfinite(val) & ok[qb[rows]][:, :, None]
-            srcs.append(tree.perm[nbr[keep]])
+            srcs.append(tree.perm[nbr[keep]])   # list.append is atomic; the order is fixed by the final sort
             dsts.append(tree.perm[centre[keep]])
+        _for_chunks(chunk, range(0, qb.numel(), sub), pos.device)
     return torch.cat(srcs), torch.cat(dsts)
 
 
