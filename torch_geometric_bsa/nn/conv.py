@@ -197,7 +197,8 @@ class BSAConv(_TreeAttentionConv):
         compression (str): ``"mlp"`` (paper) or ``"mean"`` block pooling.
         branches (str): ``"all"`` (BSA) or ``"ball"`` (ball attention only, Erwin-style).
         dim (int): coordinate dimension, 2 or 3.
-        backend (str): ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"torch"`` or ``"triton"``.
+        backend (str): ``"auto"`` (Triton on CUDA, the fast CPU path elsewhere), ``"torch"`` (the
+            reference), ``"cpu"`` or ``"triton"``.
 
     Shapes:
         - **input:** node features $(|\mathcal{V}|, C)$, positions $(|\mathcal{V}|, d)$,
