@@ -160,3 +160,17 @@ def test_cpu_path_in_many_chunks_matches_reference(monkeypatch, threads):
     assert rel_err(out, ref) < TOL
     for a, b in zip(gout, gref):
         assert rel_err(a, b) < TOL
+
+
+def test_cpu_path_under_bf16_autocast():
+    # BSAConv under CPU autocast: bf16 q/k/v reach the CPU path, which computes in fp32 inside
+    pos, batch = random_batch([70, 41], seed=19)
+    x = torch.randn(111, 16, generator=torch.Generator().manual_seed(19))
+    kw = dict(heads=2, ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4)
+    conv = BSAConv(16, backend="cpu", **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x, pos, batch)
+    ref = conv(x, pos, batch)
+    assert out.dtype == torch.bfloat16 and rel_err(out.float(), ref) < 3e-2
+    out.float().square().sum().backward()
+    assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in conv.parameters())

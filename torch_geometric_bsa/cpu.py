@@ -144,6 +144,12 @@ def ball_attention_cpu(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, sigma: Tens
     The bias ``sigma_h * ||p_i - p_j||`` uses exact fp32 distances, padded keys get the dtype's
     minimum. Returns ``[N_pad, H, D]``, zero at padded queries.
     """
+    with torch.autocast(q.device.type, enabled=False):  # 16-bit inputs are computed in fp32 here
+        return _ball_attention(q, k, v, pos, sigma, mask, ball_size)
+
+
+def _ball_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, sigma: Tensor, mask: Tensor,
+                    ball_size: int) -> Tensor:
     n, h, d = q.shape
     m = ball_size
     acc = _acc(q.dtype)
@@ -299,7 +305,16 @@ def bsa_cpu(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, cfg: B
             sigma: Tensor, gates: Tensor, k_cmp: Optional[Tensor] = None, v_cmp: Optional[Tensor] = None,
             cmp_mask: Optional[Tensor] = None) -> Tensor:
     r"""BSA, the same function as ``reference.bsa_reference`` (same arguments, inputs checked by
-    ``functional.bsa_attention``). Returns ``[N_pad, H, D]``, zero at padded slots."""
+    ``functional.bsa_attention``). Returns ``[N_pad, H, D]``, zero at padded slots.
+
+    16-bit inputs are computed in fp32 (autocast is switched off inside: the selection keys need
+    fp32 scores) and the result is cast back.
+    """
+    with torch.autocast(q.device.type, enabled=False):
+        return _bsa_cpu(q, k, v, pos, tree, cfg, sigma, gates, k_cmp, v_cmp, cmp_mask)
+
+
+def _bsa_cpu(q, k, v, pos, tree, cfg, sigma, gates, k_cmp, v_cmp, cmp_mask) -> Tensor:
     mask, s, g, w = tree.mask, cfg.cmp_stride, cfg.group_size, cfg.cmp_window
     n, h, d = q.shape
     dtype, acc = q.dtype, _acc(q.dtype)
