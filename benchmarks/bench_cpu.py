@@ -1,7 +1,9 @@
 """BSA on the CPU against full attention and PointTransformerConv: layer forward + backward, fp32.
 
 One cloud of N points, 64 channels, 8 heads, the layers' default hyper-parameters. Timed side by side
-in one run (median of repeats, one warm-up):
+in one run: after one warm-up call each, the layers take turns (one call each per round) and each
+reports its median over the rounds; before each round the script waits (``--max-wait``) until other
+processes leave the cores idle, and records how busy they were (``busy_before_rounds``):
 
 - ``BSAConv`` with ``backend="auto"`` (the fused-SDPA CPU path, ``torch_geometric_bsa.cpu``), ball
   tree build included (it runs inside every forward), default configuration (``bsa``) and with
@@ -28,6 +30,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Callable, Dict, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -87,15 +90,44 @@ def make_case(name: str, n: int, seed: int = 0):
     raise ValueError(f"unknown layer {name!r}")
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def _cpu_busy(interval: float = 0.5) -> float:
+    r"""Fraction of all cores busy (any process) over ``interval`` seconds, from ``/proc/stat``."""
+    def read():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v)  # idle + iowait, total
+    i0, t0 = read()
+    time.sleep(interval)
+    i1, t1 = read()
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_quiet(limit: float, max_wait: float) -> float:
+    r"""Waits (at most ``max_wait`` s) until other processes leave the cores idle (busy fraction
+    below ``limit``); returns the last busy fraction seen. Other jobs sharing the machine make every
+    intra-op barrier wait for a descheduled thread, which distorts timings by up to 10x."""
+    start = time.time()
+    busy = _cpu_busy()
+    while busy > limit and time.time() - start < max_wait:
+        busy = _cpu_busy()
+    return busy
+
+
+def time_round_robin(cases: Dict[str, Callable], repeats: int, quiet: float, max_wait: float):
+    r"""Median seconds per case; the cases take turns (one call each per round, a warm-up first), so
+    that a change of machine load hits all of them alike. Also returns the busy fraction before
+    each round."""
+    for fn in cases.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+    times: Dict[str, List[float]] = {name: [] for name in cases}
+    busy = []
+    for _ in range(repeats):
+        busy.append(round(wait_quiet(quiet, max_wait), 3))
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}, busy
 
 
 def _status_mb(key: str) -> float:
@@ -136,6 +168,9 @@ def main():
                    default=[2048, 4096, 8192, 16384])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--quiet", type=float, default=0.15,
+                   help="before each round, wait until the cores are at most this busy (fraction)")
+    p.add_argument("--max-wait", type=float, default=60.0, help="longest wait for a quiet machine (s)")
     p.add_argument("--reference", action="store_true", help="also time the torch (reference) backend")
     p.add_argument("--tag", default="bench_cpu")
     p.add_argument("--memory-child", nargs=2, metavar=("LAYER", "N"), help=argparse.SUPPRESS)
@@ -152,10 +187,12 @@ def main():
                                                                                "knn_graph", "knn_dense"]
     rows = []
     for n in args.sizes:
-        row = dict(N=n)
+        med, busy = time_round_robin({name: make_case(name, n) for name in layers}, args.repeats,
+                                     args.quiet, args.max_wait)
+        row = dict(N=n, busy_before_rounds=busy)
         for name in layers:
-            row[f"{name}_s"] = median_seconds(make_case(name, n), args.repeats)
-            print(n, name, f"{row[f'{name}_s']:.3f} s", flush=True)
+            row[f"{name}_s"] = med[name]
+            print(n, name, f"{med[name]:.3f} s", flush=True)
         row["sdpa_over_bsa"] = row["sdpa_full_s"] / row["bsa_s"]
         row["bsa_over_pt"] = row["bsa_s"] / row["pt_conv_s"]
         row["knn_speedup"] = row["knn_dense_s"] / row["knn_graph_s"]
