@@ -1,16 +1,16 @@
-"""The fast CPU path of BSA: the same function as ``reference.bsa_reference``, built from fused SDPA.
+"""The fast CPU path of BSA: the same function as ``reference.bsa_reference``, in few large ops.
 
-``backend="cpu"`` (what ``"auto"`` picks off CUDA). Each branch is one batched
-``scaled_dot_product_attention`` call, whose CPU kernel is flash-style (no score matrix kept for the
-backward); the distance bias of the ball branch and every padding mask enter as additive float masks.
-The selection scores, which need the compressed-attention probabilities themselves, are computed
-without autograd in chunks of query rows, so that memory stays linear in N. Windows
-(``cfg.cmp_window``) are a reshape of the per-cloud dense layout. Every input stays in tree order;
-autograd goes through plain torch ops (the top-k indices are constants, as in the reference).
+``backend="cpu"`` (what ``"auto"`` picks off CUDA). The compression and selection branches are one
+batched ``scaled_dot_product_attention`` call each, whose CPU kernel is flash-style (no score matrix
+kept for the backward), padding entering as additive float masks. The ball branch, whose distance
+bias needs a gradient, is a hand-written attention over chunks of balls. The selection scores, which
+need the compressed-attention probabilities themselves, are computed without autograd in chunks of
+query rows, so that memory stays linear in N. Windows (``cfg.cmp_window``) are a reshape of the
+per-cloud dense layout. Every input stays in tree order; the top-k indices are constants, as in the
+reference. Measurements: docs/benchmarks.md (CPU section).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -20,7 +20,7 @@ from torch import Tensor
 from .balltree import BallTree
 from .reference import BSAConfig, _acc, _dense_index, blockify, compress_mean
 
-__all__ = ["bsa_cpu", "ball_attention_cpu", "supports"]
+__all__ = ["bsa_cpu", "ball_attention_cpu"]
 
 #: score elements per chunk (selection-score pass, ball branch):
 #: 1M fp32 values (4 MiB): cache-sized pieces, reused by the allocator, never N x N / l at once
@@ -32,10 +32,9 @@ def _for_chunks(fn, starts, device: torch.device) -> None:
     spread over ``torch.get_num_threads()`` Python threads (ops release the GIL).
 
     Chunks write disjoint slices of preallocated outputs. One intra-op parallel region per small op
-    costs a barrier each; on a shared machine whose other processes hold the cores, every barrier
-    waits for a descheduled thread, which made this path ~10x slower with 2 threads than with one.
-    Coarse chunk-level parallelism has two barriers in all. Plain loop when compiling, on one
-    thread, or off the CPU.
+    costs a barrier each; on a machine whose other processes hold the cores, every barrier waits for
+    a descheduled thread (docs/benchmarks.md). Coarse chunk-level parallelism has two barriers in
+    all. Plain loop when compiling, on one thread, or off the CPU.
     """
     starts = list(starts)
     threads = 1 if torch.compiler.is_compiling() or device.type != "cpu" else torch.get_num_threads()
@@ -56,11 +55,6 @@ def _for_chunks(fn, starts, device: torch.device) -> None:
                 pass
     finally:
         torch.set_num_threads(threads)
-
-
-def supports(cfg: BSAConfig) -> bool:
-    r"""Every configuration of ``BSAConfig`` is covered (kept as the one place to say otherwise)."""
-    return True
 
 
 def _neg_mask(valid: Tensor, dtype: torch.dtype) -> Tensor:
@@ -260,7 +254,7 @@ def _select(qt: Tensor, kt: Tensor, kok: Tensor, tree: BallTree, cfg: BSAConfig,
     kt_t = kt.float().transpose(-1, -2).reshape(bw * h, d, wk)             # [BW * H, D, Wk]
     qs = scale * qt.float()
     # results go into buffers allocated up front: small tensors kept between the chunks' big
-    # temporaries fragment the heap (resident memory grew by ~2 MB per chunk at N = 16k)
+    # temporaries fragment the heap (resident memory then grows with the number of chunks)
     idx = torch.empty(bw, wq // gq, kk, dtype=torch.long, device=qt.device)
     ok = torch.empty(bw, wq // gq, kk, dtype=torch.bool, device=qt.device)
     def chunk(r0):
