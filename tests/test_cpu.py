@@ -174,3 +174,18 @@ def test_cpu_path_under_bf16_autocast():
     assert out.dtype == torch.bfloat16 and rel_err(out.float(), ref) < 3e-2
     out.float().square().sum().backward()
     assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in conv.parameters())
+
+
+def test_selection_pass_compiles_with_inductor(monkeypatch):
+    # the default torch.compile backend (C++ codegen) over the chunked selection pass; a per-chunk
+    # store of `keys >= 0` once generated C++ that did not compile (mixed int64/float vector masks)
+    monkeypatch.setattr(fast, "CHUNK_ELEMS", 256)
+    cfg = BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4)
+    q, k, v, pt, tree, _ = _inputs([60, 33], cfg, False, seed=21)
+    kc, vc, cm = compress_mean(k.detach(), v.detach(), tree.mask, tree.slot_batch, 4, 4)
+    _, (qt, kt, kok, length, w) = fast._compressed(q.detach(), kc, vc, cm, tree, 4, None)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda qt, kt: fast._select(qt, kt, kok, tree, cfg, 1, length, w))
+    first, ok = fn(qt, kt)
+    ref_first, ref_ok = fast._select(qt, kt, kok, tree, cfg, 1, length, w)
+    assert torch.equal(ok, ref_ok) and torch.equal(first[ok], ref_first[ok])

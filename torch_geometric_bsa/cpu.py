@@ -256,7 +256,7 @@ def _select(qt: Tensor, kt: Tensor, kok: Tensor, tree: BallTree, cfg: BSAConfig,
     # results go into buffers allocated up front: small tensors kept between the chunks' big
     # temporaries fragment the heap (resident memory then grows with the number of chunks)
     idx = torch.empty(bw, wq // gq, kk, dtype=torch.long, device=qt.device)
-    ok = torch.empty(bw, wq // gq, kk, dtype=torch.bool, device=qt.device)
+    top_key = torch.empty(bw, wq // gq, kk, dtype=torch.long, device=qt.device)
     def chunk(r0):
         r1 = min(wq, r0 + rows)
         logits = torch.baddbmm(kbias, qs[:, :, r0:r1].reshape(bw * h, r1 - r0, d), kt_t)
@@ -267,8 +267,11 @@ def _select(qt: Tensor, kt: Tensor, kok: Tensor, tree: BallTree, cfg: BSAConfig,
         key = _rank_key(scores.contiguous(), sok[:, None, :], lower_first)
         val, top = key.topk(kk, dim=-1)
         idx[:, r0 // gq:r1 // gq] = top                        # [BW, window // g, kk], window-local
-        ok[:, r0 // gq:r1 // gq] = val >= 0
+        top_key[:, r0 // gq:r1 // gq] = val
     _for_chunks(chunk, range(0, wq, rows), qt.device)
+    # validity from the keys once, after the loop: inductor's C++ codegen failed to compile the
+    # per-chunk `val >= 0` stores (mixed int64/float vector masks)
+    ok = top_key >= 0
     # window-local block -> cloud-local slot of the block's first key
     first = (idx + (torch.arange(bw, device=idx.device) % (length // window) * ws)[:, None, None]) * ls
     first = _unwindowed(first.view(-1, window // g, kk), tree, g, length)    # [N_pad // g, kk]
