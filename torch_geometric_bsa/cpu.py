@@ -34,7 +34,8 @@ def _for_chunks(fn, starts, device: torch.device) -> None:
     Chunks write disjoint slices of preallocated outputs. One intra-op parallel region per small op
     costs a barrier each; on a machine whose other processes hold the cores, every barrier waits for
     a descheduled thread (docs/benchmarks.md). Coarse chunk-level parallelism has two barriers in
-    all. Plain loop when compiling, on one thread, or off the CPU.
+    all. Plain loop when compiling, on one thread, or off the CPU. While the pool runs, the
+    process-wide intra-op thread count is 1 (restored afterwards).
     """
     starts = list(starts)
     threads = 1 if torch.compiler.is_compiling() or device.type != "cpu" else torch.get_num_threads()
