@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rotate", action="store_true", help="alternate layers use a rotated ball tree")
     g.add_argument("--backend", default="auto", choices=("auto", "torch", "cpu", "triton"),
                    help="BSA/ball attention backend; 'auto' probes the Triton kernels on CUDA and "
-                        "falls back to the PyTorch reference")
+                        "falls back to the PyTorch reference; off CUDA it is the fast CPU path")
     g.add_argument("--knn", type=_positive_int, default=16, help="GNN neighbours")
 
     g = p.add_argument_group("optimisation")

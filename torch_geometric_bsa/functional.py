@@ -75,7 +75,7 @@ def bsa_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, 
             values; mean pooling when omitted.
         backend (str): ``"auto"`` (Triton on CUDA, the fused-SDPA CPU path elsewhere), ``"torch"``
             (the readable reference, ``reference.bsa_reference``), ``"cpu"`` (``cpu.bsa_cpu``: plain
-            torch ops, any device) or ``"triton"``.
+            torch ops, written for the CPU) or ``"triton"``.
 
     Returns:
         ``[N_pad, H, D]``, zero at padded slots.
