@@ -145,9 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "tree-ordered slots (a multiple of --ball-size) plus a coarse per-ball branch")
     g.add_argument("--compression", default="mlp", choices=("mlp", "mean"), help="BSA block pooling")
     g.add_argument("--rotate", action="store_true", help="alternate layers use a rotated ball tree")
-    g.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
+    g.add_argument("--backend", default="auto", choices=("auto", "torch", "cpu", "triton"),
                    help="BSA/ball attention backend; 'auto' probes the Triton kernels on CUDA and "
-                        "falls back to the PyTorch reference")
+                        "falls back to the PyTorch reference; off CUDA it is the fast CPU path")
     g.add_argument("--knn", type=_positive_int, default=16, help="GNN neighbours")
 
     g = p.add_argument_group("optimisation")
@@ -498,7 +498,7 @@ def resolve_attention_backend(args, in_channels: int, out_channels: int, dim: in
     if args.model not in ("bsa", "ball"):
         return None
     if args.backend != "auto" or device.type != "cuda":
-        return "torch" if args.backend == "auto" else args.backend
+        return ("cpu" if device.type != "cuda" else "torch") if args.backend == "auto" else args.backend
     try:
         probe = build_model(args, in_channels, out_channels, dim, backend="triton").to(device)
         n = 2 * args.ball_size

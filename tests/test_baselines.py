@@ -108,3 +108,33 @@ def test_baseline_bad_args():
         PointNet(2, 1, num_layers=0)
     with pytest.raises(ValueError, match="k must be"):
         KNNGNN(2, 1, k=0)
+
+
+def _brute_force_knn_dense(pos, k, batch, loop=False):
+    # every pair in float64 (vectorised twin of _brute_force_knn, for clouds of hundreds of points)
+    p = pos.double()
+    d = torch.cdist(p, p, compute_mode="donot_use_mm_for_euclid_dist")
+    d = d.masked_fill(batch[:, None] != batch[None], float("inf"))
+    if not loop:
+        d.fill_diagonal_(float("inf"))
+    val, idx = d.topk(min(k, d.size(1)), dim=1, largest=False)
+    dst = torch.arange(pos.size(0))[:, None].expand_as(idx)
+    keep = torch.isfinite(val)
+    return set(zip(idx[keep].tolist(), dst[keep].tolist()))
+
+
+@pytest.mark.parametrize("dim, sizes, k, stretch", [
+    (3, [700, 3, 450], 16, (1.0, 1.0, 1.0)),
+    (3, [600, 250], 5, (10.0, 1.0, 0.1)),   # elongated clouds: balls far from round
+    (2, [800], 20, (1.0, 1.0)),
+    (4, [120, 30], 6, (1.0, 1.0, 1.0, 1.0)),  # no ball tree in 4-D: the dense scan
+])
+def test_knn_pruned_search_is_exact_on_larger_clouds(dim, sizes, k, stretch):
+    # large enough that the ball-tree pruning skips most balls; must still be the exact kNN
+    _, pos, batch = _clouds(sizes, dim=dim, seed=dim + k)
+    pos = pos * torch.tensor(stretch)
+    for loop in (False, True):
+        ei = knn_graph_torch(pos, k, batch, loop=loop, max_elems=1 << 16)
+        assert _edge_set(ei) == _brute_force_knn_dense(pos, k, batch, loop=loop)
+        assert len(_edge_set(ei)) == ei.size(1)
+        assert bool((ei[1][1:] >= ei[1][:-1]).all())  # sorted by centre

@@ -44,3 +44,31 @@ def test_saved_bench_results_carry_device_and_command_arguments():
             saved = json.load(f)
         assert "env" in saved and ("args" in saved or "command" in saved), name
         assert saved["env"].get("gpu") or saved["env"].get("cpu"), name
+
+
+def test_bench_cpu_runs_and_writes_its_table(tmp_path):
+    # a tiny run of the CPU benchmark in-process: every layer timed, ratios and JSON written
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_cpu
+    finally:
+        sys.path.pop(0)
+    argv = sys.argv
+    sys.argv = ["bench_cpu.py", "--sizes", "512", "--mem-sizes", "", "--repeats", "1", "--max-wait", "0"]
+    old_out = os.environ.get("OUT")
+    os.environ["OUT"] = str(tmp_path)
+    try:
+        bench_cpu.main()
+    finally:
+        sys.argv = argv
+        if old_out is None:
+            os.environ.pop("OUT")
+        else:
+            os.environ["OUT"] = old_out
+    saved = json.load(open(tmp_path / "bench_cpu.json"))
+    row = saved["results"][0]
+    assert row["N"] == 512 and all(row[f"{x}_s"] > 0 for x in ("bsa", "sdpa_full", "pt_conv", "knn_graph"))
+    assert abs(row["sdpa_over_bsa"] - row["sdpa_full_s"] / row["bsa_s"]) < 1e-12
+    assert "env" in saved and "command" in saved
+    # the memory probe: one forward + backward in a fresh process, peak above the resident set before it
+    assert bench_cpu.measure_memory("bsa", 2048, 1) > 1.0

@@ -12,7 +12,7 @@ from .reference import BSAConfig, bsa_reference
 
 __all__ = ["bsa_attention", "ball_attention", "resolve_backend", "triton_available", "triton_installed"]
 
-_BACKENDS = ("auto", "torch", "triton")
+_BACKENDS = ("auto", "torch", "cpu", "triton")
 
 
 _TRITON_INSTALLED: Optional[bool] = None
@@ -50,11 +50,14 @@ def check_backend_name(backend: str) -> None:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    r"""``"auto"`` -> ``"triton"`` on CUDA when Triton is installed, else ``"torch"``; ``"triton"``
-    without the package raises an ImportError that says how to get it."""
+    r"""``"auto"`` -> ``"triton"`` on CUDA when Triton is installed (else ``"torch"``), ``"cpu"`` (the
+    fused-SDPA path) off CUDA; ``"triton"`` without the package raises an ImportError that says how
+    to get it, and on a device it cannot run on (CPU without the interpreter) a ValueError."""
     check_backend_name(backend)
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available(device) else "torch"
+        if device.type == "cuda":
+            return "triton" if triton_available(device) else "torch"
+        return "cpu"
     if backend == "triton" and not triton_available(device):
         raise ValueError(f"backend='triton' needs CUDA tensors or the Triton CPU interpreter "
                          f"(TRITON_INTERPRET=1); the tensors are on {device}: use backend='auto' or 'torch'")
@@ -100,7 +103,9 @@ def bsa_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, 
             coarse branch when ``cfg.cmp_window`` is set: ``B = cfg.num_branches``).
         k_cmp, v_cmp (Tensor, optional): ``[N_pad // cmp_stride, H, D]`` compressed keys and
             values; mean pooling when omitted.
-        backend (str): ``"auto"`` (Triton on CUDA, else PyTorch), ``"torch"`` or ``"triton"``.
+        backend (str): ``"auto"`` (Triton on CUDA, the fused-SDPA CPU path elsewhere), ``"torch"``
+            (the readable reference, ``reference.bsa_reference``), ``"cpu"`` (``cpu.bsa_cpu``: plain
+            torch ops, written for the CPU) or ``"triton"``.
         validate (bool): also check tensor values: that ``tree`` was built on these positions
             (its fingerprint) and that squared distances do not overflow ``pos``'s dtype. One flag,
             asserted without a host sync on CUDA. Layers that checked their inputs pass ``False``.
@@ -120,6 +125,10 @@ def bsa_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, 
         from .kernels import bsa_triton
         return bsa_triton(q, k, v, pos, tree, cfg, sigma=sigma, gates=gates, k_cmp=k_cmp, v_cmp=v_cmp,
                           cmp_mask=cmp_mask)
+    if backend == "cpu":
+        from .cpu import bsa_cpu
+        return bsa_cpu(q, k, v, pos, tree, cfg, sigma=sigma, gates=gates, k_cmp=k_cmp, v_cmp=v_cmp,
+                       cmp_mask=cmp_mask)
     return bsa_reference(q, k, v, pos, tree, cfg, sigma=sigma, gates=gates, k_cmp=k_cmp, v_cmp=v_cmp,
                          cmp_mask=cmp_mask)
 
@@ -139,5 +148,8 @@ def ball_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, sigma: Tensor, 
     if backend == "triton":
         from .kernels.ball import ball_attention_triton
         return ball_attention_triton(q, k, v, pos, sigma, mask, ball_size)
+    if backend == "cpu":
+        from .cpu import ball_attention_cpu
+        return ball_attention_cpu(q, k, v, pos, sigma, mask, ball_size)
     from .reference import ball_attention as ref
     return ref(q, k, v, pos, sigma, mask, ball_size)

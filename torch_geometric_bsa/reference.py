@@ -1,7 +1,7 @@
 """Pure-PyTorch Ball Sparse Attention, branch by branch (DESIGN §1.2, §1.2b).
 
-This is the oracle every Triton kernel is tested against and the CPU path. All tensors are in
-tree order and padded: ``q, k, v [N_pad, H, D]``, ``pos [N_pad, d]``, ``mask [N_pad]``. Clouds are
+This is the oracle every Triton kernel and the fast CPU path (``cpu.py``) are tested against. All
+tensors are in tree order and padded: ``q, k, v [N_pad, H, D]``, ``pos [N_pad, d]``, ``mask [N_pad]``. Clouds are
 contiguous slot ranges given by ``tree.ptr``; nothing here ever lets one cloud see another.
 Written for clarity: the global branches use a dense per-cloud layout ``[B, P_max, ...]``.
 """

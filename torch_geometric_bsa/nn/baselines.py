@@ -29,26 +29,106 @@ def _unpack(x, pos: Optional[Tensor], batch: Optional[Tensor]) -> Tuple[Optional
 
 
 def knn_graph_torch(pos: Tensor, k: int, batch: Optional[Tensor] = None, loop: bool = False,
-                    max_elems: int = 1 << 24) -> Tensor:
+                    max_elems: int = 1 << 20) -> Tensor:
     r"""Exact k-nearest-neighbour graph in pure PyTorch (same convention as ``torch_cluster``).
 
-    Clouds are laid out densely (``[B, P, d]``, P the largest cloud) and the query rows are
-    processed in chunks of at most ``max_elems`` distances, so there is no Python loop over clouds.
-    Distances are computed elementwise (no ``|a|^2 + |b|^2 - 2ab`` cancellation), so the neighbour
-    sets match a brute-force search. Clouds with fewer than ``k`` other points keep what they have.
+    For 2-D and 3-D positions the search is pruned by a ball tree (``build_ball_tree`` with balls
+    of ``_KNN_BALL`` points): a first pass over each query ball's ``_KNN_PROBE`` nearest balls gives
+    every query an upper bound ``r_i`` on its k-th distance; a second pass scans only the balls whose
+    centre lies within ``R_B + max_i r_i + R_C`` of the query ball's centre (``R``: ball radii), which
+    provably holds every true neighbour. Other dimensions use a dense scan (``_knn_dense``). Work is
+    cut into chunks of at most ``max_elems`` distances; distances are computed elementwise (no
+    ``|a|^2 + |b|^2 - 2ab`` cancellation), so the neighbour sets match a brute-force search. Clouds
+    with fewer than ``k`` other points keep what they have.
 
     Returns:
         ``edge_index [2, E]`` with ``edge_index[0]`` the neighbour (source) and ``edge_index[1]``
-        the centre (target), i.e. ``flow="source_to_target"``.
+        the centre (target), i.e. ``flow="source_to_target"``, sorted by centre then neighbour.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    n = pos.size(0)
     if batch is None:
-        batch = pos.new_zeros(n, dtype=torch.long)
+        batch = pos.new_zeros(pos.size(0), dtype=torch.long)
+    if pos.size(1) in (2, 3) and pos.is_floating_point():
+        src, dst = _knn_tree(pos, k, batch, loop, max_elems)
+    else:
+        src, dst = _knn_dense(pos, k, batch, loop, max_elems)
+    order = torch.argsort(dst * pos.size(0) + src)  # sorted by centre, then neighbour: a canonical order
+    return torch.stack([src[order], dst[order]])
+
+
+#: points per ball of the kNN search tree, and how many nearest balls (at least) give the first
+#: bound; small balls prune best (docs/benchmarks.md, CPU section)
+_KNN_BALL, _KNN_PROBE = 8, 8
+
+
+def _exact_dist(a: Tensor, b: Tensor) -> Tensor:
+    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def _knn_tree(pos: Tensor, k: int, batch: Tensor, loop: bool, max_elems: int) -> Tuple[Tensor, Tensor]:
+    from ..balltree import build_ball_tree
+    from ..cpu import _for_chunks
+    m = _KNN_BALL
+    tree = build_ball_tree(pos, batch, m)
+    pt = tree.to_tree(pos)
+    nb = tree.num_balls
+    pts = pt.view(nb, m, -1)
+    ok = tree.mask.view(nb, m)
+    cen, rad = tree.ball_centers(pt), tree.ball_radii(pt)
+    cloud = tree.slot_batch.view(nb, m)[:, 0]
+    slot = torch.arange(tree.num_slots, device=pos.device).view(nb, m)
+    inf = float("inf")
+
+    def neighbours(qb: Tensor, cand: Tensor, cand_ok: Tensor, kk: int) -> Tuple[Tensor, Tensor]:
+        # exact distances of the points of query balls qb [c] to the points of candidate balls
+        # cand [c, L] (cand_ok: ball usable); the kk nearest per query, inf where fewer exist
+        c, nl = cand.shape
+        dist = _exact_dist(pts[qb], pts[cand].view(c, nl * m, -1))          # [c, m, L * m]
+        bad = ~(ok[cand] & cand_ok[..., None]).view(c, 1, nl * m)
+        if not loop:
+            bad = bad | (slot[qb][:, :, None] == slot[cand].view(c, 1, nl * m))
+        dist = dist.masked_fill_(bad, inf)
+        val, idx = dist.topk(min(kk, nl * m), dim=-1, largest=False)        # [c, m, kk]
+        return val, slot[cand].view(c, nl * m).gather(1, idx.view(c, -1)).view_as(idx)
+
+    pairs = []  # (sources, centres) per chunk; the final sort fixes the order
+    n_probe = min(nb, max(_KNN_PROBE, -(-2 * (k + 1) // m)))  # about 2k candidates for the bound
+    step = max(1, max_elems // (m * m * n_probe))
+    for b0 in range(0, nb, step):
+        qb = torch.arange(b0, min(nb, b0 + step), device=pos.device)
+        cd = _exact_dist(cen[qb], cen).masked_fill_(cloud[qb][:, None] != cloud[None], inf)  # [c, nb]
+        probe = cd.topk(n_probe, dim=-1, largest=False)
+        val, _ = neighbours(qb, probe.indices, torch.isfinite(probe.values), k)
+        # k-th distance among the probed points bounds each query's true k-th distance (inf if too few)
+        r = val[..., -1] if val.size(-1) == k else torch.full_like(val[..., 0], inf)
+        r = r.masked_fill(~ok[qb], 0.0).amax(1)                               # [c]
+        reach = (rad[qb] + r)[:, None] + rad[None]
+        need = (cd <= reach * (1 + 1e-5)) & torch.isfinite(cd)                # rounding slack; own cloud
+        counts = need.sum(1)
+        order = torch.sort(need.to(torch.int8), dim=1, descending=True, stable=True).indices
+        # sub-chunks of a few query balls, each padded only to its own largest candidate count
+        sub = max(1, min(16, max_elems // (m * m * nb)))
+        widths = counts.view(-1)
+        def chunk(s0, qb=qb, order=order, counts=counts, widths=widths, sub=sub):
+            rows = slice(s0, s0 + sub)
+            width = int(widths[rows].max())
+            cand_ok = torch.arange(width, device=pos.device)[None] < counts[rows, None]
+            val, nbr = neighbours(qb[rows], order[rows, :width], cand_ok, k)
+            centre = slot[qb[rows]][:, :, None].expand_as(nbr)
+            keep = torch.isfinite(val) & ok[qb[rows]][:, :, None]
+            # one append of the pair: list.append is atomic, but two appends from two threads can
+            # interleave and pair one chunk's sources with another's centres
+            pairs.append((tree.perm[nbr[keep]], tree.perm[centre[keep]]))
+        _for_chunks(chunk, range(0, qb.numel(), sub), pos.device)
+    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+
+
+def _knn_dense(pos: Tensor, k: int, batch: Tensor, loop: bool, max_elems: int) -> Tuple[Tensor, Tensor]:
+    # every pair of each cloud, clouds laid out densely ([B, P, d]), query rows in chunks
+    n = pos.size(0)
     dense, valid = to_dense_batch(pos, batch)                     # [B, P, d], [B, P]
     b, p, _ = dense.shape
-    # global index of each dense slot (-1 for padding)
     gidx = torch.full((b, p), -1, dtype=torch.long, device=pos.device)
     gidx[valid] = torch.arange(n, device=pos.device)
     kk = min(k, p)  # self is masked out below when loop=False
@@ -71,9 +151,7 @@ def knn_graph_torch(pos: Tensor, k: int, batch: Optional[Tensor] = None, loop: b
         dst = gidx[:, start:start + chunk, None].expand_as(idx)
         rows.append(src[ok])
         cols.append(dst[ok])
-    src, dst = torch.cat(rows), torch.cat(cols)
-    order = torch.argsort(dst * n + src)  # sorted by centre, then neighbour: a canonical order
-    return torch.stack([src[order], dst[order]])
+    return torch.cat(rows), torch.cat(cols)
 
 
 def knn_graph(pos: Tensor, k: int, batch: Optional[Tensor] = None, loop: bool = False) -> Tensor:

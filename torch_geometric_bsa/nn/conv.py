@@ -307,7 +307,8 @@ class BSAConv(_TreeAttentionConv):
             (as ``KVCompressor``; the way ``PointTransformerConv`` takes ``attn_nn``).
         branches (str): ``"all"`` (BSA) or ``"ball"`` (ball attention only, Erwin-style).
         dim (int): coordinate dimension, 2 or 3.
-        backend (str): ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"torch"`` or ``"triton"``.
+        backend (str): ``"auto"`` (Triton on CUDA, the fast CPU path elsewhere), ``"torch"`` (the
+            reference), ``"cpu"`` or ``"triton"``.
         config (BSAConfig, optional): all of ``ball_size, cmp_block, cmp_stride, slc_block, topk,
             group_size, group_compression, cmp_window`` as one object, instead of the keywords.
 

@@ -1,0 +1,344 @@
+"""The fast CPU path of BSA: the same function as ``reference.bsa_reference``, in few large ops.
+
+``backend="cpu"`` (what ``"auto"`` picks off CUDA). The compression and selection branches are one
+batched ``scaled_dot_product_attention`` call each, whose CPU kernel is flash-style (no score matrix
+kept for the backward), padding entering as additive float masks. The ball branch, whose distance
+bias needs a gradient, is a hand-written attention over chunks of balls. The selection scores, which
+need the compressed-attention probabilities themselves, are computed without autograd in chunks of
+query rows, so that memory stays linear in N. Windows (``cfg.cmp_window``) are a reshape of the
+per-cloud dense layout. Every input stays in tree order; the top-k indices are constants, as in the
+reference. Measurements: docs/benchmarks.md (CPU section).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .balltree import BallTree
+from .reference import BSAConfig, _acc, _dense_index, blockify, compress_mean
+
+__all__ = ["bsa_cpu", "ball_attention_cpu"]
+
+#: score elements per chunk (selection-score pass, ball branch):
+#: 1M fp32 values (4 MiB): cache-sized pieces, reused by the allocator, never N x N / l at once
+CHUNK_ELEMS = 1 << 20
+
+
+def _for_chunks(fn, starts, device: torch.device) -> None:
+    r"""Runs ``fn(start)`` for every chunk start, each chunk's ops single-threaded and the chunks
+    spread over ``torch.get_num_threads()`` Python threads (ops release the GIL).
+
+    Chunks write disjoint slices of preallocated outputs. One intra-op parallel region per small op
+    costs a barrier each; on a machine whose other processes hold the cores, every barrier waits for
+    a descheduled thread (docs/benchmarks.md). Coarse chunk-level parallelism has two barriers in
+    all. Plain loop when compiling, on one thread, or off the CPU. While the pool runs, the
+    process-wide intra-op thread count is 1 (restored afterwards).
+    """
+    starts = list(starts)
+    threads = 1 if torch.compiler.is_compiling() or device.type != "cpu" else torch.get_num_threads()
+    if threads == 1 or len(starts) < 2:
+        for s0 in starts:
+            fn(s0)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+    grad = torch.is_grad_enabled()  # thread-local: the workers take the caller's mode
+
+    def run(s0):
+        with torch.set_grad_enabled(grad):
+            fn(s0)
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(min(threads, len(starts))) as pool:
+            for _ in pool.map(run, starts):  # re-raises a chunk's exception here
+                pass
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _neg_mask(valid: Tensor, dtype: torch.dtype) -> Tensor:
+    # finite fill (not -inf): a row with no valid key gives a finite (dropped) output instead of NaN
+    return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill_(~valid, torch.finfo(dtype).min)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ball branch
+# ---------------------------------------------------------------------------------------------
+class _BallAttention(torch.autograd.Function):
+    r"""Softmax attention inside balls with an additive bias ``sigma_h * dist + pad``, by hand.
+
+    SDPA cannot give the gradient of its mask without falling back to its unfused math path. This
+    does that path's work in chunks of balls (about ``CHUNK_ELEMS`` scores each, so that the score
+    buffers are reused from the allocator and stay in the last-level cache instead of paging in
+    ``num_balls * H * m * m`` fresh floats): the bias is one ``addcmul`` into the logits buffer,
+    ``baddbmm_`` adds ``q k^T`` in place, and the backward recomputes the probabilities (nothing of
+    size ``m * m`` is kept) and gets ``d sigma`` and ``d dist`` as batched matmuls.
+    """
+
+    @staticmethod
+    def _probs(q3, k3, sigma, dist, pad, scale):
+        cb, m = dist.shape[:2]
+        h = sigma.numel()
+        logits = torch.addcmul(pad, sigma.view(1, h, 1, 1), dist[:, None]).view(cb * h, m, m)
+        return torch.softmax(logits.baddbmm_(q3 * scale, k3.transpose(1, 2)), dim=-1)
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, sigma: Tensor, dist: Tensor, pad: Tensor) -> Tensor:
+        nb, h, m, d = q.shape
+        scale = d ** -0.5
+        step = max(1, CHUNK_ELEMS // (h * m * m))
+        q3, k3, v3 = (t.reshape(nb * h, m, d) for t in (q, k, v))
+        o = torch.empty_like(q3)
+
+        def chunk(b0):
+            b1 = min(nb, b0 + step)
+            r = slice(b0 * h, b1 * h)
+            p = _BallAttention._probs(q3[r], k3[r], sigma, dist[b0:b1], pad[b0:b1], scale)
+            torch.bmm(p, v3[r], out=o[r])
+        _for_chunks(chunk, range(0, nb, step), q.device)
+        ctx.save_for_backward(q3, k3, v3, sigma, dist, pad, o)
+        ctx.shape = (nb, h, m, d)
+        return o.view(nb, h, m, d)
+
+    @staticmethod
+    def backward(ctx, do: Tensor):
+        q3, k3, v3, sigma, dist, pad, o = ctx.saved_tensors
+        nb, h, m, d = ctx.shape
+        scale = d ** -0.5
+        step = max(1, CHUNK_ELEMS // (h * m * m))
+        do = do.reshape(nb * h, m, d)
+        delta = (do * o).sum(-1, keepdim=True)                    # rowsum(dO * O)
+        dq, dk, dv = torch.empty_like(q3), torch.empty_like(k3), torch.empty_like(v3)
+        dsigma = sigma.new_zeros(-(-nb // step), h)               # one row per chunk, summed after
+        ddist = torch.empty_like(dist) if ctx.needs_input_grad[4] else None
+
+        def chunk(b0):
+            b1 = min(nb, b0 + step)
+            r = slice(b0 * h, b1 * h)
+            p = _BallAttention._probs(q3[r], k3[r], sigma, dist[b0:b1], pad[b0:b1], scale)
+            torch.bmm(p.transpose(1, 2), do[r], out=dv[r])
+            ds = torch.bmm(do[r], v3[r].transpose(1, 2)).sub_(delta[r]).mul_(p)   # dS = P (dP - delta)
+            torch.bmm(ds, k3[r], out=dq[r]).mul_(scale)
+            torch.bmm(ds.transpose(1, 2), q3[r], out=dk[r]).mul_(scale)
+            ds4 = ds.view(b1 - b0, h, m * m)
+            torch.sum(torch.bmm(ds4, dist[b0:b1].reshape(b1 - b0, m * m, 1)).view(b1 - b0, h), 0,
+                      out=dsigma[b0 // step])
+            if ddist is not None:
+                torch.bmm(sigma.view(1, 1, h).expand(b1 - b0, 1, h), ds4, out=ddist[b0:b1].view(b1 - b0, 1, m * m))
+        _for_chunks(chunk, range(0, nb, step), q3.device)
+        dsigma = dsigma.sum(0)
+        return dq.view(nb, h, m, d), dk.view(nb, h, m, d), dv.view(nb, h, m, d), dsigma, ddist, None
+
+
+def ball_attention_cpu(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, sigma: Tensor, mask: Tensor,
+                       ball_size: int) -> Tensor:
+    r"""``reference.ball_attention`` over ``[num_balls, H, m, D]`` in one batched pass.
+
+    The bias ``sigma_h * ||p_i - p_j||`` uses exact fp32 distances, padded keys get the dtype's
+    minimum. Returns ``[N_pad, H, D]``, zero at padded queries.
+    """
+    with torch.autocast(q.device.type, enabled=False):  # 16-bit inputs are computed in fp32 here
+        return _ball_attention(q, k, v, pos, sigma, mask, ball_size)
+
+
+def _ball_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, sigma: Tensor, mask: Tensor,
+                    ball_size: int) -> Tensor:
+    n, h, d = q.shape
+    m = ball_size
+    acc = _acc(q.dtype)
+    qb, kb, vb = (t.to(acc).reshape(-1, m, h, d).transpose(1, 2).contiguous() for t in (q, k, v))  # [nb, H, m, D]
+    pb = pos.to(_acc(pos.dtype)).reshape(-1, m, pos.size(-1))
+    dist = torch.cdist(pb, pb, compute_mode="donot_use_mm_for_euclid_dist").to(acc)  # [nb, m, m]
+    pad = _neg_mask(mask.view(-1, 1, 1, m), acc)
+    out = _BallAttention.apply(qb, kb, vb, sigma.to(acc), dist, pad)               # [nb, H, m, D]
+    return out.transpose(1, 2).reshape(n, h, d).to(q.dtype) * mask.view(-1, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-cloud dense layout, cut into windows
+# ---------------------------------------------------------------------------------------------
+def _windowed(x: Tensor, tree: BallTree, unit: int, length: int, window: int) -> Tuple[Tensor, Tensor]:
+    r"""Tree-ordered units ``[U, ...]`` -> ``[B * length // window, window // unit, ...]`` (cloud after
+    cloud, each cut into aligned windows of ``window`` slots) and unit validity of the same shape[:2].
+
+    ``length`` is ``tree.max_slots`` rounded up to a multiple of ``window``. A single cloud with no
+    window padding is a view.
+    """
+    nu, wu = length // unit, window // unit
+    if tree.num_clouds == 1 and x.size(0) == nu:
+        return x.reshape((-1, wu) + tuple(x.shape[1:])), torch.ones(length // window, wu, dtype=torch.bool,
+                                                                 device=x.device)
+    idx, valid = _dense_index(tree.ptr, length, unit, x.size(0))  # [B, nu]
+    return x[idx].view((-1, wu) + tuple(x.shape[1:])), valid.view(-1, wu)
+
+
+def _unwindowed(xd: Tensor, tree: BallTree, unit: int, length: int) -> Tensor:
+    r"""Inverse of ``_windowed`` for ``[B * length // window, window // unit, ...]``: tree-ordered
+    ``[N_pad // unit, ...]`` (a gather, so the backward is an index_add, not a scatter of zeros)."""
+    num = tree.num_slots // unit
+    flat = xd.reshape((-1,) + tuple(xd.shape[2:]))
+    if tree.num_clouds == 1 and flat.size(0) == num:
+        return flat
+    first = torch.arange(num, device=xd.device) * unit
+    b = tree.slot_batch[first]
+    local = (first - tree.ptr[b]) // unit
+    return flat[b * (length // unit) + local]
+
+
+def _unit_valid(mask: Tensor, unit: int) -> Tensor:
+    return mask.view(-1, unit).any(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compression branch (+ the selection it drives)
+# ---------------------------------------------------------------------------------------------
+def _compressed(q: Tensor, kc: Tensor, vc: Tensor, kvalid: Tensor, tree: BallTree, k_unit: int,
+                window: Optional[int]) -> Tuple[Tensor, Tuple[Tensor, Tensor, Tensor, int, int]]:
+    r"""Queries ``[Q, H, D]`` (tree order, unit ``N_pad // Q``) over compressed keys ``[N_pad // k_unit,
+    H, D]`` of their cloud (window). Returns the tree-ordered output and the windowed tensors the
+    selection pass reuses."""
+    h, d = q.shape[1:]
+    q_unit = tree.num_slots // q.size(0)
+    w = tree.max_slots if window is None else window
+    length = -(-tree.max_slots // w) * w
+    qw, qv = _windowed(q, tree, q_unit, length, w)           # [BW, Wq, H, D]
+    kw, kv = _windowed(kc, tree, k_unit, length, w)          # [BW, Wk, H, D]
+    vw, _ = _windowed(vc, tree, k_unit, length, w)
+    kmask, _ = _windowed(kvalid, tree, k_unit, length, w)
+    kok = kmask & kv                                          # [BW, Wk]
+    qt, kt, vt = qw.transpose(1, 2), kw.transpose(1, 2), vw.transpose(1, 2)  # [BW, H, W*, D]
+    o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=_neg_mask(kok[:, None, None, :], q.dtype))
+    o = _unwindowed(o.transpose(1, 2), tree, q_unit, length)
+    return o, (qt, kt, kok, length, w)
+
+
+def _rank_key(scores: Tensor, valid: Tensor, lower_first: Tensor) -> Tensor:
+    r"""An int64 key whose ``topk`` is the reference's stable descending sort: scores are sums of
+    probabilities (``>= +0.0``), whose fp32 bit patterns order as the values do; the low 32 bits
+    break ties to the lower block index. Invalid blocks get negative keys (after every valid one,
+    lower index first). ``topk`` on it costs a fraction of a full stable sort."""
+    bits = scores.view(torch.int32).to(torch.int64)
+    return torch.where(valid, (bits << 32) | lower_first, -1 - (lower_first.size(0) - 1 - lower_first))
+
+
+@torch.no_grad()
+def _select(qt: Tensor, kt: Tensor, kok: Tensor, tree: BallTree, cfg: BSAConfig, q_unit: int,
+            length: int, window: int) -> Tuple[Tensor, Tensor]:
+    r"""Top-``k`` selection blocks of every query group, as ``reference.selection_scores`` and
+    ``select_blocks`` (same operations in the same order, ties to the lower index), in chunks of query
+    rows. Returns, per tree-ordered group ``[N_pad // g, k']``, the global slot of each selected
+    block's first key and the blocks' validity."""
+    g, s, l, ls = cfg.group_size, cfg.cmp_stride, cfg.cmp_block, cfg.slc_block
+    bw, h, wq, d = qt.shape
+    wk, ws = kt.size(2), window // ls
+    gq = g // q_unit                                          # query rows per group
+    scale = d ** -0.5
+    # query rows that count: the unit has a valid slot and lies inside its cloud
+    qmask, qin = _windowed(_unit_valid(tree.mask, q_unit), tree, q_unit, length, window)
+    qok = (qmask & qin).to(torch.float32)                     # [BW, Wq]
+    smask, sin = _windowed(_unit_valid(tree.mask, ls), tree, ls, length, window)
+    sok = smask & sin                                         # [BW, Ws]
+    # invalid blocks through an additive mask inside baddbmm: exp(min - max) is exactly 0, as the
+    # reference's masked_fill + re-mask; rows without a valid block only occur outside any cloud,
+    # where the query mask zeroes them (applied after the head sum: it is 0/1, so this is exact)
+    kbias = _neg_mask(kok, torch.float32)[:, None, None, :].expand(bw, h, 1, wk).reshape(bw * h, 1, wk)
+    identity = l == s == ls
+    if not identity:  # compression blocks overlapping each selection block, within the window
+        cb = torch.arange(wk, device=qt.device) * s
+        sb = torch.arange(ws, device=qt.device) * ls
+        overlap = ((cb[:, None] < sb[None] + ls) & (sb[None] < cb[:, None] + l)).float()
+    kk = min(cfg.topk, ws)
+    lower_first = ws - 1 - torch.arange(ws, device=qt.device)
+    rows = max(gq, CHUNK_ELEMS // max(1, bw * h * wk) // gq * gq)
+    kt_t = kt.float().transpose(-1, -2).reshape(bw * h, d, wk)             # [BW * H, D, Wk]
+    qs = scale * qt.float()
+    # results go into buffers allocated up front: small tensors kept between the chunks' big
+    # temporaries fragment the heap (resident memory then grows with the number of chunks)
+    idx = torch.empty(bw, wq // gq, kk, dtype=torch.long, device=qt.device)
+    top_key = torch.empty(bw, wq // gq, kk, dtype=torch.long, device=qt.device)
+    def chunk(r0):
+        r1 = min(wq, r0 + rows)
+        logits = torch.baddbmm(kbias, qs[:, :, r0:r1].reshape(bw * h, r1 - r0, d), kt_t)
+        p = torch.softmax(logits, dim=-1).view(bw, h, r1 - r0, wk)
+        ph = p.sum(1).mul_(qok[:, r0:r1, None])                           # [BW, c, Wk]
+        ph = ph.view(bw, -1, gq, wk).sum(2)                                # [BW, c / gq, Wk]
+        scores = ph if identity else ph @ overlap                          # [BW, c / gq, Ws]
+        key = _rank_key(scores.contiguous(), sok[:, None, :], lower_first)
+        val, top = key.topk(kk, dim=-1)
+        idx[:, r0 // gq:r1 // gq] = top                        # [BW, window // g, kk], window-local
+        top_key[:, r0 // gq:r1 // gq] = val
+    _for_chunks(chunk, range(0, wq, rows), qt.device)
+    # validity from the keys once, after the loop: inductor's C++ codegen failed to compile the
+    # per-chunk `val >= 0` stores (mixed int64/float vector masks)
+    ok = top_key >= 0
+    # window-local block -> cloud-local slot of the block's first key
+    first = (idx + (torch.arange(bw, device=idx.device) % (length // window) * ws)[:, None, None]) * ls
+    first = _unwindowed(first.view(-1, window // g, kk), tree, g, length)    # [N_pad // g, kk]
+    ok = _unwindowed(ok.view(-1, window // g, kk), tree, g, length)
+    gb = tree.slot_batch[torch.arange(first.size(0), device=first.device) * g]
+    return first + tree.ptr[gb][:, None], ok
+
+
+def _selected(q: Tensor, k: Tensor, v: Tensor, first: Tensor, ok: Tensor, mask: Tensor, g: int,
+              ls: int) -> Tensor:
+    r"""Each group of ``g`` queries attends to the ``k' * l'`` keys of its blocks: one SDPA with the
+    groups as batch over gathered ``[N_pad // g, H, k' * l', D]`` keys and values."""
+    n, h, d = q.shape
+    ng, kk = first.shape
+    blk = (first // ls).clamp_max(n // ls - 1).view(-1)        # whole blocks: one index per l' keys
+    kvalid = mask.view(-1, ls)[blk].view(ng, kk * ls) & ok.repeat_interleave(ls, 1)   # [NG, K]
+    ks, vs = (t.reshape(n // ls, ls * h * d).index_select(0, blk).view(ng, kk * ls, h, d).transpose(1, 2)
+              for t in (k, v))                                   # [NG, H, K, D]
+    qg = q.reshape(ng, g, h, d).transpose(1, 2)                          # [NG, H, g, D]
+    o = F.scaled_dot_product_attention(qg, ks, vs, attn_mask=_neg_mask(kvalid[:, None, None, :], q.dtype))
+    return o.transpose(1, 2).reshape(n, h, d)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole op
+# ---------------------------------------------------------------------------------------------
+def bsa_cpu(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, cfg: BSAConfig, *,
+            sigma: Tensor, gates: Tensor, k_cmp: Optional[Tensor] = None, v_cmp: Optional[Tensor] = None,
+            cmp_mask: Optional[Tensor] = None) -> Tensor:
+    r"""BSA, the same function as ``reference.bsa_reference`` (same arguments, inputs checked by
+    ``functional.bsa_attention``). Returns ``[N_pad, H, D]``, zero at padded slots.
+
+    16-bit inputs are computed in fp32 (autocast is switched off inside: the selection keys need
+    fp32 scores) and the result is cast back.
+    """
+    with torch.autocast(q.device.type, enabled=False):
+        return _bsa_cpu(q, k, v, pos, tree, cfg, sigma, gates, k_cmp, v_cmp, cmp_mask)
+
+
+def _bsa_cpu(q, k, v, pos, tree, cfg, sigma, gates, k_cmp, v_cmp, cmp_mask) -> Tensor:
+    mask, s, g, w = tree.mask, cfg.cmp_stride, cfg.group_size, cfg.cmp_window
+    n, h, d = q.shape
+    dtype, acc = q.dtype, _acc(q.dtype)
+    o_ball = ball_attention_cpu(q, k, v, pos, sigma, mask, cfg.ball_size)
+    if k_cmp is None:
+        k_cmp, v_cmp, cmp_mask = compress_mean(k, v, mask, tree.slot_batch, cfg.cmp_block, s)
+    elif cmp_mask is None:
+        _, cmp_mask = blockify(mask, mask, tree.slot_batch, cfg.cmp_block, s)
+        cmp_mask = cmp_mask.any(1)
+    qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
+    if cfg.group_compression:
+        wq = mask.view(-1, g, 1, 1).to(acc)
+        q_cmp = (qa.reshape(-1, g, h, d) * wq).sum(1) / wq.sum(1).clamp_min(1.0)
+        q_unit = g
+    else:
+        q_cmp, q_unit = qa, 1
+    o_c, (qt, kt, kok, length, win) = _compressed(q_cmp, k_cmp.to(acc), v_cmp.to(acc), cmp_mask, tree, s, w)
+    first, ok = _select(qt, kt, kok, tree, cfg, q_unit, length, win)
+    o_slc = _selected(qa, ka, va, first, ok, mask, g, cfg.slc_block)
+    gt = gates.to(acc)
+    out = gt[..., 0:1] * o_ball.to(acc) + gt[..., 2:3] * o_slc
+    # a group-level output multiplies its slots' gates by broadcasting (no repeat_interleave copy)
+    out = out.view(-1, q_unit, h, d) + gt[..., 1:2].view(-1, q_unit, h, 1) * o_c.view(-1, 1, h, d)
+    if w is not None:  # coarse branch: one mean-pooled key per ball of the whole cloud
+        m = cfg.ball_size
+        k_crs, v_crs, crs_mask = compress_mean(ka, va, mask, tree.slot_batch, m, m)
+        o_crs, _ = _compressed(q_cmp, k_crs, v_crs, crs_mask, tree, m, None)
+        out = out + gt[..., 3:4].view(-1, q_unit, h, 1) * o_crs.view(-1, 1, h, d)
+    return (out.view(n, h, d) * mask.view(-1, 1, 1)).to(dtype)
