@@ -92,7 +92,7 @@ def _knn_tree(pos: Tensor, k: int, batch: Tensor, loop: bool, max_elems: int) ->
         val, idx = dist.topk(min(kk, nl * m), dim=-1, largest=False)        # [c, m, kk]
         return val, slot[cand].view(c, nl * m).gather(1, idx.view(c, -1)).view_as(idx)
 
-    pairs = []  # (sources, centres) per chunk; the final sort fixes the order
+    edges = []  # (neighbours, centres) per sub-chunk
     n_probe = min(nb, max(_KNN_PROBE, -(-2 * (k + 1) // m)))  # about 2k candidates for the bound
     step = max(1, max_elems // (m * m * n_probe))
     for b0 in range(0, nb, step):
@@ -117,11 +117,11 @@ def _knn_tree(pos: Tensor, k: int, batch: Tensor, loop: bool, max_elems: int) ->
             val, nbr = neighbours(qb[rows], order[rows, :width], cand_ok, k)
             centre = slot[qb[rows]][:, :, None].expand_as(nbr)
             keep = torch.isfinite(val) & ok[qb[rows]][:, :, None]
-            # one append of the pair: list.append is atomic, but two appends from two threads can
-            # interleave and pair one chunk's sources with another's centres
-            pairs.append((tree.perm[nbr[keep]], tree.perm[centre[keep]]))
+            # one append of the pair: list.append is atomic, two appends from worker threads could
+            # interleave and pair one chunk's neighbours with another's centres; order: final sort
+            edges.append((tree.perm[nbr[keep]], tree.perm[centre[keep]]))
         _for_chunks(chunk, range(0, qb.numel(), sub), pos.device)
-    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+    return torch.cat([e[0] for e in edges]), torch.cat([e[1] for e in edges])
 
 
 def _knn_dense(pos: Tensor, k: int, batch: Tensor, loop: bool, max_elems: int) -> Tuple[Tensor, Tensor]:
