@@ -2,7 +2,7 @@
 
 One entry point for every model (so comparisons share data, optimiser, schedule and evaluation):
 
-    python examples/train.py                                  # generated car pressure, BSA, ~75 s on 2 cores
+    python examples/train.py                                  # generated car pressure, BSA, ~40 s on 2 cores
     python examples/train.py --model full --steps 2000 --out runs/full
     torchrun --nproc-per-node 2 examples/train.py --model gnn # data parallel (gloo on CPU, nccl on CUDA)
 
