@@ -25,8 +25,12 @@ def test_tree_memo_is_shared_and_fresh_per_tree():
     assert a is b and calls == [1]
     assert torch.equal(tree.float_mask(torch.float32)[:, 0], tree.mask.float())
     assert tree.mask_as(torch.int8).dtype == torch.int8
-    # a moved or rebuilt tree starts with an empty memo (its tensors are new)
+    # a moved or rebuilt tree starts with an empty memo (its tensors are new), and so does a copy
+    # with a field replaced (its mask-derived memo would be stale)
     assert "k" not in tree.to("cpu")._cache and "k" not in build_ball_tree(pos, batch, 16)._cache
+    import dataclasses
+    other = dataclasses.replace(tree, mask=torch.zeros_like(tree.mask))
+    assert "k" not in other._cache and not bool(other.float_mask(torch.float32).any())
 
 
 def test_relative_positions_memo_follows_pos():

@@ -60,7 +60,8 @@ class BallTree:
     max_slots: int
     cloud_sizes: Optional[Tuple[int, ...]] = None
     pos_key: Optional[Tensor] = None
-    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+    # init=False: dataclasses.replace(tree, mask=...) starts a fresh memo instead of sharing a stale one
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def cached(self, key, fn):
         r"""``fn()`` memoised on this tree under ``key``: for tensors derived from the tree alone."""
