@@ -79,7 +79,6 @@ def _profile(fn) -> Dict[str, float]:
 
 def _sync_sites(fn, top: int = 8):
     r"""Runs ``fn`` with CUDA sync debugging on; returns the count and the most common call sites."""
-    import traceback
     sites: Dict[str, int] = {}
     old = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as rec:
@@ -96,7 +95,6 @@ def _sync_sites(fn, top: int = 8):
         n += 1
         sites_key = f"{os.path.basename(w.filename)}:{w.lineno}"
         sites[sites_key] = sites.get(sites_key, 0) + 1
-    del traceback
     return n, sorted(sites.items(), key=lambda kv: -kv[1])[:top]
 
 

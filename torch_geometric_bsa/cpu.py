@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .balltree import BallTree
-from .reference import BSAConfig, _acc, _dense_index, blockify, compress_mean
+from .reference import BSAConfig, _acc, _dense_index, block_mask, compress_mean
 
 __all__ = ["bsa_cpu", "ball_attention_cpu"]
 
@@ -320,8 +320,7 @@ def _bsa_cpu(q, k, v, pos, tree, cfg, sigma, gates, k_cmp, v_cmp, cmp_mask) -> T
     if k_cmp is None:
         k_cmp, v_cmp, cmp_mask = compress_mean(k, v, mask, tree.slot_batch, cfg.cmp_block, s)
     elif cmp_mask is None:
-        _, cmp_mask = blockify(mask, mask, tree.slot_batch, cfg.cmp_block, s)
-        cmp_mask = cmp_mask.any(1)
+        cmp_mask = block_mask(tree, cfg.cmp_block, s)
     qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
     if cfg.group_compression:
         wq = mask.view(-1, g, 1, 1).to(acc)

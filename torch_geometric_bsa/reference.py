@@ -173,6 +173,13 @@ def blockify(x: Tensor, mask: Tensor, slot_batch: Tensor, block: int, stride: in
     return x[slots], valid
 
 
+def block_mask(tree: BallTree, block: int, stride: int) -> Tensor:
+    r"""``[N_pad // stride]`` bool: compression blocks holding at least one valid slot of their cloud
+    (the mask of compressed keys given without one)."""
+    _, valid = blockify(tree.mask, tree.mask, tree.slot_batch, block, stride)
+    return valid.any(1)
+
+
 def compress_mean(k: Tensor, v: Tensor, mask: Tensor, slot_batch: Tensor, block: int,
                   stride: int) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Mean-pooled compressed keys/values ``[N_pad // s, H, D]`` and the block validity mask."""
@@ -344,8 +351,7 @@ def bsa_reference(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, 
     if k_cmp is None:
         k_cmp, v_cmp, cmp_mask = compress_mean(k, v, mask, tree.slot_batch, cfg.cmp_block, s)
     elif cmp_mask is None:
-        _, cmp_mask = blockify(mask, mask, tree.slot_batch, cfg.cmp_block, s)
-        cmp_mask = cmp_mask.any(1)
+        cmp_mask = block_mask(tree, cfg.cmp_block, s)
     if cfg.group_compression:
         wq = mask.view(-1, g, 1, 1).to(q.dtype)
         q_cmp = (q.view(-1, g, *q.shape[1:]) * wq).sum(1) / wq.sum(1).clamp_min(1.0)

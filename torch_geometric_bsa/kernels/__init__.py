@@ -91,13 +91,12 @@ def compression_branch(q: Tensor, k: Tensor, v: Tensor, tree, cfg, k_cmp: Option
     the per-row key ranges (cut to ``cfg.cmp_window`` when set).
     """
     from .compressed import compressed_attention_triton, compressed_ranges
-    mask, s = tree.mask, cfg.cmp_stride
+    s = cfg.cmp_stride
     if k_cmp is None:
         k_cmp, v_cmp, cmp_mask = compress_mean_fast(k, v, tree, cfg.cmp_block, s)
     elif cmp_mask is None:
-        from ..reference import blockify
-        _, cm = blockify(mask, mask, tree.slot_batch, cfg.cmp_block, s)
-        cmp_mask = cm.any(1)
+        from ..reference import block_mask
+        cmp_mask = block_mask(tree, cfg.cmp_block, s)
     if cmp_mask is tree._cache.get(("block_any", cfg.cmp_block, s)):  # the compressor's (cached) mask
         cmp_mask = tree.cached(("block_any_i8", cfg.cmp_block, s), lambda: cmp_mask.to(torch.int8))
     if cfg.group_compression:

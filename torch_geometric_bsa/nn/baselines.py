@@ -109,10 +109,10 @@ def _knn_tree(pos: Tensor, k: int, batch: Tensor, loop: bool, max_elems: int) ->
         order = torch.sort(need.to(torch.int8), dim=1, descending=True, stable=True).indices
         # sub-chunks of a few query balls, each padded only to its own largest candidate count
         sub = max(1, min(16, max_elems // (m * m * nb)))
-        widths = counts.view(-1)
+        widths = counts.tolist()  # one read per chunk of query balls, not one per sub-chunk
         def chunk(s0, qb=qb, order=order, counts=counts, widths=widths, sub=sub):
             rows = slice(s0, s0 + sub)
-            width = int(widths[rows].max())
+            width = max(widths[rows])
             cand_ok = torch.arange(width, device=pos.device)[None] < counts[rows, None]
             val, nbr = neighbours(qb[rows], order[rows, :width], cand_ok, k)
             centre = slot[qb[rows]][:, :, None].expand_as(nbr)
