@@ -163,7 +163,7 @@ def run_case(model_name: str, spec: str, attn: str, mode: str, kind: str, reps: 
 BREAKDOWN = False
 
 
-def _breakdown(fn, title: str, top: int = 30):
+def _breakdown(fn, title: str, top: int = 80):
     r"""Prints the kernels of one step by launch count and the host ops by self CPU time."""
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
