@@ -183,3 +183,43 @@ def test_bsa_triton_gpu_fp32_grads(group_compression):
     assert rel(out, ref) < 1e-4
     for name, a, b in zip(x, grads, rgrads):
         assert rel(a, b) < 1e-3, name
+
+
+@pytest.mark.parametrize("group_compression", [False, True], ids=["per_query", "group_compression"])
+def test_bsa_triton_reads_qkv_views_in_place(group_compression):
+    # q, k, v as views of one fused projection [N, 3, H, D] (how BSAConv makes them): same output and
+    # gradients as contiguous copies, and the kernels read the views in place: no copy of q, k or v
+    from torch.utils._python_dispatch import TorchDispatchMode
+    cfg = BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=2, group_size=4,
+                    group_compression=group_compression)
+    tree, pos, x = inputs([40, 70], cfg, h=2, d=16, dtype=torch.float32)
+    n, h, d = x["q"].shape
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(n, 3, h, d, generator=g).to(DEVICE).requires_grad_()
+    q, k, v = qkv.unbind(1)
+    assert not q.is_contiguous()
+    kw = dict(sigma=x["sigma"], gates=x["gates"])
+
+    class Copies(TorchDispatchMode):
+        copies = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket.__name__ in ("clone", "copy_", "contiguous", "_to_copy") and \
+                    isinstance(out, torch.Tensor) and out.dim() == 3 and out.shape[0] == n:
+                Copies.copies += 1
+            return out
+
+    # the tree's memo (masks in kernel dtypes, ranges) is built by a first call
+    K.bsa_triton(q, k, v, pos, tree, cfg, **kw)
+    with Copies():
+        out = K.bsa_triton(q, k, v, pos, tree, cfg, **kw)
+    assert Copies.copies == 0
+    do = torch.randn(out.shape, generator=g).to(DEVICE)
+    (gqkv,) = torch.autograd.grad(out, [qkv], do)
+    c = [t.detach().contiguous().requires_grad_() for t in (q, k, v)]
+    ref = K.bsa_triton(*c, pos, tree, cfg, **kw)
+    rg = torch.autograd.grad(ref, c, do)
+    assert torch.equal(out, ref)
+    for i in range(3):
+        assert torch.allclose(gqkv[:, i], rg[i], rtol=0, atol=1e-6), i

@@ -55,3 +55,23 @@ def new_empty(shape, like: Tensor, dtype=None) -> Tensor:
 
 def cdiv(a: int, b: int) -> int:
     return triton.cdiv(a, b)
+
+
+def rows_ok(t: Tensor) -> bool:
+    r"""Whether ``t [N, H, D]`` can be read as rows: each row's ``H x D`` block contiguous, rows any
+    stride apart (q, k, v as views of one fused ``[N, 3, H, D]`` projection are)."""
+    return t.stride(-1) == 1 and t.stride(-2) == t.size(-1)
+
+
+def rows(t: Tensor) -> Tensor:
+    r"""``t`` itself when its rows are contiguous blocks (``rows_ok``), else a contiguous copy."""
+    return t if rows_ok(t) else t.contiguous()
+
+
+def shared_rows(*ts: Tensor) -> tuple:
+    r"""``ts`` as tensors with contiguous rows and one shared row stride (the kernels take one
+    stride for q, k and v); no copy when they already are, e.g. views of one qkv projection."""
+    ts = tuple(rows(t) for t in ts)
+    if len({t.stride(0) for t in ts}) > 1:
+        ts = tuple(t.contiguous() for t in ts)
+    return ts

@@ -73,7 +73,7 @@ def _dot(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _ball_fwd_kernel(Q, K, V, POS, SIGMA, MASK, O, LSE,
-                     N, H, stride_tok, stride_pos, sm_scale,
+                     N, H, stride_in, stride_tok, stride_pos, sm_scale,
                      M: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PDIM: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
                      UPCAST: tl.constexpr):
@@ -86,7 +86,7 @@ def _ball_fwd_kernel(Q, K, V, POS, SIGMA, MASK, O, LSE,
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d[None, :] < D
     rows = (q0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-    q = tl.load(Q + rows[:, None] * stride_tok + h * D + offs_d[None, :], mask=dmask, other=0.0)
+    q = tl.load(Q + rows[:, None] * stride_in + h * D + offs_d[None, :], mask=dmask, other=0.0)
     qvalid = tl.load(MASK + rows) != 0
     xq, yq, zq = _load_pos(POS, rows, stride_pos, PDIM)
     # log2 domain: exp2(x * log2 e) = exp(x)
@@ -102,7 +102,7 @@ def _ball_fwd_kernel(Q, K, V, POS, SIGMA, MASK, O, LSE,
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in tl.range(0, M, BLOCK_N):
         cols = (ball0 + start + tl.arange(0, BLOCK_N)).to(tl.int64)
-        kv_off = cols[:, None] * stride_tok + h * D + offs_d[None, :]
+        kv_off = cols[:, None] * stride_in + h * D + offs_d[None, :]
         k = tl.load(K + kv_off, mask=dmask, other=0.0)
         v = tl.load(V + kv_off, mask=dmask, other=0.0)
         kvalid = tl.load(MASK + cols) != 0
@@ -128,7 +128,7 @@ def _ball_fwd_kernel(Q, K, V, POS, SIGMA, MASK, O, LSE,
 @triton.jit
 def _ball_bwd_kernel(Q, K, V, O, DO, POS, SIGMA, MASK, LSE,
                      DQ, DK, DV, DSIG, DPOS,
-                     N, H, stride_tok, stride_pos, sm_scale,
+                     N, H, stride_in, stride_tok, stride_pos, sm_scale,
                      M: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PDIM: tl.constexpr,
                      BLOCK: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N2: tl.constexpr,
                      SIGMA_GRAD: tl.constexpr, POS_GRAD: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -152,11 +152,12 @@ def _ball_bwd_kernel(Q, K, V, O, DO, POS, SIGMA, MASK, LSE,
     sig2 = sigma * 1.4426950408889634
     rows = (t0 + tl.arange(0, BLOCK)).to(tl.int64)
     tile_off = rows[:, None] * stride_tok + hoff + offs_d[None, :]
+    tile_in = rows[:, None] * stride_in + hoff + offs_d[None, :]
     xt, yt, zt = _load_pos(POS, rows, stride_pos, PDIM)
 
     # ---- 1. dK, dV for the keys of this tile (transposed tiles: rows are keys, columns queries)
-    k = tl.load(K + tile_off, mask=dmask, other=0.0)
-    v = tl.load(V + tile_off, mask=dmask, other=0.0)
+    k = tl.load(K + tile_in, mask=dmask, other=0.0)
+    v = tl.load(V + tile_in, mask=dmask, other=0.0)
     kvalid = tl.load(MASK + rows) != 0
     dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
@@ -166,7 +167,7 @@ def _ball_bwd_kernel(Q, K, V, O, DO, POS, SIGMA, MASK, LSE,
     for start in tl.range(0, M, BLOCK_M1):
         qrows = (ball0 + start + tl.arange(0, BLOCK_M1)).to(tl.int64)
         q_off = qrows[:, None] * stride_tok + hoff + offs_d[None, :]
-        q = tl.load(Q + q_off, mask=dmask, other=0.0)
+        q = tl.load(Q + qrows[:, None] * stride_in + hoff + offs_d[None, :], mask=dmask, other=0.0)
         do = tl.load(DO + q_off, mask=dmask, other=0.0)
         o = tl.load(O + q_off, mask=dmask, other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -188,7 +189,7 @@ def _ball_bwd_kernel(Q, K, V, O, DO, POS, SIGMA, MASK, LSE,
     tl.store(DV + tile_off, dv.to(DV.dtype.element_ty), mask=dmask)
 
     # ---- 2. dQ for the queries of this tile
-    q = tl.load(Q + tile_off, mask=dmask, other=0.0)
+    q = tl.load(Q + tile_in, mask=dmask, other=0.0)
     do = tl.load(DO + tile_off, mask=dmask, other=0.0)
     o = tl.load(O + tile_off, mask=dmask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -200,7 +201,7 @@ def _ball_bwd_kernel(Q, K, V, O, DO, POS, SIGMA, MASK, LSE,
     gzq = tl.zeros([BLOCK], tl.float32)
     for start in tl.range(0, M, BLOCK_N2):
         cols = (ball0 + start + tl.arange(0, BLOCK_N2)).to(tl.int64)
-        kv_off = cols[:, None] * stride_tok + hoff + offs_d[None, :]
+        kv_off = cols[:, None] * stride_in + hoff + offs_d[None, :]
         kc = tl.load(K + kv_off, mask=dmask, other=0.0)
         vc = tl.load(V + kv_off, mask=dmask, other=0.0)
         cvalid = tl.load(MASK + cols) != 0
@@ -233,7 +234,7 @@ def _ball_bwd_kernel(Q, K, V, O, DO, POS, SIGMA, MASK, LSE,
 @triton.jit
 def _ball_bwd_merged_kernel(Q, K, V, O, DO, POS, SIGMA, MASK, LSE,
                             DQ, DK, DV, DSIG, DPOS,
-                            N, H, stride_tok, stride_pos, sm_scale,
+                            N, H, stride_in, stride_tok, stride_pos, sm_scale,
                             M: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PDIM: tl.constexpr,
                             BLOCK: tl.constexpr, BLOCK_B: tl.constexpr,
                             SIGMA_GRAD: tl.constexpr, POS_GRAD: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -258,9 +259,10 @@ def _ball_bwd_merged_kernel(Q, K, V, O, DO, POS, SIGMA, MASK, LSE,
     tile_off = rows[:, None] * stride_tok + hoff + offs_d[None, :]
     xt, yt, zt = _load_pos(POS, rows, stride_pos, PDIM)
     tvalid = tl.load(MASK + rows) != 0
-    q_t = tl.load(Q + tile_off, mask=dmask, other=0.0)
-    k_t = tl.load(K + tile_off, mask=dmask, other=0.0)
-    v_t = tl.load(V + tile_off, mask=dmask, other=0.0)
+    tile_in = rows[:, None] * stride_in + hoff + offs_d[None, :]
+    q_t = tl.load(Q + tile_in, mask=dmask, other=0.0)
+    k_t = tl.load(K + tile_in, mask=dmask, other=0.0)
+    v_t = tl.load(V + tile_in, mask=dmask, other=0.0)
     do_t = tl.load(DO + tile_off, mask=dmask, other=0.0)
     delta_t = tl.sum(tl.load(O + tile_off, mask=dmask, other=0.0).to(tl.float32) * do_t.to(tl.float32), 1)
     lse_t = tl.load(LSE + h * N + rows)
@@ -274,9 +276,10 @@ def _ball_bwd_merged_kernel(Q, K, V, O, DO, POS, SIGMA, MASK, LSE,
     for start in tl.range(0, M, BLOCK_B):
         cols = (ball0 + start + tl.arange(0, BLOCK_B)).to(tl.int64)
         b_off = cols[:, None] * stride_tok + hoff + offs_d[None, :]
-        q_b = tl.load(Q + b_off, mask=dmask, other=0.0)
-        k_b = tl.load(K + b_off, mask=dmask, other=0.0)
-        v_b = tl.load(V + b_off, mask=dmask, other=0.0)
+        b_in = cols[:, None] * stride_in + hoff + offs_d[None, :]
+        q_b = tl.load(Q + b_in, mask=dmask, other=0.0)
+        k_b = tl.load(K + b_in, mask=dmask, other=0.0)
+        v_b = tl.load(V + b_in, mask=dmask, other=0.0)
         do_b = tl.load(DO + b_off, mask=dmask, other=0.0)
         delta_b = tl.sum(tl.load(O + b_off, mask=dmask, other=0.0).to(tl.float32) * do_b.to(tl.float32), 1)
         lse_b = tl.load(LSE + h * N + cols)
@@ -380,7 +383,7 @@ def _forward(q, k, v, pos, sigma, mask_u8, m, scale):
     lse = _common.new_empty((h, n), q, torch.float32)
     bm, bn, nw, ns = fwd_config(m, dot_dim(d), q.dtype)
     _ball_fwd_kernel[(n // bm * h,)](
-        q, k, v, pos, sigma, mask_u8, o, lse, n, h, h * d, pos.stride(0), scale,
+        q, k, v, pos, sigma, mask_u8, o, lse, n, h, q.stride(0), h * d, pos.stride(0), scale,
         M=m, D=d, BLOCK_D=dot_dim(d), PDIM=pos.size(1), BLOCK_M=bm, BLOCK_N=bn,
         DOT_PREC=dot_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=nw, num_stages=ns)
     return o, lse
@@ -388,13 +391,14 @@ def _forward(q, k, v, pos, sigma, mask_u8, m, scale):
 
 def _backward(do, q, k, v, o, lse, pos, sigma, mask_u8, m, scale, sigma_grad, pos_grad):
     n, h, d = q.shape
-    dq, dk, dv = _common.new_empty(q.shape, q), _common.new_empty(q.shape, q), _common.new_empty(q.shape, q)
+    dq, dk, dv = (_common.new_empty(q.shape, q) for _ in range(3))  # contiguous, whatever q's row stride
     cfg = bwd_config(m, dot_dim(d), q.dtype)
     blk, bm1, bn2, nw, ns = cfg[:5]
     grid = n // blk * h
     dsig = _common.new_empty((grid if sigma_grad else 1,), q, torch.float32)
     dpos = _common.new_empty((n, h, pos.size(1)) if pos_grad else (1,), q, torch.float32)
-    args = (q, k, v, o, do, pos, sigma, mask_u8, lse, dq, dk, dv, dsig, dpos, n, h, h * d, pos.stride(0), scale)
+    args = (q, k, v, o, do, pos, sigma, mask_u8, lse, dq, dk, dv, dsig, dpos, n, h, q.stride(0), h * d,
+            pos.stride(0), scale)
     common = dict(M=m, D=d, BLOCK_D=dot_dim(d), PDIM=pos.size(1), SIGMA_GRAD=sigma_grad, POS_GRAD=pos_grad,
                   DOT_PREC=dot_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=nw, num_stages=ns)
     if len(cfg) > 5 and cfg[5]:
@@ -468,5 +472,5 @@ def ball_attention_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, sigma: T
     if n == 0:
         return q.new_zeros(q.shape) + 0 * (k.sum() + v.sum())
     mask_u8 = mask if mask.dtype == torch.uint8 else mask.to(torch.bool).to(torch.uint8)
-    return BallAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), pos.contiguous(),
-                                       sigma.contiguous(), mask_u8, ball_size, scale)
+    q, k, v = _common.shared_rows(q, k, v)
+    return BallAttentionFunction.apply(q, k, v, pos.contiguous(), sigma.contiguous(), mask_u8, ball_size, scale)

@@ -178,7 +178,7 @@ def gated_combine(o_ball: Tensor, o_c: Tensor, o_slc: Tensor, gates: Tensor, mas
 # masked block mean (mean pooling of keys/values per compression block, of queries per group)
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _pool_fwd_kernel(X, MASK, OUT, n_blk, HD: tl.constexpr, L: tl.constexpr, BLOCK_B: tl.constexpr,
+def _pool_fwd_kernel(X, MASK, OUT, n_blk, stride_x, HD: tl.constexpr, L: tl.constexpr, BLOCK_B: tl.constexpr,
                      BLOCK_C: tl.constexpr, UNROLL: tl.constexpr):
     b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -189,9 +189,9 @@ def _pool_fwd_kernel(X, MASK, OUT, n_blk, HD: tl.constexpr, L: tl.constexpr, BLO
     # unrolled for compression blocks and groups; a loop for ball-sized blocks (the coarse branch:
     # unrolling 256 steps took minutes to compile)
     for j in tl.range(0, L, loop_unroll_factor=UNROLL):
-        n = b * L + j
+        n = (b * L + j).to(tl.int64)
         w = (tl.load(MASK + n, mask=bm, other=0) != 0).to(tl.float32)
-        x = tl.load(X + n[:, None] * HD + c[None, :], mask=m2, other=0.0).to(tl.float32)
+        x = tl.load(X + n[:, None] * stride_x + c[None, :], mask=m2, other=0.0).to(tl.float32)
         acc += x * w[:, None]
         cnt += w
     out = acc / tl.maximum(cnt, 1.0)[:, None]
@@ -229,11 +229,11 @@ class MaskedBlockMean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mask_u8, block):
         n, h, d = x.shape
-        x = x.contiguous()
+        x = _common.rows(x)  # a view of the qkv projection reads in place
         n_blk = n // block
         out = _common.new_empty((n_blk, h, d), x)
         bb, bc, grid = _pool_grid(n_blk, h * d)
-        _pool_fwd_kernel[grid](x, mask_u8, out, n_blk, HD=h * d, L=block, BLOCK_B=bb, BLOCK_C=bc,
+        _pool_fwd_kernel[grid](x, mask_u8, out, n_blk, x.stride(0), HD=h * d, L=block, BLOCK_B=bb, BLOCK_C=bc,
                                UNROLL=_unroll(block), num_warps=4)
         ctx.save_for_backward(mask_u8)
         ctx.shape, ctx.block = x.shape, block

@@ -164,7 +164,7 @@ def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KSTART, KEND, DQ, n_q,
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-    tl.store(DQ + rows[:, None] * stride_qn + h * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+    tl.store(DQ + rows[:, None] * stride_don + h * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=qd_mask)
 
 
@@ -197,7 +197,7 @@ class CompressedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k_cmp, v_cmp, kmask, kstart, kend, qstart, qend, scale, ragged=True):
         nq, h, d = q.shape
-        q, k_cmp, v_cmp = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous()
+        q, k_cmp, v_cmp = _common.rows(q), k_cmp.contiguous(), v_cmp.contiguous()
         o = _common.new_empty(q.shape, q)
         lse = _common.new_empty((nq, h), q, torch.float32)
         _cmp_fwd[lambda meta: (cdiv(nq, meta["BLOCK_M"]), h)](

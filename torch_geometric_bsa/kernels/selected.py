@@ -22,7 +22,7 @@ __all__ = ["selected_attention_triton", "SelectedAttention", "invert_selection"]
 
 
 @triton.jit
-def _slc_fwd_kernel(Q, K, V, MASK, IDX, O, LSE, stride_n,
+def _slc_fwd_kernel(Q, K, V, MASK, IDX, O, LSE, stride_n, stride_o,
                     qk_scale, G: tl.constexpr, H: tl.constexpr, D: tl.constexpr, LS: tl.constexpr,
                     LS_P2: tl.constexpr, TOPK: tl.constexpr, CB: tl.constexpr, GM: tl.constexpr,
                     BLOCK_D: tl.constexpr, PREC: tl.constexpr):
@@ -31,7 +31,7 @@ def _slc_fwd_kernel(Q, K, V, MASK, IDX, O, LSE, stride_n,
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 when inductor launches the kernel
     h = tl.program_id(1)
     r = tl.arange(0, GM)
-    rows = grp * G + r
+    rows = (grp * G + r).to(tl.int64)  # q/k/v rows may be 3 * H * D apart: int64 offsets
     qm = (r < G)
     qm = qm & (tl.load(MASK + rows, mask=qm, other=0) != 0)
     offs_d = tl.arange(0, BLOCK_D)
@@ -45,7 +45,7 @@ def _slc_fwd_kernel(Q, K, V, MASK, IDX, O, LSE, stride_n,
     for c in range(0, TOPK, CB):
         bsel = c + j // LS_P2
         b = tl.load(IDX + grp * TOPK + bsel, mask=bsel < TOPK, other=-1)
-        slot = b * LS + j % LS_P2
+        slot = (b * LS + j % LS_P2).to(tl.int64)
         kin = (b >= 0) & (j % LS_P2 < LS)
         kv = kin & (tl.load(MASK + slot, mask=kin, other=0) != 0)
         k = tl.load(K + slot[:, None] * stride_n + h * D + offs_d[None, :], mask=kin[:, None] & dmask[None, :],
@@ -64,13 +64,13 @@ def _slc_fwd_kernel(Q, K, V, MASK, IDX, O, LSE, stride_n,
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     o = tl.where(has[:, None], o, 0.0)
     lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), 1.0e30)
-    tl.store(O + rows[:, None] * stride_n + h * D + offs_d[None, :], o.to(O.dtype.element_ty),
+    tl.store(O + rows[:, None] * stride_o + h * D + offs_d[None, :], o.to(O.dtype.element_ty),
              mask=(r < G)[:, None] & dmask[None, :])
     tl.store(LSE + rows * H + h, lse, mask=r < G)
 
 
 @triton.jit
-def _slc_bwd_dq_kernel(Q, K, V, DO, MASK, IDX, LSE, DELTA, DQ, stride_n, qk_scale, sm_scale,
+def _slc_bwd_dq_kernel(Q, K, V, DO, MASK, IDX, LSE, DELTA, DQ, stride_n, stride_o, qk_scale, sm_scale,
                        G: tl.constexpr, H: tl.constexpr, D: tl.constexpr, LS: tl.constexpr,
                        LS_P2: tl.constexpr, TOPK: tl.constexpr, CB: tl.constexpr, GM: tl.constexpr,
                        BLOCK_D: tl.constexpr, PREC: tl.constexpr):
@@ -80,14 +80,14 @@ def _slc_bwd_dq_kernel(Q, K, V, DO, MASK, IDX, LSE, DELTA, DQ, stride_n, qk_scal
     sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 when inductor launches the kernel
     h = tl.program_id(1)
     r = tl.arange(0, GM)
-    rows = grp * G + r
+    rows = (grp * G + r).to(tl.int64)
     qm = (r < G)
     qm = qm & (tl.load(MASK + rows, mask=qm, other=0) != 0)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     qd_mask = qm[:, None] & dmask[None, :]
     q = tl.load(Q + rows[:, None] * stride_n + h * D + offs_d[None, :], mask=qd_mask, other=0.0)
-    do = tl.load(DO + rows[:, None] * stride_n + h * D + offs_d[None, :], mask=qd_mask, other=0.0)
+    do = tl.load(DO + rows[:, None] * stride_o + h * D + offs_d[None, :], mask=qd_mask, other=0.0)
     lse = tl.load(LSE + rows * H + h, mask=qm, other=1.0e30)
     delta = tl.load(DELTA + rows * H + h, mask=qm, other=0.0)
     j = tl.arange(0, CB * LS_P2)
@@ -95,7 +95,7 @@ def _slc_bwd_dq_kernel(Q, K, V, DO, MASK, IDX, LSE, DELTA, DQ, stride_n, qk_scal
     for c in range(0, TOPK, CB):
         bsel = c + j // LS_P2
         b = tl.load(IDX + grp * TOPK + bsel, mask=bsel < TOPK, other=-1)
-        slot = b * LS + j % LS_P2
+        slot = (b * LS + j % LS_P2).to(tl.int64)
         kin = (b >= 0) & (j % LS_P2 < LS)
         kv = kin & (tl.load(MASK + slot, mask=kin, other=0) != 0)
         k = tl.load(K + slot[:, None] * stride_n + h * D + offs_d[None, :], mask=kin[:, None] & dmask[None, :],
@@ -107,12 +107,13 @@ def _slc_bwd_dq_kernel(Q, K, V, DO, MASK, IDX, LSE, DELTA, DQ, stride_n, qk_scal
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-    tl.store(DQ + rows[:, None] * stride_n + h * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+    tl.store(DQ + rows[:, None] * stride_o + h * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=(r < G)[:, None] & dmask[None, :])
 
 
 @triton.jit
-def _slc_bwd_dkdv_kernel(Q, K, V, DO, MASK, BPTR, BGRP, LSE, DELTA, DK, DV, stride_n, qk_scale, sm_scale,
+def _slc_bwd_dkdv_kernel(Q, K, V, DO, MASK, BPTR, BGRP, LSE, DELTA, DK, DV, stride_n, stride_o, qk_scale,
+                         sm_scale,
                          G: tl.constexpr, G_P2: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
                          LS: tl.constexpr, LP: tl.constexpr, GB: tl.constexpr, BLOCK_D: tl.constexpr,
                          PREC: tl.constexpr):
@@ -122,7 +123,7 @@ def _slc_bwd_dkdv_kernel(Q, K, V, DO, MASK, BPTR, BGRP, LSE, DELTA, DK, DV, stri
     sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 when inductor launches the kernel
     h = tl.program_id(1)
     t = tl.arange(0, LP)
-    slot = blk * LS + t
+    slot = (blk * LS + t).to(tl.int64)
     tin = t < LS
     kv = tin & (tl.load(MASK + slot, mask=tin, other=0) != 0)
     offs_d = tl.arange(0, BLOCK_D)
@@ -138,12 +139,12 @@ def _slc_bwd_dkdv_kernel(Q, K, V, DO, MASK, BPTR, BGRP, LSE, DELTA, DK, DV, stri
     for c in range(start, end, GB):
         e = c + r // G_P2
         gsel = tl.load(BGRP + e, mask=e < end, other=0)
-        rows = gsel * G + r % G_P2
+        rows = (gsel * G + r % G_P2).to(tl.int64)
         qm = (e < end) & (r % G_P2 < G)
         qm = qm & (tl.load(MASK + rows, mask=qm, other=0) != 0)
         qd_mask = qm[:, None] & dmask[None, :]
         q = tl.load(Q + rows[:, None] * stride_n + h * D + offs_d[None, :], mask=qd_mask, other=0.0)
-        do = tl.load(DO + rows[:, None] * stride_n + h * D + offs_d[None, :], mask=qd_mask, other=0.0)
+        do = tl.load(DO + rows[:, None] * stride_o + h * D + offs_d[None, :], mask=qd_mask, other=0.0)
         lse = tl.load(LSE + rows * H + h, mask=qm, other=1.0e30)
         delta = tl.load(DELTA + rows * H + h, mask=qm, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
@@ -152,9 +153,9 @@ def _slc_bwd_dkdv_kernel(Q, K, V, DO, MASK, BPTR, BGRP, LSE, DELTA, DK, DV, stri
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
-    tl.store(DK + slot[:, None] * stride_n + h * D + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+    tl.store(DK + slot[:, None] * stride_o + h * D + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
              mask=kd_mask)
-    tl.store(DV + slot[:, None] * stride_n + h * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kd_mask)
+    tl.store(DV + slot[:, None] * stride_o + h * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kd_mask)
 
 
 def invert_selection(idx: Tensor, num_blocks: int):
@@ -194,13 +195,13 @@ class SelectedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask_i8, idx, g, ls, scale):
         n, h, d = q.shape
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        q, k, v = _common.shared_rows(q, k, v)  # views of one qkv projection: no copy
         topk = idx.size(1)
         o = _common.new_empty(q.shape, q)
         lse = _common.new_empty((n, h), q, torch.float32)
         ls_p2, cb, gm = _launch(d, ls, topk, g, q.dtype)
         _slc_fwd_kernel[(n // g, h)](
-            q, k, v, mask_i8, idx, o, lse, q.stride(0), scale * LOG2E,
+            q, k, v, mask_i8, idx, o, lse, q.stride(0), o.stride(0), scale * LOG2E,
             G=g, H=h, D=d, LS=ls, LS_P2=ls_p2, TOPK=topk, CB=cb, GM=gm, BLOCK_D=dot_dim(d),
             PREC=dot_precision(q.dtype), **LAUNCH_OVERRIDE.get("fwd", dict(num_warps=4, num_stages=2)))
         ctx.save_for_backward(q, k, v, o, lse, mask_i8, idx)
@@ -215,11 +216,11 @@ class SelectedAttention(torch.autograd.Function):
         topk = idx.size(1)
         do = do.contiguous()
         delta = row_dot(do, o)
-        dq, dk, dv = _common.new_empty(q.shape, q), _common.new_empty(k.shape, k), _common.new_empty(v.shape, v)
+        dq, dk, dv = (_common.new_empty(q.shape, q) for _ in range(3))  # contiguous: row stride o.stride(0)
         ls_p2, cb, gm = _launch(d, ls, topk, g, q.dtype)
         prec = dot_precision(q.dtype)
         _slc_bwd_dq_kernel[(n // g, h)](
-            q, k, v, do, mask_i8, idx, lse, delta, dq, q.stride(0), scale * LOG2E, scale,
+            q, k, v, do, mask_i8, idx, lse, delta, dq, q.stride(0), do.stride(0), scale * LOG2E, scale,
             G=g, H=h, D=d, LS=ls, LS_P2=ls_p2, TOPK=topk, CB=cb, GM=gm, BLOCK_D=dot_dim(d), PREC=prec,
             **LAUNCH_OVERRIDE.get("dq", dict(num_warps=4, num_stages=2)))
         nblk = n // ls
@@ -227,7 +228,7 @@ class SelectedAttention(torch.autograd.Function):
         g_p2 = next_pow2(g)
         gb = max(1, LAUNCH_OVERRIDE.get("dkdv_rows", 16 if is_interpreter() else 64) // g_p2)
         _slc_bwd_dkdv_kernel[(nblk, h)](
-            q, k, v, do, mask_i8, bptr, bgrp, lse, delta, dk, dv, q.stride(0), scale * LOG2E, scale,
+            q, k, v, do, mask_i8, bptr, bgrp, lse, delta, dk, dv, q.stride(0), do.stride(0), scale * LOG2E, scale,
             G=g, G_P2=g_p2, H=h, D=d, LS=ls, LP=max(16, ls_p2), GB=gb, BLOCK_D=dot_dim(d), PREC=prec,
             **LAUNCH_OVERRIDE.get("dkdv", dict(num_warps=4, num_stages=2)))
         return dq, dk, dv, None, None, None, None, None

@@ -38,7 +38,7 @@ def _score_topk_kernel(Q, K, LSE, KMASK, SVALID, KSTART, KEND, GSTART, GEND, IDX
     pid = tl.program_id(0)
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 when inductor launches the kernel
     R: tl.constexpr = BLOCK_G * QPG
-    rows = pid * R + tl.arange(0, R)
+    rows = (pid * R + tl.arange(0, R)).to(tl.int64)
     rmask = rows < n_q
     grp = pid * BLOCK_G + tl.arange(0, BLOCK_G)
     gmask = grp < n_g
@@ -137,7 +137,7 @@ def select_topk_triton(q_cmp: Tensor, k_cmp: Tensor, lse: Tensor, cmp_mask: Tens
         # 5.68 -> 4.57 ms, fast 1.14 -> 0.91 ms against the earlier 128 rows / 64 keys / 8 warps)
         bg = max(16 // qpg if qpg < 16 else 1, min(64 // qpg, next_pow2(max(1, n_g // 264))))
         bn, nw = 128, 4
-    q_cmp, k_cmp = q_cmp.contiguous(), k_cmp.contiguous()
+    q_cmp, k_cmp = _common.rows(q_cmp), _common.rows(k_cmp)
     _score_topk_kernel[(cdiv(n_g, bg),)](
         q_cmp, k_cmp, lse, kmask, svalid, kstart, kend, gstart, gend, idx, n_q, n_g,
         q_cmp.stride(0), k_cmp.stride(0), scale * LOG2E,
