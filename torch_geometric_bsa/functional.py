@@ -121,10 +121,11 @@ def bsa_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, 
         # distances are computed in fp32 at least (16-bit inputs accumulate in fp32)
         check_coordinate_range(pos, torch.float64 if pos.dtype == torch.float64 else torch.float32)
         check_tree_matches(tree, pos.index_select(0, tree.inv), None, check_batch=False)
-    if backend == "triton":
+    if backend == "triton":  # the ball kernel reads sigma in float32 whatever its dtype: no cast
         from .kernels import bsa_triton
         return bsa_triton(q, k, v, pos, tree, cfg, sigma=sigma, gates=gates, k_cmp=k_cmp, v_cmp=v_cmp,
                           cmp_mask=cmp_mask)
+    sigma = sigma.to(q.dtype)
     if backend == "cpu":
         from .cpu import bsa_cpu
         return bsa_cpu(q, k, v, pos, tree, cfg, sigma=sigma, gates=gates, k_cmp=k_cmp, v_cmp=v_cmp,
@@ -148,6 +149,7 @@ def ball_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, sigma: Tensor, 
     if backend == "triton":
         from .kernels.ball import ball_attention_triton
         return ball_attention_triton(q, k, v, pos, sigma, mask, ball_size)
+    sigma = sigma.to(q.dtype)
     if backend == "cpu":
         from .cpu import ball_attention_cpu
         return ball_attention_cpu(q, k, v, pos, sigma, mask, ball_size)

@@ -83,11 +83,16 @@ def test_selected_odd_shapes():
     check([70, 33], cfg, h=1, d=24, dtype=torch.float32, seed=2)
 
 
-def test_invert_selection():
+@pytest.mark.parametrize("num_blocks", [4, 40000], ids=["int16_keys", "int32_keys"])
+def test_invert_selection(num_blocks):
+    # block b was picked by the flat entries order[ptr[b]:ptr[b+1]] (group = entry // k), in entry
+    # order; -1 entries are never listed
     idx = torch.tensor([[2, 0, -1], [2, 1, 3]], dtype=torch.int32)
-    ptr, grp = slc.invert_selection(idx, 4)
-    assert ptr.tolist() == [0, 1, 2, 4, 5]
-    assert grp[:5].tolist() == [0, 1, 0, 1, 1]
+    ptr, order = slc.invert_selection(idx, num_blocks)
+    assert ptr.dtype == torch.int32 and ptr.shape == (num_blocks + 1,)
+    assert ptr[:5].tolist() == [1, 2, 3, 5, 6] and (ptr[5:] == 6).all()
+    assert order[1:6].tolist() == [1, 4, 0, 3, 5]
+    assert (order[1:6] // 3).tolist() == [0, 1, 0, 1, 1]
 
 
 @pytest.mark.gpu

@@ -15,7 +15,6 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _common
-from .combine import row_dot
 from ._common import EMPTY_LSE as _EMPTY, LOG2E, cdiv, cloud_ranges, dot_dim, dot_precision, next_pow2
 
 __all__ = ["compressed_attention_triton", "CompressedAttention"]
@@ -124,11 +123,12 @@ def _cmp_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KSTART, KEND, QSTART, Q
 
 
 @triton.jit
-def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KSTART, KEND, DQ, n_q,
+def _cmp_bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, KMASK, KSTART, KEND, DQ, n_q,
                        stride_qn, stride_kn, stride_don, qk_scale, sm_scale, QB, KB,
                        H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_D: tl.constexpr, PREC: tl.constexpr, RAGGED: tl.constexpr):
-    # grid: (query tiles, heads); recomputes P from the saved LSE, dS = P * (dP - delta)
+    # grid: (query tiles, heads); recomputes P from the saved LSE, dS = P * (dP - delta). It runs
+    # before the dK/dV kernel and stores delta_i = o_i . do_i (o and do share a layout) for it.
     pid = tl.program_id(0)
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 when inductor launches the kernel
     sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 when inductor launches the kernel
@@ -145,7 +145,9 @@ def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KSTART, KEND, DQ, n_q,
     q = tl.load(Q + rows[:, None] * stride_qn + h * D + offs_d[None, :], mask=qd_mask, other=0.0)
     do = tl.load(DO + rows[:, None] * stride_don + h * D + offs_d[None, :], mask=qd_mask, other=0.0)
     lse = tl.load(LSE + rows * H + h, mask=rmask, other=EMPTY_LSE)
-    delta = tl.load(DELTA + rows * H + h, mask=rmask, other=0.0)
+    o = tl.load(O + rows[:, None] * stride_don + h * D + offs_d[None, :], mask=qd_mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + rows * H + h, delta, mask=rmask)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
@@ -213,19 +215,19 @@ class CompressedAttention(torch.autograd.Function):
         q, k_cmp, v_cmp, o, lse, kmask, kstart, kend, qstart, qend = ctx.saved_tensors
         nq, h, d = q.shape
         nk = k_cmp.size(0)
-        do = do.contiguous()
-        delta = row_dot(do, o)  # [Q, H] float32
+        do = do.contiguous()  # o's layout: the dQ kernel reads both with one stride
+        delta = _common.new_empty((nq, h), q, torch.float32)  # written by the dQ kernel, read by dK/dV
         dq = _common.new_empty(q.shape, q)
         dk = _common.new_empty(k_cmp.shape, k_cmp)
         dv = _common.new_empty(v_cmp.shape, v_cmp)
         prec = dot_precision(q.dtype)
         scale, ragged = ctx.scale, ctx.ragged
-        _cmp_dkdv[lambda meta: (cdiv(nk, meta["BLOCK_N"]), h)](
-            q, k_cmp, v_cmp, do, lse, delta, kmask, kstart, kend, qstart, qend, dk, dv, nk,
+        _cmp_dq[lambda meta: (cdiv(nq, meta["BLOCK_M"]), h)](
+            q, k_cmp, v_cmp, do, o, lse, delta, kmask, kstart, kend, dq, nq,
             q.stride(0), k_cmp.stride(0), do.stride(0), scale * LOG2E, scale, next_pow2(nq), next_pow2(nk),
             H=h, D=d, BLOCK_D=dot_dim(d), PREC=prec, RAGGED=ragged)
-        _cmp_dq[lambda meta: (cdiv(nq, meta["BLOCK_M"]), h)](
-            q, k_cmp, v_cmp, do, lse, delta, kmask, kstart, kend, dq, nq,
+        _cmp_dkdv[lambda meta: (cdiv(nk, meta["BLOCK_N"]), h)](
+            q, k_cmp, v_cmp, do, lse, delta, kmask, kstart, kend, qstart, qend, dk, dv, nk,
             q.stride(0), k_cmp.stride(0), do.stride(0), scale * LOG2E, scale, next_pow2(nq), next_pow2(nk),
             H=h, D=d, BLOCK_D=dot_dim(d), PREC=prec, RAGGED=ragged)
         return dq, dk, dv, None, None, None, None, None, None, None

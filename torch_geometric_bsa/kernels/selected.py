@@ -15,8 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _common
-from .combine import row_dot
-from ._common import LOG2E, cdiv, dot_dim, dot_precision, is_interpreter, next_pow2
+from ._common import LOG2E, dot_dim, dot_precision, is_interpreter, next_pow2
 
 __all__ = ["selected_attention_triton", "SelectedAttention", "invert_selection"]
 
@@ -70,7 +69,7 @@ def _slc_fwd_kernel(Q, K, V, MASK, IDX, O, LSE, stride_n, stride_o,
 
 
 @triton.jit
-def _slc_bwd_dq_kernel(Q, K, V, DO, MASK, IDX, LSE, DELTA, DQ, stride_n, stride_o, qk_scale, sm_scale,
+def _slc_bwd_dq_kernel(Q, K, V, DO, O, MASK, IDX, LSE, DELTA, DQ, stride_n, stride_o, qk_scale, sm_scale,
                        G: tl.constexpr, H: tl.constexpr, D: tl.constexpr, LS: tl.constexpr,
                        LS_P2: tl.constexpr, TOPK: tl.constexpr, CB: tl.constexpr, GM: tl.constexpr,
                        BLOCK_D: tl.constexpr, PREC: tl.constexpr):
@@ -89,7 +88,10 @@ def _slc_bwd_dq_kernel(Q, K, V, DO, MASK, IDX, LSE, DELTA, DQ, stride_n, stride_
     q = tl.load(Q + rows[:, None] * stride_n + h * D + offs_d[None, :], mask=qd_mask, other=0.0)
     do = tl.load(DO + rows[:, None] * stride_o + h * D + offs_d[None, :], mask=qd_mask, other=0.0)
     lse = tl.load(LSE + rows * H + h, mask=qm, other=1.0e30)
-    delta = tl.load(DELTA + rows * H + h, mask=qm, other=0.0)
+    # delta_i = o_i . do_i, stored for the dK/dV kernel that runs next (padded rows: never read)
+    o = tl.load(O + rows[:, None] * stride_o + h * D + offs_d[None, :], mask=qd_mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + rows * H + h, delta, mask=qm)
     j = tl.arange(0, CB * LS_P2)
     dq = tl.zeros([GM, BLOCK_D], dtype=tl.float32)
     for c in range(0, TOPK, CB):
@@ -115,7 +117,8 @@ def _slc_bwd_dq_kernel(Q, K, V, DO, MASK, IDX, LSE, DELTA, DQ, stride_n, stride_
 def _slc_bwd_dkdv_kernel(Q, K, V, DO, MASK, BPTR, BGRP, LSE, DELTA, DK, DV, stride_n, stride_o, qk_scale,
                          sm_scale,
                          G: tl.constexpr, G_P2: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
-                         LS: tl.constexpr, LP: tl.constexpr, GB: tl.constexpr, BLOCK_D: tl.constexpr,
+                         TOPK: tl.constexpr, LS: tl.constexpr, LP: tl.constexpr, GB: tl.constexpr,
+                         BLOCK_D: tl.constexpr,
                          PREC: tl.constexpr):
     # grid: (selection blocks, heads); streams over the groups that selected this block (CSR)
     blk = tl.program_id(0)
@@ -138,7 +141,7 @@ def _slc_bwd_dkdv_kernel(Q, K, V, DO, MASK, BPTR, BGRP, LSE, DELTA, DK, DV, stri
     r = tl.arange(0, GB * G_P2)
     for c in range(start, end, GB):
         e = c + r // G_P2
-        gsel = tl.load(BGRP + e, mask=e < end, other=0)
+        gsel = tl.load(BGRP + e, mask=e < end, other=0) // TOPK  # flat entry -> its group
         rows = (gsel * G + r % G_P2).to(tl.int64)
         qm = (e < end) & (r % G_P2 < G)
         qm = qm & (tl.load(MASK + rows, mask=qm, other=0) != 0)
@@ -159,17 +162,18 @@ def _slc_bwd_dkdv_kernel(Q, K, V, DO, MASK, BPTR, BGRP, LSE, DELTA, DK, DV, stri
 
 
 def invert_selection(idx: Tensor, num_blocks: int):
-    r"""Block -> groups index (CSR) of ``idx [NG, k]`` global block ids (``-1`` = none), no host sync.
+    r"""Block -> entries index (CSR) of ``idx [NG, k]`` global block ids (``-1`` = none), no host sync.
 
-    Returns ``ptr [num_blocks + 1]`` and ``groups [NG * k]`` int32: block ``b`` was selected by
-    ``groups[ptr[b]:ptr[b+1]]`` (invalid entries sort past the last block and are never read).
+    Returns ``ptr [num_blocks + 1]`` int32 and ``order [NG * k]`` int64: block ``b`` was selected by
+    the flat entries ``order[ptr[b]:ptr[b+1]]`` of ``idx`` (group ``order // k``). A stable sort on the
+    narrowest key type (int16 below 32,767 blocks: half the radix passes of int32); ``-1`` entries
+    sort first, before ``ptr[0]``, and are never read.
     """
-    topk = idx.size(1)
-    flat = idx.reshape(-1).to(torch.int64)
-    flat = torch.where(flat < 0, num_blocks, flat)
-    sorted_ids, order = torch.sort(flat, stable=True)
-    ptr = torch.searchsorted(sorted_ids, torch.arange(num_blocks + 1, device=idx.device, dtype=torch.int64))
-    return ptr.to(torch.int32), (order // topk).to(torch.int32)
+    key = torch.int16 if num_blocks < 2 ** 15 - 1 else torch.int32
+    sorted_ids, order = torch.sort(idx.reshape(-1).to(key), stable=True)
+    ptr = torch.searchsorted(sorted_ids, torch.arange(num_blocks + 1, device=idx.device, dtype=key),
+                             out_int32=True)
+    return ptr, order
 
 
 LAUNCH_OVERRIDE: dict = {}  # tile sweeps only (benchmarks/sweep_bsa.py); empty in normal use
@@ -214,13 +218,13 @@ class SelectedAttention(torch.autograd.Function):
         g, ls, scale = ctx.g, ctx.ls, ctx.scale
         n, h, d = q.shape
         topk = idx.size(1)
-        do = do.contiguous()
-        delta = row_dot(do, o)
+        do = do.contiguous()  # o's layout: one stride for both
+        delta = _common.new_empty((n, h), q, torch.float32)  # written by the dQ kernel, read by dK/dV
         dq, dk, dv = (_common.new_empty(q.shape, q) for _ in range(3))  # contiguous: row stride o.stride(0)
         ls_p2, cb, gm = _launch(d, ls, topk, g, q.dtype)
         prec = dot_precision(q.dtype)
         _slc_bwd_dq_kernel[(n // g, h)](
-            q, k, v, do, mask_i8, idx, lse, delta, dq, q.stride(0), do.stride(0), scale * LOG2E, scale,
+            q, k, v, do, o, mask_i8, idx, lse, delta, dq, q.stride(0), do.stride(0), scale * LOG2E, scale,
             G=g, H=h, D=d, LS=ls, LS_P2=ls_p2, TOPK=topk, CB=cb, GM=gm, BLOCK_D=dot_dim(d), PREC=prec,
             **LAUNCH_OVERRIDE.get("dq", dict(num_warps=4, num_stages=2)))
         nblk = n // ls
@@ -229,7 +233,8 @@ class SelectedAttention(torch.autograd.Function):
         gb = max(1, LAUNCH_OVERRIDE.get("dkdv_rows", 16 if is_interpreter() else 64) // g_p2)
         _slc_bwd_dkdv_kernel[(nblk, h)](
             q, k, v, do, mask_i8, bptr, bgrp, lse, delta, dk, dv, q.stride(0), do.stride(0), scale * LOG2E, scale,
-            G=g, G_P2=g_p2, H=h, D=d, LS=ls, LP=max(16, ls_p2), GB=gb, BLOCK_D=dot_dim(d), PREC=prec,
+            G=g, G_P2=g_p2, H=h, D=d, TOPK=topk, LS=ls, LP=max(16, ls_p2), GB=gb, BLOCK_D=dot_dim(d),
+            PREC=prec,
             **LAUNCH_OVERRIDE.get("dkdv", dict(num_warps=4, num_stages=2)))
         return dq, dk, dv, None, None, None, None, None
 

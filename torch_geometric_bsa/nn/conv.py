@@ -359,11 +359,11 @@ class BSAConv(_TreeAttentionConv):
         r"""Tree-order core: ``x_t [N_pad, C]``, ``pos_t [N_pad, d]`` -> ``[N_pad, C_out]`` (padding zero)."""
         h, q, k, v = self._qkv(x_t, pos_t, tree)
         if self.branches == "ball":
-            o = ball_attention(q, k, v, pos_t, self.sigma.to(q.dtype), tree.mask, tree.ball_size, self.backend)
+            o = ball_attention(q, k, v, pos_t, self.sigma, tree.mask, tree.ball_size, self.backend)
         else:
             gates = torch.sigmoid(self.gate(h)).view(-1, self.heads, self.cfg.num_branches)
             k_cmp, v_cmp, cmp_mask = self.compress(k, v, tree)
-            o = bsa_attention(q, k, v, pos_t, tree, self.cfg, sigma=self.sigma.to(q.dtype), gates=gates,
+            o = bsa_attention(q, k, v, pos_t, tree, self.cfg, sigma=self.sigma, gates=gates,
                               k_cmp=k_cmp, v_cmp=v_cmp, cmp_mask=cmp_mask, backend=self.backend,
                               validate=False)  # checked once at the boundary, not per layer
         return self.out(o.reshape(-1, self.channels)) * tree.float_mask(o.dtype)
