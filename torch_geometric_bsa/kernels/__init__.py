@@ -65,7 +65,7 @@ def bsa_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree, cfg, *, sigma
     o_slc = selected_attention_triton(q, k, v, idx, mask_i8, g, ls)
     from ..reference import per_slot
     from .combine import gated_combine
-    out = gated_combine(o_ball, o_c, o_slc, gates[..., :3], mask_u8, q_unit)  # one pass, no repeat_interleave copy
+    out = gated_combine(o_ball, o_c, o_slc, gates if w is None else gates[..., :3], mask_u8, q_unit)  # one pass, no repeat_interleave copy
     o_crs = None
     if w is not None:
         # the coarse global branch: one mean-pooled key per ball of the whole cloud
