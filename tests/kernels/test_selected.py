@@ -41,7 +41,7 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def check(sizes, cfg, h, d, dtype, seed=0):
+def check(sizes, cfg, h, d, dtype, seed=0, hot=False):
     g = torch.Generator().manual_seed(seed)
     pos = torch.rand(sum(sizes), 3, generator=g)
     batch = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
@@ -54,6 +54,8 @@ def check(sizes, cfg, h, d, dtype, seed=0):
     nblk = ((tree.ptr[1:] - tree.ptr[:-1]) // ls).cpu()[cloud]
     kk = min(cfg.topk, tree.max_slots // ls)
     loc = torch.argsort(torch.rand(ng, tree.max_slots // ls, generator=g), -1)[:, :kk]
+    if hot:  # every group of a cloud picks the same blocks: long lists, cut into chunks in the dK/dV pass
+        loc = torch.arange(kk).expand(ng, kk).flip(-1)
     loc = torch.where((loc < nblk[:, None]) & (torch.rand(ng, kk, generator=g) > 0.15), loc, -1)
     idx = torch.where(loc >= 0, loc + (tree.ptr.cpu()[cloud] // ls)[:, None], -1).int().to(DEVICE)
 
@@ -69,12 +71,22 @@ def check(sizes, cfg, h, d, dtype, seed=0):
     assert rel(o, ro) < tol_o
     for a, b in zip(grads, rgrads):
         assert rel(a, b) < tol_g
+    if hot:  # the chunks' partials are added in a fixed order: bitwise the same gradients again
+        again = torch.autograd.grad(slc.selected_attention_triton(q, k, v, idx, tree.mask, gs, ls), (q, k, v), do)
+        assert all(torch.equal(a, b) for a, b in zip(grads, again))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_selected_matches_reference(dtype):
     cfg = BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4)
     check([50, 90, 20], cfg, h=2, d=16, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_selected_hot_blocks(dtype):
+    # blocks picked by ~20 groups each: their dK/dV lists span several chunks (partials + final pass)
+    cfg = BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4)
+    check([50, 90, 20], cfg, h=2, d=16, dtype=dtype, hot=True, seed=4)
 
 
 def test_selected_odd_shapes():

@@ -5,17 +5,21 @@ per (group, head): the group's ``g`` queries are the M side of the tile (padded 
 ``tl.dot``), so each selected KV block is loaded once for the whole group. dK/dV run one program per
 (selection block, head) over an inverted index block -> groups that selected it (a stable sort of the
 ``[groups * k]`` indices, CSR offsets by ``searchsorted``): no atomics, no scatter, and every block
-writes its gradient exactly once (zero when nobody selected it). Why this choice: docs/kernels.md.
+writes its gradient exactly once (zero when nobody selected it). Long lists (a block picked by many
+groups) are cut into chunks: all but the last go to a first launch that writes float32 partials,
+and the block's own program adds them in order, so the sum stays deterministic. Why this choice:
+docs/kernels.md.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from . import _common
-from ._common import LOG2E, dot_dim, dot_precision, is_interpreter, next_pow2
+from ._common import LOG2E, cdiv, dot_dim, dot_precision, is_interpreter, next_pow2
 
 __all__ = ["selected_attention_triton", "SelectedAttention", "invert_selection"]
 
@@ -114,17 +118,38 @@ def _slc_bwd_dq_kernel(Q, K, V, DO, O, MASK, IDX, LSE, DELTA, DQ, stride_n, stri
 
 
 @triton.jit
-def _slc_bwd_dkdv_kernel(Q, K, V, DO, MASK, BPTR, BGRP, LSE, DELTA, DK, DV, stride_n, stride_o, qk_scale,
-                         sm_scale,
+def _slc_bwd_dkdv_kernel(Q, K, V, DO, MASK, BPTR, BGRP, XPTR, SK, SV, LSE, DELTA, DK, DV, stride_n, stride_o,
+                         qk_scale, sm_scale, nblk, nsteps,
                          G: tl.constexpr, G_P2: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
                          TOPK: tl.constexpr, LS: tl.constexpr, LP: tl.constexpr, GB: tl.constexpr,
-                         BLOCK_D: tl.constexpr,
-                         PREC: tl.constexpr):
-    # grid: (selection blocks, heads); streams over the groups that selected this block (CSR)
-    blk = tl.program_id(0)
+                         CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, PARTIAL: tl.constexpr):
+    # A block's list of selecting groups (CSR: BGRP[BPTR[b]:BPTR[b+1]]) is cut into chunks of CHUNK
+    # entries, so that a block picked by thousands of groups does not serialise the launch.
+    # PARTIAL: grid (extra chunks, heads): program p takes the p-th chunk that is not a block's last
+    #   one (XPTR[b] = extra chunks before block b; found by binary search) and writes its float32
+    #   dK, dV to the scratch row p.
+    # else: grid (selection blocks, heads): the block's last chunk (or its whole list), plus its
+    #   scratch rows in order: deterministic, no atomics; every block is written (zero if unpicked).
+    pid = tl.program_id(0)
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 when inductor launches the kernel
     sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 when inductor launches the kernel
     h = tl.program_id(1)
+    if PARTIAL:
+        lo = pid * 0
+        hi = lo + nblk + 1
+        for _ in range(nsteps):  # largest b with XPTR[b] <= pid (XPTR[0] = 0; fixed at hi = lo + 1)
+            mid = (lo + hi) // 2
+            ok = tl.load(XPTR + mid) <= pid
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid)
+        live = pid < tl.load(XPTR + nblk)
+        blk = tl.minimum(lo, nblk - 1)
+        start = tl.load(BPTR + blk) + (pid - tl.load(XPTR + blk)) * CHUNK
+        end = tl.where(live, start + CHUNK, start)
+    else:
+        blk = pid
+        end = tl.load(BPTR + blk + 1)
+        start = tl.load(BPTR + blk) + (tl.load(XPTR + blk + 1) - tl.load(XPTR + blk)) * CHUNK
     t = tl.arange(0, LP)
     slot = (blk * LS + t).to(tl.int64)
     tin = t < LS
@@ -136,8 +161,6 @@ def _slc_bwd_dkdv_kernel(Q, K, V, DO, MASK, BPTR, BGRP, LSE, DELTA, DK, DV, stri
     v = tl.load(V + slot[:, None] * stride_n + h * D + offs_d[None, :], mask=kd_mask, other=0.0)
     dk = tl.zeros([LP, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([LP, BLOCK_D], dtype=tl.float32)
-    start = tl.load(BPTR + blk)
-    end = tl.load(BPTR + blk + 1)
     r = tl.arange(0, GB * G_P2)
     for c in range(start, end, GB):
         e = c + r // G_P2
@@ -156,9 +179,19 @@ def _slc_bwd_dkdv_kernel(Q, K, V, DO, MASK, BPTR, BGRP, LSE, DELTA, DK, DV, stri
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
-    tl.store(DK + slot[:, None] * stride_o + h * D + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
-             mask=kd_mask)
-    tl.store(DV + slot[:, None] * stride_o + h * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kd_mask)
+    if PARTIAL:
+        srow = ((pid * LS + t)[:, None].to(tl.int64) * H + h) * D + offs_d[None, :]
+        smask = kd_mask & ((t * 0 + pid) < tl.load(XPTR + nblk))[:, None]  # dead programs: none
+        tl.store(SK + srow, dk, mask=smask)
+        tl.store(SV + srow, dv, mask=smask)
+    else:
+        for x in range(tl.load(XPTR + blk), tl.load(XPTR + blk + 1)):
+            srow = ((x * LS + t)[:, None].to(tl.int64) * H + h) * D + offs_d[None, :]
+            dk += tl.load(SK + srow, mask=kd_mask, other=0.0)
+            dv += tl.load(SV + srow, mask=kd_mask, other=0.0)
+        tl.store(DK + slot[:, None] * stride_o + h * D + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+                 mask=kd_mask)
+        tl.store(DV + slot[:, None] * stride_o + h * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kd_mask)
 
 
 def invert_selection(idx: Tensor, num_blocks: int):
@@ -231,11 +264,21 @@ class SelectedAttention(torch.autograd.Function):
         bptr, bgrp = invert_selection(idx, nblk)
         g_p2 = next_pow2(g)
         gb = max(1, LAUNCH_OVERRIDE.get("dkdv_rows", 16 if is_interpreter() else 64) // g_p2)
-        _slc_bwd_dkdv_kernel[(nblk, h)](
-            q, k, v, do, mask_i8, bptr, bgrp, lse, delta, dk, dv, q.stride(0), do.stride(0), scale * LOG2E, scale,
-            G=g, G_P2=g_p2, H=h, D=d, TOPK=topk, LS=ls, LP=max(16, ls_p2), GB=gb, BLOCK_D=dot_dim(d),
-            PREC=prec,
-            **LAUNCH_OVERRIDE.get("dkdv", dict(num_warps=4, num_stages=2)))
+        chunk = gb * LAUNCH_OVERRIDE.get("dkdv_steps", 1 if is_interpreter() else 4)
+        # chunks past each block's last one (CSR), their prefix sum, and a scratch row for each
+        # (at most entries / chunk of them: a static bound, so no host read)
+        cnt = bptr[1:] - bptr[:-1]
+        xptr = F.pad(torch.cumsum(torch.div(cnt - 1, chunk, rounding_mode="floor").clamp_min_(0), 0,
+                                  dtype=torch.int32), (1, 0))
+        nx = max(1, cdiv(idx.numel(), chunk))
+        sk, sv = (torch.empty((nx, ls, h, d), device=q.device, dtype=torch.float32) for _ in range(2))
+        nsteps = max(1, (nblk + 1).bit_length())
+        common = dict(G=g, G_P2=g_p2, H=h, D=d, TOPK=topk, LS=ls, LP=max(16, ls_p2), GB=gb, CHUNK=chunk,
+                      BLOCK_D=dot_dim(d), PREC=prec, **LAUNCH_OVERRIDE.get("dkdv", dict(num_warps=4, num_stages=2)))
+        args = (q, k, v, do, mask_i8, bptr, bgrp, xptr, sk, sv, lse, delta, dk, dv, q.stride(0), do.stride(0),
+                scale * LOG2E, scale, nblk, nsteps)
+        _slc_bwd_dkdv_kernel[(nx, h)](*args, PARTIAL=True, **common)
+        _slc_bwd_dkdv_kernel[(nblk, h)](*args, PARTIAL=False, **common)
         return dq, dk, dv, None, None, None, None, None
 
 
