@@ -8,7 +8,6 @@ compression, "fast" = group compression. Writes bench_bsa.json and bench_bsa.png
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import traceback
@@ -93,7 +92,8 @@ def branch_split(c, cfg, rep):
     r"""Per-kernel times (ms) of one fwd+bwd of our op, each kernel timed alone on the real inputs."""
     from torch_geometric_bsa.kernels import compress_mean_fast
     from torch_geometric_bsa.kernels.ball import ball_attention_triton
-    from torch_geometric_bsa.kernels.compressed import compressed_attention_triton, compressed_ranges
+    from torch_geometric_bsa.kernels.compressed import compressed_attention_triton
+    from torch_geometric_bsa.kernels.plan import compressed_ranges, selection_plan
     from torch_geometric_bsa.kernels.selected import selected_attention_triton
     from torch_geometric_bsa.kernels.topk import select_topk_triton
     tree, q, k, v, do = c["tree"], c["q"], c["k"], c["v"], c["do"]
@@ -110,7 +110,7 @@ def branch_split(c, cfg, rep):
     with torch.no_grad():
         out["ball_fwd"] = bench_gpu(lambda: ball_attention_triton(q, k, v, c["pos"], c["sigma"], tree.mask, cfg.ball_size), rep=rep)
     out["ball_fwdbwd"] = bench_gpu(fb(lambda: ball_attention_triton(q, k, v, c["pos"], c["sigma"], tree.mask, cfg.ball_size)), rep=rep)
-    kc, vc, cm = compress_mean_fast(k.detach(), v.detach(), tree, cfg.cmp_block, cfg.cmp_stride)
+    kc, vc, cm = compress_mean_fast(k.detach(), v.detach(), tree.mask, cfg.cmp_block)  # configs: stride == block
     kc.requires_grad_(), vc.requires_grad_()
     if cfg.group_compression:
         qc = q.detach().view(-1, g, h, d).mean(1).requires_grad_()
@@ -118,19 +118,20 @@ def branch_split(c, cfg, rep):
         qc = q
     q_unit = tree.num_slots // qc.size(0)
     ranges = compressed_ranges(tree, q_unit, cfg.cmp_stride, window=cfg.cmp_window)
-    rg = True if cfg.cmp_window is not None else None
+    rg = cfg.cmp_window is not None or tree.num_clouds > 1
+    sel = selection_plan(tree, g, cfg.slc_block, cfg.topk, cfg.cmp_window)
     with torch.no_grad():
-        out["cmp_fwd"] = bench_gpu(lambda: compressed_attention_triton(qc, kc, vc, cm, tree, cfg.cmp_stride, ranges=ranges, ragged=rg), rep=rep)
-        o_c, lse = compressed_attention_triton(qc, kc, vc, cm, tree, cfg.cmp_stride, ranges=ranges, ragged=rg)
+        out["cmp_fwd"] = bench_gpu(lambda: compressed_attention_triton(qc, kc, vc, cm, ranges, ragged=rg), rep=rep)
+        o_c, lse = compressed_attention_triton(qc, kc, vc, cm, ranges, ragged=rg)
     doc = torch.randn_like(o_c)
 
     def cmp_fb():
-        o, _ = compressed_attention_triton(qc, kc, vc, cm, tree, cfg.cmp_stride, ranges=ranges, ragged=rg)
+        o, _ = compressed_attention_triton(qc, kc, vc, cm, ranges, ragged=rg)
         torch.autograd.backward(o, doc)
     out["cmp_fwdbwd"] = bench_gpu(cmp_fb, rep=rep)
     with torch.no_grad():
-        out["topk"] = bench_gpu(lambda: select_topk_triton(qc, kc, lse, cm, tree, cfg, ranges=ranges), rep=rep)
-        idx = select_topk_triton(qc, kc, lse, cm, tree, cfg, ranges=ranges)
+        out["topk"] = bench_gpu(lambda: select_topk_triton(qc, kc, lse, cm, sel[0], ranges[:2], sel[1], sel[2]), rep=rep)
+        idx = select_topk_triton(qc, kc, lse, cm, sel[0], ranges[:2], sel[1], sel[2])
         out["slc_fwd"] = bench_gpu(lambda: selected_attention_triton(q, k, v, idx, tree.mask, g, cfg.slc_block), rep=rep)
     out["slc_fwdbwd"] = bench_gpu(fb(lambda: selected_attention_triton(q, k, v, idx, tree.mask, g, cfg.slc_block)), rep=rep)
     # floors (ms): FLOPs over the matmul ceiling, or bytes over the copy ceiling

@@ -36,6 +36,7 @@ def main():
     from torch_geometric_bsa import BSAConfig
     from torch_geometric_bsa.kernels import selected as S
     from torch_geometric_bsa.kernels import topk as T
+    from torch_geometric_bsa.kernels.plan import selection_plan
     cfgs = {"paper": BSAConfig(ball_size=256, cmp_block=8, slc_block=8, topk=16, group_size=8),
             "fast": BSAConfig(ball_size=256, cmp_block=8, slc_block=8, topk=16, group_size=8,
                               group_compression=True)}
@@ -46,7 +47,8 @@ def main():
         c = make_case(args.n, 8, 64, cfg)
         tree = c["tree"]
         q_cmp, kc, lse, cm, ranges = prepare(c, cfg)
-        topk = lambda: T.select_topk_triton(q_cmp, kc, lse, cm, tree, cfg, ranges=ranges)  # noqa: E731
+        sel = selection_plan(tree, cfg.group_size, cfg.slc_block, cfg.topk, cfg.cmp_window)
+        topk = lambda: T.select_topk_triton(q_cmp, kc, lse, cm, sel[0], ranges[:2], sel[1], sel[2])  # noqa: E731
         base_idx = topk()
         rows.append(dict(config=name, kernel="topk", tiles="default *", ms=bench_gpu(topk)))
         qpg = cfg.group_size if not cfg.group_compression else 1

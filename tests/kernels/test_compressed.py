@@ -19,6 +19,7 @@ pytest.importorskip("triton")
 
 import torch_geometric_bsa.kernels._common as common  # noqa: E402
 import torch_geometric_bsa.kernels.compressed as cmp  # noqa: E402
+from torch_geometric_bsa.kernels import plan  # noqa: E402
 from torch_geometric_bsa import build_ball_tree  # noqa: E402
 from torch_geometric_bsa import reference as R  # noqa: E402
 
@@ -60,7 +61,8 @@ def run_case(sizes, ball_size, h, d, block, q_unit, dtype, seed=0):
     qq = q.view(-1, q_unit, h, d).mean(1) if q_unit > 1 else q
 
     kc, vc, cm = R.compress_mean(k, v, tree.mask, tree.slot_batch, block, block)
-    o, lse = cmp.compressed_attention_triton(qq, kc, vc, cm, tree, block)
+    o, lse = cmp.compressed_attention_triton(qq, kc, vc, cm, plan.compressed_ranges(tree, q_unit, block),
+                                             ragged=tree.num_clouds > 1)
     do = torch.randn(o.shape, generator=g).to(DEVICE, dtype)
     grads = torch.autograd.grad(o, (q, k, v), do)
 

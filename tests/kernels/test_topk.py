@@ -19,6 +19,7 @@ pytest.importorskip("triton")
 import torch_geometric_bsa.kernels._common as common  # noqa: E402
 import torch_geometric_bsa.kernels.compressed as cmp  # noqa: E402
 import torch_geometric_bsa.kernels.topk as topk  # noqa: E402
+from torch_geometric_bsa.kernels import plan  # noqa: E402
 from torch_geometric_bsa import BSAConfig, build_ball_tree  # noqa: E402
 from torch_geometric_bsa import reference as R  # noqa: E402
 
@@ -62,8 +63,10 @@ def check(sizes, cfg, h, d, seed=0, q_scale=1.0, tie_gap=1e-5):
         w = tree.mask.view(-1, g, 1, 1).float()
         q = (q.view(-1, g, h, d) * w).sum(1) / w.sum(1).clamp_min(1.0)
     q_unit = n // q.size(0)
-    _, lse = cmp.compressed_attention_triton(q, kc, vc, cm, tree, cfg.cmp_stride)
-    idx = topk.select_topk_triton(q, kc, lse, cm, tree, cfg)
+    ranges = plan.compressed_ranges(tree, q_unit, cfg.cmp_stride)
+    _, lse = cmp.compressed_attention_triton(q, kc, vc, cm, ranges, ragged=tree.num_clouds > 1)
+    svalid, granges, kk = plan.selection_plan(tree, g, cfg.slc_block, cfg.topk)
+    idx = topk.select_topk_triton(q, kc, lse, cm, svalid, ranges[:2], granges, kk)
 
     _, p = R.compressed_attention(q.double(), kc.double(), vc.double(), cm, tree, cfg.cmp_stride,
                                   return_probs=True)

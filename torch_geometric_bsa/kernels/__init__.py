@@ -14,17 +14,21 @@ from torch import Tensor
 __all__ = ["bsa_triton", "compress_mean_fast", "compression_branch"]
 
 
-def compress_mean_fast(k: Tensor, v: Tensor, tree, block: int, stride: int):
-    r"""Same as ``compress_mean``; for ``stride == block`` a
-    one-pass masked mean kernel (no gathered copy of K and V), else the reference gather."""
+def compress_mean_fast(k: Tensor, v: Tensor, mask: Tensor, block: int):
+    r"""Mean pooling of keys and values over blocks of ``block`` slots that tile the clouds, one
+    pass each (no gathered copy): ``k, v [N_pad, H, D]``, ``mask [N_pad]`` -> ``k_cmp, v_cmp
+    [N_pad // block, H, D]`` and the block mask ``[N_pad // block]``."""
+    from .combine import masked_block_mean
+    return masked_block_mean(k, mask, block), masked_block_mean(v, mask, block), mask.view(-1, block).any(1)
+
+
+def _mean_pool(k: Tensor, v: Tensor, tree, block: int, stride: int):
+    # blocks tile clouds exactly when stride == block (cloud sizes are multiples of ball_size, a
+    # multiple of block); overlapping blocks take the reference's gather
     if stride != block:
         from ..reference import compress_mean
         return compress_mean(k, v, tree.mask, tree.slot_batch, block, stride)
-    # blocks tile clouds exactly (cloud sizes are multiples of ball_size, a multiple of block)
-    from .combine import masked_block_mean
-    kc = masked_block_mean(k, tree.mask, block)
-    vc = masked_block_mean(v, tree.mask, block)
-    return kc, vc, tree.mask.view(-1, block).any(1)
+    return compress_mean_fast(k, v, tree.mask_as(torch.uint8), block)
 
 
 def _ball(q, k, v, pos, sigma, mask, ball_size):
@@ -58,8 +62,10 @@ def bsa_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree, cfg, *, sigma
     w = cfg.cmp_window
     with torch.no_grad():
         if cfg.cmp_block == s == ls and (g // q_unit) & (g // q_unit - 1) == 0:
+            from .plan import selection_plan
             from .topk import select_topk_triton
-            idx = select_topk_triton(q_cmp.detach(), k_cmp.detach(), lse, cmp_mask, tree, cfg, ranges=ranges)
+            svalid, granges, kk = selection_plan(tree, g, ls, cfg.topk, w)
+            idx = select_topk_triton(q_cmp.detach(), k_cmp.detach(), lse, cmp_mask, svalid, ranges[:2], granges, kk)
         else:
             idx = _dense_selection(q_cmp.detach(), k_cmp.detach(), v_cmp.detach(), cmp_mask, tree, cfg, q_unit)
     o_slc = selected_attention_triton(q, k, v, idx, mask_i8, g, ls)
@@ -70,8 +76,11 @@ def bsa_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree, cfg, *, sigma
     if w is not None:
         # the coarse global branch: one mean-pooled key per ball of the whole cloud
         m = cfg.ball_size
-        k_crs, v_crs, crs_mask = compress_mean_fast(k, v, tree, m, m)
-        o_crs = per_slot(compressed_attention_triton(q_cmp, k_crs, v_crs, crs_mask, tree, m)[0], mask, q_unit)
+        from .plan import compressed_ranges
+        k_crs, v_crs, crs_mask = _mean_pool(k, v, tree, m, m)
+        o_crs, _ = compressed_attention_triton(q_cmp, k_crs, v_crs, crs_mask, compressed_ranges(tree, q_unit, m),
+                                               ragged=tree.num_clouds > 1)
+        o_crs = per_slot(o_crs, mask, q_unit)
         out = out + gates[..., 3:4] * o_crs
     if return_branches:
         branches = dict(ball=o_ball, cmp=per_slot(o_c, mask, q_unit), slc=o_slc, idx=idx)
@@ -90,10 +99,11 @@ def compression_branch(q: Tensor, k: Tensor, v: Tensor, tree, cfg, k_cmp: Option
     (pooled) queries, the compressed keys/values and their mask (mean pooling when not given), and
     the per-row key ranges (cut to ``cfg.cmp_window`` when set).
     """
-    from .compressed import compressed_attention_triton, compressed_ranges
+    from .compressed import compressed_attention_triton
+    from .plan import compressed_ranges
     s = cfg.cmp_stride
     if k_cmp is None:
-        k_cmp, v_cmp, cmp_mask = compress_mean_fast(k, v, tree, cfg.cmp_block, s)
+        k_cmp, v_cmp, cmp_mask = _mean_pool(k, v, tree, cfg.cmp_block, s)
     elif cmp_mask is None:
         from ..reference import block_mask
         cmp_mask = block_mask(tree, cfg.cmp_block, s)
@@ -105,8 +115,9 @@ def compression_branch(q: Tensor, k: Tensor, v: Tensor, tree, cfg, k_cmp: Option
     else:
         q_cmp, q_unit = q, 1
     ranges = compressed_ranges(tree, q_unit, s, window=cfg.cmp_window)
-    o_c, lse = compressed_attention_triton(q_cmp, k_cmp, v_cmp, cmp_mask, tree, s, ranges=ranges,
-                                           ragged=True if cfg.cmp_window is not None else None)
+    # rows see different key ranges with several clouds or windows (a Python int: no host sync)
+    ragged = tree.num_clouds > 1 or cfg.cmp_window is not None
+    o_c, lse = compressed_attention_triton(q_cmp, k_cmp, v_cmp, cmp_mask, ranges, ragged=ragged)
     return o_c, lse, q_cmp, q_unit, k_cmp, v_cmp, cmp_mask, ranges
 
 

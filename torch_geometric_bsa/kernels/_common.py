@@ -32,22 +32,6 @@ def is_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def cloud_ranges(tree, unit_rows: int, unit_cols: int) -> tuple[Tensor, Tensor]:
-    r"""For rows at granularity ``unit_rows`` (slots per row), the column range ``[start, end)``
-    (at granularity ``unit_cols``) of the row's own cloud, as int32 ``[N_pad // unit_rows]``.
-
-    Clouds are contiguous slot ranges ``ptr[c]..ptr[c+1]`` whose sizes are multiples of both units
-    (cfg validation), so these ranges are exact and no row or column straddles two clouds.
-    """
-    def compute():
-        n = tree.num_slots // unit_rows
-        cloud = tree.slot_batch[::unit_rows][:n]
-        start = (tree.ptr[cloud] // unit_cols).to(torch.int32)
-        end = (tree.ptr[cloud + 1] // unit_cols).to(torch.int32)
-        return start.contiguous(), end.contiguous()
-    return tree.cached(("cloud_ranges", unit_rows, unit_cols), compute)
-
-
 def new_empty(shape, like: Tensor, dtype=None) -> Tensor:
     r"""Uninitialised output buffer (one place, so tests can poison every kernel output with NaN)."""
     return torch.empty(shape, device=like.device, dtype=like.dtype if dtype is None else dtype)

@@ -15,7 +15,8 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _common
-from ._common import EMPTY_LSE as _EMPTY, LOG2E, cdiv, cloud_ranges, dot_dim, dot_precision, next_pow2
+from ._common import EMPTY_LSE as _EMPTY, LOG2E, cdiv, dot_dim, dot_precision, next_pow2
+from .plan import as_int8
 
 __all__ = ["compressed_attention_triton", "CompressedAttention"]
 
@@ -233,51 +234,23 @@ class CompressedAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def compressed_ranges(tree, q_unit: int, cmp_stride: int, window: Optional[int] = None):
-    r"""Per-query key ranges and per-key query ranges of the compression branch (int32).
-
-    With ``window`` (slots, a multiple of the ball size), each range is cut to the aligned run of
-    ``window`` slots of the cloud that holds the row (``BSAConfig.cmp_window``).
-    """
-    def compute():
-        kstart, kend = cloud_ranges(tree, q_unit, cmp_stride)
-        qstart, qend = cloud_ranges(tree, cmp_stride, q_unit)
-        if window is not None:
-            kstart, kend = _cut_to_window(tree, q_unit, cmp_stride, window, kstart, kend)
-            qstart, qend = _cut_to_window(tree, cmp_stride, q_unit, window, qstart, qend)
-        # a query row with no valid slot (padding; a group: all of it) sees no key: zero output
-        # and no say in the selection, as in the reference
-        qvalid = tree.mask.view(-1, q_unit).any(1)
-        kend = torch.where(qvalid, kend, kstart).contiguous()
-        return kstart, kend, qstart, qend
-    return tree.cached(("compressed_ranges", q_unit, cmp_stride, window), compute)
-
-
-def _cut_to_window(tree, unit_rows: int, unit_cols: int, window: int, start: Tensor, end: Tensor):
-    # the row's window in slots, relative to its cloud's first slot, then back to column units
-    n = tree.num_slots // unit_rows
-    rows = torch.arange(n, device=start.device, dtype=torch.int64) * unit_rows
-    cloud0 = tree.ptr[tree.slot_batch[::unit_rows][:n]]
-    w0 = cloud0 + (rows - cloud0) // window * window
-    ws = (w0 // unit_cols).to(torch.int32)
-    we = ((w0 + window) // unit_cols).to(torch.int32)
-    return torch.maximum(start, ws).contiguous(), torch.minimum(end, we).contiguous()
-
-
-def compressed_attention_triton(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cmp_mask: Tensor, tree,
-                                cmp_stride: int, scale: Optional[float] = None, ranges=None,
-                                ragged: Optional[bool] = None):
+def compressed_attention_triton(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, kmask: Tensor, ranges,
+                                scale: Optional[float] = None, ragged: bool = True):
     r"""Triton ``compressed_attention``: returns ``(o, lse)``.
 
-    ``q [Q, H, D]`` at query granularity ``N_pad // Q`` (1 per point, ``g`` for pooled group
-    queries); ``lse [Q, H]`` float32 in log2 units (``1e30`` where a row has no valid block).
+    Args:
+        q: ``[Q, H, D]`` queries (one per point, or pooled per group). k_cmp, v_cmp: ``[K, H, D]``.
+        kmask: ``[K]`` compressed-key validity (int8 or bool).
+        ranges: ``(kstart, kend, qstart, qend)`` int32: each query row's key range ``[Q]`` and each
+            key's query-row range ``[K]`` (``plan.compressed_ranges``).
+        ragged: rows see different key ranges (several clouds, or windows); ``False`` lets the
+            kernel skip the per-row range test when every row sees the same keys.
+
+    Returns:
+        ``o [Q, H, D]`` and ``lse [Q, H]`` float32 in log2 units (``1e30`` where a row has no key).
     """
     d = q.size(-1)
     scale = d ** -0.5 if scale is None else scale
-    q_unit = tree.num_slots // q.size(0)
-    if ranges is None:
-        ranges = compressed_ranges(tree, q_unit, cmp_stride)
-    kmask = cmp_mask if cmp_mask.dtype == torch.int8 else cmp_mask.to(torch.int8).contiguous()
-    if ragged is None:  # per-row ranges matter with several clouds (or windows: the caller says so)
-        ragged = tree.num_clouds > 1  # a Python int: no host sync
-    return CompressedAttention.apply(q, k_cmp, v_cmp, kmask, *ranges, scale, ragged)
+    if len(ranges) != 4:
+        raise ValueError("ranges must be (kstart, kend, qstart, qend)")
+    return CompressedAttention.apply(q, k_cmp, v_cmp, as_int8(kmask), *ranges, scale, bool(ragged))

@@ -21,7 +21,8 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _common
-from ._common import LOG2E, cdiv, cloud_ranges, dot_dim, dot_precision, is_interpreter, next_pow2
+from ._common import LOG2E, cdiv, dot_dim, dot_precision, is_interpreter, next_pow2
+from .plan import as_int8
 
 __all__ = ["select_topk_triton"]
 
@@ -95,36 +96,29 @@ def _score_topk_kernel(Q, K, LSE, KMASK, SVALID, KSTART, KEND, GSTART, GEND, IDX
         cur = tl.where(cur == m[:, None], -2, cur)
 
 
-def select_topk_triton(q_cmp: Tensor, k_cmp: Tensor, lse: Tensor, cmp_mask: Tensor, tree, cfg,
-                       ranges=None, scale=None) -> Tensor:
-    r"""Top-``k`` selection blocks per query group, ``[N_pad // g, k']`` int32 *global* block
-    indices (``slot // slc_block``), ``-1`` where fewer than ``k'`` valid blocks exist.
+def select_topk_triton(q_cmp: Tensor, k_cmp: Tensor, lse: Tensor, kmask: Tensor, svalid: Tensor, kranges,
+                       granges, topk: int, scale=None) -> Tensor:
+    r"""Top-``topk`` selection blocks per query group, ``[G, topk]`` int32 *global* block indices,
+    ``-1`` where fewer valid blocks exist. Blocks are scored by the probability mass the group's
+    queries give them in the compression branch (compression blocks = selection blocks).
 
-    ``k' = min(topk, max_slots // slc_block)`` as in the reference. ``q_cmp`` and ``lse`` are the
-    compression branch's queries and log-sum-exp (per point, or per group with group compression).
-    Assumes ``cmp_block == cmp_stride == slc_block``.
+    Args:
+        q_cmp: ``[Q, H, D]`` the compression branch's queries, ``Q / G`` per group (a power of two:
+            the group's points, or its one pooled query). k_cmp: ``[K, H, D]``.
+        lse: ``[Q, H]`` the compression branch's log-sum-exp (log2 units).
+        kmask: ``[K]`` compressed-key validity. svalid: ``[K]`` int8 selection-block validity.
+        kranges: ``(kstart, kend)`` int32 ``[Q]``, each row's key range (``plan.compressed_ranges``).
+        granges: ``(gstart, gend)`` int32 ``[G]``, each group's candidate blocks (``plan.group_ranges``).
+        topk: blocks per group (at most the blocks of the largest cloud).
     """
-    g, ls = cfg.group_size, cfg.slc_block
-    assert cfg.cmp_block == cfg.cmp_stride == ls, "fast path needs cmp_block == cmp_stride == slc_block"
     n_q, h, d = q_cmp.shape
-    q_unit = tree.num_slots // n_q
-    qpg = g // q_unit
-    assert qpg & (qpg - 1) == 0, "queries per group must be a power of two"
-    n_g = tree.num_slots // g
-    topk = min(cfg.topk, tree.max_slots // ls)
-    if ranges is None:
-        from .compressed import compressed_ranges
-        ranges = compressed_ranges(tree, q_unit, cfg.cmp_stride)
-    kstart, kend = ranges[0], ranges[1]
-    def group_ranges():
-        gstart, gend = cloud_ranges(tree, g, ls)
-        if cfg.cmp_window is not None:  # only the blocks of the group's own window are candidates
-            from .compressed import _cut_to_window
-            gstart, gend = _cut_to_window(tree, g, ls, cfg.cmp_window, gstart, gend)
-        return gstart, gend
-    gstart, gend = tree.cached(("group_ranges", g, ls, cfg.cmp_window), group_ranges)
-    svalid = tree.cached(("block_any_i8", ls), lambda: tree.mask.view(-1, ls).any(1).to(torch.int8))
-    kmask = cmp_mask if cmp_mask.dtype == torch.int8 else cmp_mask.to(torch.int8)
+    kstart, kend = kranges
+    gstart, gend = granges
+    n_g = gstart.numel()
+    qpg = n_q // n_g
+    if qpg * n_g != n_q or qpg & (qpg - 1):
+        raise ValueError(f"{n_q} query rows for {n_g} groups: rows per group must be a power of two")
+    kmask = as_int8(kmask)
     idx = _common.new_empty((n_g, topk), q_cmp, torch.int32)
     scale = d ** -0.5 if scale is None else scale
     if "launch" in LAUNCH_OVERRIDE:  # benchmarks/sweep_bsa.py: (BLOCK_G, BLOCK_N, num_warps)
