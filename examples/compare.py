@@ -85,7 +85,7 @@ def _flags(args, model: str) -> List[str]:
 
 # A CUDA fault (illegal address) is sticky for the rest of a process: probe the models least likely to
 # fault first, so that a failing kernel only loses its own timing.
-PROBE_ORDER = ("pointnet", "gnn", "full", "ball", "bsa")
+PROBE_ORDER = ("pointnet", "gnn", "ptconv", "full", "ball", "bsa")
 OVERHEAD_S = 20.0  # per model besides training: start-up, data loading, evaluations, plots
 
 

@@ -1,4 +1,5 @@
-"""Train BSA, full attention, ball attention, PointNet or a kNN GNN on a point-cloud regression task.
+"""Train BSA, full attention, ball attention, PointNet, a kNN GNN or PyG's PointTransformerConv on a point-cloud
+regression task.
 
 One entry point for every model (so comparisons share data, optimiser, schedule and evaluation):
 
@@ -41,7 +42,7 @@ from torch_geometric_bsa.io import (CorruptFileError, DirLock, LockError, Unsafe
                                     load_checked, previous_path, remove_stale_temps, save_checked)
 from torch_geometric_bsa.datasets import DATASETS as DATASET_REGISTRY  # noqa: E402
 
-MODELS = ("bsa", "full", "ball", "pointnet", "gnn")
+MODELS = ("bsa", "full", "ball", "pointnet", "gnn", "ptconv")
 # one registry: a class added to torch_geometric_bsa.datasets.DATASETS is a --dataset choice here
 # too; "toy" is this script's own tiny synthetic set (tests, smoke runs)
 DATASETS = tuple(DATASET_REGISTRY) + ("toy",)
@@ -105,7 +106,8 @@ def _key_value(s: str):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Train a point-cloud regression model (BSA, full/ball attention, PointNet, kNN GNN).",
+        description="Train a point-cloud regression model (BSA, full/ball attention, PointNet, kNN GNN, "
+                    "PointTransformerConv).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="car", choices=DATASETS,
@@ -148,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="auto", choices=("auto", "torch", "cpu", "triton"),
                    help="BSA/ball attention backend; 'auto' probes the Triton kernels on CUDA and "
                         "falls back to the PyTorch reference; off CUDA it is the fast CPU path")
-    g.add_argument("--knn", type=_positive_int, default=16, help="GNN neighbours")
+    g.add_argument("--knn", type=_positive_int, default=16, help="kNN-graph neighbours (gnn, ptconv)")
 
     g = p.add_argument_group("optimisation")
     budget = g.add_mutually_exclusive_group()
@@ -485,9 +487,12 @@ def build_model(args, in_channels: int, out_channels: int, dim: int, backend: Op
         return BSATransformer(in_channels, out_channels, args.hidden, args.layers, args.heads,
                               attention=args.model, mlp_ratio=args.mlp_ratio, rotate=args.rotate, dim=dim,
                               ball_size=args.ball_size, **kw)
-    from torch_geometric_bsa.nn.baselines import KNNGNN, PointNet
+    from torch_geometric_bsa.nn.baselines import KNNGNN, PointNet, PointTransformerNet
     if args.model == "pointnet":
         return PointNet(in_channels, out_channels, args.hidden, num_layers=args.layers, dim=dim)
+    if args.model == "ptconv":
+        return PointTransformerNet(in_channels, out_channels, args.hidden, num_layers=args.layers, k=args.knn,
+                                   dim=dim)
     return KNNGNN(in_channels, out_channels, args.hidden, num_layers=args.layers, k=args.knn, dim=dim)
 
 
