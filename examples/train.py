@@ -1026,7 +1026,7 @@ def _run(args, dd: Dist) -> Dict:
             if args.eval_every and step % args.eval_every == 0 and step < total:
                 m = evaluate(ddp, test, norm, args, dd, autocast)
                 guard(test=m)  # evaluation has synchronised anyway
-                eval_log.append({"step": step, **m})
+                eval_log.append({"step": step, "train_time_s": train_time, **m})
                 log(f"[train] step {step}: test MSE {m['test_mse']:.5f}, rel L2 {m['test_rel_l2']:.4f}")
                 t_log = time.perf_counter()
             if args.ckpt_every and step % args.ckpt_every == 0 and step < total:
@@ -1047,7 +1047,7 @@ def _run(args, dd: Dist) -> Dict:
     final = evaluate(ddp, test, norm, args, dd, autocast)
     guard(test=final)
     if not eval_log or eval_log[-1]["step"] != step:
-        eval_log.append({"step": step, **final})
+        eval_log.append({"step": step, "train_time_s": train_time, **final})
     checkpoint()
     steps_run = train_log
     ms_step = 1000.0 * train_time / max(step, 1)

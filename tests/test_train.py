@@ -272,6 +272,80 @@ def test_compare_writes_table(tmp_path):
     assert os.path.isfile(str(tmp_path / "cmp" / "compare.png"))
 
 
+def test_compare_seeds_mean_std_and_curves(tmp_path):
+    compare = _load("compare")
+    res, out = str(tmp_path / "results.md"), tmp_path / "cmp"
+    rows = compare.main(["--models", "pointnet", "gnn", "--seeds", "0", "1", "--steps", "4", "--curve-points", "2",
+                         "--out", str(out), "--results", res, "--"] + TINY + ["--log-every", "2"])
+    # seed by seed, every (model, seed) once, each in its own folder
+    assert [(r["model"], r["seed"]) for r in rows] == [("pointnet", 0), ("gnn", 0), ("pointnet", 1), ("gnn", 1)]
+    assert all("error" not in r for r in rows)
+    assert os.path.isfile(str(out / "gnn" / "seed1" / "metrics.json"))
+    saved = json.load(open(str(tmp_path / "results.json")))
+    assert saved["seeds"] == [0, 1] and len(saved["rows"]) == 4 and saved["budget"]["kind"] == "equal-steps"
+    summ = {s["model"]: s for s in saved["summary"]}
+    pn = [r["test_mse"] for r in rows if r["model"] == "pointnet"]
+    assert pn[0] != pn[1]  # the seed reached train.py
+    assert summ["pointnet"]["test_mse_mean"] == pytest.approx(sum(pn) / 2)
+    assert summ["pointnet"]["test_mse_std"] == pytest.approx(abs(pn[0] - pn[1]) / 2 ** 0.5)  # sample std
+    assert summ["gnn"]["n_seeds"] == 2 and summ["gnn"]["test_rel_l2_std"] is not None
+    assert summ["gnn"]["ms_per_step_mean"] > 0 and summ["gnn"]["steps"] == [4]
+    md = open(res).read()
+    assert "Budget: equal steps: 4 per model (--steps)" in md and "seeds 0, 1" in md
+    assert f"| pointnet | {summ['pointnet']['test_mse_mean']:.4f} ± {summ['pointnet']['test_mse_std']:.4f} |" in md
+    assert "| seed 0 | seed 1 |" in md
+    # the eval log carries the training seconds: the wall-clock curve
+    assert [e["step"] for e in rows[0]["eval_log"]] == [2, 4] and rows[0]["eval_log"][-1]["train_time_s"] > 0
+    for name in ("compare.png", "compare_time.png"):
+        assert os.path.getsize(str(out / name)) > 1000
+
+
+def test_compare_equal_time_budget_with_seeds(tmp_path):
+    compare = _load("compare")
+    res = str(tmp_path / "r.md")
+    rows = compare.main(["--models", "pointnet", "full", "--seeds", "3", "4", "--budget-s", "0.3", "--equal-time",
+                         "--probe-steps", "4", "--out", str(tmp_path / "cmp"), "--results", res, "--"] + TINY)
+    assert all("error" not in r for r in rows) and len(rows) == 4
+    saved = json.load(open(str(tmp_path / "r.json")))
+    per_model = saved["budget"]["steps_per_model"]
+    assert saved["budget"]["kind"] == "equal-time" and set(per_model) == {"pointnet", "full"}
+    for r in rows:  # every model its own step count, the same for both seeds
+        assert r["steps"] == per_model[r["model"]] >= 1
+    assert "Budget: equal wall-clock: every model trains about 0.3 s" in open(res).read()
+
+
+def test_compare_reuse_keeps_finished_runs_and_resumes_killed_ones(tmp_path, capsys):
+    compare = _load("compare")
+    out = tmp_path / "cmp"
+    base = ["--models", "pointnet", "gnn", "--seeds", "0", "--steps", "4", "--out", str(out), "--results",
+            str(tmp_path / "r.md"), "--reuse", "--"] + TINY + ["--no-plots"]
+    first = compare.main(base)
+    # a run killed after 2 of its 4 steps (it left a checkpoint, no metrics.json)
+    gnn_out = str(out / "gnn" / "seed0")
+    os.remove(os.path.join(gnn_out, "metrics.json"))
+    train.main(TINY + ["--no-plots", "--model", "gnn", "--seed", "0", "--steps", "4", "--eval-every", "1",
+                       "--out", gnn_out, "--stop-after", "2"])
+    capsys.readouterr()
+    again = compare.main(base)
+    log = capsys.readouterr().out
+    assert again[0].get("reused") and again[0]["test_mse"] == first[0]["test_mse"]
+    assert "finished run kept" in log and "resumed from" in log
+    assert not again[1].get("reused") and again[1]["steps"] == 4
+    assert again[1]["test_mse"] == pytest.approx(first[1]["test_mse"], rel=1e-6)  # resume is exact
+    # other train.py flags: nothing is kept
+    other = compare.main(base[:-1] + ["--no-plots", "--lr", "2e-3"])
+    assert not any(r.get("reused") for r in other)
+
+
+def test_compare_seed_flag_conflicts(capsys):
+    compare = _load("compare")
+    for argv in (["--seeds", "0", "1", "--", "--seed", "3"], ["--seeds", "1", "1"], ["--equal-time"]):
+        with pytest.raises(SystemExit):
+            compare.parse_args(argv + ([] if "--" in argv else ["--"]) + TINY)
+    err = capsys.readouterr().err
+    assert "leave --seed out" in err and "each seed once" in err and "--equal-time needs --budget-s" in err
+
+
 def test_compare_rejects_bad_train_flags(capsys):
     compare = _load("compare")
     with pytest.raises(SystemExit):
