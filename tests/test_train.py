@@ -418,3 +418,44 @@ def test_cmp_window_flag(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(base + ["--cmp-window", "40", "--out", str(tmp_path / "bad")])
     assert e.value.code == 2 and "--cmp-window" in capsys.readouterr().err
+
+
+def _fake_run(work, name, world, batch, losses, pts_s, log="", test_mse=0.1, steps=None):
+    os.makedirs(os.path.join(work, name), exist_ok=True)
+    steps = steps or 10 * len(losses)
+    met = {"world_size": world, "device_name": "fake", "backend": "triton", "precision": "bf16", "steps": steps,
+           "planned_steps": 10 * len(losses), "test_mse": test_mse, "test_rel_l2": 0.3, "ms_per_step": 10.0,
+           "peak_memory_mb": 1.0, "seed": 0, "args": {"batch_size": batch},
+           "train_log": [{"step": 10 * (i + 1), "loss": v, "points_per_s": p, "train_time_s": 0.1 * (i + 1)}
+                         for i, (v, p) in enumerate(zip(losses, pts_s))]}
+    json.dump(met, open(os.path.join(work, name, "metrics.json"), "w"))
+    open(os.path.join(work, name + ".log"), "w").write(log)
+
+
+def test_ddp_summary_reads_the_check(tmp_path):
+    summary = _load("ddp_summary")
+    work, out = str(tmp_path / "w"), str(tmp_path / "o")
+    _fake_run(work, "1gpu", 1, 8, [1.0, 0.5, 0.25, 0.2], [0, 100, 100, 100])  # first rows left out (warm-up)
+    _fake_run(work, "1gpu_seed1", 1, 8, [1.2, 0.6, 0.25, 0.21], [0, 100, 100, 100])   # noise: largest 0.2
+    _fake_run(work, "2gpu_half", 2, 4, [1.01, 0.55, 0.25, 0.2], [0, 150, 150, 150])   # largest 0.1
+    _fake_run(work, "2gpu_full", 2, 8, [1.0, 0.5, 0.25, 0.2], [0, 190, 185, 195])
+    _fake_run(work, "2gpu_resume", 2, 4, [1.01, 0.55, 0.25, 0.2], [0, 150, 150, 150],
+              log="[train] resumed from w/2gpu_resume/checkpoint.pt at step 20\n")
+    open(os.path.join(work, "2gpu_resume_killed.log"), "w").write("[train] step 10: test MSE 0.5\n")
+    s = summary.main(["--work", work, "--out", out])
+    assert s["speedup_same_per_gpu_batch"] == pytest.approx(1.9) and s["speedup_ok"]
+    assert s["speedup_same_global_batch"] == pytest.approx(1.5)
+    assert s["runs"]["2gpu_full"]["global_batch"] == 16
+    assert s["curve_2gpu_vs_1gpu"]["max_rel"] == pytest.approx(0.1) and s["curve_2gpu_vs_1gpu"]["step_of_max"] == 20
+    assert s["curve_seed_noise"]["max_rel"] == pytest.approx(0.2) and s["curves_agree"]
+    assert s["resume"] == {"killed_before_end": True, "resumed_at_step": 20, "finished": True, "ok": True}
+    md = open(os.path.join(out, "ddp_check.md")).read()
+    assert "1.90x (target >= 1.8x: yes)" in md and "OK: yes" in md
+    assert os.path.getsize(os.path.join(out, "ddp_loss.png")) > 1000
+    # a resumed run that did not finish, a kill that came too late, curves apart: all reported
+    _fake_run(work, "2gpu_half", 2, 4, [1.5, 0.55, 0.25, 0.2], [0, 150, 150, 150])
+    _fake_run(work, "2gpu_resume", 2, 4, [1.0], [0], log="[train] resumed from x at step 10\n", steps=5)
+    open(os.path.join(work, "2gpu_resume_killed.log"), "w").write("[train] bsa: final test MSE 0.1\n")
+    s = summary.main(["--work", work, "--out", out])
+    assert s["curves_agree"] is False and not s["resume"]["ok"] and s["resume"]["killed_before_end"] is False
+    assert "Agree: **no**" in open(os.path.join(out, "ddp_check.md")).read()
