@@ -394,7 +394,8 @@ def markdown(rows: List[Dict], args, steps: Dict[str, int], argv: Sequence[str])
     lines = [
         f"### {args.title}",
         "",
-        f"- Command: `python examples/compare.py {' '.join(shlex.quote(a) for a in argv)}`",
+        f"- Command: `python {getattr(args, 'script', 'examples/compare.py')} "
+        f"{' '.join(shlex.quote(a) for a in argv)}`",
         f"- Device: {device}; torch {torch.__version__}, Python {platform.python_version()}; "
         f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- Data: `{first.get('dataset', '?')}`, {first.get('train_clouds', '?')} training / "
@@ -418,9 +419,10 @@ def markdown(rows: List[Dict], args, steps: Dict[str, int], argv: Sequence[str])
         return "\n".join(lines + _seed_tables(rows, args) + ["", legend + " Mean ± sample standard deviation "
                                                              "over the seeds that finished; ms/step and peak memory: "
                                                              "mean over the seeds.", ""])
-    ref = next((r for r in ok if r["model"] == "full"), None)
+    ref_name = getattr(args, "ref_model", "full")
+    ref = next((r for r in ok if r["model"] == ref_name), None)
     lines += [
-        "| model | test MSE (norm.) | test MSE (phys.) | rel. L2 | vs full | params | GFLOPs/cloud | ms/step | "
+        f"| model | test MSE (norm.) | test MSE (phys.) | rel. L2 | vs {ref_name} | params | GFLOPs/cloud | ms/step | "
         "peak mem (MB) | steps |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -443,9 +445,10 @@ def markdown(rows: List[Dict], args, steps: Dict[str, int], argv: Sequence[str])
 
 def _seed_tables(rows: List[Dict], args) -> List[str]:
     summ = summarize(rows, args.models)
-    ref = next((s for s in summ if s["model"] == "full" and s["n_seeds"]), None)
+    ref_name = getattr(args, "ref_model", "full")
+    ref = next((s for s in summ if s["model"] == ref_name and s["n_seeds"]), None)
     lines = [
-        "| model | test MSE (norm.) | rel. L2 | test MSE (phys.) | vs full | params | GFLOPs/cloud | ms/step | "
+        f"| model | test MSE (norm.) | rel. L2 | test MSE (phys.) | vs {ref_name} | params | GFLOPs/cloud | ms/step | "
         "peak mem (MB) | steps | seeds |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]

@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BSA for very large clouds: compression/selection within windows of this many "
                         "tree-ordered slots (a multiple of --ball-size) plus a coarse per-ball branch")
     g.add_argument("--compression", default="mlp", choices=("mlp", "mean"), help="BSA block pooling")
+    g.add_argument("--drop-branch", action="append", default=[], choices=("ball", "cmp", "slc"),
+                   help="BSA ablation (repeatable): hold this branch's gate at 0 (still computed: same time, "
+                        "same FLOPs count)")
     g.add_argument("--rotate", action="store_true", help="alternate layers use a rotated ball tree")
     g.add_argument("--backend", default="auto", choices=("auto", "torch", "cpu", "triton"),
                    help="BSA/ball attention backend; 'auto' probes the Triton kernels on CUDA and "
@@ -245,6 +248,11 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             except ValueError as e:
                 parser.error(f"BSA sizes: {e} (flags --ball-size/--cmp-block/--slc-block/--group-size/"
                              "--cmp-window)")
+
+    if args.drop_branch and args.model != "bsa":
+        bad("--drop-branch", f"applies to --model bsa, not {args.model!r}")
+    if len(set(args.drop_branch)) == 3:
+        bad("--drop-branch", "dropping ball, cmp and slc leaves no branch")
 
     # data
     if args.num_points is not None and args.dataset not in ("car", "multibody", "toy"):
@@ -483,7 +491,8 @@ def build_model(args, in_channels: int, out_channels: int, dim: int, backend: Op
         if args.model == "bsa":
             kw.update(cmp_block=args.cmp_block, slc_block=args.slc_block, topk=args.topk,
                       group_size=args.group_size, group_compression=args.group_compression,
-                      compression=args.compression, cmp_window=args.cmp_window)
+                      compression=args.compression, cmp_window=args.cmp_window,
+                      drop_branches=tuple(args.drop_branch))
         return BSATransformer(in_channels, out_channels, args.hidden, args.layers, args.heads,
                               attention=args.model, mlp_ratio=args.mlp_ratio, rotate=args.rotate, dim=dim,
                               ball_size=args.ball_size, **kw)

@@ -459,3 +459,32 @@ def test_ddp_summary_reads_the_check(tmp_path):
     s = summary.main(["--work", work, "--out", out])
     assert s["curves_agree"] is False and not s["resume"]["ok"] and s["resume"]["killed_before_end"] is False
     assert "Agree: **no**" in open(os.path.join(out, "ddp_check.md")).read()
+
+
+def test_ablate_presets_run_and_merge_identical_variants(tmp_path, capsys):
+    ablate = _load("ablate")
+    # the base has --topk 2: "topk4" differs from it, and the per-query variant is the base itself
+    ablate.main(["--preset", "branches", "compression", "topk", "--variants", "bsa", "no-cmp", "ball-only",
+                 "per-query", "group", "topk4", "--list", "--"] + TINY)
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[0] == "bsa (= per-query): (the base flags)" and "no-cmp: --drop-branch cmp" in listed
+    res = str(tmp_path / "r.md")
+    rows = ablate.main(["--preset", "branches", "compression", "--variants", "bsa", "no-cmp", "ball-only",
+                        "per-query", "group", "--steps", "2", "--out", str(tmp_path / "a"), "--results", res,
+                        "--"] + TINY + ["--no-plots"])
+    assert [r["model"] for r in rows] == ["bsa (= per-query)", "no-cmp", "ball-only", "group"]
+    assert all("error" not in r for r in rows), rows
+    assert rows[1]["args"]["drop_branch"] == ["cmp"] and rows[2]["train_model"] == "ball"
+    assert rows[3]["args"]["group_compression"] and not rows[0]["args"]["group_compression"]
+    md = open(res).read()
+    assert "vs bsa (= per-query)" in md and "`no-cmp`: `--drop-branch cmp`" in md and "examples/ablate.py" in md
+    assert json.load(open(str(tmp_path / "r.json")))["variants"]["group"] == ["--group-compression"]
+    assert os.path.isfile(str(tmp_path / "a" / "ablate.png"))
+
+
+def test_drop_branch_flag_checks(capsys):
+    for flags, match in ((["--model", "full", "--drop-branch", "cmp"], "applies to --model bsa"),
+                         (["--drop-branch", "ball", "--drop-branch", "cmp", "--drop-branch", "slc"], "no branch")):
+        with pytest.raises(SystemExit):
+            train.parse_args(TINY + flags)
+        assert match in capsys.readouterr().err
