@@ -269,6 +269,25 @@ def run_all(args, steps: Dict[str, int], log, on_row=lambda rows: None) -> List[
     return rows
 
 
+def _saved_calibration(args, log) -> Optional[Dict[str, int]]:
+    r"""``--reuse`` with ``--budget-s``: the steps per model of the earlier calibration recorded in
+    ``--json`` (same budget and models), so that a rerun does not probe again and its step counts,
+    hence its finished runs, stay the same."""
+    try:
+        saved = json.load(open(args.json))["budget"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    kind = "equal-time" if args.equal_time else "equal-steps"
+    steps = saved.get("steps_per_model") or {}
+    if saved.get("kind") != kind or saved.get("budget_s") != args.budget_s or set(steps) != set(args.models):
+        return None
+    args.budget_note = saved.get("note", "").split("; whole comparison limited")[0] + \
+        f" (calibration read from {args.json}, --reuse)"
+    log(f"[compare] --reuse: steps per model from the calibration in {args.json}: "
+        + ", ".join(f"{m} {n}" for m, n in steps.items()))
+    return {m: int(n) for m, n in steps.items()}
+
+
 def _finished(flags: List[str], out: str) -> Optional[Dict]:
     r"""The row of a finished run in ``out`` made with the same train.py flags (those that define a
     run: ``train.run_config``) and all its steps done; ``None`` otherwise."""
@@ -557,7 +576,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     for path in (args.results, args.json):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if args.budget_s:
-        steps = calibrate(args, log)
+        steps = _saved_calibration(args, log) if args.reuse else None
+        steps = steps or calibrate(args, log)
     else:
         steps = {m: args.steps or 150 for m in args.models}
     common = sorted(set(steps.values()))

@@ -312,6 +312,12 @@ def test_compare_equal_time_budget_with_seeds(tmp_path):
     for r in rows:  # every model its own step count, the same for both seeds
         assert r["steps"] == per_model[r["model"]] >= 1
     assert "Budget: equal wall-clock: every model trains about 0.3 s" in open(res).read()
+    # rerun with --reuse: the recorded calibration is read back (no new probe), so every run is kept
+    again = compare.main(["--models", "pointnet", "full", "--seeds", "3", "4", "--budget-s", "0.3", "--equal-time",
+                          "--probe-steps", "4", "--out", str(tmp_path / "cmp"), "--results", res, "--reuse",
+                          "--"] + TINY)
+    assert all(r.get("reused") for r in again) and [r["steps"] for r in again] == [r["steps"] for r in rows]
+    assert "calibration read from" in open(res).read()
 
 
 def test_compare_reuse_keeps_finished_runs_and_resumes_killed_ones(tmp_path, capsys):
