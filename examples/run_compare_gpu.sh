@@ -9,7 +9,8 @@
 # Knobs (environment): TOTAL_S (wall-clock limit of everything, default 520), BUDGET_S (training
 # seconds of the slowest model, which sets the common step count; default 70), STEPS (a fixed step
 # count instead of the timing probe), NUM_TRAIN / NUM_TEST (cars, default 512 / 128), WORKERS
-# (generation processes, default: all cores), SEED, MODELS, EXTRA (more train.py flags for every model).
+# (generation processes, default: all cores), SEED, SEEDS (e.g. "0 1 2": every model once per seed, the
+# table gives mean ± std), MODELS, EXTRA (more train.py flags for every model).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
@@ -39,7 +40,8 @@ main() {
     BUDGET="${STEPS:+--steps $STEPS}"; BUDGET=${BUDGET:-"--budget-s ${BUDGET_S:-70} --probe-steps 15"}
   fi
   # shellcheck disable=SC2086
-  COMMON="$DATA --root $ROOT_DATA $MODEL --seed $SEED --log-every 10 --ckpt-every 0 ${EXTRA:-}"
+  if [ -n "${SEEDS:-}" ]; then SEEDING=""; SEED_ARGS="--seeds $SEEDS"; else SEEDING="--seed $SEED"; SEED_ARGS=""; fi
+  COMMON="$DATA --root $ROOT_DATA $MODEL $SEEDING --log-every 10 --ckpt-every 0 ${EXTRA:-}"
 
   echo "=== environment ($(date -u +%FT%TZ))"
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
@@ -58,13 +60,16 @@ main() {
   # --isolate: each model in its own process, so a CUDA fault in one kernel cannot take the others down;
   # --deadline-s shrinks the remaining models' time caps if the run falls behind; `timeout` is the last guard
   # shellcheck disable=SC2086
-  timeout $((LEFT + 10)) python examples/compare.py --models $MODELS $BUDGET --deadline-s "$LEFT" --isolate \
+  timeout $((LEFT + 10)) python examples/compare.py --models $MODELS $BUDGET $SEED_ARGS --deadline-s "$LEFT" --isolate \
     --out "$WORK" --results "$OUT/results.md" --json "$OUT/results.json" \
     --title "BSA vs full attention, ball attention, PointNet and a kNN GNN on generated car pressure" \
     -- $COMMON
   rc=$?
-  cp "$WORK/compare.png" "$OUT/compare.png" 2>/dev/null
-  for m in bsa full; do cp "$WORK/$m/field.png" "$OUT/field_$m.png" 2>/dev/null; done
+  cp "$WORK/compare.png" "$WORK/compare_time.png" "$OUT/" 2>/dev/null
+  for m in bsa full; do
+    f="$WORK/$m/field.png"; [ -f "$f" ] || f="$(ls "$WORK/$m"/seed*/field.png 2>/dev/null | head -1)"
+    cp "$f" "$OUT/field_$m.png" 2>/dev/null
+  done
   echo "=== done in ${SECONDS}s (compare exit code $rc); files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
   echo
   cat "$OUT/results.md" 2>/dev/null || echo "no results.md"

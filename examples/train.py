@@ -1,4 +1,5 @@
-"""Train BSA, full attention, ball attention, PointNet or a kNN GNN on a point-cloud regression task.
+"""Train BSA, full attention, ball attention, PointNet, a kNN GNN or PyG's PointTransformerConv on a point-cloud
+regression task.
 
 One entry point for every model (so comparisons share data, optimiser, schedule and evaluation):
 
@@ -41,7 +42,7 @@ from torch_geometric_bsa.io import (CorruptFileError, DirLock, LockError, Unsafe
                                     load_checked, previous_path, remove_stale_temps, save_checked)
 from torch_geometric_bsa.datasets import DATASETS as DATASET_REGISTRY  # noqa: E402
 
-MODELS = ("bsa", "full", "ball", "pointnet", "gnn")
+MODELS = ("bsa", "full", "ball", "pointnet", "gnn", "ptconv")
 # one registry: a class added to torch_geometric_bsa.datasets.DATASETS is a --dataset choice here
 # too; "toy" is this script's own tiny synthetic set (tests, smoke runs)
 DATASETS = tuple(DATASET_REGISTRY) + ("toy",)
@@ -105,7 +106,8 @@ def _key_value(s: str):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Train a point-cloud regression model (BSA, full/ball attention, PointNet, kNN GNN).",
+        description="Train a point-cloud regression model (BSA, full/ball attention, PointNet, kNN GNN, "
+                    "PointTransformerConv).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="car", choices=DATASETS,
@@ -144,11 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BSA for very large clouds: compression/selection within windows of this many "
                         "tree-ordered slots (a multiple of --ball-size) plus a coarse per-ball branch")
     g.add_argument("--compression", default="mlp", choices=("mlp", "mean"), help="BSA block pooling")
+    g.add_argument("--drop-branch", action="append", default=[], choices=("ball", "cmp", "slc"),
+                   help="BSA ablation (repeatable): hold this branch's gate at 0 (still computed: same time, "
+                        "same FLOPs count)")
     g.add_argument("--rotate", action="store_true", help="alternate layers use a rotated ball tree")
     g.add_argument("--backend", default="auto", choices=("auto", "torch", "cpu", "triton"),
                    help="BSA/ball attention backend; 'auto' probes the Triton kernels on CUDA and "
                         "falls back to the PyTorch reference; off CUDA it is the fast CPU path")
-    g.add_argument("--knn", type=_positive_int, default=16, help="GNN neighbours")
+    g.add_argument("--knn", type=_positive_int, default=16, help="kNN-graph neighbours (gnn, ptconv)")
 
     g = p.add_argument_group("optimisation")
     budget = g.add_mutually_exclusive_group()
@@ -243,6 +248,11 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             except ValueError as e:
                 parser.error(f"BSA sizes: {e} (flags --ball-size/--cmp-block/--slc-block/--group-size/"
                              "--cmp-window)")
+
+    if args.drop_branch and args.model != "bsa":
+        bad("--drop-branch", f"applies to --model bsa, not {args.model!r}")
+    if len(set(args.drop_branch)) == 3:
+        bad("--drop-branch", "dropping ball, cmp and slc leaves no branch")
 
     # data
     if args.num_points is not None and args.dataset not in ("car", "multibody", "toy"):
@@ -481,13 +491,17 @@ def build_model(args, in_channels: int, out_channels: int, dim: int, backend: Op
         if args.model == "bsa":
             kw.update(cmp_block=args.cmp_block, slc_block=args.slc_block, topk=args.topk,
                       group_size=args.group_size, group_compression=args.group_compression,
-                      compression=args.compression, cmp_window=args.cmp_window)
+                      compression=args.compression, cmp_window=args.cmp_window,
+                      drop_branches=tuple(args.drop_branch))
         return BSATransformer(in_channels, out_channels, args.hidden, args.layers, args.heads,
                               attention=args.model, mlp_ratio=args.mlp_ratio, rotate=args.rotate, dim=dim,
                               ball_size=args.ball_size, **kw)
-    from torch_geometric_bsa.nn.baselines import KNNGNN, PointNet
+    from torch_geometric_bsa.nn.baselines import KNNGNN, PointNet, PointTransformerNet
     if args.model == "pointnet":
         return PointNet(in_channels, out_channels, args.hidden, num_layers=args.layers, dim=dim)
+    if args.model == "ptconv":
+        return PointTransformerNet(in_channels, out_channels, args.hidden, num_layers=args.layers, k=args.knn,
+                                   dim=dim)
     return KNNGNN(in_channels, out_channels, args.hidden, num_layers=args.layers, k=args.knn, dim=dim)
 
 
@@ -1021,7 +1035,7 @@ def _run(args, dd: Dist) -> Dict:
             if args.eval_every and step % args.eval_every == 0 and step < total:
                 m = evaluate(ddp, test, norm, args, dd, autocast)
                 guard(test=m)  # evaluation has synchronised anyway
-                eval_log.append({"step": step, **m})
+                eval_log.append({"step": step, "train_time_s": train_time, **m})
                 log(f"[train] step {step}: test MSE {m['test_mse']:.5f}, rel L2 {m['test_rel_l2']:.4f}")
                 t_log = time.perf_counter()
             if args.ckpt_every and step % args.ckpt_every == 0 and step < total:
@@ -1042,7 +1056,7 @@ def _run(args, dd: Dist) -> Dict:
     final = evaluate(ddp, test, norm, args, dd, autocast)
     guard(test=final)
     if not eval_log or eval_log[-1]["step"] != step:
-        eval_log.append({"step": step, **final})
+        eval_log.append({"step": step, "train_time_s": train_time, **final})
     checkpoint()
     steps_run = train_log
     ms_step = 1000.0 * train_time / max(step, 1)

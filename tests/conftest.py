@@ -8,6 +8,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib.util  # noqa: E402
+import random  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -16,6 +17,16 @@ import pytest  # noqa: E402
 collect_ignore_glob = [] if importlib.util.find_spec("triton") is not None else ["kernels/*"]
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_python_random():
+    r"""examples/train.py seeds Python's global ``random`` (``random.seed(args.seed)``), and PyG's
+    ``Sequential`` names the module of its generated ``forward`` by ``random.randrange``, reusing an
+    already loaded module of that name: two ``Sequential`` models built right after the same seed
+    would share the first one's ``forward`` (a TypeError in the second). Every test starts from an
+    OS-seeded state instead."""
+    random.seed()
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

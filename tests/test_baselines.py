@@ -1,8 +1,11 @@
-"""Baselines of the accuracy comparison: PointNet, the kNN-graph GNN, and the kNN graph itself."""
+"""Baselines of the accuracy comparison: PointNet, the kNN-graph GNN, PointTransformerConv on the kNN graph,
+and the kNN graph itself."""
+import json
+
 import pytest
 import torch
 
-from torch_geometric_bsa.nn.baselines import KNNGNN, PointNet, knn_graph, knn_graph_torch
+from torch_geometric_bsa.nn.baselines import KNNGNN, PointNet, PointTransformerNet, knn_graph, knn_graph_torch
 
 
 def _clouds(sizes, dim=3, channels=2, seed=0):
@@ -62,7 +65,10 @@ def test_knn_agrees_with_torch_cluster():
     assert _edge_set(knn_graph(pos, 8, batch)) == _edge_set(theirs)
 
 
-@pytest.mark.parametrize("cls, kw", [(PointNet, {}), (KNNGNN, dict(k=4))])
+BASELINES = [(PointNet, {}), (KNNGNN, dict(k=4)), (PointTransformerNet, dict(k=4))]
+
+
+@pytest.mark.parametrize("cls, kw", BASELINES)
 def test_baseline_shapes_and_backward(cls, kw):
     x, pos, batch = _clouds([20, 9, 31])
     model = cls(2, 3, hidden_channels=16, num_layers=2, **kw)
@@ -74,7 +80,7 @@ def test_baseline_shapes_and_backward(cls, kw):
     assert model.flops(100) > 0
 
 
-@pytest.mark.parametrize("cls, kw", [(PointNet, {}), (KNNGNN, dict(k=4))])
+@pytest.mark.parametrize("cls, kw", BASELINES)
 def test_baseline_batch_independence(cls, kw):
     # a cloud alone and inside a batch gives the same output
     x, pos, batch = _clouds([20, 9, 31], seed=1)
@@ -85,7 +91,7 @@ def test_baseline_batch_independence(cls, kw):
     torch.testing.assert_close(together[20:29], alone, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("cls, kw", [(PointNet, {}), (KNNGNN, dict(k=4))])
+@pytest.mark.parametrize("cls, kw", BASELINES)
 def test_baseline_data_input_and_position_only(cls, kw):
     from torch_geometric.data import Batch, Data
     _, pos, _ = _clouds([12, 15], dim=2)
@@ -97,7 +103,8 @@ def test_baseline_data_input_and_position_only(cls, kw):
 def test_baseline_permutation_equivariance():
     x, pos, batch = _clouds([25])
     perm = torch.randperm(25, generator=torch.Generator().manual_seed(0))
-    for model in (PointNet(2, 1, 16, num_layers=2), KNNGNN(2, 1, 16, num_layers=2, k=4)):
+    for model in (PointNet(2, 1, 16, num_layers=2), KNNGNN(2, 1, 16, num_layers=2, k=4),
+                  PointTransformerNet(2, 1, 16, num_layers=2, k=4)):
         model.eval()
         with torch.no_grad():
             torch.testing.assert_close(model(x, pos)[perm], model(x[perm], pos[perm]), rtol=1e-5, atol=1e-5)
@@ -108,6 +115,41 @@ def test_baseline_bad_args():
         PointNet(2, 1, num_layers=0)
     with pytest.raises(ValueError, match="k must be"):
         KNNGNN(2, 1, k=0)
+    with pytest.raises(ValueError, match="num_layers"):
+        PointTransformerNet(2, 1, num_layers=0)
+    with pytest.raises(ValueError, match="k must be"):
+        PointTransformerNet(2, 1, k=0)
+
+
+def test_ptconv_attends_only_to_its_neighbours():
+    # moving a point outside a query's kNN set (and not making it a neighbour) leaves that query's
+    # output unchanged after one layer: attention is local to the graph, unlike BSA/full attention
+    x, pos, _ = _clouds([40], seed=2)
+    model = PointTransformerNet(2, 1, 8, num_layers=1, k=4).eval()
+    ei = knn_graph(pos, 4)
+    far = int(torch.cdist(pos[:1], pos).argmax())  # farthest point from point 0: not its neighbour
+    assert far not in ei[0][ei[1] == 0].tolist()
+    x2 = x.clone()
+    x2[far] += 5.0
+    with torch.no_grad():
+        a, b = model(x, pos, edge_index=ei), model(x2, pos, edge_index=ei)
+    torch.testing.assert_close(a[0], b[0])
+    assert not torch.allclose(a[far], b[far])
+
+
+def test_ptconv_flops_hand_count():
+    # one layer, width c, k neighbours, d = 3, n points: edges e = n (k + 1) (self-loops added)
+    n, c, k, d, fin, fout = 100, 8, 4, 3, 2, 1
+    model = PointTransformerNet(fin, fout, c, num_layers=1, k=k, dim=d)
+    e = n * (k + 1)
+    lin = lambda rows, a, b: 2.0 * rows * a * b  # noqa: E731
+    expect = (lin(e, d, c) + lin(e, c, c)          # position MLP
+              + 2 * lin(e, c, c)                   # attention MLP
+              + 3 * lin(n, c, c) + lin(n, c, c)    # W1, W2, W3 and the output linear
+              + lin(n, fin + d, c) + lin(n, c, c)  # embedding
+              + lin(n, c, c) + lin(n, c, fout)     # head
+              + 3.0 * d * n * n)                   # kNN search
+    assert model.flops(n) == pytest.approx(expect)
 
 
 def _brute_force_knn_dense(pos, k, batch, loop=False):
@@ -138,3 +180,22 @@ def test_knn_pruned_search_is_exact_on_larger_clouds(dim, sizes, k, stretch):
         assert _edge_set(ei) == _brute_force_knn_dense(pos, k, batch, loop=loop)
         assert len(_edge_set(ei)) == ei.size(1)
         assert bool((ei[1][1:] >= ei[1][:-1]).all())  # sorted by centre
+
+
+def test_ptconv_through_the_training_script(tmp_path):
+    # examples/train.py builds it from its flags (--knn is k), counts its FLOPs and trains it
+    import importlib.util
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("_example_train_ptconv", os.path.join(root, "examples", "train.py"))
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    flags = ["--model", "ptconv", "--dataset", "toy", "--num-train", "4", "--num-test", "2", "--hidden", "8",
+             "--layers", "2", "--knn", "5", "--batch-size", "2", "--no-progress", "--no-plots", "--threads", "1"]
+    model = train.build_model(train.parse_args(flags), 3, 1, 3)
+    assert isinstance(model, PointTransformerNet) and model.k == 5 and model.num_layers == 2
+    m = train.main(flags + ["--steps", "3", "--log-every", "1", "--out", str(tmp_path)])
+    assert m["model"] == "ptconv" and m["steps"] == 3
+    assert m["gflops_per_cloud"] == pytest.approx(model.flops(round(m["mean_points"])) / 1e9)
+    losses = [r["loss"] for r in json.load(open(os.path.join(str(tmp_path), "metrics.json")))["train_log"]]
+    assert len(losses) == 3 and all(v == v and v > 0 for v in losses)

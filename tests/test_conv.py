@@ -115,3 +115,28 @@ def test_bad_construction():
         BSAConv(16, heads=4, ball_size=16, slc_block=5)
     with pytest.raises(ValueError, match="backend"):
         BSAConv(16, **KW, backend="cuda")(torch.randn(4, 16), torch.rand(4, 3))
+
+
+@pytest.mark.parametrize("drop", [("ball",), ("cmp",), ("slc",), ("cmp", "slc")])
+def test_drop_branches_is_a_zero_gate(drop):
+    # the ablation "branch removed" equals the full layer with that branch's gate forced to sigmoid(-inf) = 0
+    full, ablated = _conv(), _conv(drop_branches=drop)
+    ablated.load_state_dict(full.state_dict())  # the mask is not in the state dict
+    cols = [i for i, b in enumerate(("ball", "cmp", "slc")) if b in drop]
+    rows = torch.tensor([h * 3 + c for h in range(4) for c in cols])  # gate output viewed as [heads, branches]
+    with torch.no_grad():
+        full.gate.weight[rows] = 0.0
+        full.gate.bias[rows] = -1e4
+    pos, batch = random_batch([45, 30], seed=5, dtype=torch.float64)
+    x = torch.randn(75, 16, dtype=torch.float64)
+    y = ablated(x, pos, batch)
+    torch.testing.assert_close(y, full(x, pos, batch), rtol=0, atol=1e-12)
+    assert not torch.allclose(y, _conv()(x, pos, batch))  # and it does change the output
+    assert f"drop_branches={ablated.drop_branches}" in repr(ablated)
+
+
+def test_drop_branches_bad_values():
+    for kw, match in ((dict(drop_branches=("crs",)), "branch names"), (dict(drop_branches=("ball", "cmp", "slc")),
+                      "leaves no branch"), (dict(branches="ball", drop_branches=("cmp",)), "branches='all'")):
+        with pytest.raises(ValueError, match=match):
+            _conv(**kw)

@@ -272,6 +272,86 @@ def test_compare_writes_table(tmp_path):
     assert os.path.isfile(str(tmp_path / "cmp" / "compare.png"))
 
 
+def test_compare_seeds_mean_std_and_curves(tmp_path):
+    compare = _load("compare")
+    res, out = str(tmp_path / "results.md"), tmp_path / "cmp"
+    rows = compare.main(["--models", "pointnet", "gnn", "--seeds", "0", "1", "--steps", "4", "--curve-points", "2",
+                         "--out", str(out), "--results", res, "--"] + TINY + ["--log-every", "2"])
+    # seed by seed, every (model, seed) once, each in its own folder
+    assert [(r["model"], r["seed"]) for r in rows] == [("pointnet", 0), ("gnn", 0), ("pointnet", 1), ("gnn", 1)]
+    assert all("error" not in r for r in rows)
+    assert os.path.isfile(str(out / "gnn" / "seed1" / "metrics.json"))
+    saved = json.load(open(str(tmp_path / "results.json")))
+    assert saved["seeds"] == [0, 1] and len(saved["rows"]) == 4 and saved["budget"]["kind"] == "equal-steps"
+    summ = {s["model"]: s for s in saved["summary"]}
+    pn = [r["test_mse"] for r in rows if r["model"] == "pointnet"]
+    assert pn[0] != pn[1]  # the seed reached train.py
+    assert summ["pointnet"]["test_mse_mean"] == pytest.approx(sum(pn) / 2)
+    assert summ["pointnet"]["test_mse_std"] == pytest.approx(abs(pn[0] - pn[1]) / 2 ** 0.5)  # sample std
+    assert summ["gnn"]["n_seeds"] == 2 and summ["gnn"]["test_rel_l2_std"] is not None
+    assert summ["gnn"]["ms_per_step_mean"] > 0 and summ["gnn"]["steps"] == [4]
+    md = open(res).read()
+    assert "Budget: equal steps: 4 per model (--steps)" in md and "seeds 0, 1" in md
+    assert f"| pointnet | {summ['pointnet']['test_mse_mean']:.4f} ± {summ['pointnet']['test_mse_std']:.4f} |" in md
+    assert "| seed 0 | seed 1 |" in md
+    # the eval log carries the training seconds: the wall-clock curve
+    assert [e["step"] for e in rows[0]["eval_log"]] == [2, 4] and rows[0]["eval_log"][-1]["train_time_s"] > 0
+    for name in ("compare.png", "compare_time.png"):
+        assert os.path.getsize(str(out / name)) > 1000
+
+
+def test_compare_equal_time_budget_with_seeds(tmp_path):
+    compare = _load("compare")
+    res = str(tmp_path / "r.md")
+    rows = compare.main(["--models", "pointnet", "full", "--seeds", "3", "4", "--budget-s", "0.3", "--equal-time",
+                         "--probe-steps", "4", "--out", str(tmp_path / "cmp"), "--results", res, "--"] + TINY)
+    assert all("error" not in r for r in rows) and len(rows) == 4
+    saved = json.load(open(str(tmp_path / "r.json")))
+    per_model = saved["budget"]["steps_per_model"]
+    assert saved["budget"]["kind"] == "equal-time" and set(per_model) == {"pointnet", "full"}
+    for r in rows:  # every model its own step count, the same for both seeds
+        assert r["steps"] == per_model[r["model"]] >= 1
+    assert "Budget: equal wall-clock: every model trains about 0.3 s" in open(res).read()
+    # rerun with --reuse: the recorded calibration is read back (no new probe), so every run is kept
+    again = compare.main(["--models", "pointnet", "full", "--seeds", "3", "4", "--budget-s", "0.3", "--equal-time",
+                          "--probe-steps", "4", "--out", str(tmp_path / "cmp"), "--results", res, "--reuse",
+                          "--"] + TINY)
+    assert all(r.get("reused") for r in again) and [r["steps"] for r in again] == [r["steps"] for r in rows]
+    assert "calibration read from" in open(res).read()
+
+
+def test_compare_reuse_keeps_finished_runs_and_resumes_killed_ones(tmp_path, capsys):
+    compare = _load("compare")
+    out = tmp_path / "cmp"
+    base = ["--models", "pointnet", "gnn", "--seeds", "0", "--steps", "4", "--out", str(out), "--results",
+            str(tmp_path / "r.md"), "--reuse", "--"] + TINY + ["--no-plots"]
+    first = compare.main(base)
+    # a run killed after 2 of its 4 steps (it left a checkpoint, no metrics.json)
+    gnn_out = str(out / "gnn" / "seed0")
+    os.remove(os.path.join(gnn_out, "metrics.json"))
+    train.main(TINY + ["--no-plots", "--model", "gnn", "--seed", "0", "--steps", "4", "--eval-every", "1",
+                       "--out", gnn_out, "--stop-after", "2"])
+    capsys.readouterr()
+    again = compare.main(base)
+    log = capsys.readouterr().out
+    assert again[0].get("reused") and again[0]["test_mse"] == first[0]["test_mse"]
+    assert "finished run kept" in log and "resumed from" in log
+    assert not again[1].get("reused") and again[1]["steps"] == 4
+    assert again[1]["test_mse"] == pytest.approx(first[1]["test_mse"], rel=1e-6)  # resume is exact
+    # other train.py flags: nothing is kept
+    other = compare.main(base[:-1] + ["--no-plots", "--lr", "2e-3"])
+    assert not any(r.get("reused") for r in other)
+
+
+def test_compare_seed_flag_conflicts(capsys):
+    compare = _load("compare")
+    for argv in (["--seeds", "0", "1", "--", "--seed", "3"], ["--seeds", "1", "1"], ["--equal-time"]):
+        with pytest.raises(SystemExit):
+            compare.parse_args(argv + ([] if "--" in argv else ["--"]) + TINY)
+    err = capsys.readouterr().err
+    assert "leave --seed out" in err and "each seed once" in err and "--equal-time needs --budget-s" in err
+
+
 def test_compare_rejects_bad_train_flags(capsys):
     compare = _load("compare")
     with pytest.raises(SystemExit):
@@ -344,3 +424,73 @@ def test_cmp_window_flag(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(base + ["--cmp-window", "40", "--out", str(tmp_path / "bad")])
     assert e.value.code == 2 and "--cmp-window" in capsys.readouterr().err
+
+
+def _fake_run(work, name, world, batch, losses, pts_s, log="", test_mse=0.1, steps=None):
+    os.makedirs(os.path.join(work, name), exist_ok=True)
+    steps = steps or 10 * len(losses)
+    met = {"world_size": world, "device_name": "fake", "backend": "triton", "precision": "bf16", "steps": steps,
+           "planned_steps": 10 * len(losses), "test_mse": test_mse, "test_rel_l2": 0.3, "ms_per_step": 10.0,
+           "peak_memory_mb": 1.0, "seed": 0, "args": {"batch_size": batch},
+           "train_log": [{"step": 10 * (i + 1), "loss": v, "points_per_s": p, "train_time_s": 0.1 * (i + 1)}
+                         for i, (v, p) in enumerate(zip(losses, pts_s))]}
+    json.dump(met, open(os.path.join(work, name, "metrics.json"), "w"))
+    open(os.path.join(work, name + ".log"), "w").write(log)
+
+
+def test_ddp_summary_reads_the_check(tmp_path):
+    summary = _load("ddp_summary")
+    work, out = str(tmp_path / "w"), str(tmp_path / "o")
+    _fake_run(work, "1gpu", 1, 8, [1.0, 0.5, 0.25, 0.2], [0, 100, 100, 100])  # first rows left out (warm-up)
+    _fake_run(work, "1gpu_seed1", 1, 8, [1.2, 0.6, 0.25, 0.21], [0, 100, 100, 100])   # noise: largest 0.2
+    _fake_run(work, "2gpu_half", 2, 4, [1.01, 0.55, 0.25, 0.2], [0, 150, 150, 150])   # largest 0.1
+    _fake_run(work, "2gpu_full", 2, 8, [1.0, 0.5, 0.25, 0.2], [0, 190, 185, 195])
+    _fake_run(work, "2gpu_resume", 2, 4, [1.01, 0.55, 0.25, 0.2], [0, 150, 150, 150],
+              log="[train] resumed from w/2gpu_resume/checkpoint.pt at step 20\n")
+    open(os.path.join(work, "2gpu_resume_killed.log"), "w").write("[train] step 10: test MSE 0.5\n")
+    s = summary.main(["--work", work, "--out", out])
+    assert s["speedup_same_per_gpu_batch"] == pytest.approx(1.9) and s["speedup_ok"]
+    assert s["speedup_same_global_batch"] == pytest.approx(1.5)
+    assert s["runs"]["2gpu_full"]["global_batch"] == 16
+    assert s["curve_2gpu_vs_1gpu"]["max_rel"] == pytest.approx(0.1) and s["curve_2gpu_vs_1gpu"]["step_of_max"] == 20
+    assert s["curve_seed_noise"]["max_rel"] == pytest.approx(0.2) and s["curves_agree"]
+    assert s["resume"] == {"killed_before_end": True, "resumed_at_step": 20, "finished": True, "ok": True}
+    md = open(os.path.join(out, "ddp_check.md")).read()
+    assert "1.90x (target >= 1.8x: yes)" in md and "OK: yes" in md
+    assert os.path.getsize(os.path.join(out, "ddp_loss.png")) > 1000
+    # a resumed run that did not finish, a kill that came too late, curves apart: all reported
+    _fake_run(work, "2gpu_half", 2, 4, [1.5, 0.55, 0.25, 0.2], [0, 150, 150, 150])
+    _fake_run(work, "2gpu_resume", 2, 4, [1.0], [0], log="[train] resumed from x at step 10\n", steps=5)
+    open(os.path.join(work, "2gpu_resume_killed.log"), "w").write("[train] bsa: final test MSE 0.1\n")
+    s = summary.main(["--work", work, "--out", out])
+    assert s["curves_agree"] is False and not s["resume"]["ok"] and s["resume"]["killed_before_end"] is False
+    assert "Agree: **no**" in open(os.path.join(out, "ddp_check.md")).read()
+
+
+def test_ablate_presets_run_and_merge_identical_variants(tmp_path, capsys):
+    ablate = _load("ablate")
+    # the base has --topk 2: "topk4" differs from it, and the per-query variant is the base itself
+    ablate.main(["--preset", "branches", "compression", "topk", "--variants", "bsa", "no-cmp", "ball-only",
+                 "per-query", "group", "topk4", "--list", "--"] + TINY)
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[0] == "bsa (= per-query): (the base flags)" and "no-cmp: --drop-branch cmp" in listed
+    res = str(tmp_path / "r.md")
+    rows = ablate.main(["--preset", "branches", "compression", "--variants", "bsa", "no-cmp", "ball-only",
+                        "per-query", "group", "--steps", "2", "--out", str(tmp_path / "a"), "--results", res,
+                        "--"] + TINY + ["--no-plots"])
+    assert [r["model"] for r in rows] == ["bsa (= per-query)", "no-cmp", "ball-only", "group"]
+    assert all("error" not in r for r in rows), rows
+    assert rows[1]["args"]["drop_branch"] == ["cmp"] and rows[2]["train_model"] == "ball"
+    assert rows[3]["args"]["group_compression"] and not rows[0]["args"]["group_compression"]
+    md = open(res).read()
+    assert "vs bsa (= per-query)" in md and "`no-cmp`: `--drop-branch cmp`" in md and "examples/ablate.py" in md
+    assert json.load(open(str(tmp_path / "r.json")))["variants"]["group"] == ["--group-compression"]
+    assert os.path.isfile(str(tmp_path / "a" / "ablate.png"))
+
+
+def test_drop_branch_flag_checks(capsys):
+    for flags, match in ((["--model", "full", "--drop-branch", "cmp"], "applies to --model bsa"),
+                         (["--drop-branch", "ball", "--drop-branch", "cmp", "--drop-branch", "slc"], "no branch")):
+        with pytest.raises(SystemExit):
+            train.parse_args(TINY + flags)
+        assert match in capsys.readouterr().err

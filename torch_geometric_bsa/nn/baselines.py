@@ -1,6 +1,7 @@
-"""Accuracy baselines for the BSA comparison (DESIGN §4): PointNet and a kNN-graph GNN (EdgeConv).
+"""Accuracy baselines for the BSA comparison (DESIGN §4): PointNet, a kNN-graph GNN (EdgeConv) and
+PyG's ``PointTransformerConv`` stacked on the same kNN graph (attention over neighbours).
 
-Both take the same ``(x, pos, batch)`` (or a ``Data``/``Batch``) as ``BSATransformer`` and
+All three take the same ``(x, pos, batch)`` (or a ``Data``/``Batch``) as ``BSATransformer`` and
 predict per-point targets, so one training script drives all models. ``knn_graph`` uses
 ``torch_cluster`` when it is installed (PyG's policy) and an exact pure-torch search otherwise.
 """
@@ -10,10 +11,11 @@ from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch_geometric.nn import EdgeConv
+from torch_geometric.nn import EdgeConv, PointTransformerConv
+from torch_geometric.nn.dense.linear import Linear as PyGLinear
 from torch_geometric.utils import scatter, to_dense_batch
 
-__all__ = ["WITH_TORCH_CLUSTER", "knn_graph", "knn_graph_torch", "PointNet", "KNNGNN"]
+__all__ = ["WITH_TORCH_CLUSTER", "knn_graph", "knn_graph_torch", "PointNet", "KNNGNN", "PointTransformerNet"]
 
 try:  # probed once; the fallback below is exact, only slower
     import torch_cluster  # noqa: F401
@@ -172,7 +174,14 @@ def _mlp(channels: List[int], last_act: bool = True) -> nn.Sequential:
 
 
 def _linear_flops(module: nn.Module, rows: float) -> float:
-    return sum(2.0 * rows * m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+    r"""FLOPs of every linear layer of ``module`` (``torch.nn`` and PyG's) applied to ``rows`` rows."""
+    total = 0.0
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            total += 2.0 * rows * m.in_features * m.out_features
+        elif isinstance(m, PyGLinear):
+            total += 2.0 * rows * m.in_channels * m.out_channels
+    return total
 
 
 class PointNet(nn.Module):
@@ -320,3 +329,84 @@ class _PosMessage(nn.Module):
     def forward(self, z: Tensor) -> Tensor:
         c, d = self.channels, self.dim
         return self.nn(torch.cat([z[:, :c], z[:, c + d:]], -1))
+
+
+class PointTransformerNet(nn.Module):
+    r"""PyG's ``PointTransformerConv`` (Zhao et al., 2021) stacked on a kNN graph of the positions:
+    attention over each point's ``k`` neighbours, the local-attention peer PyG users know.
+
+    $$
+    \mathbf{h}_i^{(l+1)} = \mathbf{h}_i^{(l)} + \mathbf{W}_o \sum_{j \in \mathcal{N}_k(i) \cup \{i\}}
+    \mathrm{softmax}_j\big(\gamma(\mathbf{W}_1 \bar{\mathbf{h}}_i - \mathbf{W}_2 \bar{\mathbf{h}}_j
+    + \delta_{ij})\big) \odot (\mathbf{W}_3 \bar{\mathbf{h}}_j + \delta_{ij}),
+    \quad \delta_{ij} = \theta(\mathbf{p}_i - \mathbf{p}_j)
+    $$
+
+    with $\bar{\mathbf{h}} = \mathrm{LayerNorm}(\mathbf{h})$ (pre-norm residual block), the softmax
+    per channel over the neighbours (vector attention), and $\gamma$, $\theta$ two-layer MLPs as in
+    the paper. Encoder, decoder and kNN graph are those of :class:`KNNGNN`; the graph is built once
+    per forward with ``knn_graph`` and never crosses clouds.
+
+    Args:
+        in_channels (int): input features.
+        out_channels (int): output features.
+        hidden_channels (int): width of every layer.
+        num_layers (int): attention layers.
+        k (int): neighbours per point (the layer adds the point itself).
+        dim (int): coordinate dimension.
+
+    Shapes:
+        - **input:** ``x`` $(|\mathcal{V}|, F_{in})$, ``pos`` $(|\mathcal{V}|, d)$,
+          ``batch`` $(|\mathcal{V}|)$
+        - **output:** $(|\mathcal{V}|, F_{out})$
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 64, num_layers: int = 4,
+                 k: int = 16, dim: int = 3):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.in_channels, self.out_channels, self.hidden_channels = in_channels, out_channels, hidden_channels
+        self.num_layers, self.k, self.dim = num_layers, k, dim
+        c = hidden_channels
+        self.embed = _mlp([in_channels + dim, c, c])
+        # PyG's default position net is Linear(3, C): ours follows the paper (two layers) and takes `dim`
+        self.convs = nn.ModuleList(
+            PointTransformerConv(c, c, pos_nn=_mlp([dim, c, c], last_act=False),
+                                 attn_nn=_mlp([c, c, c], last_act=False)) for _ in range(num_layers))
+        self.norms = nn.ModuleList(nn.LayerNorm(c) for _ in range(num_layers))
+        self.outs = nn.ModuleList(nn.Linear(c, c) for _ in range(num_layers))
+        self.head = _mlp([c, c, out_channels], last_act=False)
+
+    def reset_parameters(self):
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+
+    def forward(self, x, pos: Optional[Tensor] = None, batch: Optional[Tensor] = None,
+                edge_index: Optional[Tensor] = None) -> Tensor:
+        x, pos, batch = _unpack(x, pos, batch)
+        if edge_index is None:
+            edge_index = knn_graph(pos.detach(), self.k, batch)
+        h = self.embed(pos if x is None or x.size(-1) == 0 else torch.cat([x, pos.to(x.dtype)], -1))
+        p = pos.to(h.dtype)
+        for conv, norm, out in zip(self.convs, self.norms, self.outs):
+            h = h + out(conv(norm(h), p, edge_index))
+        return self.head(h)
+
+    def flops(self, n: int) -> float:
+        r"""Forward FLOPs on one cloud of ``n`` points: the position and attention MLPs on the
+        ``n * (k + 1)`` edges (self-loops included), the three projections and the output linear
+        per point, the node MLPs, and the kNN search (``3 * d`` per point pair), as :class:`KNNGNN`."""
+        e = n * (self.k + 1)
+        layers = sum(_linear_flops(c.pos_nn, e) + _linear_flops(c.attn_nn, e)
+                     + _linear_flops(c.lin, n) + _linear_flops(c.lin_src, n) + _linear_flops(c.lin_dst, n)
+                     for c in self.convs)
+        return (layers + _linear_flops(self.outs, n) + _linear_flops(self.embed, n) + _linear_flops(self.head, n)
+                + 3.0 * self.dim * n * n)
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, "
+                f"hidden_channels={self.hidden_channels}, num_layers={self.num_layers}, k={self.k})")

@@ -22,6 +22,9 @@ from ..reference import BSAConfig, blockify, full_attention
 __all__ = ["BSAConv", "FullAttentionConv", "KVCompressor", "check_point_inputs", "resolve_tree", "unpack_inputs",
            "config_from_kwargs", "value_checks_enabled"]
 
+#: the gated branches of BSAConv, in the order of the gate's columns (``"crs"``: with ``cmp_window``)
+BRANCH_NAMES = ("ball", "cmp", "slc", "crs")
+
 TreeLike = Union[BallTree, Sequence[BallTree], None]
 
 
@@ -306,6 +309,10 @@ class BSAConv(_TreeAttentionConv):
             in tree order and outputs ``[N_pad // cmp_stride, H, D]``, ``[N_pad // cmp_stride]``
             (as ``KVCompressor``; the way ``PointTransformerConv`` takes ``attn_nn``).
         branches (str): ``"all"`` (BSA) or ``"ball"`` (ball attention only, Erwin-style).
+        drop_branches (sequence of str): with ``branches="all"``, branches among ``"ball"``,
+            ``"cmp"``, ``"slc"`` (and ``"crs"`` with ``cmp_window``) whose gate is held at 0: the
+            ablation "branch removed". The branch is still computed (same time and FLOPs); the
+            selection still ranks blocks by the compression scores when ``"cmp"`` is dropped.
         dim (int): coordinate dimension, 2 or 3.
         backend (str): ``"auto"`` (Triton on CUDA, the fast CPU path elsewhere), ``"torch"`` (the
             reference), ``"cpu"`` or ``"triton"``.
@@ -324,7 +331,7 @@ class BSAConv(_TreeAttentionConv):
                  slc_block: int = 8, topk: int = 16, group_size: int = 8, group_compression: bool = False,
                  compression: Union[str, nn.Module] = "mlp", branches: str = "all", dim: int = 3,
                  bias: bool = True, backend: str = "auto", cmp_window: Optional[int] = None,
-                 config: Optional[BSAConfig] = None):
+                 config: Optional[BSAConfig] = None, drop_branches: Sequence[str] = ()):
         cfg = config_from_kwargs(config, ball_size=ball_size, cmp_block=cmp_block, cmp_stride=cmp_stride,
                                       slc_block=slc_block, topk=topk, group_size=group_size,
                                       group_compression=group_compression, cmp_window=cmp_window)
@@ -332,12 +339,25 @@ class BSAConv(_TreeAttentionConv):
         if branches not in ("all", "ball"):
             raise ValueError(f"branches must be 'all' or 'ball', got {branches!r}")
         self.cfg = cfg
+        names = BRANCH_NAMES[:cfg.num_branches]
+        if isinstance(drop_branches, str):
+            drop_branches = (drop_branches,)
+        bad = [b for b in drop_branches if b not in names]
+        if bad or (drop_branches and branches != "all"):
+            raise ValueError(f"drop_branches takes branch names among {names} with branches='all', got "
+                             f"{tuple(drop_branches)!r} (branches={branches!r})")
+        self.drop_branches = tuple(b for b in names if b in drop_branches)
+        if len(self.drop_branches) == len(names):
+            raise ValueError(f"drop_branches={self.drop_branches!r} leaves no branch")
         check_backend_name(backend)  # unknown names, or "triton" without triton: fail here, not at the call
         self.branches, self.backend = branches, backend
         # sigma < 0: nearer points weigh more (Erwin initialises the distance bias this way)
         self.sigma = nn.Parameter(torch.empty(heads))
         if branches == "all":
             self.gate = nn.Linear(self.channels, self.cfg.num_branches * heads)
+            # 0 for a dropped branch; not saved: the constructor argument defines it
+            self.register_buffer("branch_keep", torch.tensor([float(b not in self.drop_branches) for b in names]),
+                                 persistent=False)
             if isinstance(compression, nn.Module):
                 for name in ("cmp_block", "cmp_stride"):
                     if getattr(compression, name, getattr(self.cfg, name)) != getattr(self.cfg, name):
@@ -362,6 +382,8 @@ class BSAConv(_TreeAttentionConv):
             o = ball_attention(q, k, v, pos_t, self.sigma, tree.mask, tree.ball_size, self.backend)
         else:
             gates = torch.sigmoid(self.gate(h)).view(-1, self.heads, self.cfg.num_branches)
+            if self.drop_branches:
+                gates = gates * self.branch_keep.to(gates.dtype)
             k_cmp, v_cmp, cmp_mask = self.compress(k, v, tree)
             o = bsa_attention(q, k, v, pos_t, tree, self.cfg, sigma=self.sigma, gates=gates,
                               k_cmp=k_cmp, v_cmp=v_cmp, cmp_mask=cmp_mask, backend=self.backend,
@@ -372,6 +394,8 @@ class BSAConv(_TreeAttentionConv):
         extra = "" if self.branches == "all" else ", branches='ball'"
         if self.branches == "all" and self.cfg.cmp_window is not None:
             extra += f", cmp_window={self.cfg.cmp_window}"
+        if self.drop_branches:
+            extra += f", drop_branches={self.drop_branches}"
         return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, heads={self.heads}, "
                 f"ball_size={self.ball_size}{extra})")
 
