@@ -37,7 +37,8 @@ if [ "$DEVICE" = cpu ]; then
   DEV="--device cpu"
 else
   STEPS=${STEPS:-300}; B=${B:-8}; CKPT=${CKPT:-50}; KILL_DELAY=${KILL_DELAY:-2}
-  # the small default dataset: 64 / 16 generated cars of 3,586 points (--data-size full), the paper model
+  # the small default dataset: 64 / 16 generated cars of 3,586 points (--data-size full); the small
+  # model of the benchmarks (6 layers, C=128, H=4, top-k 16, groups of 8)
   DATA="--dataset car --data-size full --root $ROOT_DATA"
   NET="--hidden 128 --layers 6 --heads 4 --mlp-ratio 4 --ball-size 256 --cmp-block 8 --slc-block 8 --topk 16
        --group-size 8 --knn 16"
