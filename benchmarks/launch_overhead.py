@@ -44,6 +44,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--profile", action="store_true", help="cProfile 100 forward calls of the whole op")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("launch_overhead.py needs CUDA")
@@ -89,6 +90,19 @@ def main(argv=None):
                                        args.calls)
         rows["bsa_triton_fwd"] = host_us(lambda: bsa_triton(qd, qd, qd, c["pos"], tree, cfg, sigma=c["sigma"].detach(),
                                                             gates=c["gates"].detach()), args.calls)
+
+    if args.profile:
+        import cProfile
+        import pstats
+        with torch.no_grad():
+            fwd = lambda: bsa_triton(qd, qd, qd, c["pos"], tree, cfg, sigma=c["sigma"].detach(),  # noqa: E731
+                                     gates=c["gates"].detach())
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(100):
+                fwd()
+            prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
     def fwd_bwd():
         o = bsa_triton(q, k, v, c["pos"], tree, cfg, sigma=c["sigma"], gates=c["gates"])
