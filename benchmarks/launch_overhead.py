@@ -1,9 +1,10 @@
 """Host time per call of each kernel wrapper, beside a plain PyTorch op: where an eager step's time goes.
 
 An eager BSA step is paced by the host. This times, on a small input (so the GPU never falls
-behind), the host microseconds of one call of: a PyTorch elementwise op (the baseline launch); a raw
-Triton launch (`kernel[grid](...)`) and the same compiled kernel launched directly; each autograd
-Function of the op (forward, and forward + backward); and the whole op. Writes launch_overhead.json
+behind), the host microseconds of one call of: a PyTorch elementwise op and a linear map (baseline
+launches); a raw Triton launch (`kernel[grid](...)`); each kernel wrapper (autograd Function, checks
+and launch) in its forward; and the whole op, forward and forward + backward. ``--profile`` adds a
+cProfile of 100 forward calls of the whole op. Writes launch_overhead.json
 to $OUT (or bench_out).
 
     python benchmarks/launch_overhead.py [--calls 300]
@@ -68,12 +69,7 @@ def main(argv=None):
     def raw():
         return combine._pool_fwd_kernel[grid](qd, mask_u8, out, args.n // 8, qd.stride(0), HD=64, L=8, BLOCK_B=bb,
                                               BLOCK_C=bc, UNROLL=8, num_warps=4)
-    ck = raw()
     rows["triton_raw_launch"] = host_us(raw, args.calls)
-    # the compiled kernel launched directly (no argument binding or specialisation): how much of a
-    # launch is Triton's Python dispatch
-    rows["triton_compiled_launch"] = host_us(lambda: ck[grid](qd, mask_u8, out, args.n // 8, qd.stride(0)),
-                                             args.calls)
     with torch.no_grad():
         rows["masked_block_mean_fwd"] = host_us(lambda: combine.masked_block_mean(qd, mask_u8, 8), args.calls)
         rows["ball_fwd"] = host_us(lambda: ball_attention_triton(qd, qd, qd, c["pos"], c["sigma"].detach(), mask_u8,
