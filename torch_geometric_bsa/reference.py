@@ -175,9 +175,9 @@ def blockify(x: Tensor, mask: Tensor, slot_batch: Tensor, block: int, stride: in
 
 def block_mask(tree: BallTree, block: int, stride: int) -> Tensor:
     r"""``[N_pad // stride]`` bool: compression blocks holding at least one valid slot of their cloud
-    (the mask of compressed keys given without one)."""
-    _, valid = blockify(tree.mask, tree.mask, tree.slot_batch, block, stride)
-    return valid.any(1)
+    (the mask of compressed keys given without one). Memoised on the tree: every layer reuses it."""
+    return tree.cached(("block_mask", block, stride),
+                       lambda: blockify(tree.mask, tree.mask, tree.slot_batch, block, stride)[1].any(1))
 
 
 def compress_mean(k: Tensor, v: Tensor, mask: Tensor, slot_batch: Tensor, block: int,
