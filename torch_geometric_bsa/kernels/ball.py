@@ -365,8 +365,7 @@ def bwd_config(m: int, d: int, dtype: torch.dtype) -> tuple:
         return min(64, m), min(64, m), min(64, m), 4, 1
     if dtype == torch.float32 or d > 64:
         return min(64, m), min(32, m), min(32, m), 4, 2
-    # one-loop backward, tiles of 64 (H100 sweep at N = 65,536, bf16: fwd+bwd 0.637 ms vs 0.911 for the
-    # two-loop (128, 32, 32) at heads 4 / dim 32; 0.823 vs 0.833 at heads 8 / dim 64)
+    # one-loop backward, tiles of 64 (why: docs/perf-notes.md, "Ball kernel")
     return min(64, m), min(32, m), min(32, m), 4, 3, True
 
 

@@ -127,8 +127,8 @@ def select_topk_triton(q_cmp: Tensor, k_cmp: Tensor, lse: Tensor, kmask: Tensor,
         bg, bn, nw = max(1, 16 // qpg), 16, 4
     else:
         # enough programs to fill the GPU (each holds BLOCK_G groups' top-k), at most 64 rows each,
-        # key tiles of 128, 4 warps: the best of benchmarks/sweep_bsa.py at 65k on the H100 (paper
-        # 5.68 -> 4.57 ms, fast 1.14 -> 0.91 ms against the earlier 128 rows / 64 keys / 8 warps)
+        # key tiles of 128, 4 warps (the sweep behind it: docs/perf-notes.md,
+        # "Session of 2026-11-25 (afternoon)", top-k tiles)
         bg = max(16 // qpg if qpg < 16 else 1, min(64 // qpg, next_pow2(max(1, n_g // 264))))
         bn, nw = 128, 4
     q_cmp, k_cmp = _common.rows(q_cmp), _common.rows(k_cmp)
