@@ -167,9 +167,34 @@ def test_bsaconv_cpu_backend_matches_torch_backend(branches):
             assert rel_err(a.grad, b.grad) < TOL, name
 
 
-def test_cpu_path_compiles_as_one_graph():
+def test_bsaconv_per_head_selection_cpu_matches_torch():
+    # the selection keyword reaches the layer's config; the two backends agree under the new rule
+    pos, batch = random_batch([70, 41], seed=12)
+    x = torch.randn(111, 16, generator=torch.Generator().manual_seed(12))
+    kw = dict(heads=2, ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4, selection="per_head")
+    torch.manual_seed(0)
+    ref_conv = BSAConv(16, backend="torch", **kw)
+    conv = BSAConv(16, backend="cpu", **kw)
+    conv.load_state_dict(ref_conv.state_dict())
+    assert conv.cfg.selection == "per_head" and "selection='per_head'" in repr(conv)
+    out, ref = conv(x, pos, batch), ref_conv(x, pos, batch)
+    assert rel_err(out, ref) < TOL
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    for (name, a), b in zip(conv.named_parameters(), ref_conv.parameters()):
+        if name != "compress.phi_k.2.bias":  # zero in theory (see above)
+            assert rel_err(a.grad, b.grad) < TOL, name
+    shared = BSAConv(16, backend="cpu", **{**kw, "selection": "shared"})
+    shared.load_state_dict(ref_conv.state_dict())
+    assert rel_err(shared(x, pos, batch), out) > 1e-3  # the rule changes the output
+    with pytest.raises(ValueError, match="selection='per_head' conflicts with config.selection='shared'"):
+        BSAConv(16, config=BSAConfig(ball_size=16, cmp_block=4, slc_block=4, group_size=4), selection="per_head")
+
+
+@pytest.mark.parametrize("selection", ["shared", "per_head"])
+def test_cpu_path_compiles_as_one_graph(selection):
     # the chunk loops run over Python ints, nothing data-dependent: one graph, same numbers
-    cfg = BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4)
+    cfg = BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4, selection=selection)
     q, k, v, pt, tree, kw = _inputs([40, 23], cfg, False, seed=13)
     torch._dynamo.reset()
     fn = torch.compile(lambda q, k, v: fast.bsa_cpu(q, k, v, pt, tree, cfg, **kw), backend="aot_eager",
