@@ -147,27 +147,7 @@ def _slc_bwd_dkdv_kernel(Q, K, V, DO, MASK, BPTR, BGRP, XPTR, SK, SV, LSE, DELTA
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 when inductor launches the kernel
     sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 when inductor launches the kernel
     h = tl.program_id(1)
-    if PER_HEAD:
-        if PARTIAL:
-            lo = pid * 0
-            hi = lo + nblk + 1
-            for _ in range(nsteps):
-                mid = (lo + hi) // 2
-                ok = tl.load(XPTR + mid) <= pid
-                lo = tl.where(ok, mid, lo)
-                hi = tl.where(ok, hi, mid)
-            live = pid < tl.load(XPTR + nblk)
-            lst = tl.minimum(lo, nblk - 1)
-            h = lst // nblk_head
-            blk = lst % nblk_head
-            start = tl.load(BPTR + lst) + (pid - tl.load(XPTR + lst)) * CHUNK
-            end = tl.where(live, start + CHUNK, start)
-        else:
-            blk = pid
-            lst = h * nblk_head + blk
-            end = tl.load(BPTR + lst + 1)
-            start = tl.load(BPTR + lst) + (tl.load(XPTR + lst + 1) - tl.load(XPTR + lst)) * CHUNK
-    elif PARTIAL:
+    if PARTIAL:
         lo = pid * 0
         hi = lo + nblk + 1
         for _ in range(nsteps):  # largest b with XPTR[b] <= pid (XPTR[0] = 0; fixed at hi = lo + 1)
@@ -176,15 +156,22 @@ def _slc_bwd_dkdv_kernel(Q, K, V, DO, MASK, BPTR, BGRP, XPTR, SK, SV, LSE, DELTA
             lo = tl.where(ok, mid, lo)
             hi = tl.where(ok, hi, mid)
         live = pid < tl.load(XPTR + nblk)
-        blk = tl.minimum(lo, nblk - 1)
-        start = tl.load(BPTR + blk) + (pid - tl.load(XPTR + blk)) * CHUNK
+        lst = tl.minimum(lo, nblk - 1)
+        if PER_HEAD:
+            h = lst // nblk_head
+            blk = lst % nblk_head
+        else:
+            blk = lst
+        start = tl.load(BPTR + lst) + (pid - tl.load(XPTR + lst)) * CHUNK
         end = tl.where(live, start + CHUNK, start)
     else:
         blk = pid
-        end = tl.load(BPTR + blk + 1)
-        start = tl.load(BPTR + blk) + (tl.load(XPTR + blk + 1) - tl.load(XPTR + blk)) * CHUNK
-    if not PER_HEAD:
-        lst = blk
+        if PER_HEAD:
+            lst = h * nblk_head + blk
+        else:
+            lst = blk
+        end = tl.load(BPTR + lst + 1)
+        start = tl.load(BPTR + lst) + (tl.load(XPTR + lst + 1) - tl.load(XPTR + lst)) * CHUNK
     t = tl.arange(0, LP)
     slot = (blk * LS + t).to(tl.int64)
     tin = t < LS
