@@ -1,5 +1,5 @@
 """BSA ablations (the paper's "first experiments"): each branch removed, compression block, top-k,
-per-query vs group compression, ball size; every variant at the same number of steps and seeds.
+per-query vs group compression, ball size, the selection rule; every variant at the same number of steps and seeds.
 
     python examples/ablate.py --list -- --hidden 128 --layers 6 --ball-size 256    # the variants, no training
     python examples/ablate.py --preset branches topk --seeds 0 1 2 --steps 2000 --isolate --out runs/ablate \\
@@ -9,7 +9,8 @@ Every variant is ``--model bsa`` with the train.py flags after ``--`` (the base 
 its own flags after them (so they override): ``bsa`` is the base itself; ``no-ball``, ``no-cmp``,
 ``no-slc`` hold one branch's gate at 0 (train.py ``--drop-branch``); ``ball-only`` is ``--model
 ball`` (no compression or selection at all); ``cmpN``, ``topkN``, ``ballN`` set one size;
-``per-query``/``group`` the compression mode. Variants whose flags define the same run as another
+``per-query``/``group`` the compression mode; ``shared``/``per-head`` the block-selection rule (ours,
+the BSA authors'). Variants whose flags define the same run as another
 (``cmp8`` when the base has ``--cmp-block 8``) run once, under one label naming them all. Results go
 through compare.py's table, JSON and plots (``ablate.png``, ``ablate_time.png``), "vs" the base;
 ``--reuse`` keeps finished runs and resumes killed ones, as in compare.py.
@@ -34,6 +35,7 @@ PRESETS: Dict[str, List[Tuple[str, List[str]]]] = {
     "topk": [(f"topk{n}", ["--topk", str(n)]) for n in (4, 8, 16)],
     "compression": [("per-query", []), ("group", ["--group-compression"])],
     "ball": [(f"ball{n}", ["--ball-size", str(n)]) for n in (128, 256)],
+    "selection": [("shared", []), ("per-head", ["--selection", "per_head"])],
 }
 
 

@@ -296,7 +296,7 @@ def _finished(flags: List[str], out: str) -> Optional[Dict]:
         return None
     try:
         met = json.load(open(path))
-        saved = json.loads(json.dumps({k: v for k, v in sorted(met["args"].items())
+        saved = json.loads(json.dumps({k: v for k, v in sorted({**train.ADDED_FLAGS, **met["args"]}.items())
                                        if k not in train.RESUME_MAY_CHANGE}))
         if saved != train.run_config(train.parse_args(flags)) or met["steps"] != met["planned_steps"]:
             return None

@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cmp-window", type=_positive_int, default=None,
                    help="BSA for very large clouds: compression/selection within windows of this many "
                         "tree-ordered slots (a multiple of --ball-size) plus a coarse per-ball branch")
+    g.add_argument("--selection", default="shared", choices=("shared", "per_head"),
+                   help="BSA block-selection rule: 'shared' (ours: one selection per query group for all "
+                        "heads, by compressed-attention probability mass, own ball allowed) or 'per_head' "
+                        "(the BSA authors': per-head top-k of compressed logits, own ball excluded)")
     g.add_argument("--compression", default="mlp", choices=("mlp", "mean"), help="BSA block pooling")
     g.add_argument("--drop-branch", action="append", default=[], choices=("ball", "cmp", "slc"),
                    help="BSA ablation (repeatable): hold this branch's gate at 0 (still computed: same time, "
@@ -244,11 +248,14 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             from torch_geometric_bsa.reference import BSAConfig
             try:
                 BSAConfig(ball_size=args.ball_size, cmp_block=args.cmp_block, slc_block=args.slc_block,
-                          topk=args.topk, group_size=args.group_size, cmp_window=args.cmp_window)
+                          topk=args.topk, group_size=args.group_size, cmp_window=args.cmp_window,
+                          selection=args.selection)
             except ValueError as e:
                 parser.error(f"BSA sizes: {e} (flags --ball-size/--cmp-block/--slc-block/--group-size/"
                              "--cmp-window)")
 
+    if args.selection != "shared" and args.model != "bsa":
+        bad("--selection", f"applies to --model bsa, not {args.model!r}")
     if args.drop_branch and args.model != "bsa":
         bad("--drop-branch", f"applies to --model bsa, not {args.model!r}")
     if len(set(args.drop_branch)) == 3:
@@ -492,7 +499,7 @@ def build_model(args, in_channels: int, out_channels: int, dim: int, backend: Op
             kw.update(cmp_block=args.cmp_block, slc_block=args.slc_block, topk=args.topk,
                       group_size=args.group_size, group_compression=args.group_compression,
                       compression=args.compression, cmp_window=args.cmp_window,
-                      drop_branches=tuple(args.drop_branch))
+                      selection=args.selection, drop_branches=tuple(args.drop_branch))
         return BSATransformer(in_channels, out_channels, args.hidden, args.layers, args.heads,
                               attention=args.model, mlp_ratio=args.mlp_ratio, rotate=args.rotate, dim=dim,
                               ball_size=args.ball_size, **kw)
@@ -538,7 +545,7 @@ def model_gflops(args, n: int, in_channels: int, out_channels: int, dim: int, mo
         from torch_geometric_bsa.reference import BSAConfig
         cfg = BSAConfig(ball_size=args.ball_size, cmp_block=args.cmp_block, slc_block=args.slc_block,
                         topk=args.topk, group_size=args.group_size, group_compression=args.group_compression,
-                        cmp_window=args.cmp_window) \
+                        cmp_window=args.cmp_window, selection=args.selection) \
             if args.model == "bsa" else BSAConfig(ball_size=args.ball_size, cmp_block=1, slc_block=1,
                                                   group_size=1)
         return model_flops(n, args.hidden, args.layers, args.heads, args.model, cfg, mlp_ratio=args.mlp_ratio,
@@ -596,6 +603,12 @@ RESUME_MAY_CHANGE = ("resume", "stop_after", "max_time", "no_plots", "no_progres
                      "snapshot")
 
 
+# Flags added after checkpoints recorded their run configuration, with the value every earlier run
+# had: a checkpoint that lacks one is compared as if it recorded that value (so older runs resume,
+# and a run with another value is refused).
+ADDED_FLAGS = {"selection": "shared"}
+
+
 def run_config(args) -> Dict:
     r"""The flags that define a run (all but ``RESUME_MAY_CHANGE``), JSON-normalised for comparison."""
     return json.loads(json.dumps({k: v for k, v in sorted(vars(args).items()) if k not in RESUME_MAY_CHANGE}))
@@ -638,6 +651,7 @@ def read_resume_checkpoint(args, log=print, rename_bad: bool = True):
     if saved is None:
         raise RunError(f"--resume: {cand} records no run configuration (written by an older version); "
                        "start a new run")
+    saved = {**ADDED_FLAGS, **saved}
     diff = [f"  --{k.replace('_', '-')}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now"
             for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     if diff:

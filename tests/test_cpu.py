@@ -27,6 +27,16 @@ CASES = [
     ([130, 37], dict(ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4, cmp_window=48,
                      group_compression=True), True),
     ([300], dict(ball_size=32, cmp_block=8, slc_block=8, topk=40, group_size=8), False),  # topk > blocks
+    # the authors' selection rule (per-head top-k of logits, own ball excluded); the 9-point cloud
+    # is one ball, with nothing to select
+    ([100, 37, 9], dict(ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4, selection="per_head"), False),
+    ([100, 37, 64], dict(ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4, group_compression=True,
+                         selection="per_head"), True),
+    ([100, 37, 64], dict(ball_size=16, cmp_block=4, cmp_stride=2, slc_block=8, topk=3, group_size=4,
+                         selection="per_head"), True),
+    ([130, 37, 64], dict(ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4, cmp_window=32,
+                         selection="per_head"), False),
+    ([300], dict(ball_size=32, cmp_block=8, slc_block=8, topk=40, group_size=8, selection="per_head"), False),
 ]
 
 
@@ -90,6 +100,32 @@ def test_cpu_selection_is_the_reference_selection():
     assert torch.equal(first[ok_fast], ref_first[ok_fast])   # same blocks, same (descending) order
 
 
+def test_cpu_per_head_selection_is_the_reference_selection():
+    cfg = BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4, selection="per_head")
+    q, k, v, pt, tree, _ = _inputs([100, 37, 64], cfg, False, seed=7)
+    kc, vc, cm = compress_mean(k, v, tree.mask, tree.slot_batch, cfg.cmp_block, cfg.cmp_stride)
+    _, lg = compressed_attention(q, kc, vc, cm, tree, cfg.cmp_stride, return_probs=True, return_logits=True)
+    idx, ok = select_blocks(selection_scores(lg, tree, cfg, 1), cfg.topk)         # [B, NG, H, k]
+    _, (qt, kt, kok, length, w) = fast._compressed(q, kc, vc, cm, tree, cfg.cmp_stride, None)
+    first, ok_fast = fast._select(qt, kt, kok, tree, cfg, 1, length, w)           # [N_pad // g, H, k]
+    g, ls = cfg.group_size, cfg.slc_block
+    group_cloud = tree.slot_batch[::g]
+    local_group = torch.arange(first.size(0)) - tree.ptr[group_cloud] // g
+    ref_first = idx[group_cloud, local_group] * ls + tree.ptr[group_cloud][:, None, None]
+    assert first.shape == (tree.num_slots // g, 2, 3)
+    assert torch.equal(ok_fast, ok[group_cloud, local_group])
+    assert torch.equal(first[ok_fast], ref_first[ok_fast])
+
+
+def test_rank_key_signed_topk_is_the_stable_descending_sort():
+    scores = torch.tensor([[0.0, -0.5, 0.0, 0.25, -0.5, -3.0, -1e-30, 7.0, -7.0, 0.25]])
+    valid = torch.tensor([[True, True, True, True, True, True, True, True, True, False]])
+    ref = torch.sort(scores.masked_fill(~valid, -float("inf")), dim=-1, descending=True, stable=True).indices
+    lower_first = 9 - torch.arange(10)
+    val, idx = fast._rank_key_signed(scores, valid, lower_first).topk(10, dim=-1)
+    assert torch.equal(idx, ref) and torch.equal(val >= 0, valid.gather(1, ref))
+
+
 def test_rank_key_topk_is_the_stable_descending_sort():
     # exact ties (zeros, equal masses) go to the lower index, invalid blocks last, as torch.sort(stable)
     scores = torch.tensor([[0.0, 0.5, 0.0, 0.25, 0.5, 0.0, 0.125, 0.0]])
@@ -131,9 +167,34 @@ def test_bsaconv_cpu_backend_matches_torch_backend(branches):
             assert rel_err(a.grad, b.grad) < TOL, name
 
 
-def test_cpu_path_compiles_as_one_graph():
+def test_bsaconv_per_head_selection_cpu_matches_torch():
+    # the selection keyword reaches the layer's config; the two backends agree under the new rule
+    pos, batch = random_batch([70, 41], seed=12)
+    x = torch.randn(111, 16, generator=torch.Generator().manual_seed(12))
+    kw = dict(heads=2, ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4, selection="per_head")
+    torch.manual_seed(0)
+    ref_conv = BSAConv(16, backend="torch", **kw)
+    conv = BSAConv(16, backend="cpu", **kw)
+    conv.load_state_dict(ref_conv.state_dict())
+    assert conv.cfg.selection == "per_head" and "selection='per_head'" in repr(conv)
+    out, ref = conv(x, pos, batch), ref_conv(x, pos, batch)
+    assert rel_err(out, ref) < TOL
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    for (name, a), b in zip(conv.named_parameters(), ref_conv.parameters()):
+        if name != "compress.phi_k.2.bias":  # zero in theory (see above)
+            assert rel_err(a.grad, b.grad) < TOL, name
+    shared = BSAConv(16, backend="cpu", **{**kw, "selection": "shared"})
+    shared.load_state_dict(ref_conv.state_dict())
+    assert rel_err(shared(x, pos, batch), out) > 1e-3  # the rule changes the output
+    with pytest.raises(ValueError, match="selection='per_head' conflicts with config.selection='shared'"):
+        BSAConv(16, config=BSAConfig(ball_size=16, cmp_block=4, slc_block=4, group_size=4), selection="per_head")
+
+
+@pytest.mark.parametrize("selection", ["shared", "per_head"])
+def test_cpu_path_compiles_as_one_graph(selection):
     # the chunk loops run over Python ints, nothing data-dependent: one graph, same numbers
-    cfg = BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4)
+    cfg = BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4, selection=selection)
     q, k, v, pt, tree, kw = _inputs([40, 23], cfg, False, seed=13)
     torch._dynamo.reset()
     fn = torch.compile(lambda q, k, v: fast.bsa_cpu(q, k, v, pt, tree, cfg, **kw), backend="aot_eager",

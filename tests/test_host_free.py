@@ -84,12 +84,14 @@ def _data(sizes, seed, device):
 
 
 @requires_cuda
-@pytest.mark.parametrize("attention", ["bsa", "full", "ball"])
+@pytest.mark.parametrize("attention", ["bsa", "bsa_per_head", "full", "ball"])
 def test_no_host_sync_inside_layers(attention):
     torch.manual_seed(0)
-    model = BSATransformer(3, 1, attention=attention, **{**SMALL, "hidden_channels": 64,
-                                                          "ball_size": 64, "cmp_block": 8, "slc_block": 8,
-                                                          "group_size": 8}).cuda()
+    extra = {"selection": "per_head"} if attention == "bsa_per_head" else {}
+    model = BSATransformer(3, 1, attention=attention.split("_")[0], **{**SMALL, "hidden_channels": 64,
+                                                                       "ball_size": 64, "cmp_block": 8,
+                                                                       "slc_block": 8, "group_size": 8},
+                           **extra).cuda()
     x, pos, batch, _ = _data([700, 333], 0, "cuda")
     tree = build_ball_tree(pos, batch, 64)
     pos_t = tree.to_tree(pos)
@@ -154,11 +156,12 @@ def test_tree_build_with_layout_is_sync_free():
 
 
 @requires_cuda
-@pytest.mark.parametrize("tree_given", [True, False])
-def test_graphed_training_step_matches_eager(tree_given):
+@pytest.mark.parametrize("tree_given,selection", [(True, "shared"), (False, "shared"), (False, "per_head")])
+def test_graphed_training_step_matches_eager(tree_given, selection):
     from torch_geometric_bsa.capture import GraphedStep
     torch.manual_seed(0)
-    cfg = {**SMALL, "hidden_channels": 64, "ball_size": 64, "cmp_block": 8, "slc_block": 8, "group_size": 8}
+    cfg = {**SMALL, "hidden_channels": 64, "ball_size": 64, "cmp_block": 8, "slc_block": 8, "group_size": 8,
+           "selection": selection}
     eager = BSATransformer(3, 1, **cfg).cuda()
     graphed_model = copy.deepcopy(eager)
 

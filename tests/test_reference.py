@@ -9,6 +9,7 @@ from torch_geometric_bsa.reference import (BSAConfig, ball_attention, bsa_refere
                                            compressed_attention, full_attention, select_blocks,
                                            selected_attention, selection_scores)
 
+from torch_geometric_bsa.reference import _to_dense as R_to_dense
 from conftest import random_batch, random_qkv, rel_err
 
 H, D = 2, 8
@@ -131,6 +132,52 @@ def test_selection_scores_and_topk_vs_loops():
             assert bool(ok[c, gi].all())
 
 
+def test_per_head_selection_vs_loops():
+    # the authors' rule: per head, raw logits summed over the group's queries, own ball excluded
+    pos, batch, tree, pos_t, q, k, v = _setup([64, 40], m=16, seed=3)
+    cfg = BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=8, selection="per_head")
+    k_cmp, v_cmp, bmask = compress_mean(k, v, tree.mask, tree.slot_batch, 4, 4)
+    _, lg = compressed_attention(q, k_cmp, v_cmp, bmask, tree, 4, return_probs=True, return_logits=True)
+    idx, ok = select_blocks(selection_scores(lg, tree, cfg, 1), cfg.topk)          # [B, NG, H, k]
+    assert idx.shape == (2, 64 // 8, H, 3)
+    logits = torch.einsum("ihd,bhd->hib", q, k_cmp) / math.sqrt(D)
+    for c in range(tree.num_clouds):
+        a, e = int(tree.ptr[c]), int(tree.ptr[c + 1])
+        for gi in range((e - a) // 8):
+            ball = (gi * 8) // 16
+            blocks = [b for b in range(a // 4, e // 4) if bmask[b] and (b - a // 4) * 4 // 16 != ball]
+            rows = [a + gi * 8 + r for r in range(8) if tree.mask[a + gi * 8 + r]]
+            for hh in range(H):
+                score = logits[hh][rows][:, blocks].sum(0)
+                top = [blocks[j] - a // 4 for j in score.argsort(descending=True, stable=True)[:3]]
+                assert idx[c, gi, hh].tolist() == top
+                assert bool(ok[c, gi, hh].all())
+
+
+def test_per_head_selection_excludes_own_ball_and_heads_differ():
+    pos, batch, tree, pos_t, q, k, v = _setup([64, 40, 9], m=16, seed=4)
+    h = q.size(1)
+    cfg = BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4, selection="per_head")
+    sigma = -torch.ones(h, dtype=torch.float64)
+    gates = torch.ones(tree.num_slots, h, 3, dtype=torch.float64)
+    out, br = bsa_reference(q, k, v, pos_t, tree, cfg, sigma=sigma, gates=gates, return_branches=True)
+    idx, ok = br["idx"], br["idx_valid"]                                            # [B, NG, H, k]
+    group_ball = (torch.arange(idx.size(1)) * cfg.group_size // 16)[None, :, None, None]
+    _, gvalid = R_to_dense(tree.slot_batch[::4], tree.ptr, tree.max_slots, 4)   # groups inside a cloud
+    own = (idx * 4 // 16 == group_ball) & ok & gvalid[:, :, None, None]
+    assert not bool(own.any())                                        # never a block of the own ball
+    assert bool(ok[0].all())                                          # 64 points: 3 other balls
+    ng2 = int(tree.ptr[3] - tree.ptr[2]) // 4
+    assert ng2 == 4 and not bool(ok[2, :ng2].any())  # a cloud of one ball: nothing to pick, branch zero
+    assert bool((br["slc"][tree.ptr[2]:] == 0).all())
+    assert bool((idx[0, :, 0][ok[0, :, 0]] != idx[0, :, 1][ok[0, :, 1]]).any())  # heads pick differently
+    # the shared rule is unchanged: one [B, NG, k] selection, and the own ball may be picked
+    shared = cfg.with_(selection="shared")
+    _, bs = bsa_reference(q, k, v, pos_t, tree, shared, sigma=sigma, gates=gates, return_branches=True)
+    assert bs["idx"].shape == idx.shape[:2] + idx.shape[3:]
+    assert bool(((bs["idx"] * 4 // 16 == group_ball[..., 0]) & bs["idx_valid"] & gvalid[..., None]).any())
+
+
 def test_bsa_gates_select_branches_and_group_compression():
     pos, batch, tree, pos_t, q, k, v = _setup([50, 20], m=16, seed=5)
     cfg = BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=2, group_size=4)
@@ -176,6 +223,7 @@ def test_clouds_do_not_see_each_other():
     (dict(group_size=6), "group_size=6 must divide"),
     (dict(cmp_stride=3), "cmp_stride"),
     (dict(topk=0), "topk"),
+    (dict(selection="per-head"), r"selection must be one of \('shared', 'per_head'\), got 'per-head'"),
 ])
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from torch_geometric_bsa.io import load_checked
+from torch_geometric_bsa.io import load_checked, save_checked
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -491,6 +491,40 @@ def test_ablate_presets_run_and_merge_identical_variants(tmp_path, capsys):
 def test_drop_branch_flag_checks(capsys):
     for flags, match in ((["--model", "full", "--drop-branch", "cmp"], "applies to --model bsa"),
                          (["--drop-branch", "ball", "--drop-branch", "cmp", "--drop-branch", "slc"], "no branch")):
+        with pytest.raises(SystemExit):
+            train.parse_args(TINY + flags)
+        assert match in capsys.readouterr().err
+
+
+def test_selection_flag_round_trip(tmp_path, capsys):
+    # --selection reaches every BSAConv, is recorded in the checkpoint, and a resume with the other rule
+    # is refused naming the flag; a checkpoint from before the flag existed resumes as "shared"
+    base = TINY + ["--model", "bsa", "--steps", "4", "--log-every", "1", "--no-plots"]
+    args = train.parse_args(base + ["--selection", "per_head"])
+    model = train.build_model(args, 1, 1, 3)
+    convs = [m for m in model.modules() if hasattr(m, "cfg")]
+    assert convs and all(m.cfg.selection == "per_head" for m in convs)
+    out = str(tmp_path / "ph")
+    m = train.main(base + ["--selection", "per_head", "--stop-after", "2", "--out", out])
+    assert m["steps"] == 2 and m["args"]["selection"] == "per_head"
+    ck = load_checked(os.path.join(out, "checkpoint.pt"))
+    assert ck["config"]["selection"] == "per_head"
+    with pytest.raises(train.RunError, match="--selection: 'per_head' in the checkpoint, 'shared' now"):
+        train.main(base + ["--out", out, "--resume"])
+    m2 = train.main(base + ["--selection", "per_head", "--out", out, "--resume"])
+    assert m2["steps"] == 4 and m2["test_mse"] == m2["test_mse"]
+    # an older checkpoint (no "selection" recorded) is a shared-rule run
+    old = str(tmp_path / "old")
+    train.main(base + ["--stop-after", "2", "--out", old])
+    path = os.path.join(old, "checkpoint.pt")
+    ck = load_checked(path)
+    del ck["config"]["selection"]
+    save_checked(path, ck)
+    with pytest.raises(train.RunError, match="--selection: 'shared' in the checkpoint, 'per_head' now"):
+        train.main(base + ["--selection", "per_head", "--out", old, "--resume"])
+    assert train.main(base + ["--out", old, "--resume"])["steps"] == 4
+    for flags, match in ((["--selection", "per-head"], "invalid choice: 'per-head'"),
+                         (["--model", "full", "--selection", "per_head"], "--selection: applies to --model bsa")):
         with pytest.raises(SystemExit):
             train.parse_args(TINY + flags)
         assert match in capsys.readouterr().err

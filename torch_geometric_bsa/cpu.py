@@ -214,6 +214,15 @@ def _compressed(q: Tensor, kc: Tensor, vc: Tensor, kvalid: Tensor, tree: BallTre
     return o, (qt, kt, kok, length, w)
 
 
+def _rank_key_signed(scores: Tensor, valid: Tensor, lower_first: Tensor) -> Tensor:
+    r"""``_rank_key`` for scores of any sign (the per-head rule's logits): the fp32 bit pattern with
+    the magnitude bits of negative values flipped orders as the values do, shifted to ``[0, 2^32)``;
+    31 low bits break ties to the lower block index. Scores must not be ``-0.0`` (add ``0.0``)."""
+    bits = scores.view(torch.int32)
+    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64) + (1 << 31)
+    return torch.where(valid, (ordered << 31) | lower_first, -1 - (lower_first.size(0) - 1 - lower_first))
+
+
 def _rank_key(scores: Tensor, valid: Tensor, lower_first: Tensor) -> Tensor:
     r"""An int64 key whose ``topk`` is the reference's stable descending sort: scores are sums of
     probabilities (``>= +0.0``), whose fp32 bit patterns order as the values do; the low 32 bits
@@ -228,8 +237,9 @@ def _select(qt: Tensor, kt: Tensor, kok: Tensor, tree: BallTree, cfg: BSAConfig,
             length: int, window: int) -> Tuple[Tensor, Tensor]:
     r"""Top-``k`` selection blocks of every query group, as ``reference.selection_scores`` and
     ``select_blocks`` (same operations in the same order, ties to the lower index), in chunks of query
-    rows. Returns, per tree-ordered group ``[N_pad // g, k']``, the global slot of each selected
-    block's first key and the blocks' validity."""
+    rows. Returns, per tree-ordered group ``[N_pad // g, k']`` (``[N_pad // g, H, k']`` with
+    ``cfg.selection == "per_head"``), the global slot of each selected block's first key and the
+    blocks' validity."""
     g, s, l, ls = cfg.group_size, cfg.cmp_stride, cfg.cmp_block, cfg.slc_block
     bw, h, wq, d = qt.shape
     wk, ws = kt.size(2), window // ls
@@ -251,6 +261,9 @@ def _select(qt: Tensor, kt: Tensor, kok: Tensor, tree: BallTree, cfg: BSAConfig,
         overlap = ((cb[:, None] < sb[None] + ls) & (sb[None] < cb[:, None] + l)).float()
     kk = min(cfg.topk, ws)
     lower_first = ws - 1 - torch.arange(ws, device=qt.device)
+    if cfg.selection == "per_head":
+        return _select_per_head(qt, kt, kok, tree, cfg, q_unit, length, window, qok, sok, identity,
+                                None if identity else overlap, kk, lower_first)
     rows = max(gq, CHUNK_ELEMS // max(1, bw * h * wk) // gq * gq)
     kt_t = kt.float().transpose(-1, -2).reshape(bw * h, d, wk)             # [BW * H, D, Wk]
     qs = scale * qt.float()
@@ -281,10 +294,62 @@ def _select(qt: Tensor, kt: Tensor, kok: Tensor, tree: BallTree, cfg: BSAConfig,
     return first + tree.ptr[gb][:, None], ok
 
 
+def _select_per_head(qt, kt, kok, tree, cfg, q_unit, length, window, qok, sok, identity, overlap, kk,
+                     lower_first) -> Tuple[Tensor, Tensor]:
+    r"""``_select`` for ``cfg.selection == "per_head"``: per head, the compressed logits summed over
+    the group's valid queries (averaged over overlapping compression blocks), own ball excluded; as
+    ``reference.selection_scores``. Returns ``[N_pad // g, H, k']`` first slots and validity."""
+    g, ls = cfg.group_size, cfg.slc_block
+    bw, h, wq, d = qt.shape
+    wk, ws = kt.size(2), window // ls
+    gq = g // q_unit
+    scale = d ** -0.5
+    if overlap is not None:
+        overlap = overlap / overlap.sum(0).clamp_min(1.0)
+    kvalid = kok.to(torch.float32)[:, None, None, :]                       # [BW, 1, 1, Wk]
+    # own ball: window-local group and block rows of the same ball (windows are whole balls)
+    own = _own_ball(window // g, g, ws, ls, cfg.ball_size, qt.device)      # [Wg, Ws]
+    rows = max(gq, CHUNK_ELEMS // max(1, bw * h * wk) // gq * gq)
+    kt_t = kt.float().transpose(-1, -2).reshape(bw * h, d, wk)             # [BW * H, D, Wk]
+    qs = scale * qt.float()
+    idx = torch.empty(bw, wq // gq, h, kk, dtype=torch.long, device=qt.device)
+    top_key = torch.empty(bw, wq // gq, h, kk, dtype=torch.long, device=qt.device)
+
+    def chunk(r0):
+        r1 = min(wq, r0 + rows)
+        logits = torch.bmm(qs[:, :, r0:r1].reshape(bw * h, r1 - r0, d), kt_t).view(bw, h, r1 - r0, wk)
+        logits = logits.mul_(kvalid).mul_(qok[:, None, r0:r1, None])
+        lg = logits.view(bw, h, -1, gq, wk).sum(3)                          # [BW, H, c / gq, Wk]
+        scores = lg if identity else lg @ overlap                          # [BW, H, c / gq, Ws]
+        scores = scores.transpose(1, 2).add(0.0).contiguous()              # [BW, c / gq, H, Ws]
+        ok = sok[:, None, None, :] & ~own[r0 // gq:r1 // gq, None, :]
+        key = _rank_key_signed(scores, ok, lower_first)
+        val, top = key.topk(kk, dim=-1)
+        idx[:, r0 // gq:r1 // gq] = top
+        top_key[:, r0 // gq:r1 // gq] = val
+    _for_chunks(chunk, range(0, wq, rows), qt.device)
+    ok = top_key >= 0
+    first = (idx + (torch.arange(bw, device=idx.device) % (length // window) * ws)[:, None, None, None]) * ls
+    first = _unwindowed(first.view(-1, window // g, h, kk), tree, g, length)   # [N_pad // g, H, kk]
+    ok = _unwindowed(ok.view(-1, window // g, h, kk), tree, g, length)
+    gb = tree.slot_batch[torch.arange(first.size(0), device=first.device) * g]
+    return first + tree.ptr[gb][:, None, None], ok
+
+
+def _own_ball(ng: int, g: int, ns: int, ls: int, ball_size: int, device) -> Tensor:
+    r"""``[ng, ns]`` bool: group ``i`` (slots from ``i * g``) and block ``j`` (from ``j * ls``) lie in
+    the same ball (indices relative to a ball-aligned start)."""
+    return (torch.arange(ng, device=device) * g // ball_size)[:, None] == \
+        (torch.arange(ns, device=device) * ls // ball_size)[None, :]
+
+
 def _selected(q: Tensor, k: Tensor, v: Tensor, first: Tensor, ok: Tensor, mask: Tensor, g: int,
               ls: int) -> Tensor:
     r"""Each group of ``g`` queries attends to the ``k' * l'`` keys of its blocks: one SDPA with the
-    groups as batch over gathered ``[N_pad // g, H, k' * l', D]`` keys and values."""
+    groups as batch over gathered ``[N_pad // g, H, k' * l', D]`` keys and values. ``first, ok``
+    ``[N_pad // g, k']`` are shared by the heads, ``[N_pad // g, H, k']`` per head."""
+    if first.dim() == 3:
+        return _selected_per_head(q, k, v, first, ok, mask, g, ls)
     n, h, d = q.shape
     ng, kk = first.shape
     blk = (first // ls).clamp_max(n // ls - 1).view(-1)        # whole blocks: one index per l' keys
@@ -293,6 +358,22 @@ def _selected(q: Tensor, k: Tensor, v: Tensor, first: Tensor, ok: Tensor, mask: 
               for t in (k, v))                                   # [NG, H, K, D]
     qg = q.reshape(ng, g, h, d).transpose(1, 2)                          # [NG, H, g, D]
     o = F.scaled_dot_product_attention(qg, ks, vs, attn_mask=_neg_mask(kvalid[:, None, None, :], q.dtype))
+    return o.transpose(1, 2).reshape(n, h, d)
+
+
+def _selected_per_head(q: Tensor, k: Tensor, v: Tensor, first: Tensor, ok: Tensor, mask: Tensor, g: int,
+                       ls: int) -> Tensor:
+    r"""``_selected`` with one selection per head, ``first, ok [N_pad // g, H, k']``. A head with no
+    valid block (a cloud of one ball: its own ball is excluded) gives zero, as the reference."""
+    n, h, d = q.shape
+    ng, _, kk = first.shape
+    blk = (first // ls).clamp_max(n // ls - 1)                              # [NG, H, kk]
+    kvalid = mask.view(-1, ls)[blk].view(ng, h, kk * ls) & ok.repeat_interleave(ls, -1)   # [NG, H, K]
+    hi = torch.arange(h, device=q.device)[None, :, None]
+    ks, vs = (t.reshape(n // ls, ls, h, d)[blk, :, hi].reshape(ng, h, kk * ls, d) for t in (k, v))
+    qg = q.reshape(ng, g, h, d).transpose(1, 2)                             # [NG, H, g, D]
+    o = F.scaled_dot_product_attention(qg, ks, vs, attn_mask=_neg_mask(kvalid[:, :, None, :], q.dtype))
+    o = o * kvalid.any(-1)[:, :, None, None].to(o.dtype)
     return o.transpose(1, 2).reshape(n, h, d)
 
 

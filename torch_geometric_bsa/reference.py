@@ -23,6 +23,11 @@ __all__ = [
 ]
 
 
+#: block-selection rules of ``BSAConfig.selection``: ours (heads share a group's selection) and the
+#: BSA authors' (per-head top-k of logits, own ball excluded)
+SELECTION_RULES = ("shared", "per_head")
+
+
 @dataclass(frozen=True)
 class BSAConfig:
     r"""Hyper-parameters of BSA (DESIGN §1.2; defaults and their provenance in docs/paper-check.md).
@@ -42,6 +47,12 @@ class BSAConfig:
             branch attends to one mean-pooled key per ball of the whole cloud. Costs
             ``N * (cmp_window / s + N / ball_size)`` instead of ``N * N / s``; the gates get a
             fourth column. ``None`` (default): the paper's whole-cloud compression.
+        selection (str): the block-selection rule (docs/paper-check.md). ``"shared"`` (default):
+            one selection per query group, shared by all heads, blocks scored by the compression
+            branch's probability mass summed over heads and the group's queries; the query's own
+            ball may be picked. ``"per_head"`` (the BSA authors' code): every head picks its own
+            top-``k`` from the raw compressed-attention logits ``scale * q . k_cmp`` summed over
+            the group's valid queries, and the blocks of the group's own ball are never picked.
     """
 
     ball_size: int = 256
@@ -52,6 +63,7 @@ class BSAConfig:
     group_size: int = 8
     group_compression: bool = False
     cmp_window: Optional[int] = None
+    selection: str = "shared"
 
     def __post_init__(self):
         for name in ("ball_size", "cmp_block", "slc_block", "topk", "group_size"):
@@ -70,6 +82,8 @@ class BSAConfig:
         if w is not None and (not isinstance(w, int) or w < self.ball_size or w % self.ball_size):
             raise ValueError(f"cmp_window must be None or a positive multiple of ball_size={self.ball_size}, "
                              f"got {w!r}")
+        if self.selection not in SELECTION_RULES:
+            raise ValueError(f"selection must be one of {SELECTION_RULES}, got {self.selection!r}")
 
     @property
     def num_branches(self) -> int:
@@ -194,7 +208,7 @@ def compress_mean(k: Tensor, v: Tensor, mask: Tensor, slot_batch: Tensor, block:
 
 def compressed_attention(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cmp_mask: Tensor, tree: BallTree,
                          cmp_stride: int, scale: Optional[float] = None, return_probs: bool = False,
-                         window: Optional[int] = None):
+                         window: Optional[int] = None, return_logits: bool = False):
     r"""Every query attends to all compressed blocks of its own cloud (of its window of ``window``
     slots of the cloud, when given: blocks and queries with the same ``cloud slot // window``).
 
@@ -205,7 +219,9 @@ def compressed_attention(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cmp_mask: Tens
 
     Returns:
         ``o [Q, H, D]`` (zero where no block is valid) and, if asked, the probabilities in the dense
-        per-cloud layout ``[B, H, Qmax, NBmax]``.
+        per-cloud layout ``[B, H, Qmax, NBmax]``; with ``return_logits`` instead of them the scaled
+        logits ``scale * q . k_cmp`` in that layout, zero at invalid blocks and padded queries (what
+        the ``"per_head"`` selection rule ranks).
     """
     n_pad = tree.num_slots
     h, d = q.shape[1:]
@@ -227,9 +243,12 @@ def compressed_attention(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cmp_mask: Tens
     # padded queries (a group: all of it padded) get zero output and no say in the selection
     qmask = tree.mask.view(-1, q_unit).any(1)
     qmd, _ = _to_dense(qmask, tree.ptr, tree.max_slots, q_unit)
-    p = p * (qvalid & qmd)[:, None, :, None]
+    qok = (qvalid & qmd)[:, None, :, None]
+    p = p * qok
     od = (p @ vd.transpose(1, 2).to(acc)).transpose(1, 2).to(q.dtype)    # [B, Qm, H, D]
     o = _from_dense(od, tree.ptr, tree.max_slots, q.size(0), q_unit)
+    if return_probs and return_logits:
+        return o, logits.masked_fill(~valid, 0.0) * qok
     return (o, p) if return_probs else o
 
 
@@ -250,25 +269,43 @@ def _window_mask(nq: int, q_unit: int, nk: int, k_unit: int, window: int, device
 # 3. Selection branch
 # ---------------------------------------------------------------------------------------------
 def selection_scores(p_cmp: Tensor, tree: BallTree, cfg: BSAConfig, q_unit: int) -> Tensor:
-    r"""Importance ``s_G(b')`` of each selection block for each query group, ``[B, NG, NS]``.
+    r"""Importance ``s_G(b')`` of each selection block for each query group.
 
-    ``p_cmp [B, H, Qm, NB]`` are compressed-attention probabilities at query granularity
-    ``q_unit`` (1 or ``g``). Sums over heads and the group's queries, then over the compression
-    blocks that overlap each selection block. Selection blocks with no valid slot score ``-inf``.
+    ``cfg.selection == "shared"``: ``p_cmp [B, H, Qm, NB]`` are compressed-attention probabilities at
+    query granularity ``q_unit`` (1 or ``g``). Sums over heads and the group's queries, then over
+    the compression blocks that overlap each selection block. Returns ``[B, NG, NS]``.
+
+    ``cfg.selection == "per_head"``: ``p_cmp`` are the compressed logits ``scale * q . k_cmp``
+    (``compressed_attention(..., return_logits=True)``: zero at invalid blocks and padded queries),
+    summed over the group's queries per head, then averaged over the compression blocks that overlap
+    each selection block (the identity when ``cmp_block == cmp_stride == slc_block``). The blocks of
+    the group's own ball score ``-inf``. Returns ``[B, NG, H, NS]``.
+
+    Selection blocks with no valid slot (or outside the group's window) score ``-inf``.
     """
     g, s, l, ls = cfg.group_size, cfg.cmp_stride, cfg.cmp_block, cfg.slc_block
-    ph = p_cmp.float().sum(1)                                  # [B, Qm, NB]
-    b = ph.size(0)
-    ph = ph.view(b, -1, g // q_unit, ph.size(-1)).sum(2)       # [B, NG, NB]
+    per_head = cfg.selection == "per_head"
+    b, h = p_cmp.shape[:2]
+    ph = p_cmp.float()
+    ph = ph.view(b, h, -1, g // q_unit, ph.size(-1)).sum(3)    # [B, H, NG, NB]
+    if not per_head:
+        ph = ph.sum(1)                                           # [B, NG, NB]
     nb, ns = tree.max_slots // s, tree.max_slots // ls
     cb = torch.arange(nb, device=ph.device) * s
     sb = torch.arange(ns, device=ph.device) * ls
-    overlap = (cb[:, None] < sb[None] + ls) & (sb[None] < cb[:, None] + l)
-    scores = ph @ overlap.to(ph.dtype)                          # [B, NG, NS]
+    overlap = ((cb[:, None] < sb[None] + ls) & (sb[None] < cb[:, None] + l)).to(ph.dtype)
+    if per_head:  # logits are signed: a mean, so blocks overlapped by fewer compression blocks are not favoured
+        overlap = overlap / overlap.sum(0).clamp_min(1.0)
+    scores = ph @ overlap                                        # [B, (H,) NG, NS]
     slc_valid, present = _to_dense(_block_any(tree.mask, ls), tree.ptr, tree.max_slots, ls)
     valid = (slc_valid & present)[:, None, :]
+    ng = scores.size(-2)
     if cfg.cmp_window is not None:  # only the blocks of the group's own window
-        valid = valid & _window_mask(scores.size(1), g, ns, ls, cfg.cmp_window, scores.device)
+        valid = valid & _window_mask(ng, g, ns, ls, cfg.cmp_window, scores.device)
+    if per_head:
+        valid = valid & ~_window_mask(ng, g, ns, ls, cfg.ball_size, scores.device)  # not the own ball
+        # + 0.0 turns a -0.0 (a padded query's 0 * negative logit) into +0.0: ties stay ties
+        return (scores.transpose(1, 2) + 0.0).masked_fill(~valid[:, :, None, :], -math.inf)
     return scores.masked_fill(~valid, -math.inf)
 
 
@@ -277,7 +314,8 @@ def _block_any(mask: Tensor, block: int) -> Tensor:
 
 
 def select_blocks(scores: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
-    r"""Top-``k`` blocks per group, ties to the lower index: indices ``[B, NG, k']`` and validity."""
+    r"""Top-``k`` blocks along the last dim, ties to the lower index: indices and validity, both
+    ``[B, NG, k']`` (``[B, NG, H, k']`` for per-head scores)."""
     kk = min(topk, scores.size(-1))
     val, idx = torch.sort(scores, dim=-1, descending=True, stable=True)
     return idx[..., :kk], torch.isfinite(val[..., :kk])
@@ -288,10 +326,11 @@ def selected_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, idx_valid: 
     r"""Each query attends to the ``k * l'`` keys of its group's selected blocks.
 
     Args:
-        q, k, v: ``[N_pad, H, D]``. idx, idx_valid: ``[B, NG, k']`` local selection-block indices.
+        q, k, v: ``[N_pad, H, D]``. idx, idx_valid: ``[B, NG, k']`` local selection-block indices
+            shared by the heads, or ``[B, NG, H, k']`` one selection per head (``"per_head"``).
 
     Returns:
-        ``[N_pad, H, D]``, zero at padded queries.
+        ``[N_pad, H, D]``, zero at padded queries and where a head has no valid block.
     """
     h, d = q.shape[1:]
     g, ls = cfg.group_size, cfg.slc_block
@@ -301,16 +340,19 @@ def selected_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, idx_valid: 
     vd, _ = _to_dense(v, tree.ptr, tree.max_slots)
     md, mvalid = _to_dense(tree.mask, tree.ptr, tree.max_slots)
     md = md & mvalid
-    b, ng, kk = idx.shape
-    keys = (idx[..., None] * ls + torch.arange(ls, device=idx.device)).reshape(b, ng, kk * ls)
-    kvalid = md.gather(1, keys.view(b, -1)).view(b, ng, kk * ls) & idx_valid.repeat_interleave(ls, -1)
-    bi = torch.arange(b, device=idx.device)[:, None, None]
-    ks, vs = kd[bi, keys], vd[bi, keys]                                   # [B, NG, K, H, D]
+    if idx.dim() == 3:  # shared by the heads
+        idx, idx_valid = idx[:, :, None].expand(-1, -1, h, -1), idx_valid[:, :, None].expand(-1, -1, h, -1)
+    b, ng, _, kk = idx.shape
+    keys = (idx[..., None] * ls + torch.arange(ls, device=idx.device)).reshape(b, ng, h, kk * ls)
+    kvalid = md.gather(1, keys.view(b, -1)).view(b, ng, h, kk * ls) & idx_valid.repeat_interleave(ls, -1)
+    bi = torch.arange(b, device=idx.device)[:, None, None, None]
+    hi = torch.arange(h, device=idx.device)[None, None, :, None]
+    ks, vs = kd[bi, keys, hi], vd[bi, keys, hi]                          # [B, NG, H, K, D]
     qg = qd.view(b, ng, g, h, d)
     acc = _acc(q.dtype)
-    logits = scale * torch.einsum("bnghd,bnkhd->bnhgk", qg.to(acc), ks.to(acc))
-    p = _masked_softmax(logits, kvalid[:, :, None, None, :])
-    od = torch.einsum("bnhgk,bnkhd->bnghd", p, vs.to(acc)).to(q.dtype).reshape(b, ng * g, h, d)
+    logits = scale * torch.einsum("bnghd,bnhkd->bnhgk", qg.to(acc), ks.to(acc))
+    p = _masked_softmax(logits, kvalid[:, :, :, None, :])
+    od = torch.einsum("bnhgk,bnhkd->bnghd", p, vs.to(acc)).to(q.dtype).reshape(b, ng * g, h, d)
     return _from_dense(od, tree.ptr, tree.max_slots, tree.num_slots) * tree.mask.view(-1, 1, 1)
 
 
@@ -344,7 +386,8 @@ def bsa_reference(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, 
 
     Returns:
         ``[N_pad, H, D]`` (zero at padded slots); with ``return_branches`` also a dict of the
-        branch outputs and the selected block indices.
+        branch outputs and the selected block indices (``[B, NG, k']``, or ``[B, NG, H, k']`` with
+        ``cfg.selection == "per_head"``).
     """
     mask, s, g, w = tree.mask, cfg.cmp_stride, cfg.group_size, cfg.cmp_window
     o_ball = ball_attention(q, k, v, pos, sigma, mask, cfg.ball_size)
@@ -358,7 +401,8 @@ def bsa_reference(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, 
         q_unit = g
     else:
         q_cmp, q_unit = q, 1
-    o_c, p_cmp = compressed_attention(q_cmp, k_cmp, v_cmp, cmp_mask, tree, s, return_probs=True, window=w)
+    o_c, p_cmp = compressed_attention(q_cmp, k_cmp, v_cmp, cmp_mask, tree, s, return_probs=True, window=w,
+                                      return_logits=cfg.selection == "per_head")
     o_cmp = per_slot(o_c, mask, q_unit)
     with torch.no_grad():
         idx, idx_valid = select_blocks(selection_scores(p_cmp, tree, cfg, q_unit), cfg.topk)

@@ -108,6 +108,24 @@ def test_bsa_triton_small_tiles(cfg, d):
     check_fp32([37, 70, 9], cfg, d=d, seed=10)
 
 
+@pytest.mark.parametrize("cfg", [
+    BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4, selection="per_head"),
+    BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4, group_compression=True,
+              selection="per_head"),
+    BSAConfig(ball_size=16, cmp_block=4, cmp_stride=2, slc_block=8, topk=2, group_size=4, selection="per_head"),
+    BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=2, group_size=4, cmp_window=32, selection="per_head"),
+], ids=["per_query", "group_compression", "overlapping", "window"])
+def test_bsa_triton_per_head_selection_fp32(cfg):
+    # the authors' rule (per-head top-k of logits, own ball excluded) through the PER_HEAD kernels;
+    # the 9-point cloud is one ball: no block to pick, its selection branch is zero
+    check_fp32([50, 90, 9], cfg, d=16, mlp=cfg.cmp_stride != cfg.cmp_block, seed=11)
+    tree, pos, x = inputs([50, 90, 9], cfg, h=2, d=16, dtype=torch.float32, mlp=cfg.cmp_stride != cfg.cmp_block)
+    _, br = call(lambda *a, **kw: K.bsa_triton(*a, **kw, return_branches=True), tree, pos, cfg, x)
+    assert br["idx"].shape == (tree.num_slots // cfg.group_size, 2, cfg.topk)
+    last = tree.ptr[2]
+    assert bool((br["slc"][last:] == 0).all())
+
+
 def check_low_precision(sizes, cfg, h, d, dtype):
     tree, pos, x = inputs(sizes, cfg, h=h, d=d, dtype=dtype)
     out, br = K.bsa_triton(x["q"], x["k"], x["v"], pos, tree, cfg, sigma=x["sigma"], gates=x["gates"],
@@ -169,10 +187,11 @@ def test_bsa_triton_gpu_real_size(dtype, group_compression):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("selection", ["shared", "per_head"])
 @pytest.mark.parametrize("group_compression", [False, True])
-def test_bsa_triton_gpu_fp32_grads(group_compression):
+def test_bsa_triton_gpu_fp32_grads(group_compression, selection):
     cfg = BSAConfig(ball_size=256, cmp_block=8, slc_block=8, topk=16, group_size=8,
-                    group_compression=group_compression)
+                    group_compression=group_compression, selection=selection)
     tree, pos, x = inputs([3000, 2100], cfg, h=4, d=32, dtype=torch.float32)
     out = call(K.bsa_triton, tree, pos, cfg, x)
     do = torch.randn_like(out)

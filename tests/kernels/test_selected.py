@@ -41,7 +41,7 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def check(sizes, cfg, h, d, dtype, seed=0, hot=False):
+def check(sizes, cfg, h, d, dtype, seed=0, hot=False, per_head=False):
     g = torch.Generator().manual_seed(seed)
     pos = torch.rand(sum(sizes), 3, generator=g)
     batch = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
@@ -53,11 +53,15 @@ def check(sizes, cfg, h, d, dtype, seed=0, hot=False):
     cloud = tree.slot_batch[::gs].cpu()
     nblk = ((tree.ptr[1:] - tree.ptr[:-1]) // ls).cpu()[cloud]
     kk = min(cfg.topk, tree.max_slots // ls)
-    loc = torch.argsort(torch.rand(ng, tree.max_slots // ls, generator=g), -1)[:, :kk]
+    lead = (ng, h) if per_head else (ng,)  # per_head: one selection per head, [ng, h, kk]
+    loc = torch.argsort(torch.rand(*lead, tree.max_slots // ls, generator=g), -1)[..., :kk]
     if hot:  # every group of a cloud picks the same blocks: long lists, cut into chunks in the dK/dV pass
-        loc = torch.arange(kk).expand(ng, kk).flip(-1)
-    loc = torch.where((loc < nblk[:, None]) & (torch.rand(ng, kk, generator=g) > 0.15), loc, -1)
-    idx = torch.where(loc >= 0, loc + (tree.ptr.cpu()[cloud] // ls)[:, None], -1).int().to(DEVICE)
+        loc = torch.arange(kk).expand(*lead, kk).flip(-1)
+        if per_head:  # head j picks blocks j .. j + kk - 1: heads differ, lists still long
+            loc = loc + torch.arange(h)[:, None]
+    nb = nblk.view((ng,) + (1,) * len(lead))
+    loc = torch.where((loc < nb) & (torch.rand(*lead, kk, generator=g) > 0.15), loc, -1)
+    idx = torch.where(loc >= 0, loc + (tree.ptr.cpu()[cloud] // ls).view(nb.shape), -1).int().to(DEVICE)
 
     o = slc.selected_attention_triton(q, k, v, idx, tree.mask, gs, ls)
     do = torch.randn(o.shape, generator=g).to(DEVICE, dtype)
@@ -74,6 +78,14 @@ def check(sizes, cfg, h, d, dtype, seed=0, hot=False):
     if hot:  # the chunks' partials are added in a fixed order: bitwise the same gradients again
         again = torch.autograd.grad(slc.selected_attention_triton(q, k, v, idx, tree.mask, gs, ls), (q, k, v), do)
         assert all(torch.equal(a, b) for a, b in zip(grads, again))
+
+
+@pytest.mark.parametrize("hot", [False, True], ids=["random", "hot"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_selected_per_head_matches_reference(dtype, hot):
+    # idx [groups, H, k]: each head reads its own blocks (PER_HEAD), dK/dV invert per (head, block)
+    cfg = BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4, selection="per_head")
+    check([50, 90, 20], cfg, h=3, d=16, dtype=dtype, seed=5, hot=hot, per_head=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -113,3 +125,12 @@ def test_invert_selection(num_blocks):
 def test_selected_gpu_real_size(dtype):
     cfg = BSAConfig(ball_size=256, cmp_block=8, slc_block=8, topk=16, group_size=8)
     check([6000, 9000, 500], cfg, h=8, d=64, dtype=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("hot", [False, True], ids=["random", "hot"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_selected_per_head_gpu_real_size(dtype, hot):
+    cfg = BSAConfig(ball_size=256, cmp_block=8, slc_block=8, topk=16, group_size=8, selection="per_head")
+    check([6000, 9000, 500], cfg, h=8, d=64, dtype=dtype, hot=hot, per_head=True)

@@ -48,7 +48,9 @@ def bsa_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree, cfg, *, sigma
     ``bsa_reference`` (``[N_pad, H, D]``, zero at padded slots).
 
     The selection's top-k runs streamed in a kernel when ``cmp_block == cmp_stride == slc_block``
-    (the defaults); otherwise the selection scores come from the dense reference (O(N^2 / l) memory).
+    (the defaults); otherwise, and always with ``cfg.selection == "per_head"`` (the authors' rule:
+    ``idx [N_pad // g, H, k']``), the selection scores come from the dense reference (O(N^2 / l)
+    memory, a cloud of 65k points at ``l = 8`` needs ``H * 65k * 8k`` fp32 scores).
     """
     from .compressed import compressed_attention_triton
     from .selected import selected_attention_triton
@@ -61,7 +63,7 @@ def bsa_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree, cfg, *, sigma
         q, k, v, tree, cfg, k_cmp, v_cmp, cmp_mask)
     w = cfg.cmp_window
     with torch.no_grad():
-        if cfg.cmp_block == s == ls and (g // q_unit) & (g // q_unit - 1) == 0:
+        if cfg.selection == "shared" and cfg.cmp_block == s == ls and (g // q_unit) & (g // q_unit - 1) == 0:
             from .plan import selection_plan
             from .topk import select_topk_triton
             svalid, granges, kk = selection_plan(tree, g, ls, cfg.topk, w)
@@ -122,15 +124,16 @@ def compression_branch(q: Tensor, k: Tensor, v: Tensor, tree, cfg, k_cmp: Option
 
 
 def _dense_selection(q_cmp, k_cmp, v_cmp, cmp_mask, tree, cfg, q_unit):
-    r"""Fallback selection for block shapes the streamed kernel does not cover: the reference's dense
-    scores, converted to global block ids ``[N_pad // g, k']`` (-1 = invalid)."""
+    r"""Fallback selection for block shapes the streamed kernel does not cover, and the per-head rule:
+    the reference's dense scores, converted to global block ids ``[N_pad // g, k']`` (``[N_pad // g,
+    H, k']`` with ``cfg.selection == "per_head"``; -1 = invalid)."""
     from ..reference import _from_dense, compressed_attention, select_blocks, selection_scores
     cmp_mask = cmp_mask.bool()
     _, p = compressed_attention(q_cmp, k_cmp, v_cmp, cmp_mask, tree, cfg.cmp_stride, return_probs=True,
-                                window=cfg.cmp_window)
+                                window=cfg.cmp_window, return_logits=cfg.selection == "per_head")
     idx, valid = select_blocks(selection_scores(p, tree, cfg, q_unit), cfg.topk)
     ng = tree.num_slots // cfg.group_size
     loc = _from_dense(torch.where(valid, idx, -1), tree.ptr, tree.max_slots, ng, cfg.group_size)
     cloud = tree.slot_batch[::cfg.group_size][:ng]
-    off = (tree.ptr[cloud] // cfg.slc_block)[:, None]
+    off = (tree.ptr[cloud] // cfg.slc_block).view((ng,) + (1,) * (loc.dim() - 1))
     return torch.where(loc >= 0, loc + off, -1).to(torch.int32).contiguous()

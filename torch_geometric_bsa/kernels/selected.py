@@ -8,7 +8,8 @@ per (group, head): the group's ``g`` queries are the M side of the tile (padded 
 writes its gradient exactly once (zero when nobody selected it). Long lists (a block picked by many
 groups) are cut into chunks: all but the last go to a first launch that writes float32 partials,
 and the block's own program adds them in order, so the sum stays deterministic. Why this choice:
-docs/kernels.md.
+docs/kernels.md. With one selection per head (``BSAConfig(selection="per_head")``, ``idx [groups,
+H, k]``, constexpr ``PER_HEAD``) the index is inverted per (head, block).
 """
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ __all__ = ["selected_attention_triton", "SelectedAttention", "invert_selection"]
 def _slc_fwd_kernel(Q, K, V, MASK, IDX, O, LSE, stride_n, stride_o,
                     qk_scale, G: tl.constexpr, H: tl.constexpr, D: tl.constexpr, LS: tl.constexpr,
                     LS_P2: tl.constexpr, TOPK: tl.constexpr, CB: tl.constexpr, GM: tl.constexpr,
-                    BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    # grid: (groups, heads); rows = the group's G queries (padded to GM), keys = CB blocks per step
+                    BLOCK_D: tl.constexpr, PREC: tl.constexpr, PER_HEAD: tl.constexpr = False):
+    # grid: (groups, heads); rows = the group's G queries (padded to GM), keys = CB blocks per step;
+    # PER_HEAD: IDX is [groups, H, TOPK] (one selection per head), else [groups, TOPK]
     grp = tl.program_id(0)
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 when inductor launches the kernel
     h = tl.program_id(1)
@@ -45,9 +47,13 @@ def _slc_fwd_kernel(Q, K, V, MASK, IDX, O, LSE, stride_n, stride_o,
     m_i = tl.full([GM], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([GM], dtype=tl.float32)
     acc = tl.zeros([GM, BLOCK_D], dtype=tl.float32)
+    if PER_HEAD:
+        irow = (grp * H + h) * TOPK
+    else:
+        irow = grp * TOPK
     for c in range(0, TOPK, CB):
         bsel = c + j // LS_P2
-        b = tl.load(IDX + grp * TOPK + bsel, mask=bsel < TOPK, other=-1)
+        b = tl.load(IDX + irow + bsel, mask=bsel < TOPK, other=-1)
         slot = (b * LS + j % LS_P2).to(tl.int64)
         kin = (b >= 0) & (j % LS_P2 < LS)
         kv = kin & (tl.load(MASK + slot, mask=kin, other=0) != 0)
@@ -76,7 +82,7 @@ def _slc_fwd_kernel(Q, K, V, MASK, IDX, O, LSE, stride_n, stride_o,
 def _slc_bwd_dq_kernel(Q, K, V, DO, O, MASK, IDX, LSE, DELTA, DQ, stride_n, stride_o, qk_scale, sm_scale,
                        G: tl.constexpr, H: tl.constexpr, D: tl.constexpr, LS: tl.constexpr,
                        LS_P2: tl.constexpr, TOPK: tl.constexpr, CB: tl.constexpr, GM: tl.constexpr,
-                       BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+                       BLOCK_D: tl.constexpr, PREC: tl.constexpr, PER_HEAD: tl.constexpr = False):
     # grid: (groups, heads); dQ = scale * sum_j P (dP - delta) k_j over the group's selected keys
     grp = tl.program_id(0)
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 when inductor launches the kernel
@@ -98,9 +104,13 @@ def _slc_bwd_dq_kernel(Q, K, V, DO, O, MASK, IDX, LSE, DELTA, DQ, stride_n, stri
     tl.store(DELTA + rows * H + h, delta, mask=qm)
     j = tl.arange(0, CB * LS_P2)
     dq = tl.zeros([GM, BLOCK_D], dtype=tl.float32)
+    if PER_HEAD:
+        irow = (grp * H + h) * TOPK
+    else:
+        irow = grp * TOPK
     for c in range(0, TOPK, CB):
         bsel = c + j // LS_P2
-        b = tl.load(IDX + grp * TOPK + bsel, mask=bsel < TOPK, other=-1)
+        b = tl.load(IDX + irow + bsel, mask=bsel < TOPK, other=-1)
         slot = (b * LS + j % LS_P2).to(tl.int64)
         kin = (b >= 0) & (j % LS_P2 < LS)
         kv = kin & (tl.load(MASK + slot, mask=kin, other=0) != 0)
@@ -122,7 +132,8 @@ def _slc_bwd_dkdv_kernel(Q, K, V, DO, MASK, BPTR, BGRP, XPTR, SK, SV, LSE, DELTA
                          qk_scale, sm_scale, nblk, nsteps,
                          G: tl.constexpr, G_P2: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
                          TOPK: tl.constexpr, LS: tl.constexpr, LP: tl.constexpr, GB: tl.constexpr,
-                         CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, PARTIAL: tl.constexpr):
+                         CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, PARTIAL: tl.constexpr,
+                         PER_HEAD: tl.constexpr = False, nblk_head=1):
     # A block's list of selecting groups (CSR: BGRP[BPTR[b]:BPTR[b+1]]) is cut into chunks of CHUNK
     # entries, so that a block picked by thousands of groups does not serialise the launch.
     # PARTIAL: grid (extra chunks, heads): program p takes the p-th chunk that is not a block's last
@@ -130,6 +141,8 @@ def _slc_bwd_dkdv_kernel(Q, K, V, DO, MASK, BPTR, BGRP, XPTR, SK, SV, LSE, DELTA
     #   dK, dV to the scratch row p.
     # else: grid (selection blocks, heads): the block's last chunk (or its whole list), plus its
     #   scratch rows in order: deterministic, no atomics; every block is written (zero if unpicked).
+    # PER_HEAD: the CSR lists are per (head, block), list h * nblk_head + b (nblk = H * nblk_head lists);
+    #   the PARTIAL grid is (extra chunks, 1) and takes its head from the list it lands in.
     pid = tl.program_id(0)
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 when inductor launches the kernel
     sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 when inductor launches the kernel
@@ -143,13 +156,22 @@ def _slc_bwd_dkdv_kernel(Q, K, V, DO, MASK, BPTR, BGRP, XPTR, SK, SV, LSE, DELTA
             lo = tl.where(ok, mid, lo)
             hi = tl.where(ok, hi, mid)
         live = pid < tl.load(XPTR + nblk)
-        blk = tl.minimum(lo, nblk - 1)
-        start = tl.load(BPTR + blk) + (pid - tl.load(XPTR + blk)) * CHUNK
+        lst = tl.minimum(lo, nblk - 1)
+        if PER_HEAD:
+            h = lst // nblk_head
+            blk = lst % nblk_head
+        else:
+            blk = lst
+        start = tl.load(BPTR + lst) + (pid - tl.load(XPTR + lst)) * CHUNK
         end = tl.where(live, start + CHUNK, start)
     else:
         blk = pid
-        end = tl.load(BPTR + blk + 1)
-        start = tl.load(BPTR + blk) + (tl.load(XPTR + blk + 1) - tl.load(XPTR + blk)) * CHUNK
+        if PER_HEAD:
+            lst = h * nblk_head + blk
+        else:
+            lst = blk
+        end = tl.load(BPTR + lst + 1)
+        start = tl.load(BPTR + lst) + (tl.load(XPTR + lst + 1) - tl.load(XPTR + lst)) * CHUNK
     t = tl.arange(0, LP)
     slot = (blk * LS + t).to(tl.int64)
     tin = t < LS
@@ -164,7 +186,10 @@ def _slc_bwd_dkdv_kernel(Q, K, V, DO, MASK, BPTR, BGRP, XPTR, SK, SV, LSE, DELTA
     r = tl.arange(0, GB * G_P2)
     for c in range(start, end, GB):
         e = c + r // G_P2
-        gsel = tl.load(BGRP + e, mask=e < end, other=0) // TOPK  # flat entry -> its group
+        if PER_HEAD:
+            gsel = tl.load(BGRP + e, mask=e < end, other=0) // (H * TOPK)  # flat [groups, H, TOPK] entry
+        else:
+            gsel = tl.load(BGRP + e, mask=e < end, other=0) // TOPK  # flat entry -> its group
         rows = (gsel * G + r % G_P2).to(tl.int64)
         qm = (e < end) & (r % G_P2 < G)
         qm = qm & (tl.load(MASK + rows, mask=qm, other=0) != 0)
@@ -185,7 +210,7 @@ def _slc_bwd_dkdv_kernel(Q, K, V, DO, MASK, BPTR, BGRP, XPTR, SK, SV, LSE, DELTA
         tl.store(SK + srow, dk, mask=smask)
         tl.store(SV + srow, dv, mask=smask)
     else:
-        for x in range(tl.load(XPTR + blk), tl.load(XPTR + blk + 1)):
+        for x in range(tl.load(XPTR + lst), tl.load(XPTR + lst + 1)):
             srow = ((x * LS + t)[:, None].to(tl.int64) * H + h) * D + offs_d[None, :]
             dk += tl.load(SK + srow, mask=kd_mask, other=0.0)
             dv += tl.load(SV + srow, mask=kd_mask, other=0.0)
@@ -226,21 +251,28 @@ def _launch(d: int, ls: int, topk: int, g: int, dtype: torch.dtype):
     return ls_p2, cb, gm
 
 
+def _per_head_kw(idx: Tensor) -> dict:
+    # the shared (default) launch passes nothing new: its kernels compile and run as before
+    return dict(PER_HEAD=True) if idx.dim() == 3 else {}
+
+
 class SelectedAttention(torch.autograd.Function):
-    r"""Group-shared sparse attention over selected blocks; ``idx`` holds global block ids."""
+    r"""Sparse attention over selected blocks; ``idx`` holds global block ids, ``[groups, k]``
+    shared by the heads or ``[groups, H, k]`` per head."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask_i8, idx, g, ls, scale):
         n, h, d = q.shape
         q, k, v = _common.shared_rows(q, k, v)  # views of one qkv projection: no copy
-        topk = idx.size(1)
+        topk = idx.size(-1)
         o = _common.new_empty(q.shape, q)
         lse = _common.new_empty((n, h), q, torch.float32)
         ls_p2, cb, gm = _launch(d, ls, topk, g, q.dtype)
         _slc_fwd_kernel[(n // g, h)](
             q, k, v, mask_i8, idx, o, lse, q.stride(0), o.stride(0), scale * LOG2E,
             G=g, H=h, D=d, LS=ls, LS_P2=ls_p2, TOPK=topk, CB=cb, GM=gm, BLOCK_D=dot_dim(d),
-            PREC=dot_precision(q.dtype), **LAUNCH_OVERRIDE.get("fwd", dict(num_warps=4, num_stages=2)))
+            PREC=dot_precision(q.dtype), **_per_head_kw(idx),
+            **LAUNCH_OVERRIDE.get("fwd", dict(num_warps=4, num_stages=2)))
         ctx.save_for_backward(q, k, v, o, lse, mask_i8, idx)
         ctx.g, ctx.ls, ctx.scale = g, ls, scale
         return o
@@ -250,7 +282,8 @@ class SelectedAttention(torch.autograd.Function):
         q, k, v, o, lse, mask_i8, idx = ctx.saved_tensors
         g, ls, scale = ctx.g, ctx.ls, ctx.scale
         n, h, d = q.shape
-        topk = idx.size(1)
+        topk = idx.size(-1)
+        per_head = idx.dim() == 3
         do = do.contiguous()  # o's layout: one stride for both
         delta = _common.new_empty((n, h), q, torch.float32)  # written by the dQ kernel, read by dK/dV
         dq, dk, dv = (_common.new_empty(q.shape, q) for _ in range(3))  # contiguous: row stride o.stride(0)
@@ -259,8 +292,12 @@ class SelectedAttention(torch.autograd.Function):
         _slc_bwd_dq_kernel[(n // g, h)](
             q, k, v, do, o, mask_i8, idx, lse, delta, dq, q.stride(0), do.stride(0), scale * LOG2E, scale,
             G=g, H=h, D=d, LS=ls, LS_P2=ls_p2, TOPK=topk, CB=cb, GM=gm, BLOCK_D=dot_dim(d), PREC=prec,
-            **LAUNCH_OVERRIDE.get("dq", dict(num_warps=4, num_stages=2)))
+            **_per_head_kw(idx), **LAUNCH_OVERRIDE.get("dq", dict(num_warps=4, num_stages=2)))
         nblk = n // ls
+        if per_head:
+            # one CSR list per (head, block): block ids offset by h * nblk, lists h * nblk + b
+            return (dq, *_dkdv_per_head(q, k, v, do, mask_i8, idx, lse, delta, dk, dv, g, ls, scale, prec),
+                    None, None, None, None, None)
         bptr, bgrp = invert_selection(idx, nblk)
         g_p2 = next_pow2(g)
         gb = max(1, LAUNCH_OVERRIDE.get("dkdv_rows", 16 if is_interpreter() else 64) // g_p2)
@@ -282,10 +319,39 @@ class SelectedAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
+def _dkdv_per_head(q, k, v, do, mask_i8, idx, lse, delta, dk, dv, g, ls, scale, prec):
+    r"""dK, dV of the per-head selection ``idx [groups, H, k]``: the shared pass's chunked CSR scheme
+    over ``H * nblk`` lists, list ``h * nblk + b`` holding the flat ``[groups, H, k]`` entries where
+    head ``h`` picked block ``b``."""
+    n, h, d = q.shape
+    topk = idx.size(-1)
+    nblk = n // ls
+    off = (torch.arange(h, device=idx.device, dtype=idx.dtype) * nblk).view(1, h, 1)
+    bptr, bgrp = invert_selection(torch.where(idx >= 0, idx + off, -1), h * nblk)
+    g_p2 = next_pow2(g)
+    gb = max(1, LAUNCH_OVERRIDE.get("dkdv_rows", 16 if is_interpreter() else 64) // g_p2)
+    chunk = gb * LAUNCH_OVERRIDE.get("dkdv_steps", 1 if is_interpreter() else 4)
+    cnt = bptr[1:] - bptr[:-1]
+    xptr = F.pad(torch.cumsum(torch.div(cnt - 1, chunk, rounding_mode="floor").clamp_min_(0), 0,
+                              dtype=torch.int32), (1, 0))
+    nx = max(1, cdiv(idx.numel(), chunk))
+    sk, sv = (torch.empty((nx, ls, h, d), device=q.device, dtype=torch.float32) for _ in range(2))
+    nsteps = max(1, (h * nblk + 1).bit_length())
+    common = dict(G=g, G_P2=g_p2, H=h, D=d, TOPK=topk, LS=ls, LP=max(16, next_pow2(ls)), GB=gb, CHUNK=chunk,
+                  BLOCK_D=dot_dim(d), PREC=prec, PER_HEAD=True,
+                  **LAUNCH_OVERRIDE.get("dkdv", dict(num_warps=4, num_stages=2)))
+    args = (q, k, v, do, mask_i8, bptr, bgrp, xptr, sk, sv, lse, delta, dk, dv, q.stride(0), do.stride(0),
+            scale * LOG2E, scale, h * nblk, nsteps)
+    _slc_bwd_dkdv_kernel[(nx, 1)](*args, PARTIAL=True, nblk_head=nblk, **common)
+    _slc_bwd_dkdv_kernel[(nblk, h)](*args, PARTIAL=False, nblk_head=nblk, **common)
+    return dk, dv
+
+
 def selected_attention_triton(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, mask: Tensor, group_size: int,
                               slc_block: int, scale=None) -> Tensor:
-    r"""Triton ``selected_attention`` with *global* block ids
-    ``idx [N_pad // group_size, k]`` (``-1`` = no block). Zero at padded queries."""
+    r"""Triton ``selected_attention`` with *global* block ids ``idx [N_pad // group_size, k]``
+    shared by the heads, or ``[N_pad // group_size, H, k]`` one selection per head (``-1`` = no
+    block). Zero at padded queries and where a head has no valid block."""
     d = q.size(-1)
     scale = d ** -0.5 if scale is None else scale
     mask = mask if mask.dtype == torch.int8 else mask.to(torch.int8)

@@ -316,8 +316,13 @@ class BSAConv(_TreeAttentionConv):
         dim (int): coordinate dimension, 2 or 3.
         backend (str): ``"auto"`` (Triton on CUDA, the fast CPU path elsewhere), ``"torch"`` (the
             reference), ``"cpu"`` or ``"triton"``.
+        selection (str): block-selection rule: ``"shared"`` (default: one selection per group for
+            all heads, scored by compressed-attention probability mass, own ball allowed) or
+            ``"per_head"`` (the BSA authors': per-head top-k of the compressed logits, own ball
+            excluded). See ``BSAConfig``.
         config (BSAConfig, optional): all of ``ball_size, cmp_block, cmp_stride, slc_block, topk,
-            group_size, group_compression, cmp_window`` as one object, instead of the keywords.
+            group_size, group_compression, cmp_window, selection`` as one object, instead of the
+            keywords.
 
     Shapes:
         - **input:** node features $(|\mathcal{V}|, C)$, positions $(|\mathcal{V}|, d)$,
@@ -331,10 +336,12 @@ class BSAConv(_TreeAttentionConv):
                  slc_block: int = 8, topk: int = 16, group_size: int = 8, group_compression: bool = False,
                  compression: Union[str, nn.Module] = "mlp", branches: str = "all", dim: int = 3,
                  bias: bool = True, backend: str = "auto", cmp_window: Optional[int] = None,
-                 config: Optional[BSAConfig] = None, drop_branches: Sequence[str] = ()):
+                 config: Optional[BSAConfig] = None, drop_branches: Sequence[str] = (),
+                 selection: str = "shared"):
         cfg = config_from_kwargs(config, ball_size=ball_size, cmp_block=cmp_block, cmp_stride=cmp_stride,
                                       slc_block=slc_block, topk=topk, group_size=group_size,
-                                      group_compression=group_compression, cmp_window=cmp_window)
+                                      group_compression=group_compression, cmp_window=cmp_window,
+                                      selection=selection)
         super().__init__(in_channels, out_channels, heads, cfg.ball_size, dim, bias)
         if branches not in ("all", "ball"):
             raise ValueError(f"branches must be 'all' or 'ball', got {branches!r}")
@@ -394,6 +401,8 @@ class BSAConv(_TreeAttentionConv):
         extra = "" if self.branches == "all" else ", branches='ball'"
         if self.branches == "all" and self.cfg.cmp_window is not None:
             extra += f", cmp_window={self.cfg.cmp_window}"
+        if self.branches == "all" and self.cfg.selection != "shared":
+            extra += f", selection={self.cfg.selection!r}"
         if self.drop_branches:
             extra += f", drop_branches={self.drop_branches}"
         return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, heads={self.heads}, "

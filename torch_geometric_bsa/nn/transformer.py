@@ -89,7 +89,7 @@ class BSATransformer(nn.Module):
             (classification); ``None`` (default): one output per point.
         config (BSAConfig, optional): BSA hyper-parameters as one object.
         **bsa_kwargs: passed to ``BSAConv`` (cmp_block, cmp_stride, slc_block, topk, group_size,
-            group_compression, cmp_window, compression, backend, bias); an unknown key raises a
+            group_compression, cmp_window, selection, compression, backend, bias); an unknown key raises a
             TypeError that lists the valid ones.
 
     Shapes:
