@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import re
 import statistics
 from typing import Dict, Optional, Sequence
@@ -209,6 +210,16 @@ def plot(work: str, path: str):
     plt.close(fig)
 
 
+def _env() -> Dict[str, str]:
+    import platform
+    import torch
+    env = dict(torch=torch.__version__, python=platform.python_version(), cpu=platform.machine())
+    if torch.cuda.is_available():
+        env["gpu"] = f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+        env["cuda"] = str(torch.version.cuda)
+    return env
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", required=True, help="folder with the runs (run_ddp_check.sh's WORK)")
@@ -218,6 +229,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     s = summarize(args.work, args.curve_tol)
+    # where and how the figures were made, as every saved benchmark JSON says (docs/bench)
+    s = dict(env=_env(), command="bash examples/run_ddp_check.sh (" + " ".join(sys.argv[1:]) + ")", **s)
     with open(os.path.join(args.out, "ddp_check.json"), "w") as f:
         json.dump(s, f, indent=1)
     md = markdown(s)

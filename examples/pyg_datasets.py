@@ -122,7 +122,6 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
     train_loader = DataLoader(train, batch_size=args.batch_size, shuffle=True)
     test_loader = DataLoader(test, batch_size=args.batch_size)
-    parts = list(ShapeNet.seg_classes.values())
     cat_ids = list(train.categories) if not classify else None
     print(f"[pyg_datasets] {args.task}: {len(train)} train / {len(test)} test shapes, {out_channels} classes, "
           f"{args.points} points, device {device}")
