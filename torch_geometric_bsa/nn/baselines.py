@@ -36,13 +36,13 @@ def knn_graph_torch(pos: Tensor, k: int, batch: Optional[Tensor] = None, loop: b
     r"""Exact k-nearest-neighbour graph in pure PyTorch (same convention as ``torch_cluster``).
 
     For 2-D and 3-D positions the search is pruned by a ball tree (``build_ball_tree`` with balls
-    of ``_KNN_BALL`` points): a first pass over each query ball's ``_KNN_PROBE`` nearest balls gives
-    every query an upper bound ``r_i`` on its k-th distance; a second pass scans only the balls whose
-    centre lies within ``R_B + max_i r_i + R_C`` of the query ball's centre (``R``: ball radii), which
-    provably holds every true neighbour. Other dimensions use a dense scan (``_knn_dense``). Work is
-    cut into chunks of at most ``max_elems`` distances; distances are computed elementwise (no
-    ``|a|^2 + |b|^2 - 2ab`` cancellation), so the neighbour sets match a brute-force search. Clouds
-    with fewer than ``k`` other points keep what they have.
+    of ``_KNN_BALL`` points): the points of a few nearby balls give every query ``q`` an upper bound
+    ``r_q`` on its k-th distance; only balls whose centre lies within ``r_q + R_C`` of ``q`` (``R``:
+    ball radii) are scanned, which provably holds every true neighbour, and of their points only
+    those within the bound are ranked, by one integer sort (``_knn_tree``). Other dimensions use a
+    dense scan (``_knn_dense``). Work is cut into chunks of at most about ``max_elems`` distances;
+    distances are computed elementwise (no ``|a|^2 + |b|^2 - 2ab`` cancellation), so the neighbour
+    sets match a brute-force search. Clouds with fewer than ``k`` other points keep what they have.
 
     Returns:
         ``edge_index [2, E]`` with ``edge_index[0]`` the neighbour (source) and ``edge_index[1]``
