@@ -21,6 +21,7 @@ backward allocates. Divided by N it should stay flat when memory is linear in N.
 
     python benchmarks/bench_cpu.py                              # N = 4096, 16384; memory at 2k..16k
     python benchmarks/bench_cpu.py --sizes 4096 --mem-sizes ''  # a quick look
+    python benchmarks/bench_cpu.py --layers knn_graph,knn_dense --mem-sizes '' --tag bench_cpu_knn
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ from torch import nn  # noqa: E402
 from common import env_info, format_table, markdown_table, out_dir, write_json  # noqa: E402
 
 CHANNELS, HEADS, K = 64, 8, 16
+#: ratios reported per N: name -> (numerator case, denominator case), when both were timed
+RATIOS = dict(sdpa_over_bsa=("sdpa_full", "bsa"), bsa_over_pt=("bsa", "pt_conv"), knn_speedup=("knn_dense", "knn_graph"))
 
 
 class SDPAFullAttention(nn.Module):
@@ -172,6 +175,8 @@ def main():
                    help="before each round, wait until the cores are at most this busy (fraction)")
     p.add_argument("--max-wait", type=float, default=60.0, help="longest wait for a quiet machine (s)")
     p.add_argument("--reference", action="store_true", help="also time the torch (reference) backend")
+    p.add_argument("--layers", type=lambda s: [x for x in s.split(",") if x], default=None,
+                   help="time only these cases (comma-separated, e.g. knn_graph,knn_dense); default: all")
     p.add_argument("--tag", default="bench_cpu")
     p.add_argument("--memory-child", nargs=2, metavar=("LAYER", "N"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -185,6 +190,11 @@ def main():
     print(info, flush=True)
     layers = ["bsa", "bsa_gc"] + (["bsa_torch"] if args.reference else []) + ["sdpa_full", "pt_conv",
                                                                                "knn_graph", "knn_dense"]
+    if args.layers:
+        unknown = sorted(set(args.layers) - set(layers) - {"bsa_torch"})
+        if unknown:
+            raise SystemExit(f"unknown --layers {unknown}; choose from {layers + ['bsa_torch']}")
+        layers = [x for x in layers + ["bsa_torch"] if x in args.layers]
     rows = []
     for n in args.sizes:
         med, busy = time_round_robin({name: make_case(name, n) for name in layers}, args.repeats,
@@ -193,9 +203,9 @@ def main():
         for name in layers:
             row[f"{name}_s"] = med[name]
             print(n, name, f"{med[name]:.3f} s", flush=True)
-        row["sdpa_over_bsa"] = row["sdpa_full_s"] / row["bsa_s"]
-        row["bsa_over_pt"] = row["bsa_s"] / row["pt_conv_s"]
-        row["knn_speedup"] = row["knn_dense_s"] / row["knn_graph_s"]
+        for ratio, (a, b) in RATIOS.items():
+            if a in med and b in med:
+                row[ratio] = med[a] / med[b]
         rows.append(row)
     mem = []
     for n in args.mem_sizes:
@@ -209,7 +219,7 @@ def main():
     od = out_dir()
     write_json(os.path.join(od, f"{args.tag}.json"), dict(env=info, args=vars(args), command=" ".join(sys.argv),
                                                          results=rows, memory=mem))
-    cols = ["N"] + [f"{x}_s" for x in layers] + ["sdpa_over_bsa", "bsa_over_pt", "knn_speedup"]
+    cols = ["N"] + [f"{x}_s" for x in layers] + [r for r in RATIOS if rows and r in rows[0]]
     fmt = {c: ".3f" for c in cols if c.endswith("_s")}
     fmt.update(sdpa_over_bsa=".2f", bsa_over_pt=".2f", knn_speedup=".1f")
     mcols = ["N", "bsa_mb", "sdpa_full_mb", "pt_conv_mb", "bsa_kb_per_pt", "sdpa_full_kb_per_pt",

@@ -182,6 +182,20 @@ def test_knn_pruned_search_is_exact_on_larger_clouds(dim, sizes, k, stretch):
         assert bool((ei[1][1:] >= ei[1][:-1]).all())  # sorted by centre
 
 
+@pytest.mark.parametrize("dtype, offset", [(torch.float64, 0.0), (torch.float32, 1000.0)])
+def test_knn_pruned_search_dtype_and_offset(dtype, offset):
+    # float64 ranks by two integer sorts (its bits do not fit beside the query index); clouds far
+    # from the origin need the absolute rounding slack of the pruning tests
+    _, pos, batch = _clouds([500, 20, 7], dim=3, seed=11)
+    pos = pos.to(dtype) + offset
+    for loop in (False, True):
+        ei = knn_graph_torch(pos, 12, batch, loop=loop)
+        assert _edge_set(ei) == _brute_force_knn_dense(pos, 12, batch, loop=loop)
+        # every centre has min(k, available) neighbours
+        avail = torch.tensor([500, 20, 7]) - (0 if loop else 1)
+        assert torch.equal(torch.bincount(ei[1], minlength=527), avail.clamp(max=12)[batch])
+
+
 def test_ptconv_through_the_training_script(tmp_path):
     # examples/train.py builds it from its flags (--knn is k), counts its FLOPs and trains it
     import importlib.util

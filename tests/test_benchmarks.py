@@ -72,3 +72,31 @@ def test_bench_cpu_runs_and_writes_its_table(tmp_path):
     assert "env" in saved and "command" in saved
     # the memory probe: one forward + backward in a fresh process, peak above the resident set before it
     assert bench_cpu.measure_memory("bsa", 2048, 1) > 1.0
+
+
+def test_bench_cpu_layers_picks_cases(tmp_path):
+    # --layers times only the named cases; only the ratios of timed pairs are reported
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_cpu
+    finally:
+        sys.path.pop(0)
+    argv, old_out = sys.argv, os.environ.get("OUT")
+    sys.argv = ["bench_cpu.py", "--layers", "knn_graph,knn_dense", "--sizes", "300", "--mem-sizes", "",
+                "--repeats", "1", "--max-wait", "0", "--tag", "knn"]
+    os.environ["OUT"] = str(tmp_path)
+    try:
+        bench_cpu.main()
+        sys.argv = ["bench_cpu.py", "--layers", "knn_graph,nope", "--sizes", "300", "--mem-sizes", ""]
+        with pytest.raises(SystemExit, match="unknown --layers"):
+            bench_cpu.main()
+    finally:
+        sys.argv = argv
+        if old_out is None:
+            os.environ.pop("OUT")
+        else:
+            os.environ["OUT"] = old_out
+    row = json.load(open(tmp_path / "knn.json"))["results"][0]
+    assert set(k for k in row if k.endswith("_s")) == {"knn_graph_s", "knn_dense_s"}
+    assert row["knn_speedup"] == pytest.approx(row["knn_dense_s"] / row["knn_graph_s"])
+    assert "sdpa_over_bsa" not in row and "bsa_over_pt" not in row

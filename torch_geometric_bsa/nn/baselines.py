@@ -7,6 +7,7 @@ predict per-point targets, so one training script drives all models. ``knn_graph
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import List, Optional, Tuple
 
 import torch
@@ -35,13 +36,13 @@ def knn_graph_torch(pos: Tensor, k: int, batch: Optional[Tensor] = None, loop: b
     r"""Exact k-nearest-neighbour graph in pure PyTorch (same convention as ``torch_cluster``).
 
     For 2-D and 3-D positions the search is pruned by a ball tree (``build_ball_tree`` with balls
-    of ``_KNN_BALL`` points): a first pass over each query ball's ``_KNN_PROBE`` nearest balls gives
-    every query an upper bound ``r_i`` on its k-th distance; a second pass scans only the balls whose
-    centre lies within ``R_B + max_i r_i + R_C`` of the query ball's centre (``R``: ball radii), which
-    provably holds every true neighbour. Other dimensions use a dense scan (``_knn_dense``). Work is
-    cut into chunks of at most ``max_elems`` distances; distances are computed elementwise (no
-    ``|a|^2 + |b|^2 - 2ab`` cancellation), so the neighbour sets match a brute-force search. Clouds
-    with fewer than ``k`` other points keep what they have.
+    of ``_KNN_BALL`` points): the points of a few nearby balls give every query ``q`` an upper bound
+    ``r_q`` on its k-th distance; only balls whose centre lies within ``r_q + R_C`` of ``q`` (``R``:
+    ball radii) are scanned, which provably holds every true neighbour, and of their points only
+    those within the bound are ranked, by one integer sort (``_knn_tree``). Other dimensions use a
+    dense scan (``_knn_dense``). Work is cut into chunks of at most about ``max_elems`` distances;
+    distances are computed elementwise (no ``|a|^2 + |b|^2 - 2ab`` cancellation), so the neighbour
+    sets match a brute-force search. Clouds with fewer than ``k`` other points keep what they have.
 
     Returns:
         ``edge_index [2, E]`` with ``edge_index[0]`` the neighbour (source) and ``edge_index[1]``
@@ -55,74 +56,148 @@ def knn_graph_torch(pos: Tensor, k: int, batch: Optional[Tensor] = None, loop: b
         src, dst = _knn_tree(pos, k, batch, loop, max_elems)
     else:
         src, dst = _knn_dense(pos, k, batch, loop, max_elems)
-    order = torch.argsort(dst * pos.size(0) + src)  # sorted by centre, then neighbour: a canonical order
-    return torch.stack([src[order], dst[order]])
+    with _serial(pos.size(0) <= _KNN_SERIAL_MAX):  # sorted by centre, then neighbour: a canonical order
+        order = torch.argsort(dst * pos.size(0) + src)
+    return torch.stack([src.index_select(0, order), dst.index_select(0, order)])
 
 
-#: points per ball of the kNN search tree, and how many nearest balls (at least) give the first
-#: bound; small balls prune best (docs/benchmarks.md, CPU section)
-_KNN_BALL, _KNN_PROBE = 8, 8
+#: up to this many points, the ball-tree build and the final edge sort run on one intra-op thread:
+#: a few ms each there, while torch's parallel radix sort waits at every barrier for a descheduled
+#: thread once other processes share the cores (docs/benchmarks.md). The chunks still run in parallel.
+_KNN_SERIAL_MAX = 1 << 17
 
 
-def _exact_dist(a: Tensor, b: Tensor) -> Tensor:
-    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+@contextmanager
+def _serial(on: bool):
+    threads = torch.get_num_threads()
+    if on and threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if on and threads > 1:
+            torch.set_num_threads(threads)
+
+
+#: points per ball of the kNN search tree; how many balls (at least) give each query its first bound;
+#: and the aligned run of consecutive balls (tree order) these are picked from, nearest centres first.
+#: Small balls prune best (docs/benchmarks.md, CPU section).
+_KNN_BALL, _KNN_PROBE, _KNN_WINDOW = 8, 8, 32
+
+
+def _sq_dist(a: Tensor, b: Tensor) -> Tensor:
+    r"""Squared distances ``[..., q]`` of points ``a [..., d]`` to point sets ``b [..., d, q]``
+    (coordinates first: each coordinate's slice is contiguous), summed coordinate by coordinate. No
+    ``|a|^2 + |b|^2 - 2ab`` cancellation, and one pair of points gets bit-identical values in every
+    pass of ``_knn_tree`` (elementwise IEEE operations in one order)."""
+    out = None
+    for j in range(a.size(-1)):
+        t = (b[..., j, :] - a[..., j, None]).square_()
+        out = t if out is None else out.add_(t)
+    return out
+
+
+def _rank_order(row: Tensor, d2: Tensor) -> Tensor:
+    r"""Permutation sorting entries by ``row``, then by ``d2 >= 0`` (whose IEEE bits sort like its
+    values). Integer keys: torch sorts them by radix, several times faster than floats."""
+    bits = d2.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[d2.element_size()])
+    if d2.element_size() <= 4:
+        return torch.argsort((row << 32) | bits.long())
+    order = torch.argsort(bits, stable=True)  # 64-bit distances: two stable sorts
+    return order.index_select(0, torch.argsort(row.index_select(0, order), stable=True))
 
 
 def _knn_tree(pos: Tensor, k: int, batch: Tensor, loop: bool, max_elems: int) -> Tuple[Tensor, Tensor]:
+    # Per chunk of query balls (squared distances d2 throughout, all from _sq_dist):
+    # 1. bound: r2_q = q's (k+1)-th smallest d2 (k-th with loop) among the points of the n_probe balls
+    #    nearest to its ball within its window, itself included: >= its true k-th (others only);
+    # 2. candidate balls C of query ball B: centres within R_B + max_q r_q + R_C (R: ball radii);
+    # 3. per query q, the balls C among those with |q - c_C| <= r_q + R_C, and in them every point with
+    #    d2 <= r2_q: a superset of q's k nearest, with at least k points (those of step 1);
+    # 4. one integer sort of these few entries by (query, d2); the first k per query are the answer.
+    # There is no top-k over each query's candidate points (it was ~40% of the time).
     from ..balltree import build_ball_tree
     from ..cpu import _for_chunks
-    m = _KNN_BALL
-    tree = build_ball_tree(pos, batch, m)
+    m, d = _KNN_BALL, pos.size(1)
+    sh = m.bit_length() - 1  # m is a power of two: shifts and masks instead of // and %
+    with _serial(pos.size(0) <= _KNN_SERIAL_MAX):
+        tree = build_ball_tree(pos, batch, m)
+    nb, dev, perm = tree.num_balls, pos.device, tree.perm
     pt = tree.to_tree(pos)
-    nb = tree.num_balls
-    pts = pt.view(nb, m, -1)
-    ok = tree.mask.view(nb, m)
     cen, rad = tree.ball_centers(pt), tree.ball_radii(pt)
+    cen_t = cen.t().contiguous()                                                # [d, nb]
     cloud = tree.slot_batch.view(nb, m)[:, 0]
-    slot = torch.arange(tree.num_slots, device=pos.device).view(nb, m)
-    inf = float("inf")
+    slot_ok = tree.mask
+    inf, nan = float("inf"), float("nan")
+    pt = pt.masked_fill(~slot_ok[:, None], nan)  # padding: never <= a bound, last for topk
+    pts_t = pt.view(nb, m, d).transpose(1, 2).contiguous()                      # [nb, d, m]
+    n_probe = min(nb, max(_KNN_PROBE, -(-2 * (k + 1) // m)))  # about 2k points for the bound
+    window = min(nb, max(_KNN_WINDOW, n_probe))
+    kk = k + (not loop)
+    # rounding slack of the pruning tests: relative, plus absolute for coordinates far from the origin
+    tol = 64 * torch.finfo(pos.dtype).eps * cen.abs().amax()
+    step = max(1, min(max_elems // (m * m * n_probe), max_elems // nb))
+    threads = torch.get_num_threads()
+    if threads > 1:  # a few chunks per worker thread of _for_chunks
+        step = min(step, max(16, -(-nb // (4 * threads))))
+    piece = max(1, max_elems // (m * m))  # (query ball, candidate ball) pairs per piece
+    ar = torch.arange(m, device=dev)
+    edges = []  # (neighbours, centres) per chunk
 
-    def neighbours(qb: Tensor, cand: Tensor, cand_ok: Tensor, kk: int) -> Tuple[Tensor, Tensor]:
-        # exact distances of the points of query balls qb [c] to the points of candidate balls
-        # cand [c, L] (cand_ok: ball usable); the kk nearest per query, inf where fewer exist
-        c, nl = cand.shape
-        dist = _exact_dist(pts[qb], pts[cand].view(c, nl * m, -1))          # [c, m, L * m]
-        bad = ~(ok[cand] & cand_ok[..., None]).view(c, 1, nl * m)
-        if not loop:
-            bad = bad | (slot[qb][:, :, None] == slot[cand].view(c, 1, nl * m))
-        dist = dist.masked_fill_(bad, inf)
-        val, idx = dist.topk(min(kk, nl * m), dim=-1, largest=False)        # [c, m, kk]
-        return val, slot[cand].view(c, nl * m).gather(1, idx.view(c, -1)).view_as(idx)
+    def chunk(b0):
+        qb = torch.arange(b0, min(nb, b0 + step), device=dev)
+        c = qb.numel()
+        own = cloud[b0:b0 + c, None]
+        # 1. probe balls and the bound r2
+        win = (qb // window * window).clamp_(max=nb - window)[:, None] + torch.arange(window, device=dev)
+        wc = cen_t.index_select(1, win.view(-1)).view(d, c, window).transpose(0, 1)     # [c, d, W]
+        wd = _sq_dist(cen[b0:b0 + c], wc).masked_fill_(cloud[win] != own, inf)          # [c, W]
+        probe = win.gather(1, wd.topk(n_probe, dim=1, largest=False).indices)           # [c, P]
+        pb = pts_t.index_select(0, probe.view(-1)).view(c, n_probe, d, m).transpose(1, 2)
+        d1 = _sq_dist(pt.view(nb, m, d)[b0:b0 + c], pb.reshape(c, 1, d, n_probe * m))    # [c, m, P m]
+        d1 = d1.view(c, m, n_probe, m).masked_fill_((cloud[probe] != own)[:, None, :, None], nan)
+        d1 = d1.view(c * m, n_probe * m)
+        if kk <= n_probe * m:
+            r2 = d1.topk(kk, dim=1, largest=False, sorted=False).values.amax(1)
+            r2 = r2.nan_to_num_(nan=inf)  # fewer than kk points of its cloud in the probe: no bound
+        else:
+            r2 = d1.new_full((c * m,), inf)
+        r = r2.sqrt().masked_fill_(~slot_ok[b0 * m:(b0 + c) * m], 0.0)                 # [c m]
+        # 2. candidate ball pairs (local query ball, global candidate ball), same cloud
+        reach = ((rad[b0:b0 + c] + r.view(c, m).amax(1))[:, None] + rad[None]) * (1 + 1e-5) + tol
+        bq, bc = (_sq_dist(cen[b0:b0 + c], cen_t) <= reach.square_()).nonzero().unbind(1)
+        same = (cloud.index_select(0, bq + b0) == cloud.index_select(0, bc)).nonzero().view(-1)
+        bq, bc = bq.index_select(0, same), bc.index_select(0, same)
+        sel_q, sel_c, sel_d = [], [], []
+        for p0 in range(0, bq.numel(), piece):  # host-side split: one piece at the usual sizes
+            lq, cb = bq[p0:p0 + piece], bc[p0:p0 + piece]
+            # 3. (query, candidate ball) pairs, then the candidate points within the bound
+            e = _sq_dist(cen.index_select(0, cb), pts_t.index_select(0, lq + b0)).sqrt_()  # [p, m]
+            row = (lq[:, None] * m + ar).view(-1)                                        # local query rows
+            lim = (r.index_select(0, row).view_as(e) + rad.index_select(0, cb)[:, None]) * (1 + 1e-5) + tol
+            t = (e <= lim).view(-1).nonzero().view(-1)                                   # padding: NaN e
+            tq, tc = row.index_select(0, t), cb.index_select(0, t >> sh)
+            d2 = _sq_dist(pt.index_select(0, tq + b0 * m), pts_t.index_select(0, tc))   # [t, m]
+            hit = d2 <= r2.index_select(0, tq)[:, None]
+            if not loop:
+                hit &= (tc[:, None] * m + ar) != (tq + b0 * m)[:, None]
+            f = hit.view(-1).nonzero().view(-1)
+            sel_q.append(tq.index_select(0, f >> sh))
+            sel_c.append(tc.index_select(0, f >> sh) * m + (f & (m - 1)))
+            sel_d.append(d2.view(-1).index_select(0, f))
+        # 4. rank per query by d2, keep the first k
+        qs, cs, ds = torch.cat(sel_q), torch.cat(sel_c), torch.cat(sel_d)
+        order = _rank_order(qs, ds)
+        qs, cs = qs.index_select(0, order), cs.index_select(0, order)
+        counts = torch.bincount(qs, minlength=c * m)
+        rank = torch.arange(qs.numel(), device=dev) - (counts.cumsum(0) - counts).index_select(0, qs)
+        keep = (rank < k).nonzero().view(-1)
+        # one append of the pair: list.append is atomic, two appends from worker threads could
+        # interleave and pair one chunk's neighbours with another's centres; order: final sort
+        edges.append((perm.index_select(0, cs.index_select(0, keep)),
+                      perm.index_select(0, qs.index_select(0, keep) + b0 * m)))
 
-    edges = []  # (neighbours, centres) per sub-chunk
-    n_probe = min(nb, max(_KNN_PROBE, -(-2 * (k + 1) // m)))  # about 2k candidates for the bound
-    step = max(1, max_elems // (m * m * n_probe))
-    for b0 in range(0, nb, step):
-        qb = torch.arange(b0, min(nb, b0 + step), device=pos.device)
-        cd = _exact_dist(cen[qb], cen).masked_fill_(cloud[qb][:, None] != cloud[None], inf)  # [c, nb]
-        probe = cd.topk(n_probe, dim=-1, largest=False)
-        val, _ = neighbours(qb, probe.indices, torch.isfinite(probe.values), k)
-        # k-th distance among the probed points bounds each query's true k-th distance (inf if too few)
-        r = val[..., -1] if val.size(-1) == k else torch.full_like(val[..., 0], inf)
-        r = r.masked_fill(~ok[qb], 0.0).amax(1)                               # [c]
-        reach = (rad[qb] + r)[:, None] + rad[None]
-        need = (cd <= reach * (1 + 1e-5)) & torch.isfinite(cd)                # rounding slack; own cloud
-        counts = need.sum(1)
-        order = torch.sort(need.to(torch.int8), dim=1, descending=True, stable=True).indices
-        # sub-chunks of a few query balls, each padded only to its own largest candidate count
-        sub = max(1, min(16, max_elems // (m * m * nb)))
-        widths = counts.tolist()  # one read per chunk of query balls, not one per sub-chunk
-        def chunk(s0, qb=qb, order=order, counts=counts, widths=widths, sub=sub):
-            rows = slice(s0, s0 + sub)
-            width = max(widths[rows])
-            cand_ok = torch.arange(width, device=pos.device)[None] < counts[rows, None]
-            val, nbr = neighbours(qb[rows], order[rows, :width], cand_ok, k)
-            centre = slot[qb[rows]][:, :, None].expand_as(nbr)
-            keep = torch.isfinite(val) & ok[qb[rows]][:, :, None]
-            # one append of the pair: list.append is atomic, two appends from worker threads could
-            # interleave and pair one chunk's neighbours with another's centres; order: final sort
-            edges.append((tree.perm[nbr[keep]], tree.perm[centre[keep]]))
-        _for_chunks(chunk, range(0, qb.numel(), sub), pos.device)
+    _for_chunks(chunk, range(0, nb, step), dev)
     return torch.cat([e[0] for e in edges]), torch.cat([e[1] for e in edges])
 
 
