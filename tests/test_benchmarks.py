@@ -46,25 +46,20 @@ def test_saved_bench_results_carry_device_and_command_arguments():
         assert saved["env"].get("gpu") or saved["env"].get("cpu"), name
 
 
-def test_bench_cpu_runs_and_writes_its_table(tmp_path):
+def _bench_cpu(monkeypatch, tmp_path):
+    # the CPU benchmark module, run in-process with OUT=tmp_path (argv set per call by the test)
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    monkeypatch.setenv("OUT", str(tmp_path))
+    import bench_cpu
+    return bench_cpu
+
+
+def test_bench_cpu_runs_and_writes_its_table(tmp_path, monkeypatch):
     # a tiny run of the CPU benchmark in-process: every layer timed, ratios and JSON written
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import bench_cpu
-    finally:
-        sys.path.pop(0)
-    argv = sys.argv
-    sys.argv = ["bench_cpu.py", "--sizes", "512", "--mem-sizes", "", "--repeats", "1", "--max-wait", "0"]
-    old_out = os.environ.get("OUT")
-    os.environ["OUT"] = str(tmp_path)
-    try:
-        bench_cpu.main()
-    finally:
-        sys.argv = argv
-        if old_out is None:
-            os.environ.pop("OUT")
-        else:
-            os.environ["OUT"] = old_out
+    bench_cpu = _bench_cpu(monkeypatch, tmp_path)
+    monkeypatch.setattr(sys, "argv", ["bench_cpu.py", "--sizes", "512", "--mem-sizes", "", "--repeats", "1",
+                                      "--max-wait", "0"])
+    bench_cpu.main()
     saved = json.load(open(tmp_path / "bench_cpu.json"))
     row = saved["results"][0]
     assert row["N"] == 512 and all(row[f"{x}_s"] > 0 for x in ("bsa", "sdpa_full", "pt_conv", "knn_graph"))
@@ -74,28 +69,16 @@ def test_bench_cpu_runs_and_writes_its_table(tmp_path):
     assert bench_cpu.measure_memory("bsa", 2048, 1) > 1.0
 
 
-def test_bench_cpu_layers_picks_cases(tmp_path):
+def test_bench_cpu_layers_picks_cases(tmp_path, monkeypatch):
     # --layers times only the named cases; only the ratios of timed pairs are reported
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import bench_cpu
-    finally:
-        sys.path.pop(0)
-    argv, old_out = sys.argv, os.environ.get("OUT")
-    sys.argv = ["bench_cpu.py", "--layers", "knn_graph,knn_dense", "--sizes", "300", "--mem-sizes", "",
-                "--repeats", "1", "--max-wait", "0", "--tag", "knn"]
-    os.environ["OUT"] = str(tmp_path)
-    try:
+    bench_cpu = _bench_cpu(monkeypatch, tmp_path)
+    monkeypatch.setattr(sys, "argv", ["bench_cpu.py", "--layers", "knn_graph,knn_dense", "--sizes", "300",
+                                      "--mem-sizes", "", "--repeats", "1", "--max-wait", "0", "--tag", "knn"])
+    bench_cpu.main()
+    monkeypatch.setattr(sys, "argv", ["bench_cpu.py", "--layers", "knn_graph,nope", "--sizes", "300",
+                                      "--mem-sizes", ""])
+    with pytest.raises(SystemExit, match="unknown --layers"):
         bench_cpu.main()
-        sys.argv = ["bench_cpu.py", "--layers", "knn_graph,nope", "--sizes", "300", "--mem-sizes", ""]
-        with pytest.raises(SystemExit, match="unknown --layers"):
-            bench_cpu.main()
-    finally:
-        sys.argv = argv
-        if old_out is None:
-            os.environ.pop("OUT")
-        else:
-            os.environ["OUT"] = old_out
     row = json.load(open(tmp_path / "knn.json"))["results"][0]
     assert set(k for k in row if k.endswith("_s")) == {"knn_graph_s", "knn_dense_s"}
     assert row["knn_speedup"] == pytest.approx(row["knn_dense_s"] / row["knn_graph_s"])

@@ -14,7 +14,7 @@ if not CUDA:
 pytest.importorskip("triton")
 
 import torch_geometric_bsa.kernels._common as common  # noqa: E402
-from torch_geometric_bsa.kernels.combine import gated_combine, row_dot  # noqa: E402
+from torch_geometric_bsa.kernels.combine import gated_combine  # noqa: E402
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 TOL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
@@ -74,15 +74,6 @@ def test_gated_combine_rejects_bad_shapes():
         gated_combine(o, o[:3], o, torch.rand(16, 2, 3, device=DEVICE), torch.ones(16, dtype=torch.bool), 4)
     with pytest.raises(ValueError, match="power of two"):
         gated_combine(o, o[:16 // 3 * 1], o, torch.rand(16, 2, 3, device=DEVICE), torch.ones(16, dtype=torch.bool), 3)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_row_dot(dtype):
-    g = torch.Generator().manual_seed(3)
-    a, b = (torch.randn(70, 3, 40, generator=g).to(DEVICE, dtype) for _ in range(2))
-    ref = (a.double() * b.double()).sum(-1)
-    assert row_dot(a, b).dtype == torch.float32
-    assert rel(row_dot(a, b), ref) < 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

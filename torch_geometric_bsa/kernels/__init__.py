@@ -14,12 +14,14 @@ from torch import Tensor
 __all__ = ["bsa_triton", "compress_mean_fast", "compression_branch"]
 
 
-def compress_mean_fast(k: Tensor, v: Tensor, mask: Tensor, block: int):
+def compress_mean_fast(k: Tensor, v: Tensor, mask: Tensor, block: int, block_mask: Optional[Tensor] = None):
     r"""Mean pooling of keys and values over blocks of ``block`` slots that tile the clouds, one
     pass each (no gathered copy): ``k, v [N_pad, H, D]``, ``mask [N_pad]`` -> ``k_cmp, v_cmp
-    [N_pad // block, H, D]`` and the block mask ``[N_pad // block]``."""
+    [N_pad // block, H, D]`` and the block mask ``[N_pad // block]`` (``block_mask`` when given)."""
     from .combine import masked_block_mean
-    return masked_block_mean(k, mask, block), masked_block_mean(v, mask, block), mask.view(-1, block).any(1)
+    if block_mask is None:
+        block_mask = mask.view(-1, block).any(1)
+    return masked_block_mean(k, mask, block), masked_block_mean(v, mask, block), block_mask
 
 
 def _mean_pool(k: Tensor, v: Tensor, tree, block: int, stride: int):
@@ -28,7 +30,9 @@ def _mean_pool(k: Tensor, v: Tensor, tree, block: int, stride: int):
     if stride != block:
         from ..reference import compress_mean
         return compress_mean(k, v, tree.mask, tree.slot_batch, block, stride)
-    return compress_mean_fast(k, v, tree.mask_as(torch.uint8), block)
+    # the block mask is the compressor's memo entry: computed once per tree for every layer
+    return compress_mean_fast(k, v, tree.mask_as(torch.uint8), block,
+                              tree.cached(("block_any", block, block), lambda: tree.mask.view(-1, block).any(1)))
 
 
 def _ball(q, k, v, pos, sigma, mask, ball_size):
@@ -73,7 +77,7 @@ def bsa_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree, cfg, *, sigma
     o_slc = selected_attention_triton(q, k, v, idx, mask_i8, g, ls)
     from ..reference import per_slot
     from .combine import gated_combine
-    out = gated_combine(o_ball, o_c, o_slc, gates if w is None else gates[..., :3], mask_u8, q_unit)  # one pass, no repeat_interleave copy
+    out = gated_combine(o_ball, o_c, o_slc, gates[..., :3], mask_u8, q_unit)  # one pass, no repeat_interleave copy
     o_crs = None
     if w is not None:
         # the coarse global branch: one mean-pooled key per ball of the whole cloud

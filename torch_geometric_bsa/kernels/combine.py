@@ -1,13 +1,10 @@
-"""Gated combine of the three branches in one pass, and the row dot product of the backward passes.
+"""Gated combine of the three branches in one pass, and the masked block mean of the pooling.
 
 ``out = g_ball * o_ball + g_cmp * o_cmp + g_slc * o_slc`` with ``gates [N_pad, H, 3]``. With group
 compression ``o_cmp`` is read per group (row ``n // q_unit`` of ``o_c``) and masked by slot validity,
 so the ``repeat_interleave`` copy of the PyTorch version never exists. The backward writes the three
 branch gradients, the gate gradients and (summed over each group's rows) the gradient of ``o_c`` in
 one pass. Must equal the PyTorch expression in ``torch_geometric_bsa.reference.bsa_reference``.
-
-``row_dot(a, b)`` is ``(a.float() * b.float()).sum(-1)`` without the two float32 copies: the
-``delta = rowsum(dO * O)`` term of the attention backward passes.
 """
 from __future__ import annotations
 
@@ -19,32 +16,7 @@ from torch import Tensor
 from . import _common
 from ._common import is_interpreter, next_pow2
 
-__all__ = ["gated_combine", "masked_block_mean", "row_dot"]
-
-
-@triton.jit
-def _row_dot_kernel(A, B, OUT, n_rows, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_d = tl.arange(0, BLOCK_D)
-    m = (rows < n_rows)[:, None] & (offs_d < D)[None, :]
-    off = rows[:, None] * D + offs_d[None, :]
-    a = tl.load(A + off, mask=m, other=0.0).to(tl.float32)
-    b = tl.load(B + off, mask=m, other=0.0).to(tl.float32)
-    tl.store(OUT + rows, tl.sum(a * b, 1), mask=rows < n_rows)
-
-
-def row_dot(a: Tensor, b: Tensor) -> Tensor:
-    r"""``(a.float() * b.float()).sum(-1)`` for ``a, b [..., D]`` of one shape; float32 ``[...]``."""
-    a, b = a.contiguous(), b.contiguous()
-    d = a.size(-1)
-    n = a.numel() // max(d, 1)
-    out = torch.empty(a.shape[:-1], device=a.device, dtype=torch.float32)
-    if n == 0:
-        return out
-    bd = next_pow2(d)
-    br = max(1, min(128, 4096 // bd)) if not is_interpreter() else 64
-    _row_dot_kernel[(triton.cdiv(n, br),)](a, b, out, n, D=d, BLOCK_R=br, BLOCK_D=bd, num_warps=4)
-    return out
+__all__ = ["gated_combine", "masked_block_mean"]
 
 
 @triton.jit

@@ -283,7 +283,6 @@ class SelectedAttention(torch.autograd.Function):
         g, ls, scale = ctx.g, ctx.ls, ctx.scale
         n, h, d = q.shape
         topk = idx.size(-1)
-        per_head = idx.dim() == 3
         do = do.contiguous()  # o's layout: one stride for both
         delta = _common.new_empty((n, h), q, torch.float32)  # written by the dQ kernel, read by dK/dV
         dq, dk, dv = (_common.new_empty(q.shape, q) for _ in range(3))  # contiguous: row stride o.stride(0)
@@ -293,58 +292,44 @@ class SelectedAttention(torch.autograd.Function):
             q, k, v, do, o, mask_i8, idx, lse, delta, dq, q.stride(0), do.stride(0), scale * LOG2E, scale,
             G=g, H=h, D=d, LS=ls, LS_P2=ls_p2, TOPK=topk, CB=cb, GM=gm, BLOCK_D=dot_dim(d), PREC=prec,
             **_per_head_kw(idx), **LAUNCH_OVERRIDE.get("dq", dict(num_warps=4, num_stages=2)))
-        nblk = n // ls
-        if per_head:
-            # one CSR list per (head, block): block ids offset by h * nblk, lists h * nblk + b
-            return (dq, *_dkdv_per_head(q, k, v, do, mask_i8, idx, lse, delta, dk, dv, g, ls, scale, prec),
-                    None, None, None, None, None)
-        bptr, bgrp = invert_selection(idx, nblk)
-        g_p2 = next_pow2(g)
-        gb = max(1, LAUNCH_OVERRIDE.get("dkdv_rows", 16 if is_interpreter() else 64) // g_p2)
-        chunk = gb * LAUNCH_OVERRIDE.get("dkdv_steps", 1 if is_interpreter() else 4)
-        # chunks past each block's last one (CSR), their prefix sum, and a scratch row for each
-        # (at most entries / chunk of them: a static bound, so no host read)
-        cnt = bptr[1:] - bptr[:-1]
-        xptr = F.pad(torch.cumsum(torch.div(cnt - 1, chunk, rounding_mode="floor").clamp_min_(0), 0,
-                                  dtype=torch.int32), (1, 0))
-        nx = max(1, cdiv(idx.numel(), chunk))
-        sk, sv = (torch.empty((nx, ls, h, d), device=q.device, dtype=torch.float32) for _ in range(2))
-        nsteps = max(1, (nblk + 1).bit_length())
-        common = dict(G=g, G_P2=g_p2, H=h, D=d, TOPK=topk, LS=ls, LP=max(16, ls_p2), GB=gb, CHUNK=chunk,
-                      BLOCK_D=dot_dim(d), PREC=prec, **LAUNCH_OVERRIDE.get("dkdv", dict(num_warps=4, num_stages=2)))
-        args = (q, k, v, do, mask_i8, bptr, bgrp, xptr, sk, sv, lse, delta, dk, dv, q.stride(0), do.stride(0),
-                scale * LOG2E, scale, nblk, nsteps)
-        _slc_bwd_dkdv_kernel[(nx, h)](*args, PARTIAL=True, **common)
-        _slc_bwd_dkdv_kernel[(nblk, h)](*args, PARTIAL=False, **common)
+        _dkdv(q, k, v, do, mask_i8, idx, lse, delta, dk, dv, g, ls, scale, prec)
         return dq, dk, dv, None, None, None, None, None
 
 
-def _dkdv_per_head(q, k, v, do, mask_i8, idx, lse, delta, dk, dv, g, ls, scale, prec):
-    r"""dK, dV of the per-head selection ``idx [groups, H, k]``: the shared pass's chunked CSR scheme
-    over ``H * nblk`` lists, list ``h * nblk + b`` holding the flat ``[groups, H, k]`` entries where
-    head ``h`` picked block ``b``."""
+def _dkdv(q, k, v, do, mask_i8, idx, lse, delta, dk, dv, g, ls, scale, prec):
+    r"""dK, dV of the selection into ``dk, dv``: the block -> groups CSR (``invert_selection``) cut into
+    chunks, a first launch for every chunk but a list's last (float32 partials) and one per list.
+
+    Shared selection ``idx [groups, k]``: one list per block. Per-head ``idx [groups, H, k]``: one list
+    per (head, block), list ``h * nblk + b`` (block ids offset by ``h * nblk`` before the sort); the
+    partial launch then takes its head from the list it lands in (grid ``(chunks, 1)``)."""
     n, h, d = q.shape
     topk = idx.size(-1)
     nblk = n // ls
-    off = (torch.arange(h, device=idx.device, dtype=idx.dtype) * nblk).view(1, h, 1)
-    bptr, bgrp = invert_selection(torch.where(idx >= 0, idx + off, -1), h * nblk)
+    per_head = idx.dim() == 3
+    if per_head:
+        off = (torch.arange(h, device=idx.device, dtype=idx.dtype) * nblk).view(1, h, 1)
+        idx = torch.where(idx >= 0, idx + off, -1)
+    nlists = h * nblk if per_head else nblk
+    bptr, bgrp = invert_selection(idx, nlists)
     g_p2 = next_pow2(g)
     gb = max(1, LAUNCH_OVERRIDE.get("dkdv_rows", 16 if is_interpreter() else 64) // g_p2)
     chunk = gb * LAUNCH_OVERRIDE.get("dkdv_steps", 1 if is_interpreter() else 4)
+    # chunks past each list's last one, their prefix sum, and a scratch row for each (at most
+    # entries / chunk of them: a static bound, so no host read)
     cnt = bptr[1:] - bptr[:-1]
     xptr = F.pad(torch.cumsum(torch.div(cnt - 1, chunk, rounding_mode="floor").clamp_min_(0), 0,
                               dtype=torch.int32), (1, 0))
     nx = max(1, cdiv(idx.numel(), chunk))
     sk, sv = (torch.empty((nx, ls, h, d), device=q.device, dtype=torch.float32) for _ in range(2))
-    nsteps = max(1, (h * nblk + 1).bit_length())
     common = dict(G=g, G_P2=g_p2, H=h, D=d, TOPK=topk, LS=ls, LP=max(16, next_pow2(ls)), GB=gb, CHUNK=chunk,
-                  BLOCK_D=dot_dim(d), PREC=prec, PER_HEAD=True,
-                  **LAUNCH_OVERRIDE.get("dkdv", dict(num_warps=4, num_stages=2)))
+                  BLOCK_D=dot_dim(d), PREC=prec, **LAUNCH_OVERRIDE.get("dkdv", dict(num_warps=4, num_stages=2)))
+    # the shared launch passes nothing new: its kernels compile and run as before the per-head rule
+    extra = dict(PER_HEAD=True, nblk_head=nblk) if per_head else {}
     args = (q, k, v, do, mask_i8, bptr, bgrp, xptr, sk, sv, lse, delta, dk, dv, q.stride(0), do.stride(0),
-            scale * LOG2E, scale, h * nblk, nsteps)
-    _slc_bwd_dkdv_kernel[(nx, 1)](*args, PARTIAL=True, nblk_head=nblk, **common)
-    _slc_bwd_dkdv_kernel[(nblk, h)](*args, PARTIAL=False, nblk_head=nblk, **common)
-    return dk, dv
+            scale * LOG2E, scale, nlists, max(1, (nlists + 1).bit_length()))
+    _slc_bwd_dkdv_kernel[(nx, 1 if per_head else h)](*args, PARTIAL=True, **extra, **common)
+    _slc_bwd_dkdv_kernel[(nblk, h)](*args, PARTIAL=False, **extra, **common)
 
 
 def selected_attention_triton(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, mask: Tensor, group_size: int,

@@ -317,6 +317,13 @@ class PointNet(nn.Module):
                 f"hidden_channels={self.hidden_channels}, num_layers={self.num_layers})")
 
 
+def _check_graph_net(num_layers: int, k: int) -> None:
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+
+
 class KNNGNN(nn.Module):
     r"""A kNN-graph GNN: a stack of ``EdgeConv`` layers (DGCNN-style) on a
     fixed kNN graph of the positions, with residual connections.
@@ -348,10 +355,7 @@ class KNNGNN(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 64, num_layers: int = 4,
                  k: int = 16, dim: int = 3):
         super().__init__()
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        _check_graph_net(num_layers, k)
         self.in_channels, self.out_channels, self.hidden_channels = in_channels, out_channels, hidden_channels
         self.num_layers, self.k, self.dim = num_layers, k, dim
         self.embed = _mlp([in_channels + dim, hidden_channels, hidden_channels])
@@ -439,10 +443,7 @@ class PointTransformerNet(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 64, num_layers: int = 4,
                  k: int = 16, dim: int = 3):
         super().__init__()
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        _check_graph_net(num_layers, k)
         self.in_channels, self.out_channels, self.hidden_channels = in_channels, out_channels, hidden_channels
         self.num_layers, self.k, self.dim = num_layers, k, dim
         c = hidden_channels
