@@ -4,11 +4,13 @@ What users feel is a model's step, not an op. Per case this prints and writes (J
 median wall ms, GPU-busy ms (summed kernel time from `torch.profiler`), kernel launches, host syncs
 (CUDA synchronisations caught by `torch.cuda.set_sync_debug_mode`), scalar reads (`aten::item`:
 these include reads of CPU tensors, e.g. an optimizer's step counter, which do not stall the GPU)
-and peak memory. Modes: ``eager``, and ``graph`` (the step captured with CUDA graphs through
-`torch_geometric_bsa.capture.GraphedStep`, the tree built inside the graph).
+and peak memory. Modes: ``eager`` (the default model: plain eager code, whose layers replay their
+own CUDA graphs, ``cuda_graphs="auto"``), ``plain`` (eager without them, ``cuda_graphs=False``), and
+``graph`` (the whole step captured with CUDA graphs through `torch_geometric_bsa.capture.GraphedStep`,
+the tree built inside the graph).
 
     python benchmarks/bench_model.py --models paper,small --sizes 8x3586,1x16384,1x65536,1x262144 \
-        --attn bsa,full,ball --modes eager,graph --kinds train,infer
+        --attn bsa,full,ball --modes eager,plain,graph --kinds train,infer
 
 Runs on CUDA only (the CPU figures live in bench_cpu.py).
 """
@@ -38,13 +40,13 @@ MODELS = {
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 
 
-def make_model(name: str, attn: str, in_channels: int = 3):
+def make_model(name: str, attn: str, in_channels: int = 3, cuda_graphs="auto"):
     from torch_geometric_bsa import BSATransformer
     kw = dict(MODELS[name])
     common = {k: kw.pop(k) for k in ("hidden_channels", "num_layers", "heads", "ball_size")}
     if attn != "bsa":
         kw = {}
-    return BSATransformer(in_channels, 1, attention=attn, **common, **kw)
+    return BSATransformer(in_channels, 1, attention=attn, cuda_graphs=cuda_graphs, **common, **kw)
 
 
 def make_batch(spec: str, device, seed: int = 0):
@@ -102,7 +104,7 @@ def run_case(model_name: str, spec: str, attn: str, mode: str, kind: str, reps: 
     from torch_geometric_bsa import build_ball_tree
     device = torch.device("cuda")
     torch.manual_seed(0)
-    model = make_model(model_name, attn).to(device)
+    model = make_model(model_name, attn, cuda_graphs=False if mode == "plain" else "auto").to(device)
     x, pos, batch, y = make_batch(spec, device)
     if kind == "infer":
         model.eval()
@@ -112,7 +114,7 @@ def run_case(model_name: str, spec: str, attn: str, mode: str, kind: str, reps: 
     def loss_fn(out, target):
         return torch.nn.functional.mse_loss(out.float(), target)
 
-    if mode == "eager":
+    if mode in ("eager", "plain"):
         def step():
             if kind == "train":
                 with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -203,7 +205,7 @@ def main(argv=None):
     p.add_argument("--sizes", default="8x3586,1x16384,1x65536,1x262144")
     p.add_argument("--infer-sizes", default="2x3586,2x16384", help="sizes of the forward-inference cases")
     p.add_argument("--attn", default="bsa,full,ball")
-    p.add_argument("--modes", default="eager,graph")
+    p.add_argument("--modes", default="eager,plain,graph")
     p.add_argument("--kinds", default="train,infer")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)

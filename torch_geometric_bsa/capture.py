@@ -12,19 +12,11 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from . import layer_graphs
+from .layer_graphs import _TREE_TENSORS, _static_tree
 from .balltree import BallTree, build_ball_tree, tree_layout
 
 __all__ = ["GraphedStep"]
-
-_TREE_TENSORS = ("perm", "mask", "inv", "ptr", "slot_batch", "counts")
-
-
-def _static_tree(tree: BallTree) -> BallTree:
-    # fresh buffers and an empty memo: whatever the layers derive from the tree is then derived
-    # inside the graph, from these buffers, and so follows every new tree copied into them
-    return BallTree(*(getattr(tree, k).clone() for k in _TREE_TENSORS), tree.ball_size, tree.num_balls,
-                    tree.max_slots)
-
 
 class _Graph:
     def __init__(self):
@@ -134,7 +126,7 @@ class GraphedStep:
     def _eager(self, *args):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), layer_graphs.disabled():  # the whole step is captured, not each layer
             result = self._step(*args)
         torch.cuda.current_stream().wait_stream(side)
         return result

@@ -16,6 +16,7 @@ from torch_geometric.nn.inits import reset
 
 from .._validate import check_tree_matches, coordinate_limit, value_checks_enabled
 from ..balltree import BallTree, build_ball_tree
+from .. import layer_graphs
 from ..functional import ball_attention, bsa_attention, check_backend_name
 from ..reference import BSAConfig, blockify, full_attention
 
@@ -198,8 +199,11 @@ class _TreeAttentionConv(nn.Module):
     r"""Shared plumbing: input checks, tree handling, relative positions, q/k/v and output maps."""
 
     def __init__(self, in_channels: int, out_channels: Optional[int], heads: int, ball_size: int, dim: int,
-                 bias: bool = True):
+                 bias: bool = True, cuda_graphs: Union[str, bool] = "auto"):
         super().__init__()
+        layer_graphs.check_mode(cuda_graphs)
+        self.cuda_graphs = cuda_graphs
+        self._graphs = layer_graphs.LayerGraphs()
         if isinstance(heads, bool) or not isinstance(heads, numbers.Integral) or heads < 1:
             raise ValueError(f"heads must be a positive int, got {heads!r}")
         if not isinstance(in_channels, int) or (in_channels < 1 and in_channels != -1):
@@ -260,7 +264,15 @@ class _TreeAttentionConv(nn.Module):
         q, k, v = self.qkv(h).view(-1, 3, self.heads, self.head_dim).unbind(1)
         return h, q, k, v
 
-    def forward_tree(self, x_t: Tensor, pos_t: Tensor, tree: BallTree) -> Tensor:  # pragma: no cover
+    def forward_tree(self, x_t: Tensor, pos_t: Tensor, tree: BallTree) -> Tensor:
+        r"""Tree-order core: ``x_t [N_pad, C]``, ``pos_t [N_pad, d]`` -> ``[N_pad, C_out]`` (padding zero).
+
+        On CUDA, through the layer's CUDA graphs (``cuda_graphs``, ``layer_graphs.LayerGraphs``)."""
+        if layer_graphs.wanted(self.cuda_graphs, x_t, tree):
+            return self._graphs(self, self._forward_tree, x_t, pos_t, tree)
+        return self._forward_tree(x_t, pos_t, tree)
+
+    def _forward_tree(self, x_t: Tensor, pos_t: Tensor, tree: BallTree) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -323,6 +335,10 @@ class BSAConv(_TreeAttentionConv):
         config (BSAConfig, optional): all of ``ball_size, cmp_block, cmp_stride, slc_block, topk,
             group_size, group_compression, cmp_window, selection`` as one object, instead of the
             keywords.
+        cuda_graphs (str or bool): on CUDA, replay the layer's forward and backward as CUDA graphs
+            captured per input shape (``layer_graphs.LayerGraphs``): eager code, a fraction of the
+            host time. ``"auto"`` (default): for batches up to ``layer_graphs.MAX_SLOTS`` tree slots,
+            where the host paces a layer; ``True``: any size; ``False``: never.
 
     Shapes:
         - **input:** node features $(|\mathcal{V}|, C)$, positions $(|\mathcal{V}|, d)$,
@@ -337,12 +353,12 @@ class BSAConv(_TreeAttentionConv):
                  compression: Union[str, nn.Module] = "mlp", branches: str = "all", dim: int = 3,
                  bias: bool = True, backend: str = "auto", cmp_window: Optional[int] = None,
                  config: Optional[BSAConfig] = None, drop_branches: Sequence[str] = (),
-                 selection: str = "shared"):
+                 selection: str = "shared", cuda_graphs: Union[str, bool] = "auto"):
         cfg = config_from_kwargs(config, ball_size=ball_size, cmp_block=cmp_block, cmp_stride=cmp_stride,
                                       slc_block=slc_block, topk=topk, group_size=group_size,
                                       group_compression=group_compression, cmp_window=cmp_window,
                                       selection=selection)
-        super().__init__(in_channels, out_channels, heads, cfg.ball_size, dim, bias)
+        super().__init__(in_channels, out_channels, heads, cfg.ball_size, dim, bias, cuda_graphs)
         if branches not in ("all", "ball"):
             raise ValueError(f"branches must be 'all' or 'ball', got {branches!r}")
         self.cfg = cfg
@@ -382,8 +398,7 @@ class BSAConv(_TreeAttentionConv):
             self.gate.reset_parameters()
             reset(self.compress)  # a user's compression module may or may not have reset_parameters
 
-    def forward_tree(self, x_t: Tensor, pos_t: Tensor, tree: BallTree) -> Tensor:
-        r"""Tree-order core: ``x_t [N_pad, C]``, ``pos_t [N_pad, d]`` -> ``[N_pad, C_out]`` (padding zero)."""
+    def _forward_tree(self, x_t: Tensor, pos_t: Tensor, tree: BallTree) -> Tensor:
         h, q, k, v = self._qkv(x_t, pos_t, tree)
         if self.branches == "ball":
             o = ball_attention(q, k, v, pos_t, self.sigma, tree.mask, tree.ball_size, self.backend)
@@ -420,10 +435,10 @@ class FullAttentionConv(_TreeAttentionConv):
     """
 
     def __init__(self, in_channels: int, out_channels: Optional[int] = None, heads: int = 8,
-                 ball_size: int = 256, dim: int = 3, bias: bool = True):
-        super().__init__(in_channels, out_channels, heads, ball_size, dim, bias)
+                 ball_size: int = 256, dim: int = 3, bias: bool = True, cuda_graphs: Union[str, bool] = "auto"):
+        super().__init__(in_channels, out_channels, heads, ball_size, dim, bias, cuda_graphs)
 
-    def forward_tree(self, x_t: Tensor, pos_t: Tensor, tree: BallTree) -> Tensor:
+    def _forward_tree(self, x_t: Tensor, pos_t: Tensor, tree: BallTree) -> Tensor:
         if _varlen_ok(x_t, self.head_dim):
             # FlashAttention over the packed valid points of each cloud: no padding mask, which
             # would push SDPA off its flash kernels. tree.inv lists each cloud's slots in turn.

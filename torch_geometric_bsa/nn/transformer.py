@@ -6,7 +6,7 @@ is no per-layer permutation (except into the rotated tree on alternate layers wh
 from __future__ import annotations
 
 import inspect
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch_geometric.nn import global_add_pool, global_max_pool, global_mean_pool
 from torch_geometric.nn.dense.linear import Linear as LazyLinear
 
+from .. import layer_graphs
 from ..balltree import BallTree, build_ball_tree, random_rotation
 from ..reference import BSAConfig
 from .conv import BSAConv, FullAttentionConv, TreeLike, check_point_inputs, resolve_tree, unpack_inputs
@@ -24,7 +25,7 @@ __all__ = ["BSATransformer", "RMSNorm", "SwiGLU"]
 # keywords a BSATransformer passes on to each BSAConv (the rest it sets itself)
 BSA_KWARGS = tuple(name for name in inspect.signature(BSAConv.__init__).parameters
                    if name not in ("self", "in_channels", "out_channels", "heads", "dim", "branches", "ball_size",
-                                   "config"))
+                                   "config", "cuda_graphs"))
 _POOLS = {"mean": global_mean_pool, "max": global_max_pool, "add": global_add_pool}
 
 
@@ -61,7 +62,16 @@ class _Block(nn.Module):
         self.norm1, self.attn = RMSNorm(channels), attn
         self.norm2, self.mlp = RMSNorm(channels), SwiGLU(channels, mlp_hidden)
 
+        self._graphs = layer_graphs.LayerGraphs()
+
     def forward(self, h: Tensor, pos_t: Tensor, tree: BallTree) -> Tensor:
+        # on CUDA the whole block (norms, attention, MLP) replays as CUDA graphs, as the attention
+        # layer alone would (cuda_graphs of the attention layer decides)
+        if layer_graphs.wanted(self.attn.cuda_graphs, h, tree):
+            return self._graphs(self, self._forward, h, pos_t, tree)
+        return self._forward(h, pos_t, tree)
+
+    def _forward(self, h: Tensor, pos_t: Tensor, tree: BallTree) -> Tensor:
         # padded slots of h stay zero: RMSNorm and the bias-free SwiGLU map zero rows to zero
         h = h + self.attn.forward_tree(self.norm1(h), pos_t, tree)
         return h + self.mlp(self.norm2(h))
@@ -88,6 +98,9 @@ class BSATransformer(nn.Module):
             per cloud (``global_mean_pool`` etc.) before the head, for one output per graph
             (classification); ``None`` (default): one output per point.
         config (BSAConfig, optional): BSA hyper-parameters as one object.
+        cuda_graphs (str or bool): on CUDA, each block's forward and backward replay as CUDA graphs
+            captured per batch shape (``"auto"``: up to ``layer_graphs.MAX_SLOTS`` tree slots;
+            ``True``; ``False``), as in ``BSAConv``; for every ``attention``.
         **bsa_kwargs: passed to ``BSAConv`` (cmp_block, cmp_stride, slc_block, topk, group_size,
             group_compression, cmp_window, selection, compression, backend, bias); an unknown key raises a
             TypeError that lists the valid ones.
@@ -102,7 +115,7 @@ class BSATransformer(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 64, num_layers: int = 4,
                  heads: int = 4, attention: str = "bsa", mlp_ratio: float = 4.0, rotate: bool = False,
                  dim: int = 3, ball_size: int = 256, pool: Optional[str] = None,
-                 config: Optional[BSAConfig] = None, **bsa_kwargs):
+                 config: Optional[BSAConfig] = None, cuda_graphs: Union[str, bool] = "auto", **bsa_kwargs):
         super().__init__()
         unknown = sorted(set(bsa_kwargs) - set(BSA_KWARGS))
         if unknown:
@@ -131,9 +144,11 @@ class BSATransformer(nn.Module):
 
         def make_attn():
             if attention == "full":
-                return FullAttentionConv(hidden_channels, heads=heads, ball_size=ball_size, dim=dim)
+                return FullAttentionConv(hidden_channels, heads=heads, ball_size=ball_size, dim=dim,
+                                         cuda_graphs=cuda_graphs)
             return BSAConv(hidden_channels, heads=heads, ball_size=ball_size, dim=dim,
-                           branches="all" if attention == "bsa" else "ball", config=config, **bsa_kwargs)
+                           branches="all" if attention == "bsa" else "ball", config=config,
+                           cuda_graphs=cuda_graphs, **bsa_kwargs)
 
         self.blocks = nn.ModuleList(_Block(make_attn(), hidden_channels, int(mlp_ratio * hidden_channels))
                                     for _ in range(num_layers))

@@ -1,0 +1,211 @@
+"""Per-layer CUDA graphs replayed from eager code (``layer_graphs``).
+
+On the CPU the graphs are stood in for by ``_EagerGraph`` (capture runs the function, replay runs it
+again and writes into the captured tensors, as a CUDA graph writes into its buffers): that checks the
+bookkeeping (copies in and out, keys, replays over, gradient routing) in CI. The CUDA tests check
+real graphs against the same model without them.
+"""
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import random_batch, requires_cuda
+from torch_geometric_bsa import build_ball_tree, layer_graphs
+from torch_geometric_bsa.nn import BSAConv, BSATransformer
+
+SMALL = dict(hidden_channels=32, num_layers=2, heads=4, ball_size=16, cmp_block=4, slc_block=4, topk=2,
+             group_size=4)
+CONV = dict(heads=4, ball_size=16, cmp_block=4, slc_block=4, topk=2, group_size=4)
+
+
+@pytest.fixture
+def emulate(monkeypatch):
+    monkeypatch.setattr(layer_graphs, "_EMULATE", True)
+
+
+def _inputs(sizes, seed, device="cpu", channels=32):
+    pos, batch = random_batch(sizes, seed=seed, device=device)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(pos.size(0), channels, generator=g).to(device)
+    return x, pos, batch
+
+
+def _pair(**kw):
+    torch.manual_seed(0)
+    plain = BSAConv(32, cuda_graphs=False, **kw)
+    graphed = copy.deepcopy(plain)
+    graphed.cuda_graphs = "auto"
+    return plain, graphed
+
+
+def _grads(m):
+    return [p.grad.clone() for p in m.parameters()]
+
+
+def test_bad_mode_is_refused():
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        BSAConv(32, cuda_graphs="yes", **CONV)
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        BSATransformer(3, 1, cuda_graphs=1, **SMALL)
+
+
+def test_replays_follow_new_inputs_and_trees(emulate):
+    plain, graphed = _pair(**CONV)
+    for seed in range(4):  # call 1 eager, call 2 captures, calls 3-4 replay with new clouds
+        x, pos, batch = _inputs([40, 23], seed)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_a, out_b = plain(xa, pos, batch), graphed(xb, pos, batch)
+        torch.testing.assert_close(out_b, out_a, rtol=0, atol=0)
+        w = torch.randn_like(out_a)
+        plain.zero_grad(), graphed.zero_grad()
+        (out_a * w).sum().backward()
+        (out_b * w).sum().backward()
+        torch.testing.assert_close(xb.grad, xa.grad, rtol=0, atol=0)
+        for ga, gb in zip(_grads(plain), _grads(graphed)):
+            torch.testing.assert_close(gb, ga, rtol=0, atol=0)
+    assert graphed._graphs.captures == 1
+
+
+def test_forward_replayed_over_before_backward(emulate):
+    # two forwards, then the backwards in either order: the first call's activations were
+    # overwritten by the second replay and must be restored
+    plain, graphed = _pair(**CONV)
+    x0, pos0, b0 = _inputs([40, 23], 0)
+    for _ in range(2):
+        graphed(x0, pos0, b0).sum().backward()  # eager, then capture
+    graphed.zero_grad()
+    (x1, pos1, b1), (x2, pos2, b2) = _inputs([40, 23], 1), _inputs([40, 23], 2)
+    for first in (0, 1):
+        outs_g = [graphed(x1, pos1, b1), graphed(x2, pos2, b2)]
+        outs_p = [plain(x1, pos1, b1), plain(x2, pos2, b2)]
+        ws = [torch.randn_like(o) for o in outs_p]
+        for i in (first, 1 - first):
+            graphed.zero_grad(), plain.zero_grad()
+            (outs_g[i] * ws[i]).sum().backward()
+            (outs_p[i] * ws[i]).sum().backward()
+            for ga, gb in zip(_grads(plain), _grads(graphed)):
+                torch.testing.assert_close(gb, ga, rtol=0, atol=0)
+
+
+def test_outputs_and_grads_are_not_graph_buffers(emulate):
+    plain, graphed = _pair(**CONV)
+    x, pos, batch = _inputs([40, 23], 0)
+    for _ in range(2):
+        graphed(x, pos, batch)
+    keep = graphed(x, pos, batch)
+    ref = keep.detach().clone()
+    graphed(*_inputs([40, 23], 5))  # a replay with other inputs must not change a kept output
+    torch.testing.assert_close(keep.detach(), ref, rtol=0, atol=0)
+    # gradient accumulation over two micro-batches (no zero_grad between): sums, not overwrites
+    for m in (plain, graphed):
+        m.zero_grad(set_to_none=True)
+        for seed in (6, 7):
+            m(*_inputs([40, 23], seed)).square().sum().backward()
+    for ga, gb in zip(_grads(plain), _grads(graphed)):
+        torch.testing.assert_close(gb, ga, rtol=0, atol=0)
+
+
+def test_inference_and_shape_change(emulate):
+    plain, graphed = _pair(**CONV)
+    with torch.no_grad():
+        for sizes in ([40, 23], [40, 23], [40, 23], [70], [70], [70], [40, 23]):
+            x, pos, batch = _inputs(sizes, len(sizes))
+            torch.testing.assert_close(graphed(x, pos, batch), plain(x, pos, batch), rtol=0, atol=0)
+    assert graphed._graphs.captures == 2  # one per shape; the first shape's graph is reused after
+
+
+def test_frozen_and_replaced_parameters_recapture(emulate):
+    plain, graphed = _pair(**CONV)
+    x, pos, batch = _inputs([40, 23], 0)
+    for _ in range(2):
+        graphed(x, pos, batch).sum().backward()
+    for m in (plain, graphed):
+        m.qkv.weight.requires_grad_(False)
+        m.zero_grad(set_to_none=True)
+    for _ in range(3):
+        plain(x, pos, batch).sum().backward()
+        graphed(x, pos, batch).sum().backward()
+    assert graphed.qkv.weight.grad is None
+    torch.testing.assert_close(graphed.out.weight.grad, plain.out.weight.grad, rtol=0, atol=0)
+    # a module moved (new parameter tensors) is captured anew rather than reading the old ones
+    with torch.no_grad():
+        graphed.out.weight.data = graphed.out.weight.data.clone() * 2
+        plain.out.weight.data = plain.out.weight.data.clone() * 2
+    for _ in range(3):
+        torch.testing.assert_close(graphed(x, pos, batch), plain(x, pos, batch), rtol=0, atol=0)
+
+
+def test_module_with_graphs_copies_and_pickles(emulate):
+    _, graphed = _pair(**CONV)
+    x, pos, batch = _inputs([40, 23], 0)
+    for _ in range(2):
+        graphed(x, pos, batch)
+    assert graphed._graphs.captures == 1
+    for clone in (copy.deepcopy(graphed), pickle.loads(pickle.dumps(graphed))):
+        assert clone._graphs.captures == 0
+        torch.testing.assert_close(clone(x, pos, batch), graphed(x, pos, batch), rtol=0, atol=0)
+
+
+def test_transformer_training_matches_plain(emulate):
+    torch.manual_seed(0)
+    plain = BSATransformer(3, 1, cuda_graphs=False, **SMALL)
+    graphed = copy.deepcopy(plain)
+    for m in graphed.modules():
+        if hasattr(m, "cuda_graphs"):
+            m.cuda_graphs = "auto"
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (plain, graphed)]
+    for seed in (0, 1, 2, 3, 1):
+        pos, batch = random_batch([40, 23], seed=seed)
+        x, y = torch.randn(pos.size(0), 3), torch.randn(pos.size(0), 1)
+        tree = build_ball_tree(pos, batch, 16)
+        losses = []
+        for m, opt in zip((plain, graphed), opts):
+            opt.zero_grad()
+            loss = F.mse_loss(m(x, pos, batch, tree=tree), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
+    assert all(b._graphs.captures == 1 for b in graphed.blocks)
+    # inside a block's graph the attention layer runs plainly (no nested graphs)
+    assert all(b.attn._graphs.captures == 0 for b in graphed.blocks)
+    for p, q in zip(plain.parameters(), graphed.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("attention,dtype", [("bsa", torch.float32), ("bsa", torch.bfloat16),
+                                             ("full", torch.bfloat16)])
+def test_cuda_layer_graphs_match_plain(attention, dtype):
+    # real CUDA graphs: same kernels, so the same numbers as the plain model (fp32: to rounding of
+    # cuBLAS, which may pick other algorithms inside a capture; bf16 autocast likewise)
+    torch.manual_seed(0)
+    cfg = {**SMALL, "hidden_channels": 64, "ball_size": 64, "cmp_block": 8, "slc_block": 8, "group_size": 8}
+    if attention == "full":
+        cfg = dict(hidden_channels=64, num_layers=2, heads=4, ball_size=64)
+    plain = BSATransformer(3, 1, attention=attention, cuda_graphs=False, **cfg).cuda()
+    graphed = copy.deepcopy(plain)
+    for m in graphed.modules():
+        if hasattr(m, "cuda_graphs"):
+            m.cuda_graphs = True
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (plain, graphed)]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for seed, sizes in [(0, [500, 300]), (1, [500, 300]), (2, [500, 300]), (3, [400, 400, 100]),
+                        (4, [500, 300]), (5, [400, 400, 100]), (6, [400, 400, 100])]:
+        pos, batch = random_batch(sizes, seed=seed, device="cuda")
+        x, y = torch.randn(pos.size(0), 3, device="cuda"), torch.randn(pos.size(0), 1, device="cuda")
+        losses = []
+        for m, opt in zip((plain, graphed), opts):
+            opt.zero_grad()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype != torch.float32):
+                loss = F.mse_loss(m(x, pos, batch), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert abs(losses[1] - losses[0]) <= tol * abs(losses[0]), (seed, losses)
+    assert all(b._graphs.captures == 2 for b in graphed.blocks)
+    for p, q in zip(plain.parameters(), graphed.parameters()):
+        assert (q - p).norm() <= 10 * tol * p.norm() + 1e-6

@@ -1,0 +1,308 @@
+"""Per-layer CUDA graphs, replayed from eager code: what keeps an eager BSA step fast at the sizes
+people train on.
+
+A BSA layer's forward and backward launch ~60 kernels through Python wrappers; at a few thousand
+points per cloud the GPU finishes them faster than the host can issue them (docs/perf-notes.md,
+"Where an eager BSA layer's host time goes"). ``LayerGraphs`` captures a layer's tree-order
+forward, and its backward, as two CUDA graphs per input shape, the second time it sees that shape,
+and replays them on every later call: the layer's host cost drops to a few copies and two launches.
+Nothing changes for the caller: it stays ordinary eager PyTorch (autograd, optimizers, DDP,
+gradient accumulation), and the results are the eager kernels' own.
+
+What a replay copies in: the layer's input features and positions and the ball tree's tensors
+(into buffers owned by the graph; every tensor the layer derives from the tree is derived inside
+the graph, so a new tree of the same shape is followed exactly). Parameters and buffers are read
+in place, so optimizer updates are seen; a parameter that is replaced (``.to()``, ``load_state_dict
+(assign=True)``) or frozen changes the key and is captured anew.
+
+Safety: a replay overwrites the graph's saved activations, so a backward whose forward was
+replayed over (the same layer called twice before the backward: weight sharing, two forwards then
+two backwards) first replays its own forward again from its saved inputs. Outputs and gradients
+are copied out of the graph's buffers, never handed out as views of them.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from collections import OrderedDict
+from typing import Callable, List, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .balltree import BallTree
+
+__all__ = ["LayerGraphs", "disabled", "MAX_SLOTS"]
+
+# "auto" graphs layers up to this many tree slots: above it the GPU, not the host, paces a layer
+# (the paper model at 65,536 points is GPU-bound), and a graph's pool would hold that layer's
+# activations for good. cuda_graphs=True graphs any size.
+MAX_SLOTS = 1 << 15
+
+_TREE_TENSORS = ("perm", "mask", "inv", "ptr", "slot_batch", "counts")
+_state = threading.local()
+# tests on the CPU: stand-in graphs that re-run the recorded function on replay (see _EagerGraph)
+_EMULATE = False
+
+
+def _inside() -> bool:
+    return getattr(_state, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def disabled():
+    r"""Layers called inside this context run plainly (``GraphedStep`` captures whole steps: the
+    layers' own graphs would be nested captures)."""
+    _state.depth = getattr(_state, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _state.depth -= 1
+
+
+def check_mode(mode) -> None:
+    if not (mode == "auto" or mode is True or mode is False):  # 1 == True: identity, not equality
+        raise ValueError(f"cuda_graphs must be 'auto', True or False, got {mode!r}")
+
+
+def wanted(mode: Union[str, bool], x: Tensor, tree: BallTree) -> bool:
+    r"""Whether a layer call with features ``x`` on ``tree`` should go through its graphs."""
+    if mode is False or torch.compiler.is_compiling() or _inside():
+        return False
+    if not x.is_cuda:
+        return _EMULATE
+    if torch.cuda.is_current_stream_capturing():
+        return False
+    return mode is True or tree.num_slots <= MAX_SLOTS
+
+
+def _static_tree(tree: BallTree) -> BallTree:
+    # fresh buffers and an empty memo: what a layer derives from the tree is derived inside its
+    # graph, from these buffers
+    return BallTree(*(getattr(tree, k).clone() for k in _TREE_TENSORS), tree.ball_size, tree.num_balls,
+                    tree.max_slots)
+
+
+class _CudaGraph:
+    def __init__(self):
+        self.graph = torch.cuda.CUDAGraph()
+
+    def capture(self, fn: Callable, pool):
+        with torch.cuda.graph(self.graph, pool=pool):
+            return fn()
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+    @staticmethod
+    def pool():
+        return torch.cuda.graph_pool_handle()
+
+    @staticmethod
+    def warm(fn: Callable) -> None:
+        # lazy allocations (cuBLAS workspaces, Triton autotuning) happen here, not in the capture
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+
+
+class _EagerGraph:
+    r"""A CUDA graph's contract without CUDA, for tests on the CPU: ``capture`` runs ``fn`` and
+    keeps its tensors; ``replay`` runs it again and writes the results into those same tensors,
+    as a graph replay writes into its captured buffers."""
+
+    def capture(self, fn: Callable, pool):
+        self.fn = fn
+        self.out = fn()
+        return self.out
+
+    def replay(self) -> None:
+        with disabled(), torch.no_grad():
+            new = self.fn()
+            for o, n in zip(_as_list(self.out), _as_list(new)):
+                o.detach().copy_(n.detach())
+
+    @staticmethod
+    def pool():
+        return None
+
+    @staticmethod
+    def warm(fn: Callable) -> None:
+        fn()
+
+
+def _as_list(t) -> list:
+    return [t] if isinstance(t, Tensor) else list(t)
+
+
+def _autocast_no_cache(device_type: str):
+    # the autocast cache would hand the capture a weight cast made outside it (freed after the
+    # step): the graph must cast the live weights itself
+    if not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False)
+
+
+class _Entry:
+    r"""The graphs of one layer for one input shape, with their static buffers."""
+
+    def __init__(self, graph_cls, grad: bool):
+        self.graph_cls, self.grad = graph_cls, grad
+        self.generation = 0
+        self.loaded: Optional[weakref.ref] = None
+        self.live: Optional[Tensor] = None
+
+    def run_forward(self, x: Tensor, pos: Tensor, tree: BallTree) -> None:
+        self.x.copy_(x)
+        self.pos.copy_(pos)
+        if self.loaded is None or self.loaded() is not tree:
+            for k in _TREE_TENSORS:
+                getattr(self.tree, k).copy_(getattr(tree, k))
+            self.loaded = weakref.ref(tree)
+        if self.graph_cls is _EagerGraph:  # a CUDA graph re-derives the memo's tensors in its kernels
+            self.tree._cache.clear()
+        self.fwd.replay()
+        self.generation += 1
+
+    def grads(self) -> tuple:
+        r"""The gradients of the last backward replay, copied out of the graph: one tuple aligned
+        with ``(x, pos, *params)``, ``None`` where none is needed."""
+        out: List[Optional[Tensor]] = [None] * self.num_inputs
+        for flat, (idx, shapes, sizes) in zip(self.flats, self.layout):
+            for i, shape, part in zip(idx, shapes, flat.clone().split(sizes)):
+                out[i] = part.view(shape)
+        return tuple(out)
+
+
+class _Replay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, entry: _Entry, tree: BallTree, x: Tensor, pos: Tensor, *params: Tensor) -> Tensor:
+        entry.run_forward(x, pos, tree)
+        ctx.entry, ctx.tree, ctx.generation = entry, tree, entry.generation
+        ctx.save_for_backward(x, pos)
+        return entry.out.clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        entry = ctx.entry
+        if entry.generation != ctx.generation:  # replayed over since: restore this call's activations
+            x, pos = ctx.saved_tensors
+            entry.run_forward(x, pos, ctx.tree)
+        entry.grad_out.copy_(grad_out)
+        entry.bwd.replay()
+        return (None, None) + entry.grads()
+
+
+class LayerGraphs:
+    r"""CUDA graphs of one layer's tree-order forward (and backward), keyed by input shape.
+
+    Call ``graphs(module, fn, x, pos, tree)`` in place of ``fn(x, pos, tree)``, where ``fn`` is the
+    module's tree-order forward (``x [N_pad, C]``, ``pos [N_pad, d]`` -> ``[N_pad, C_out]``) and
+    reads nothing but its arguments, the module's parameters and buffers, and the tree. A shape's
+    first ``warmup`` calls run ``fn`` eagerly; the next one captures, and later ones replay.
+    ``max_graphs`` shapes are kept (least recently used dropped first), each in its own memory pool.
+
+    Attributes:
+        captures (int): shapes captured so far.
+    """
+
+    def __init__(self, warmup: int = 1, max_graphs: int = 2):
+        self.warmup, self.max_graphs = warmup, max_graphs
+        self._entries: "OrderedDict[tuple, _Entry]" = OrderedDict()
+        self._seen: "OrderedDict[tuple, int]" = OrderedDict()
+        self.captures = 0
+
+    # a module holding this is deep-copied and pickled as one that has captured nothing yet
+    def __getstate__(self):
+        return {"warmup": self.warmup, "max_graphs": self.max_graphs}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._seen.clear()
+
+    def __call__(self, module: nn.Module, fn: Callable, x: Tensor, pos: Tensor, tree: BallTree) -> Tensor:
+        params = tuple(module.parameters())
+        if any(nn.parameter.is_lazy(p) for p in params):
+            return fn(x, pos, tree)
+        grad = torch.is_grad_enabled() and (x.requires_grad or pos.requires_grad or
+                                            any(p.requires_grad for p in params))
+        dev = x.device.type
+        key = (grad, torch.is_inference_mode_enabled(), module.training,
+               torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev),
+               x.shape, x.dtype, x.requires_grad, pos.shape, pos.dtype, pos.requires_grad,
+               tree.num_points, tree.num_slots, tree.num_clouds, tree.max_slots, tree.ball_size,
+               tuple((p.data_ptr(), p.requires_grad) for p in params),
+               tuple(b.data_ptr() for b in module.buffers()))
+        entry = self._entries.get(key)
+        if entry is None:
+            seen = self._seen.pop(key, 0) + 1
+            self._seen[key] = seen
+            while len(self._seen) > 64:
+                self._seen.popitem(last=False)
+            if seen <= self.warmup:
+                return fn(x, pos, tree)
+            entry = self._capture(fn, x, pos, tree, params, grad)
+            self._entries[key] = entry
+            while len(self._entries) > self.max_graphs:
+                self._entries.popitem(last=False)
+        else:
+            self._entries.move_to_end(key)
+        if grad:
+            return _Replay.apply(entry, tree, x, pos, *params)
+        entry.run_forward(x, pos, tree)
+        return entry.out.clone()
+
+    def _capture(self, fn: Callable, x: Tensor, pos: Tensor, tree: BallTree, params: tuple, grad: bool) -> _Entry:
+        graph_cls = _CudaGraph if x.is_cuda else _EagerGraph
+        e = _Entry(graph_cls, grad)
+        e.x = x.detach().clone().requires_grad_(grad and x.requires_grad)
+        e.pos = pos.detach().clone().requires_grad_(grad and pos.requires_grad)
+        e.tree = _static_tree(tree)
+        inputs = (e.x, e.pos) + params
+        want = [i for i, t in enumerate(inputs) if grad and t.requires_grad]
+        e.num_inputs = len(inputs)
+        grad_ctx = torch.enable_grad if grad else torch.no_grad
+
+        def forward():
+            with grad_ctx():
+                e.live = fn(e.x, e.pos, e.tree)
+            return e.live
+
+        def backward():
+            gs = torch.autograd.grad(e.live, [inputs[i] for i in want], e.grad_out, allow_unused=True)
+            if not hasattr(e, "layout"):  # one flat buffer per dtype: one copy out per replay
+                groups: "OrderedDict[torch.dtype, list]" = OrderedDict()
+                for i, g in zip(want, gs):
+                    if g is not None:
+                        groups.setdefault(g.dtype, []).append(i)
+                e.layout = [(idx, [inputs[i].shape for i in idx], [inputs[i].numel() for i in idx])
+                            for idx in groups.values()]
+            by_input = dict(zip(want, gs))
+            return [torch.cat([by_input[i].reshape(-1) for i in idx]) for idx, _, _ in e.layout]
+
+        with disabled(), _autocast_no_cache(x.device.type):
+            def warm():
+                with grad_ctx():
+                    out = fn(e.x, e.pos, e.tree)
+                    if want:
+                        torch.autograd.grad(out, [inputs[i] for i in want], torch.zeros_like(out), allow_unused=True)
+            graph_cls.warm(warm)
+            e.tree._cache.clear()  # derived again inside the capture, from the static buffers
+            pool = graph_cls.pool()
+            e.fwd = graph_cls()
+            e.out = e.fwd.capture(forward, pool).detach()
+            if grad:
+                e.grad_out = torch.empty_like(e.out)
+                e.bwd = graph_cls()
+                e.flats = e.bwd.capture(backward, pool)
+                if x.is_cuda:
+                    e.live = None  # the autograd graph of the capture is spent; the buffers stay in the pool
+        self.captures += 1
+        return e
