@@ -38,7 +38,7 @@ __all__ = ["LayerGraphs", "disabled", "MAX_SLOTS"]
 # "auto" graphs layers up to this many tree slots: above it the GPU, not the host, paces a layer
 # (the paper model at 65,536 points is GPU-bound), and a graph's pool would hold that layer's
 # activations for good. cuda_graphs=True graphs any size.
-MAX_SLOTS = 1 << 15
+MAX_SLOTS = 1 << 18
 
 _TREE_TENSORS = ("perm", "mask", "inv", "ptr", "slot_batch", "counts")
 _state = threading.local()
@@ -136,6 +136,25 @@ class _EagerGraph:
 
 def _as_list(t) -> list:
     return [t] if isinstance(t, Tensor) else list(t)
+
+
+@contextlib.contextmanager
+def _aliased(module: nn.Module, aliases: dict):
+    r"""The module's parameters temporarily replaced by ``aliases`` (``{id(param): tensor}``): leaf
+    tensors on the same storage, created for the capture. Autograd nodes of the real parameters may
+    be kept alive by an earlier step (a ``loss`` still referenced, DDP) and are bound to the stream
+    they ran on; a capture must not touch them."""
+    swapped = []
+    for mod in module.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None and id(p) in aliases:
+                swapped.append((mod, name, p))
+                mod._parameters[name] = aliases[id(p)]
+    try:
+        yield
+    finally:
+        for mod, name, p in swapped:
+            mod._parameters[name] = p
 
 
 def _autocast_no_cache(device_type: str):
@@ -248,7 +267,7 @@ class LayerGraphs:
                 self._seen.popitem(last=False)
             if seen <= self.warmup:
                 return fn(x, pos, tree)
-            entry = self._capture(fn, x, pos, tree, params, grad)
+            entry = self._capture(module, fn, x, pos, tree, params, grad)
             self._entries[key] = entry
             while len(self._entries) > self.max_graphs:
                 self._entries.popitem(last=False)
@@ -259,19 +278,21 @@ class LayerGraphs:
         entry.run_forward(x, pos, tree)
         return entry.out.clone()
 
-    def _capture(self, fn: Callable, x: Tensor, pos: Tensor, tree: BallTree, params: tuple, grad: bool) -> _Entry:
+    def _capture(self, module: nn.Module, fn: Callable, x: Tensor, pos: Tensor, tree: BallTree, params: tuple,
+                 grad: bool) -> _Entry:
         graph_cls = _CudaGraph if x.is_cuda else _EagerGraph
         e = _Entry(graph_cls, grad)
         e.x = x.detach().clone().requires_grad_(grad and x.requires_grad)
         e.pos = pos.detach().clone().requires_grad_(grad and pos.requires_grad)
         e.tree = _static_tree(tree)
-        inputs = (e.x, e.pos) + params
+        aliases = {id(p): p.detach().requires_grad_(grad and p.requires_grad) for p in params}
+        inputs = (e.x, e.pos) + tuple(aliases[id(p)] for p in params)
         want = [i for i, t in enumerate(inputs) if grad and t.requires_grad]
         e.num_inputs = len(inputs)
         grad_ctx = torch.enable_grad if grad else torch.no_grad
 
         def forward():
-            with grad_ctx():
+            with grad_ctx(), _aliased(module, aliases):
                 e.live = fn(e.x, e.pos, e.tree)
             return e.live
 
@@ -287,7 +308,7 @@ class LayerGraphs:
             by_input = dict(zip(want, gs))
             return [torch.cat([by_input[i].reshape(-1) for i in idx]) for idx, _, _ in e.layout]
 
-        with disabled(), _autocast_no_cache(x.device.type):
+        with disabled(), _autocast_no_cache(x.device.type), _aliased(module, aliases):
             def warm():
                 with grad_ctx():
                     out = fn(e.x, e.pos, e.tree)
