@@ -211,3 +211,31 @@ def test_cuda_layer_graphs_match_plain(attention, dtype):
     assert all(b._graphs.captures == 2 for b in graphed.blocks)
     for p, q in zip(plain.parameters(), graphed.parameters()):
         assert (q - p).norm() <= 10 * tol * p.norm() + 1e-6
+
+
+def test_tree_builds_replay_per_layout(emulate):
+    graphs = layer_graphs.TreeGraphs()
+    rot = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))[0].float()
+    for seed, sizes in enumerate([[300, 120, 7], [300, 120, 7], [300, 120, 7], [400, 27], [290, 130, 7]]):
+        pos, batch = random_batch(sizes, seed=seed)
+        for rotation in (None, rot):
+            with layer_graphs.disabled():
+                want = build_ball_tree(pos, batch, 16, rotation=rotation)
+            got = graphs(pos, batch, 16, rotation)
+            for k in ("perm", "mask", "inv", "ptr", "slot_batch", "counts", "pos_key"):
+                assert torch.equal(getattr(got, k), getattr(want, k)), (seed, k)
+            assert (got.num_balls, got.max_slots, got.cloud_sizes) == (want.num_balls, want.max_slots,
+                                                                      tuple(sizes))
+    # [300, 120, 7] and [290, 130, 7] share a layout: one graph each for the plain and the rotated
+    # build; [400, 27] was seen once
+    assert graphs.captures == 2
+    # the eager checks still run on a replay
+    pos, batch = random_batch([300, 120, 7], seed=9)
+    pos[5, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        graphs(pos, batch, 16)
+    # and build_ball_tree goes through the module's graphs when they are wanted
+    before = layer_graphs._TREE_BUILDS.captures
+    for _ in range(3):
+        build_ball_tree(*random_batch([50, 60], seed=1), 16)
+    assert layer_graphs._TREE_BUILDS.captures == before + 1

@@ -392,6 +392,10 @@ def build_ball_tree(pos: Tensor, batch: Optional[Tensor] = None, ball_size: int 
         ``BallTree``. Costs ``ceil(log2(max balls per cloud))`` stable sorts of ``N`` keys and a
         min/max reduction per level, plus a few host synchronisations (level count and sizes).
     """
+    if layout is None and isinstance(pos, Tensor):
+        from . import layer_graphs  # on CUDA the build replays from a graph per layout (layer_graphs.TreeGraphs)
+        if layer_graphs.tree_graphs_wanted(pos):
+            return layer_graphs.build_tree_graphed(pos, batch, ball_size, rotation)
     batch = _check_inputs(pos, batch, ball_size)
     device = pos.device
     n, m = pos.size(0), ball_size

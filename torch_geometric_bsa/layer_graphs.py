@@ -327,3 +327,99 @@ class LayerGraphs:
                     e.live = None  # the autograd graph of the capture is spent; the buffers stay in the pool
         self.captures += 1
         return e
+
+
+# ---------------------------------------------------------------------------------------------
+# The ball tree's build, replayed the same way
+# ---------------------------------------------------------------------------------------------
+#: route eager ``build_ball_tree`` calls on CUDA through ``TreeGraphs`` (set False to build plainly)
+TREE_GRAPHS = True
+
+
+class TreeGraphs:
+    r"""CUDA graphs of ``build_ball_tree``, keyed by the batch's layout.
+
+    An eager build on a GPU launches ~100 small kernels (a stable sort and a reduction per level)
+    and reads the batch's cloud sizes from the device. Here the sizes are read once (the layout and
+    ``cloud_sizes``), the inputs are checked as in an eager build, and the rest replays from a graph
+    captured at the layout's second build; the tree's tensors are copied out of the graph. Up to
+    ``max_graphs`` layouts are kept (least recently used dropped first).
+    """
+
+    def __init__(self, warmup: int = 1, max_graphs: int = 8):
+        self.warmup, self.max_graphs = warmup, max_graphs
+        self._entries: "OrderedDict[tuple, dict]" = OrderedDict()
+        self._seen: "OrderedDict[tuple, int]" = OrderedDict()
+        self.captures = 0
+
+    def __call__(self, pos: Tensor, batch: Optional[Tensor], ball_size: int,
+                 rotation: Optional[Tensor] = None) -> BallTree:
+        from .balltree import _check_inputs, build_ball_tree
+        batch_l = _check_inputs(pos, batch, ball_size)  # the eager build's checks, values included
+        sizes = tuple(torch.bincount(batch_l).tolist()) if batch is not None else (pos.size(0),)
+        slots = [-(-c // ball_size) * ball_size for c in sizes]
+        layout = (len(sizes), sum(slots), max(slots))
+        key = (pos.device, pos.shape, pos.dtype, batch is None, ball_size, layout,
+               None if rotation is None else (rotation.shape, rotation.dtype, rotation.data_ptr()))
+        entry = self._entries.get(key)
+        if entry is None:
+            seen = self._seen.pop(key, 0) + 1
+            self._seen[key] = seen
+            while len(self._seen) > 64:
+                self._seen.popitem(last=False)
+            if seen <= self.warmup:
+                return replace_sizes(build_ball_tree(pos, batch_l, ball_size, rotation, layout=layout), sizes)
+            entry = self._capture(pos, batch_l if batch is not None else None, ball_size, rotation, layout)
+            self._entries[key] = entry
+            while len(self._entries) > self.max_graphs:
+                self._entries.popitem(last=False)
+        else:
+            self._entries.move_to_end(key)
+        entry["pos"].copy_(pos)
+        if entry["batch"] is not None:
+            entry["batch"].copy_(batch_l)
+        entry["graph"].replay()
+        t = entry["tree"]
+        return BallTree(*(getattr(t, k).clone() for k in _TREE_TENSORS), t.ball_size, t.num_balls, t.max_slots,
+                        cloud_sizes=sizes, pos_key=t.pos_key.clone())
+
+    def _capture(self, pos, batch, ball_size, rotation, layout) -> dict:
+        from .balltree import build_ball_tree
+        graph_cls = _CudaGraph if pos.is_cuda else _EagerGraph
+        e = dict(pos=pos.clone(), batch=None if batch is None else batch.clone(), graph=graph_cls())
+
+        def build():
+            return build_ball_tree(e["pos"], e["batch"], ball_size, rotation, layout=layout)
+
+        with disabled():
+            graph_cls.warm(build)
+            tree = e["graph"].capture(lambda: _tree_tensors(build()), graph_cls.pool())
+        e["tree"] = BallTree(*tree[:6], ball_size, layout[1] // ball_size, layout[2], pos_key=tree[6])
+        self.captures += 1
+        return e
+
+
+def _tree_tensors(tree: BallTree) -> list:
+    return [getattr(tree, k) for k in _TREE_TENSORS] + [tree.pos_key]
+
+
+def replace_sizes(tree: BallTree, sizes: tuple) -> BallTree:
+    tree.cloud_sizes = sizes
+    return tree
+
+
+_TREE_BUILDS = TreeGraphs()
+
+
+def tree_graphs_wanted(pos: Tensor) -> bool:
+    r"""Whether an eager ``build_ball_tree`` call should go through ``TreeGraphs``."""
+    if not TREE_GRAPHS or torch.compiler.is_compiling() or _inside():
+        return False
+    if not pos.is_cuda:
+        return _EMULATE
+    return not torch.cuda.is_current_stream_capturing()
+
+
+def build_tree_graphed(pos: Tensor, batch: Optional[Tensor], ball_size: int,
+                       rotation: Optional[Tensor] = None) -> BallTree:
+    return _TREE_BUILDS(pos, batch, ball_size, rotation)
