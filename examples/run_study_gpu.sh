@@ -14,7 +14,8 @@
 # when there are more datasets than GPUs),
 # NUM_TRAIN / NUM_TEST (default 512 / 128 for both datasets), ELAS_SNAPSHOT (elasticity-gen splits
 # built elsewhere, default data/elasticity_gen_512.pt: scikit-fem, which generates them, may be
-# missing on the GPU machine), EXTRA (more train.py flags), WORK (default runs/study).
+# missing on the GPU machine), EXTRA (more train.py flags), WORK (default runs/study), PARALLEL_SEEDS=1 (the
+# seeds of a dataset run at once on its GPU, one compare.py each, then one aggregating compare.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
@@ -72,11 +73,30 @@ main() {
     local gpu=$((i % NGPU)); i=$((i + 1))
     mkdir -p "$OUT/$ds"
     echo "=== $ds on GPU $gpu (at most ${round_s}s in this call)"
-    # shellcheck disable=SC2046,SC2086
-    CUDA_VISIBLE_DEVICES=$gpu timeout "$round_s" "$PY" examples/compare.py --models $MODELS --seeds $SEEDS $BUDGET \
-      --isolate --reuse --out "$WORK/$ds" --results "$OUT/$ds/results.md" --json "$OUT/$ds/results.json" \
-      --title "Six models on $ds, seeds $SEEDS" \
-      -- $(data_flags "$ds") $NET --log-every 10 --ckpt-every 100 ${EXTRA:-} > "$OUT/$ds/compare.log" 2>&1 &
+    if [ "${PARALLEL_SEEDS:-0}" = 1 ]; then
+      # one compare.py per seed at once on this GPU (small models leave an H200 mostly idle), then
+      # one more that finds every run finished (--reuse) and writes the mean +- std tables and plots
+      (
+        for s in $SEEDS; do
+          # shellcheck disable=SC2046,SC2086
+          CUDA_VISIBLE_DEVICES=$gpu timeout $((round_s - 45)) "$PY" examples/compare.py --models $MODELS --seeds $s \
+            $BUDGET --isolate --reuse --out "$WORK/$ds" --results "$OUT/$ds/seed$s.md" --json "$OUT/$ds/seed$s.json" \
+            -- $(data_flags "$ds") $NET --log-every 10 --ckpt-every 100 ${EXTRA:-} > "$OUT/$ds/compare_seed$s.log" 2>&1 &
+        done
+        wait
+        # shellcheck disable=SC2046,SC2086
+        CUDA_VISIBLE_DEVICES=$gpu timeout 40 "$PY" examples/compare.py --models $MODELS --seeds $SEEDS $BUDGET \
+          --isolate --reuse --out "$WORK/$ds" --results "$OUT/$ds/results.md" --json "$OUT/$ds/results.json" \
+          --title "Six models on $ds, seeds $SEEDS" \
+          -- $(data_flags "$ds") $NET --log-every 10 --ckpt-every 100 ${EXTRA:-} > "$OUT/$ds/compare.log" 2>&1
+      ) &
+    else
+      # shellcheck disable=SC2046,SC2086
+      CUDA_VISIBLE_DEVICES=$gpu timeout "$round_s" "$PY" examples/compare.py --models $MODELS --seeds $SEEDS $BUDGET \
+        --isolate --reuse --out "$WORK/$ds" --results "$OUT/$ds/results.md" --json "$OUT/$ds/results.json" \
+        --title "Six models on $ds, seeds $SEEDS" \
+        -- $(data_flags "$ds") $NET --log-every 10 --ckpt-every 100 ${EXTRA:-} > "$OUT/$ds/compare.log" 2>&1 &
+    fi
     pids+=($!)
     if [ $((i % NGPU)) -eq 0 ]; then wait "${pids[@]}"; pids=(); fi  # every GPU busy: wait for this round
   done
