@@ -19,21 +19,6 @@ collect_ignore_glob = [] if importlib.util.find_spec("triton") is not None else 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def interpreted_kernels():
-    r"""Without CUDA, reloads the kernel modules under the interpreter if something imported them
-    before TRITON_INTERPRET was set (``@triton.jit`` reads it when a kernel is decorated): first
-    ``_common`` (the shared ``@triton.jit`` steps and the launch registry), then every kernel module,
-    which registers its launch rules again. Module objects stay the same, so names bound to them
-    in a test file remain valid."""
-    if torch.cuda.is_available():
-        return
-    from torch_geometric_bsa.kernels import _common
-    if type(_common.dot).__name__ == "InterpretedFunction":
-        return
-    from torch_geometric_bsa.kernels import ball, combine, compressed, selected, topk
-    for mod in (_common, ball, combine, compressed, selected, topk):
-        importlib.reload(mod)
-
 
 @pytest.fixture(autouse=True)
 def _fresh_python_random():

@@ -1,9 +1,9 @@
 """The fused ball-branch kernel (kernels/ball.py) against reference.ball_attention, forward and backward.
 
-Without CUDA the kernels run under Triton's CPU interpreter: TRITON_INTERPRET must be set before the
-kernels are decorated, so it is set here, before the first import of the kernel module (and the module
-is reloaded if something imported it earlier without the interpreter). With CUDA the same small cases
-run compiled, and the `gpu` cases add realistic sizes.
+Without CUDA the kernels run under Triton's CPU interpreter: TRITON_INTERPRET must be set before
+Triton and the kernels are imported, so it is set here and in conftest.py (a reload of the kernel
+modules afterwards cannot help: Triton's own @jit library functions, such as tl.zeros, stay compiled).
+With CUDA the same small cases run compiled, and the `gpu` cases add realistic sizes.
 
 Tolerances, ||x - ref|| / ||ref|| against float64 on the same (rounded) inputs:
 fp32 1e-5 (outputs) / 1e-4 (gradients); fp16 2e-3 / 5e-3; bf16 1.5e-2 / 3e-2, and 6e-2 for the
@@ -21,11 +21,8 @@ if not CUDA:
 pytest.importorskip("triton")
 
 import torch_geometric_bsa.kernels.ball as ball  # noqa: E402
-from conftest import interpreted_kernels  # noqa: E402
 from torch_geometric_bsa.kernels._common import launch_config  # noqa: E402
 from torch_geometric_bsa.reference import ball_attention as ball_reference  # noqa: E402
-
-interpreted_kernels()
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 # (output, q/k/v grads, sigma/pos grads)

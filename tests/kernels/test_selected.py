@@ -16,12 +16,9 @@ if not CUDA:
 pytest.importorskip("triton")
 
 import torch_geometric_bsa.kernels._common as common  # noqa: E402
-from conftest import interpreted_kernels  # noqa: E402
 import torch_geometric_bsa.kernels.selected as slc  # noqa: E402
 from torch_geometric_bsa import BSAConfig, build_ball_tree  # noqa: E402
 from torch_geometric_bsa import reference as R  # noqa: E402
-
-interpreted_kernels()
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 5e-3), torch.bfloat16: (1.5e-2, 3e-2)}

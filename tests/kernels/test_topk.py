@@ -16,14 +16,11 @@ if not CUDA:
 pytest.importorskip("triton")
 
 import torch_geometric_bsa.kernels._common as common  # noqa: E402
-from conftest import interpreted_kernels  # noqa: E402
 import torch_geometric_bsa.kernels.compressed as cmp  # noqa: E402
 import torch_geometric_bsa.kernels.topk as topk  # noqa: E402
 from torch_geometric_bsa.kernels import plan  # noqa: E402
 from torch_geometric_bsa import BSAConfig, build_ball_tree  # noqa: E402
 from torch_geometric_bsa import reference as R  # noqa: E402
-
-interpreted_kernels()
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 
