@@ -315,8 +315,15 @@ BWD_CFGS = [(128, 32, 32, 4, 3), (128, 32, 32, 8, 3), (128, 64, 64, 8, 2), (128,
             (128, 32, 32, 8, 3, True), (64, 64, 64, 8, 2, True)]
 
 
+def _forced(kind, cfg):
+    # a FWD_CFGS / BWD_CFGS tuple as the ball kernel's launch entries (_common.launch_config)
+    if kind == "fwd":
+        return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), cfg))
+    return dict(zip(("BLOCK", "BLOCK_M1", "BLOCK_N2", "num_warps", "num_stages"), cfg), MERGED=len(cfg) > 5 and cfg[5])
+
+
 def sweep(args):
-    from torch_geometric_bsa.kernels import ball
+    from torch_geometric_bsa.kernels._common import launch_config
     out = []
     heads = [tuple(int(x) for x in s.split("x")) for s in args.heads.split(",")]
     for h, d in heads:
@@ -327,9 +334,8 @@ def sweep(args):
             for cfg in cfgs:
                 if cfg[0] > args.ball_size:
                     continue
-                kw = {kind: cfg}
                 try:
-                    with ball.config_override(**kw):
+                    with launch_config("ball_" + kind, **_forced(kind, cfg)):
                         t0 = time.time()
                         if kind == "fwd":
                             with torch.no_grad():

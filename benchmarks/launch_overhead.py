@@ -64,11 +64,10 @@ def main(argv=None):
     rows["aten_linear"] = host_us(lambda: torch.nn.functional.linear(x, x[:64]), args.calls)
     qd = q.detach()
     out = torch.empty((args.n // 8, 8, 8), device="cuda", dtype=torch.bfloat16)
-    bb, bc, grid = combine._pool_grid(args.n // 8, 64)
+    pool_cfg, grid = combine._pool_grid(args.n // 8, 64, 8)
 
     def raw():
-        return combine._pool_fwd_kernel[grid](qd, mask_u8, out, args.n // 8, qd.stride(0), HD=64, L=8, BLOCK_B=bb,
-                                              BLOCK_C=bc, UNROLL=8, num_warps=4)
+        return combine._pool_fwd_kernel[grid](qd, mask_u8, out, args.n // 8, qd.stride(0), HD=64, L=8, **pool_cfg)
     rows["triton_raw_launch"] = host_us(raw, args.calls)
     with torch.no_grad():
         rows["masked_block_mean_fwd"] = host_us(lambda: combine.masked_block_mean(qd, mask_u8, 8), args.calls)

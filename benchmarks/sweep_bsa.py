@@ -3,7 +3,7 @@
 For each configuration (``paper``: per-query compression, ``fast``: group compression) it times
 ``select_topk_triton`` over ``(BLOCK_G, BLOCK_N, num_warps)`` and the selected attention's forward
 and backward over keys per step, warps/stages and dK/dV rows per step, all through the kernels'
-``LAUNCH_OVERRIDE`` dicts; the current defaults are the rows marked ``*``. bf16, heads 8, dim 64.
+launch configs (``_common.launch_config``); the current defaults are the rows marked ``*``. bf16, heads 8, dim 64.
 
 Usage (GPU): ``python benchmarks/sweep_bsa.py --n 65536``; writes sweep_bsa.json to $OUT (or bench_out).
 """
@@ -36,6 +36,7 @@ def main():
     from torch_geometric_bsa import BSAConfig
     from torch_geometric_bsa.kernels import selected as S
     from torch_geometric_bsa.kernels import topk as T
+    from torch_geometric_bsa.kernels._common import launch_config
     from torch_geometric_bsa.kernels.plan import selection_plan
     cfgs = {"paper": BSAConfig(ball_size=256, cmp_block=8, slc_block=8, topk=16, group_size=8),
             "fast": BSAConfig(ball_size=256, cmp_block=8, slc_block=8, topk=16, group_size=8,
@@ -55,14 +56,13 @@ def main():
         for bg, bn, nw in itertools.product((4, 8, 16, 32), (64, 128), (4, 8)):
             if bg * qpg < 16 or bg * qpg > 256:
                 continue
-            T.LAUNCH_OVERRIDE["launch"] = (bg, bn, nw)
             try:
-                same = bool(torch.equal(topk(), base_idx))
-                rows.append(dict(config=name, kernel="topk", tiles=f"BG={bg} BN={bn} w={nw}",
-                                 ms=bench_gpu(topk), same_idx=same))
+                with launch_config("topk", BLOCK_G=bg, BLOCK_N=bn, num_warps=nw):
+                    same = bool(torch.equal(topk(), base_idx))
+                    rows.append(dict(config=name, kernel="topk", tiles=f"BG={bg} BN={bn} w={nw}",
+                                     ms=bench_gpu(topk), same_idx=same))
             except Exception as e:  # noqa: BLE001
                 rows.append(dict(config=name, kernel="topk", tiles=f"BG={bg} BN={bn} w={nw}", err=repr(e)[:120]))
-            T.LAUNCH_OVERRIDE.clear()
             print(rows[-1], flush=True)
         q, k, v = (c[x].detach().requires_grad_() for x in ("q", "k", "v"))
         do = c["do"]
@@ -77,16 +77,16 @@ def main():
         print(rows[-1], flush=True)
         grid = [(keys, ws, 64) for keys, ws in itertools.product((64, 128, 256), ((4, 2), (4, 3), (8, 2)))]
         for keys, (w, st), dk_rows in grid + [(128, (4, 2), 32), (128, (4, 2), 128)]:
-            S.LAUNCH_OVERRIDE.update(keys=keys, fwd=dict(num_warps=w, num_stages=st),
-                                     dq=dict(num_warps=w, num_stages=st), dkdv_rows=dk_rows,
-                                     dkdv=dict(num_warps=w, num_stages=st))
             tiles = f"keys={keys} w={w} st={st} dkdv_rows={dk_rows}"
             try:
-                rows.append(dict(config=name, kernel="slc", tiles=tiles, fwd_ms=bench_gpu(slc_fwd), ms=bench_gpu(slc_fb)))
+                with launch_config("slc_fwd", keys=keys, num_warps=w, num_stages=st), \
+                        launch_config("slc_dq", keys=keys, num_warps=w, num_stages=st), \
+                        launch_config("slc_dkdv", rows=dk_rows, num_warps=w, num_stages=st):
+                    rows.append(dict(config=name, kernel="slc", tiles=tiles, fwd_ms=bench_gpu(slc_fwd),
+                                     ms=bench_gpu(slc_fb)))
             except Exception as e:  # noqa: BLE001
                 rows.append(dict(config=name, kernel="slc", tiles=tiles, err=repr(e)[:120]))
                 traceback.print_exc()
-            S.LAUNCH_OVERRIDE.clear()
             print(rows[-1], flush=True)
         del c
         torch.cuda.empty_cache()

@@ -19,6 +19,7 @@ collect_ignore_glob = [] if importlib.util.find_spec("triton") is not None else 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+
 @pytest.fixture(autouse=True)
 def _fresh_python_random():
     r"""examples/train.py seeds Python's global ``random`` (``random.seed(args.seed)``), and PyG's

@@ -1,15 +1,14 @@
 """The fused ball-branch kernel (kernels/ball.py) against reference.ball_attention, forward and backward.
 
-Without CUDA the kernels run under Triton's CPU interpreter: TRITON_INTERPRET must be set before the
-kernels are decorated, so it is set here, before the first import of the kernel module (and the module
-is reloaded if something imported it earlier without the interpreter). With CUDA the same small cases
-run compiled, and the `gpu` cases add realistic sizes.
+Without CUDA the kernels run under Triton's CPU interpreter: TRITON_INTERPRET must be set before
+Triton and the kernels are imported, so it is set here and in conftest.py (a reload of the kernel
+modules afterwards cannot help: Triton's own @jit library functions, such as tl.zeros, stay compiled).
+With CUDA the same small cases run compiled, and the `gpu` cases add realistic sizes.
 
 Tolerances, ||x - ref|| / ||ref|| against float64 on the same (rounded) inputs:
 fp32 1e-5 (outputs) / 1e-4 (gradients); fp16 2e-3 / 5e-3; bf16 1.5e-2 / 3e-2, and 6e-2 for the
 sigma and position gradients in bf16 (sums of many signed terms: P, o and dO are rounded to bf16).
 """
-import importlib
 import math
 import os
 
@@ -22,10 +21,8 @@ if not CUDA:
 pytest.importorskip("triton")
 
 import torch_geometric_bsa.kernels.ball as ball  # noqa: E402
+from torch_geometric_bsa.kernels._common import launch_config  # noqa: E402
 from torch_geometric_bsa.reference import ball_attention as ball_reference  # noqa: E402
-
-if not CUDA and type(ball._ball_fwd_kernel).__name__ != "InterpretedFunction":
-    ball = importlib.reload(ball)
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 # (output, q/k/v grads, sigma/pos grads)
@@ -97,13 +94,14 @@ def test_matches_reference(dtype, n, h, d, m, pd):
 
 def test_small_tiles_many_per_ball():
     # several query and key tiles per ball: offsets inside a ball, the online-softmax rescaling
-    with ball.config_override(fwd=(16, 32, 4, 1), bwd=(32, 16, 32, 4, 1)):
+    with launch_config("ball_fwd", BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1), \
+            launch_config("ball_bwd", BLOCK=32, BLOCK_M1=16, BLOCK_N2=32, MERGED=False, num_warps=4, num_stages=1):
         check(128, 1, 16, 64, 3, torch.float32, seed=1)
 
 
 def test_merged_backward():
     # the one-loop backward variant (distance tile shared by the dK/dV and dQ roles)
-    with ball.config_override(bwd=(32, 32, 32, 4, 1, True)):
+    with launch_config("ball_bwd", BLOCK=32, BLOCK_M1=32, BLOCK_N2=32, MERGED=True, num_warps=4, num_stages=1):
         check(128, 2, 16, 64, 3, torch.float32, seed=6)
         check(128, 1, 24, 64, 2, torch.bfloat16, seed=7)
 

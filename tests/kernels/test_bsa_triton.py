@@ -7,7 +7,6 @@ reference, so low precision is checked branch by branch with the kernel's own se
 the reference's selected_attention. Tolerances as in test_compressed (fp32 1e-5 / 1e-4; fp16
 2e-3 / 5e-3; bf16 1.5e-2 / 3e-2).
 """
-import importlib
 import math
 import os
 
@@ -21,17 +20,8 @@ pytest.importorskip("triton")
 
 import torch_geometric_bsa.kernels as K  # noqa: E402
 import torch_geometric_bsa.kernels._common as common  # noqa: E402
-import torch_geometric_bsa.kernels.compressed as cmp  # noqa: E402
 from torch_geometric_bsa import BSAConfig, bsa_attention, build_ball_tree  # noqa: E402
 from torch_geometric_bsa import reference as R  # noqa: E402
-
-if not CUDA and type(cmp._cmp_fwd_kernel).__name__ != "InterpretedFunction":
-    import torch_geometric_bsa.kernels.ball as ball
-    import torch_geometric_bsa.kernels.combine as combine
-    import torch_geometric_bsa.kernels.selected as slc
-    import torch_geometric_bsa.kernels.topk as topk
-    for mod in (combine, cmp, topk, slc, ball):
-        importlib.reload(mod)
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 5e-3), torch.bfloat16: (1.5e-2, 3e-2)}

@@ -5,7 +5,6 @@ point and per pooled group query, ragged clouds with padding. Tolerances ||x - r
 float64 on the same inputs: fp32 1e-5 / 1e-4 (grads); fp16 2e-3 / 5e-3; bf16 1.5e-2 / 3e-2 (GPU only:
 Triton 3.9's CPU interpreter mis-reads bf16 buffers, so CPU runs fp32 and fp16).
 """
-import importlib
 import math
 import os
 
@@ -22,9 +21,6 @@ import torch_geometric_bsa.kernels.compressed as cmp  # noqa: E402
 from torch_geometric_bsa.kernels import plan  # noqa: E402
 from torch_geometric_bsa import build_ball_tree  # noqa: E402
 from torch_geometric_bsa import reference as R  # noqa: E402
-
-if not CUDA and type(cmp._cmp_fwd_kernel).__name__ != "InterpretedFunction":
-    cmp = importlib.reload(cmp)
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 5e-3), torch.bfloat16: (1.5e-2, 3e-2)}
@@ -104,3 +100,16 @@ def test_compressed_head_dim_not_power_of_two():
 def test_compressed_gpu_real_size(dtype, q_unit):
     run_case([5000, 11000, 300], ball_size=256, h=8, d=64, block=8, q_unit=q_unit, dtype=dtype)
     run_case([20000], ball_size=256, h=8, d=64, block=8, q_unit=q_unit, dtype=dtype, seed=1)
+
+
+def test_compressed_forced_tiles(monkeypatch):
+    # launch_config bypasses the autotuner: the three kernels run with other tiles (several query
+    # and key tiles per cloud) and still equal the reference
+    seen = []
+    config_for = common.config_for
+    monkeypatch.setattr(common, "config_for", lambda kernel, **f: seen.append(kernel) or config_for(kernel, **f))
+    with common.launch_config("cmp_fwd", BLOCK_M=32, BLOCK_N=16), \
+            common.launch_config("cmp_dq", BLOCK_M=16, BLOCK_N=32), \
+            common.launch_config("cmp_dkdv", BLOCK_M=32, BLOCK_N=16):
+        run_case([50, 90, 20], ball_size=16, h=2, d=16, block=4, q_unit=1, dtype=torch.float32, seed=5)
+    assert sorted(seen) == ["cmp_dkdv", "cmp_dq", "cmp_fwd"]

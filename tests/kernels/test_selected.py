@@ -4,7 +4,6 @@ Random block selections (with invalid slots, -1), forward and backward; the dK/d
 the inverted block -> groups index. Tolerances as in test_compressed: fp32 1e-5 / 1e-4, fp16
 2e-3 / 5e-3, bf16 1.5e-2 / 3e-2 (bf16 on GPU only).
 """
-import importlib
 import math
 import os
 
@@ -20,9 +19,6 @@ import torch_geometric_bsa.kernels._common as common  # noqa: E402
 import torch_geometric_bsa.kernels.selected as slc  # noqa: E402
 from torch_geometric_bsa import BSAConfig, build_ball_tree  # noqa: E402
 from torch_geometric_bsa import reference as R  # noqa: E402
-
-if not CUDA and type(slc._slc_fwd_kernel).__name__ != "InterpretedFunction":
-    slc = importlib.reload(slc)
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 5e-3), torch.bfloat16: (1.5e-2, 3e-2)}

@@ -4,7 +4,6 @@ Exact index agreement wherever the reference's scores are not (nearly) tied; equ
 lower block index. Compared in fp32 (scores in the kernel are fp32 sums of exp2 of an exact "ieee"
 dot); bf16/fp16 only change which near-ties flip, which test_bsa_triton covers end to end.
 """
-import importlib
 import math
 import os
 
@@ -22,9 +21,6 @@ import torch_geometric_bsa.kernels.topk as topk  # noqa: E402
 from torch_geometric_bsa.kernels import plan  # noqa: E402
 from torch_geometric_bsa import BSAConfig, build_ball_tree  # noqa: E402
 from torch_geometric_bsa import reference as R  # noqa: E402
-
-if not CUDA and type(topk._score_topk_kernel).__name__ != "InterpretedFunction":
-    cmp, topk = importlib.reload(cmp), importlib.reload(topk)
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 

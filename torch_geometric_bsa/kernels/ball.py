@@ -7,8 +7,7 @@ are masked in-kernel, padded queries get zero output; the log-sum-exp is saved f
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
@@ -16,9 +15,10 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _common
-from ._common import dot_dim, dot_precision, is_interpreter
+from ._common import (config_for, dkdv_step_t, dot, dot_dim, dot_precision, dq_step, is_interpreter, launch_rule,
+                      softmax_step)
 
-__all__ = ["ball_attention_triton", "config_override", "fwd_config", "bwd_config"]
+__all__ = ["ball_attention_triton"]
 
 LOG2E = _common.LOG2E
 
@@ -63,15 +63,6 @@ def _pos_grad(g, dist, xa, ya, za, xb, yb, zb, PDIM: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    # UPCAST: Triton's CPU interpreter mis-multiplies bf16 operands, so it gets fp32 ones
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT_PREC)
-    else:
-        return tl.dot(a, b, input_precision=DOT_PREC)
-
-
-@triton.jit
 def _ball_fwd_kernel(Q, K, V, POS, SIGMA, MASK, O, LSE,
                      N, H, stride_in, stride_tok, stride_pos, sm_scale,
                      M: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PDIM: tl.constexpr,
@@ -107,17 +98,13 @@ def _ball_fwd_kernel(Q, K, V, POS, SIGMA, MASK, O, LSE,
         v = tl.load(V + kv_off, mask=dmask, other=0.0)
         kvalid = tl.load(MASK + cols) != 0
         xk, yk, zk = _load_pos(POS, cols, stride_pos, PDIM)
-        s = _dot(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
+        s = dot(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
         s += sig2 * _pair_dist(xq, yq, zq, xk, yk, zk, PDIM)
         s = tl.where(kvalid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
-        m_i = m_new
+        m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, DOT_PREC, UPCAST)
 
     has = qvalid & (l_i > 0)
+    # (not _common.softmax_finish: its lse before the o store compiles to other address code here)
     l_safe = tl.where(has, l_i, 1.0)
     out = tl.where(has[:, None], acc / l_safe[:, None], 0.0)
     tl.store(O + rows[:, None] * stride_tok + h * D + offs_d[None, :], out.to(O.dtype.element_ty), mask=dmask)
@@ -174,12 +161,9 @@ def _ball_bwd_kernel(Q, K, V, O, DO, POS, SIGMA, MASK, LSE,
         lse = tl.load(LSE + h * N + qrows)
         xq, yq, zq = _load_pos(POS, qrows, stride_pos, PDIM)
         distT = _pair_dist(xt, yt, zt, xq, yq, zq, PDIM)
-        sT = _dot(k, tl.trans(q), DOT_PREC, UPCAST) * qk_scale + sig2 * distT
+        sT = dot(k, tl.trans(q), DOT_PREC, UPCAST) * qk_scale + sig2 * distT
         pT = tl.where(kvalid[:, None], tl.exp2(sT - lse[None, :]), 0.0)
-        dv += _dot(pT.to(do.dtype), do, DOT_PREC, UPCAST)
-        dpT = _dot(v, tl.trans(do), DOT_PREC, UPCAST)
-        dsT = pT * (dpT - delta[None, :])
-        dk += _dot(dsT.to(q.dtype), q, DOT_PREC, UPCAST)
+        dk, dv, dsT = dkdv_step_t(dk, dv, pT, q, do, v, delta, DOT_PREC, UPCAST)
         if POS_GRAD:
             gx, gy, gz = _pos_grad(dsT, distT, xt, yt, zt, xq, yq, zq, PDIM)
             gxk += gx
@@ -207,11 +191,9 @@ def _ball_bwd_kernel(Q, K, V, O, DO, POS, SIGMA, MASK, LSE,
         cvalid = tl.load(MASK + cols) != 0
         xk, yk, zk = _load_pos(POS, cols, stride_pos, PDIM)
         dist = _pair_dist(xt, yt, zt, xk, yk, zk, PDIM)
-        s = _dot(q, tl.trans(kc), DOT_PREC, UPCAST) * qk_scale + sig2 * dist
+        s = dot(q, tl.trans(kc), DOT_PREC, UPCAST) * qk_scale + sig2 * dist
         p = tl.where(cvalid[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(vc), DOT_PREC, UPCAST)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(kc.dtype), kc, DOT_PREC, UPCAST)
+        dq, ds = dq_step(dq, p, do, kc, vc, delta, DOT_PREC, UPCAST)
         if SIGMA_GRAD:
             dsig += tl.sum(ds * dist, 1)
         if POS_GRAD:
@@ -288,16 +270,13 @@ def _ball_bwd_merged_kernel(Q, K, V, O, DO, POS, SIGMA, MASK, LSE,
         dist = _pair_dist(xt, yt, zt, xb, yb, zb, PDIM)
         bias = sig2 * dist
         # tile as keys, b as queries (transposed tiles)
-        pT = tl.where(tvalid[:, None], tl.exp2(_dot(k_t, tl.trans(q_b), DOT_PREC, UPCAST) * qk_scale + bias
+        pT = tl.where(tvalid[:, None], tl.exp2(dot(k_t, tl.trans(q_b), DOT_PREC, UPCAST) * qk_scale + bias
                                                 - lse_b[None, :]), 0.0)
-        dv += _dot(pT.to(do_b.dtype), do_b, DOT_PREC, UPCAST)
-        dsT = pT * (_dot(v_t, tl.trans(do_b), DOT_PREC, UPCAST) - delta_b[None, :])
-        dk += _dot(dsT.to(q_b.dtype), q_b, DOT_PREC, UPCAST)
+        dk, dv, dsT = dkdv_step_t(dk, dv, pT, q_b, do_b, v_t, delta_b, DOT_PREC, UPCAST)
         # tile as queries, b as keys
-        p = tl.where(bvalid[None, :], tl.exp2(_dot(q_t, tl.trans(k_b), DOT_PREC, UPCAST) * qk_scale + bias
+        p = tl.where(bvalid[None, :], tl.exp2(dot(q_t, tl.trans(k_b), DOT_PREC, UPCAST) * qk_scale + bias
                                               - lse_t[:, None]), 0.0)
-        ds = p * (_dot(do_t, tl.trans(v_b), DOT_PREC, UPCAST) - delta_t[:, None])
-        dq += _dot(ds.to(k_b.dtype), k_b, DOT_PREC, UPCAST)
+        dq, ds = dq_step(dq, p, do_t, k_b, v_b, delta_t, DOT_PREC, UPCAST)
         if SIGMA_GRAD:
             dsig += tl.sum(ds * dist, 1)
         if POS_GRAD:
@@ -319,54 +298,27 @@ def _ball_bwd_merged_kernel(Q, K, V, O, DO, POS, SIGMA, MASK, LSE,
 
 
 # ---------------------------------------------------------------------------------------------
-# Launch configuration (tuned on an H100, see docs/perf-notes.md "Ball kernel")
+# Launch configuration (tuned on an H100, see docs/perf-notes.md "Ball kernel"); facts: ball size m,
+# padded head dim d, dtype. Interpreter tiles: _common._INTERPRETER_TILES.
 # ---------------------------------------------------------------------------------------------
-_OVERRIDE: dict = {}
-
-
-@contextlib.contextmanager
-def config_override(fwd: Optional[Tuple[int, int, int, int]] = None,
-                    bwd: Optional[Tuple[int, int, int, int, int]] = None):
-    r"""Temporarily forces launch configs (benchmarks sweep them).
-
-    ``fwd = (BLOCK_M, BLOCK_N, num_warps, num_stages)``,
-    ``bwd = (BLOCK, BLOCK_M1, BLOCK_N2, num_warps, num_stages[, merged])``; ``merged`` picks the
-    one-loop backward (``BLOCK_M1`` is then its ``BLOCK_B``).
-    """
-    old = dict(_OVERRIDE)
-    if fwd is not None:
-        _OVERRIDE["fwd"] = fwd
-    if bwd is not None:
-        _OVERRIDE["bwd"] = bwd
-    try:
-        yield
-    finally:
-        _OVERRIDE.clear()
-        _OVERRIDE.update(old)
-
-
-def fwd_config(m: int, d: int, dtype: torch.dtype) -> Tuple[int, int, int, int]:
-    r"""``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` for ball size ``m`` and padded head dim ``d``."""
-    if "fwd" in _OVERRIDE:
-        return _OVERRIDE["fwd"]
-    if is_interpreter():  # large tiles: fewer, longer numpy steps
-        return min(64, m), min(64, m), 4, 1
+@launch_rule("ball_fwd")
+def _fwd_rule(m: int, d: int, dtype: torch.dtype) -> dict:
     if dtype == torch.float32:
-        return min(64, m), min(32, m), 4, 2
-    bm = min(128, m) if d <= 64 else min(64, m)
-    return bm, min(64, m), 4 if d <= 64 else 8, 3
+        return dict(BLOCK_M=min(64, m), BLOCK_N=min(32, m), num_warps=4, num_stages=2)
+    return dict(BLOCK_M=min(128, m) if d <= 64 else min(64, m), BLOCK_N=min(64, m), num_warps=4 if d <= 64 else 8,
+                num_stages=3)
 
 
-def bwd_config(m: int, d: int, dtype: torch.dtype) -> tuple:
-    r"""``(BLOCK, BLOCK_M1, BLOCK_N2, num_warps, num_stages[, merged])`` for ball size ``m``, head dim ``d``."""
-    if "bwd" in _OVERRIDE:
-        return _OVERRIDE["bwd"]
-    if is_interpreter():
-        return min(64, m), min(64, m), min(64, m), 4, 1
+@launch_rule("ball_bwd")
+def _bwd_rule(m: int, d: int, dtype: torch.dtype) -> dict:
+    # BLOCK: the program's tile of keys (dK, dV) and queries (dQ); the two-loop kernel steps over the
+    # ball's queries in BLOCK_M1 and its keys in BLOCK_N2; MERGED picks the one-loop kernel, which
+    # steps over the ball in BLOCK_M1 (its BLOCK_B)
     if dtype == torch.float32 or d > 64:
-        return min(64, m), min(32, m), min(32, m), 4, 2
+        return dict(BLOCK=min(64, m), BLOCK_M1=min(32, m), BLOCK_N2=min(32, m), MERGED=False, num_warps=4,
+                    num_stages=2)
     # one-loop backward, tiles of 64 (why: docs/perf-notes.md, "Ball kernel")
-    return min(64, m), min(32, m), min(32, m), 4, 3, True
+    return dict(BLOCK=min(64, m), BLOCK_M1=min(32, m), BLOCK_N2=min(32, m), MERGED=True, num_warps=4, num_stages=3)
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -380,27 +332,28 @@ def _forward(q, k, v, pos, sigma, mask_u8, m, scale):
     n, h, d = q.shape
     o = _common.new_empty(q.shape, q)
     lse = _common.new_empty((h, n), q, torch.float32)
-    bm, bn, nw, ns = fwd_config(m, dot_dim(d), q.dtype)
-    _ball_fwd_kernel[(n // bm * h,)](
+    cfg = config_for("ball_fwd", m=m, d=dot_dim(d), dtype=q.dtype)
+    _ball_fwd_kernel[(n // cfg["BLOCK_M"] * h,)](
         q, k, v, pos, sigma, mask_u8, o, lse, n, h, q.stride(0), h * d, pos.stride(0), scale,
-        M=m, D=d, BLOCK_D=dot_dim(d), PDIM=pos.size(1), BLOCK_M=bm, BLOCK_N=bn,
-        DOT_PREC=dot_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=nw, num_stages=ns)
+        M=m, D=d, BLOCK_D=dot_dim(d), PDIM=pos.size(1), DOT_PREC=dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
+        **cfg)
     return o, lse
 
 
 def _backward(do, q, k, v, o, lse, pos, sigma, mask_u8, m, scale, sigma_grad, pos_grad):
     n, h, d = q.shape
     dq, dk, dv = (_common.new_empty(q.shape, q) for _ in range(3))  # contiguous, whatever q's row stride
-    cfg = bwd_config(m, dot_dim(d), q.dtype)
-    blk, bm1, bn2, nw, ns = cfg[:5]
+    cfg = config_for("ball_bwd", m=m, d=dot_dim(d), dtype=q.dtype)
+    blk, bm1, bn2 = cfg["BLOCK"], cfg["BLOCK_M1"], cfg["BLOCK_N2"]
     grid = n // blk * h
     dsig = _common.new_empty((grid if sigma_grad else 1,), q, torch.float32)
     dpos = _common.new_empty((n, h, pos.size(1)) if pos_grad else (1,), q, torch.float32)
     args = (q, k, v, o, do, pos, sigma, mask_u8, lse, dq, dk, dv, dsig, dpos, n, h, q.stride(0), h * d,
             pos.stride(0), scale)
     common = dict(M=m, D=d, BLOCK_D=dot_dim(d), PDIM=pos.size(1), SIGMA_GRAD=sigma_grad, POS_GRAD=pos_grad,
-                  DOT_PREC=dot_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=nw, num_stages=ns)
-    if len(cfg) > 5 and cfg[5]:
+                  DOT_PREC=dot_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=cfg["num_warps"],
+                  num_stages=cfg["num_stages"])
+    if cfg["MERGED"]:
         _ball_bwd_merged_kernel[(grid,)](*args, BLOCK=blk, BLOCK_B=bm1, **common)
     else:
         _ball_bwd_kernel[(grid,)](*args, BLOCK=blk, BLOCK_M1=bm1, BLOCK_N2=bn2, **common)

@@ -14,7 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _common
-from ._common import is_interpreter, next_pow2
+from ._common import config_for, launch_rule, next_pow2
 
 __all__ = ["gated_combine", "masked_block_mean"]
 
@@ -87,13 +87,10 @@ def _combine_bwd_kernel(DO, OB, OC, OS, G, MASK, DOB, DOC, DOS, DG, n_grp, H: tl
         tl.store(DOC + off, doc.to(DOC.dtype.element_ty), mask=m2)
 
 
-def _tiles(n_grp: int, qu: int, d: int):
-    bd = next_pow2(d)
-    if is_interpreter():
-        bg = max(1, 64 // qu)
-    else:
-        bg = max(1, min(128, 4096 // bd) // qu)
-    return bg, bd, triton.cdiv(n_grp, bg)
+@launch_rule("combine")
+def _combine_rule(qu: int, d: int) -> dict:
+    # BG groups of qu rows a program: at most 128 rows and 4,096 elements per head tile
+    return dict(BG=max(1, min(128, 4096 // next_pow2(d)) // qu), num_warps=4)
 
 
 class GatedCombine(torch.autograd.Function):
@@ -103,9 +100,9 @@ class GatedCombine(torch.autograd.Function):
         o_ball, o_c, o_slc, gates = (t.contiguous() for t in (o_ball, o_c, o_slc, gates))
         out = _common.new_empty(o_ball.shape, o_ball, torch.promote_types(o_ball.dtype, gates.dtype))
         n_grp = n // qu
-        bg, bd, tiles = _tiles(n_grp, qu, d)
-        _combine_fwd_kernel[(tiles, h)](o_ball, o_c, o_slc, gates, mask_u8, out, n_grp, H=h, D=d, QU=qu, BG=bg,
-                                        BLOCK_D=bd, num_warps=4)
+        cfg = config_for("combine", qu=qu, d=d)
+        _combine_fwd_kernel[(triton.cdiv(n_grp, cfg["BG"]), h)](o_ball, o_c, o_slc, gates, mask_u8, out, n_grp, H=h, D=d,
+                                                               QU=qu, BLOCK_D=next_pow2(d), **cfg)
         ctx.save_for_backward(o_ball, o_c, o_slc, gates, mask_u8)
         ctx.qu = qu
         return out
@@ -120,9 +117,9 @@ class GatedCombine(torch.autograd.Function):
         doc = _common.new_empty(o_c.shape, o_c)
         dg = _common.new_empty(gates.shape, gates)
         n_grp = n // qu
-        bg, bd, tiles = _tiles(n_grp, qu, d)
-        _combine_bwd_kernel[(tiles, h)](do, o_ball, o_c, o_slc, gates, mask_u8, dob, doc, dos, dg, n_grp,
-                                        H=h, D=d, QU=qu, BG=bg, BLOCK_D=bd, num_warps=4)
+        cfg = config_for("combine", qu=qu, d=d)
+        _combine_bwd_kernel[(triton.cdiv(n_grp, cfg["BG"]), h)](do, o_ball, o_c, o_slc, gates, mask_u8, dob, doc, dos,
+                                                               dg, n_grp, H=h, D=d, QU=qu, BLOCK_D=next_pow2(d), **cfg)
         return dob, doc, dos, dg, None, None
 
 
@@ -187,14 +184,16 @@ def _pool_bwd_kernel(DOUT, MASK, DX, n_blk, HD: tl.constexpr, L: tl.constexpr, B
         tl.store(DX + n[:, None] * HD + c[None, :], (g * w[:, None]).to(DX.dtype.element_ty), mask=m2)
 
 
-def _unroll(block: int) -> int:
-    return block if block <= 32 else 8
+@launch_rule("pool")
+def _pool_rule(hd: int, block: int) -> dict:
+    # BLOCK_B blocks x BLOCK_C of the H * D columns a program; the block's rows unrolled
+    return dict(BLOCK_B=32, BLOCK_C=min(256, next_pow2(hd)), UNROLL=block if block <= 32 else 8, num_warps=4)
 
 
-def _pool_grid(n_blk: int, hd: int):
-    bc = min(256, next_pow2(hd)) if not is_interpreter() else min(64, next_pow2(hd))
-    bb = 32 if not is_interpreter() else 16
-    return bb, bc, (triton.cdiv(n_blk, bb), triton.cdiv(hd, bc))
+def _pool_grid(n_blk: int, hd: int, block: int):
+    r"""``(config, grid)`` of the pooling kernels for ``n_blk`` blocks of ``block`` rows of ``hd`` columns."""
+    cfg = config_for("pool", hd=hd, block=block)
+    return cfg, (triton.cdiv(n_blk, cfg["BLOCK_B"]), triton.cdiv(hd, cfg["BLOCK_C"]))
 
 
 class MaskedBlockMean(torch.autograd.Function):
@@ -204,9 +203,8 @@ class MaskedBlockMean(torch.autograd.Function):
         x = _common.rows(x)  # a view of the qkv projection reads in place
         n_blk = n // block
         out = _common.new_empty((n_blk, h, d), x)
-        bb, bc, grid = _pool_grid(n_blk, h * d)
-        _pool_fwd_kernel[grid](x, mask_u8, out, n_blk, x.stride(0), HD=h * d, L=block, BLOCK_B=bb, BLOCK_C=bc,
-                               UNROLL=_unroll(block), num_warps=4)
+        cfg, grid = _pool_grid(n_blk, h * d, block)
+        _pool_fwd_kernel[grid](x, mask_u8, out, n_blk, x.stride(0), HD=h * d, L=block, **cfg)
         ctx.save_for_backward(mask_u8)
         ctx.shape, ctx.block = x.shape, block
         return out
@@ -217,9 +215,8 @@ class MaskedBlockMean(torch.autograd.Function):
         n, h, d = ctx.shape
         dout = dout.contiguous()
         dx = _common.new_empty((n, h, d), dout)
-        bb, bc, grid = _pool_grid(n // ctx.block, h * d)
-        _pool_bwd_kernel[grid](dout, mask_u8, dx, n // ctx.block, HD=h * d, L=ctx.block, BLOCK_B=bb, BLOCK_C=bc,
-                               UNROLL=_unroll(ctx.block), num_warps=4)
+        cfg, grid = _pool_grid(n // ctx.block, h * d, ctx.block)
+        _pool_bwd_kernel[grid](dout, mask_u8, dx, n // ctx.block, HD=h * d, L=ctx.block, **cfg)
         return dx, None, None
 
 

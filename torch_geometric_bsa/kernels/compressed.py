@@ -6,7 +6,6 @@ log-sum-exp (log2 units), which the top-k kernel (topk.py) reuses to normalise p
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -15,7 +14,8 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _common
-from ._common import EMPTY_LSE as _EMPTY, LOG2E, cdiv, dot_dim, dot_precision, next_pow2
+from ._common import (EMPTY_LSE as _EMPTY, LOG2E, autotune, cdiv, dkdv_step, dot_dim, dot_precision, dq_step,
+                      launch_rule, launch_tuned, next_pow2, softmax_finish, softmax_step)
 from .plan import as_int8
 
 __all__ = ["compressed_attention_triton", "CompressedAttention"]
@@ -42,7 +42,7 @@ def _cmp_fwd_kernel(Q, K, V, KMASK, KSTART, KEND, O, LSE, n_q,
     hi = tl.max(ke, axis=0)
     q = tl.load(Q + rows[:, None] * stride_qn + h * D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :],
                 other=0.0)
-    # online softmax (FlashAttention-2, Alg. 1): running max m_i, running sum l_i, accumulator acc
+    # online softmax (_common.softmax_step): running max m_i, running sum l_i, accumulator acc
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -60,15 +60,10 @@ def _cmp_fwd_kernel(Q, K, V, KMASK, KSTART, KEND, O, LSE, n_q,
             s = tl.where(valid, s, float("-inf"))
         else:  # one cloud: every row sees the same columns; rows with none are zeroed at the end
             s = s + tl.where(kv, 0.0, float("-inf"))[None, :]
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+        m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, PREC, False)
     has = (l_i > 0) & (ke > ks)
-    o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
-    lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), EMPTY_LSE)
+    o, lse = softmax_finish(acc, l_i, m_i, has)
+    lse = tl.where(has, lse, EMPTY_LSE)
     tl.store(O + rows[:, None] * stride_on + h * D + offs_d[None, :], o.to(O.dtype.element_ty),
              mask=rmask[:, None] & dmask[None, :])
     tl.store(LSE + rows * H + h, lse, mask=rmask)
@@ -114,10 +109,7 @@ def _cmp_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KSTART, KEND, QSTART, Q
             p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
         else:  # empty rows carry lse = 1e30, so their P is exactly 0
             p = tl.math.exp2(s - lse[:, None] + tl.where(kv, 0.0, float("-inf"))[None, :])
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+        dk, dv = dkdv_step(dk, dv, p, q, do, v, delta, PREC)
     tl.store(DK + cols[:, None] * stride_kn + h * D + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
              mask=kd_mask)
     tl.store(DV + cols[:, None] * stride_kn + h * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kd_mask)
@@ -164,34 +156,34 @@ def _cmp_bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, KMASK, KSTART, KEND, DQ, n_q,
             p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
         else:
             p = tl.math.exp2(s - lse[:, None] + tl.where(kv, 0.0, float("-inf"))[None, :])
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        dq, _ = dq_step(dq, p, do, k, v, delta, PREC, False)
     tl.store(DQ + rows[:, None] * stride_don + h * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=qd_mask)
 
 
-def _configs(kind: str):
-    r"""Autotune candidates (keyed on head dim, dtype and raggedness); one small tile when interpreting."""
-    from ._common import is_interpreter
-    C = triton.Config
-    if is_interpreter():
-        return [C({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    if os.environ.get("BSA_AUTOTUNE", "1") == "0":  # GPU test runs: one config, no tuning per new shape
-        return [C({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3)]
-    shapes = {"fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3)],
-              # dK/dV: BLOCK_N keys stay resident, BLOCK_M query rows stream
-              "dkdv": [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2), (32, 64, 4, 4)],
-              "dq": [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2)]}[kind]
-    return [C({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in shapes]
+# Launch configs (_common's registry): autotuned over these candidates, keyed on head dim, dtype,
+# raggedness and power-of-two buckets QB, KB of the query and key counts (kernel arguments the kernels
+# do not read: tiles tuned at 4k points are not the best at 1M, and a bucket re-tunes at most once
+# per doubling of the size); with BSA_AUTOTUNE=0 each kernel launches its rule's one config.
+def _candidates(*shapes):
+    return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st) for m, n, w, st in shapes]
 
 
-# QB, KB: power-of-two buckets of the query and key counts (unused in the kernels): tiles tuned at 4k
-# points are not the best at 1M, and a bucket re-tunes at most once per doubling of the size
+def _pinned() -> dict:
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+
+
+launch_rule("cmp_fwd", tune=_candidates((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+                                        (64, 128, 4, 3)))(_pinned)
+# dK/dV: BLOCK_N keys stay resident, BLOCK_M query rows stream
+launch_rule("cmp_dkdv", tune=_candidates((64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2),
+                                         (32, 64, 4, 4)))(_pinned)
+launch_rule("cmp_dq", tune=_candidates((128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4),
+                                       (128, 128, 8, 2)))(_pinned)
 _KEY = ["D", "PREC", "RAGGED", "QB", "KB"]
-_cmp_fwd = triton.autotune(_configs("fwd"), key=_KEY)(_cmp_fwd_kernel)
-_cmp_dkdv = triton.autotune(_configs("dkdv"), key=_KEY)(_cmp_bwd_dkdv_kernel)
-_cmp_dq = triton.autotune(_configs("dq"), key=_KEY)(_cmp_bwd_dq_kernel)
+_cmp_fwd = autotune("cmp_fwd", _KEY)(_cmp_fwd_kernel)
+_cmp_dkdv = autotune("cmp_dkdv", _KEY)(_cmp_bwd_dkdv_kernel)
+_cmp_dq = autotune("cmp_dq", _KEY)(_cmp_bwd_dq_kernel)
 
 
 class CompressedAttention(torch.autograd.Function):
@@ -203,9 +195,11 @@ class CompressedAttention(torch.autograd.Function):
         q, k_cmp, v_cmp = _common.rows(q), k_cmp.contiguous(), v_cmp.contiguous()
         o = _common.new_empty(q.shape, q)
         lse = _common.new_empty((nq, h), q, torch.float32)
-        _cmp_fwd[lambda meta: (cdiv(nq, meta["BLOCK_M"]), h)](
+        launch_tuned(
+            _cmp_fwd, "cmp_fwd", lambda meta: (cdiv(nq, meta["BLOCK_M"]), h),
             q, k_cmp, v_cmp, kmask, kstart, kend, o, lse, nq, q.stride(0), k_cmp.stride(0), o.stride(0),
-            scale * LOG2E, next_pow2(nq), next_pow2(k_cmp.size(0)), H=h, D=d, BLOCK_D=dot_dim(d), PREC=dot_precision(q.dtype), RAGGED=ragged)
+            scale * LOG2E, next_pow2(nq), next_pow2(k_cmp.size(0)),
+            H=h, D=d, BLOCK_D=dot_dim(d), PREC=dot_precision(q.dtype), RAGGED=ragged)
         ctx.save_for_backward(q, k_cmp, v_cmp, o, lse, kmask, kstart, kend, qstart, qend)
         ctx.scale, ctx.ragged = scale, ragged
         ctx.mark_non_differentiable(lse)
@@ -223,11 +217,13 @@ class CompressedAttention(torch.autograd.Function):
         dv = _common.new_empty(v_cmp.shape, v_cmp)
         prec = dot_precision(q.dtype)
         scale, ragged = ctx.scale, ctx.ragged
-        _cmp_dq[lambda meta: (cdiv(nq, meta["BLOCK_M"]), h)](
+        launch_tuned(
+            _cmp_dq, "cmp_dq", lambda meta: (cdiv(nq, meta["BLOCK_M"]), h),
             q, k_cmp, v_cmp, do, o, lse, delta, kmask, kstart, kend, dq, nq,
             q.stride(0), k_cmp.stride(0), do.stride(0), scale * LOG2E, scale, next_pow2(nq), next_pow2(nk),
             H=h, D=d, BLOCK_D=dot_dim(d), PREC=prec, RAGGED=ragged)
-        _cmp_dkdv[lambda meta: (cdiv(nk, meta["BLOCK_N"]), h)](
+        launch_tuned(
+            _cmp_dkdv, "cmp_dkdv", lambda meta: (cdiv(nk, meta["BLOCK_N"]), h),
             q, k_cmp, v_cmp, do, lse, delta, kmask, kstart, kend, qstart, qend, dk, dv, nk,
             q.stride(0), k_cmp.stride(0), do.stride(0), scale * LOG2E, scale, next_pow2(nq), next_pow2(nk),
             H=h, D=d, BLOCK_D=dot_dim(d), PREC=prec, RAGGED=ragged)

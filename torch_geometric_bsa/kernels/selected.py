@@ -20,7 +20,8 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _common
-from ._common import LOG2E, cdiv, dot_dim, dot_precision, is_interpreter, next_pow2
+from ._common import (LOG2E, cdiv, config_for, dkdv_step, dot_dim, dot_precision, dq_step, launch_rule, next_pow2,
+                      softmax_finish, softmax_step)
 
 __all__ = ["selected_attention_triton", "SelectedAttention", "invert_selection"]
 
@@ -63,16 +64,10 @@ def _slc_fwd_kernel(Q, K, V, MASK, IDX, O, LSE, stride_n, stride_o,
                     other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         s = tl.where(kv[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+        m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, PREC, False)
     has = (l_i > 0) & qm
-    o = acc / tl.where(has, l_i, 1.0)[:, None]
-    o = tl.where(has[:, None], o, 0.0)
-    lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), 1.0e30)
+    o, lse = softmax_finish(acc, l_i, m_i, has)
+    lse = tl.where(has, lse, 1.0e30)
     tl.store(O + rows[:, None] * stride_o + h * D + offs_d[None, :], o.to(O.dtype.element_ty),
              mask=(r < G)[:, None] & dmask[None, :])
     tl.store(LSE + rows * H + h, lse, mask=r < G)
@@ -120,9 +115,7 @@ def _slc_bwd_dq_kernel(Q, K, V, DO, O, MASK, IDX, LSE, DELTA, DQ, stride_n, stri
                     other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         p = tl.where(kv[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        dq, _ = dq_step(dq, p, do, k, v, delta, PREC, False)
     tl.store(DQ + rows[:, None] * stride_o + h * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=(r < G)[:, None] & dmask[None, :])
 
@@ -200,10 +193,7 @@ def _slc_bwd_dkdv_kernel(Q, K, V, DO, MASK, BPTR, BGRP, XPTR, SK, SV, LSE, DELTA
         delta = tl.load(DELTA + rows * H + h, mask=qm, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         p = tl.where(qm[:, None] & kv[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+        dk, dv = dkdv_step(dk, dv, p, q, do, v, delta, PREC)
     if PARTIAL:
         srow = ((pid * LS + t)[:, None].to(tl.int64) * H + h) * D + offs_d[None, :]
         smask = kd_mask & ((t * 0 + pid) < tl.load(XPTR + nblk))[:, None]  # dead programs: none
@@ -234,16 +224,27 @@ def invert_selection(idx: Tensor, num_blocks: int):
     return ptr, order
 
 
-LAUNCH_OVERRIDE: dict = {}  # tile sweeps only (benchmarks/sweep_bsa.py); empty in normal use
+# Launch configs (_common's registry; tiles from benchmarks/sweep_bsa.py on the H100: benchmarks.md,
+# perf-notes.md). Forward and dQ: ``keys`` per step (CB blocks of LS_P2 slots); dK/dV: ``rows`` query
+# rows per step (GB groups) and ``steps`` steps per chunk of a block's list.
+@launch_rule("slc_fwd")
+def _fwd_rule(dtype: torch.dtype) -> dict:
+    return dict(keys=64 if dtype == torch.float32 else 128, num_warps=4, num_stages=2)
 
 
-def _launch(d: int, ls: int, topk: int, g: int, dtype: torch.dtype):
+@launch_rule("slc_dq")
+def _dq_rule(dtype: torch.dtype) -> dict:
+    return dict(keys=64 if dtype == torch.float32 else 128, num_warps=4, num_stages=2)
+
+
+@launch_rule("slc_dkdv")
+def _dkdv_rule() -> dict:
+    return dict(rows=64, steps=4, num_warps=4, num_stages=2)
+
+
+def _tiles(keys: int, ls: int, topk: int, g: int):
+    r"""``(LS_P2, CB, GM)``: a block's padded slots, blocks per step (``keys`` keys), padded group rows."""
     ls_p2 = next_pow2(ls)
-    if is_interpreter():
-        keys = 16
-    else:
-        keys = 64 if dtype == torch.float32 else 128
-    keys = LAUNCH_OVERRIDE.get("keys", keys)
     cb = max(1, min(next_pow2(topk), keys // ls_p2))
     # a key tile of at least 16 (K of P @ V in a compiled tl.dot); blocks past TOPK load masked
     cb = max(cb, 16 // ls_p2)
@@ -267,12 +268,12 @@ class SelectedAttention(torch.autograd.Function):
         topk = idx.size(-1)
         o = _common.new_empty(q.shape, q)
         lse = _common.new_empty((n, h), q, torch.float32)
-        ls_p2, cb, gm = _launch(d, ls, topk, g, q.dtype)
+        cfg = config_for("slc_fwd", dtype=q.dtype)
+        ls_p2, cb, gm = _tiles(cfg.pop("keys"), ls, topk, g)
         _slc_fwd_kernel[(n // g, h)](
             q, k, v, mask_i8, idx, o, lse, q.stride(0), o.stride(0), scale * LOG2E,
             G=g, H=h, D=d, LS=ls, LS_P2=ls_p2, TOPK=topk, CB=cb, GM=gm, BLOCK_D=dot_dim(d),
-            PREC=dot_precision(q.dtype), **_per_head_kw(idx),
-            **LAUNCH_OVERRIDE.get("fwd", dict(num_warps=4, num_stages=2)))
+            PREC=dot_precision(q.dtype), **_per_head_kw(idx), **cfg)
         ctx.save_for_backward(q, k, v, o, lse, mask_i8, idx)
         ctx.g, ctx.ls, ctx.scale = g, ls, scale
         return o
@@ -286,12 +287,13 @@ class SelectedAttention(torch.autograd.Function):
         do = do.contiguous()  # o's layout: one stride for both
         delta = _common.new_empty((n, h), q, torch.float32)  # written by the dQ kernel, read by dK/dV
         dq, dk, dv = (_common.new_empty(q.shape, q) for _ in range(3))  # contiguous: row stride o.stride(0)
-        ls_p2, cb, gm = _launch(d, ls, topk, g, q.dtype)
+        cfg = config_for("slc_dq", dtype=q.dtype)
+        ls_p2, cb, gm = _tiles(cfg.pop("keys"), ls, topk, g)
         prec = dot_precision(q.dtype)
         _slc_bwd_dq_kernel[(n // g, h)](
             q, k, v, do, o, mask_i8, idx, lse, delta, dq, q.stride(0), do.stride(0), scale * LOG2E, scale,
             G=g, H=h, D=d, LS=ls, LS_P2=ls_p2, TOPK=topk, CB=cb, GM=gm, BLOCK_D=dot_dim(d), PREC=prec,
-            **_per_head_kw(idx), **LAUNCH_OVERRIDE.get("dq", dict(num_warps=4, num_stages=2)))
+            **_per_head_kw(idx), **cfg)
         _dkdv(q, k, v, do, mask_i8, idx, lse, delta, dk, dv, g, ls, scale, prec)
         return dq, dk, dv, None, None, None, None, None
 
@@ -313,8 +315,9 @@ def _dkdv(q, k, v, do, mask_i8, idx, lse, delta, dk, dv, g, ls, scale, prec):
     nlists = h * nblk if per_head else nblk
     bptr, bgrp = invert_selection(idx, nlists)
     g_p2 = next_pow2(g)
-    gb = max(1, LAUNCH_OVERRIDE.get("dkdv_rows", 16 if is_interpreter() else 64) // g_p2)
-    chunk = gb * LAUNCH_OVERRIDE.get("dkdv_steps", 1 if is_interpreter() else 4)
+    cfg = config_for("slc_dkdv")
+    gb = max(1, cfg.pop("rows") // g_p2)
+    chunk = gb * cfg.pop("steps")
     # chunks past each list's last one, their prefix sum, and a scratch row for each (at most
     # entries / chunk of them: a static bound, so no host read)
     cnt = bptr[1:] - bptr[:-1]
@@ -323,7 +326,7 @@ def _dkdv(q, k, v, do, mask_i8, idx, lse, delta, dk, dv, g, ls, scale, prec):
     nx = max(1, cdiv(idx.numel(), chunk))
     sk, sv = (torch.empty((nx, ls, h, d), device=q.device, dtype=torch.float32) for _ in range(2))
     common = dict(G=g, G_P2=g_p2, H=h, D=d, TOPK=topk, LS=ls, LP=max(16, next_pow2(ls)), GB=gb, CHUNK=chunk,
-                  BLOCK_D=dot_dim(d), PREC=prec, **LAUNCH_OVERRIDE.get("dkdv", dict(num_warps=4, num_stages=2)))
+                  BLOCK_D=dot_dim(d), PREC=prec, **cfg)
     # the shared launch passes nothing new: its kernels compile and run as before the per-head rule
     extra = dict(PER_HEAD=True, nblk_head=nblk) if per_head else {}
     args = (q, k, v, do, mask_i8, bptr, bgrp, xptr, sk, sv, lse, delta, dk, dv, q.stride(0), do.stride(0),

@@ -21,13 +21,10 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _common
-from ._common import LOG2E, cdiv, dot_dim, dot_precision, is_interpreter, next_pow2
+from ._common import LOG2E, cdiv, config_for, dot_dim, dot_precision, launch_rule, next_pow2
 from .plan import as_int8
 
 __all__ = ["select_topk_triton"]
-
-LAUNCH_OVERRIDE: dict = {}  # tile sweeps only (benchmarks/sweep_bsa.py); empty in normal use
-
 
 @triton.jit
 def _score_topk_kernel(Q, K, LSE, KMASK, SVALID, KSTART, KEND, GSTART, GEND, IDX, n_q, n_g,
@@ -121,20 +118,20 @@ def select_topk_triton(q_cmp: Tensor, k_cmp: Tensor, lse: Tensor, kmask: Tensor,
     kmask = as_int8(kmask)
     idx = _common.new_empty((n_g, topk), q_cmp, torch.int32)
     scale = d ** -0.5 if scale is None else scale
-    if "launch" in LAUNCH_OVERRIDE:  # benchmarks/sweep_bsa.py: (BLOCK_G, BLOCK_N, num_warps)
-        bg, bn, nw = LAUNCH_OVERRIDE["launch"]
-    elif is_interpreter():
-        bg, bn, nw = max(1, 16 // qpg), 16, 4
-    else:
-        # enough programs to fill the GPU (each holds BLOCK_G groups' top-k), at most 64 rows each,
-        # key tiles of 128, 4 warps (the sweep behind it: docs/perf-notes.md,
-        # "Session of 2026-11-25 (afternoon)", top-k tiles)
-        bg = max(16 // qpg if qpg < 16 else 1, min(64 // qpg, next_pow2(max(1, n_g // 264))))
-        bn, nw = 128, 4
+    cfg = config_for("topk", qpg=qpg, n_g=n_g)
     q_cmp, k_cmp = _common.rows(q_cmp), _common.rows(k_cmp)
-    _score_topk_kernel[(cdiv(n_g, bg),)](
+    _score_topk_kernel[(cdiv(n_g, cfg["BLOCK_G"]),)](
         q_cmp, k_cmp, lse, kmask, svalid, kstart, kend, gstart, gend, idx, n_q, n_g,
         q_cmp.stride(0), k_cmp.stride(0), scale * LOG2E,
-        H=h, D=d, QPG=qpg, TOPK=topk, TOPK_P2=next_pow2(topk), BLOCK_G=bg, BLOCK_N=bn,
-        BLOCK_D=dot_dim(d), PREC=dot_precision(q_cmp.dtype), num_warps=nw, num_stages=2)
+        H=h, D=d, QPG=qpg, TOPK=topk, TOPK_P2=next_pow2(topk), BLOCK_D=dot_dim(d), PREC=dot_precision(q_cmp.dtype),
+        **cfg)
     return idx
+
+
+@launch_rule("topk")
+def _rule(qpg: int, n_g: int) -> dict:
+    # enough programs to fill the GPU (each holds BLOCK_G groups' top-k), at most 64 rows each, key
+    # tiles of 128, 4 warps (the sweep behind it: docs/perf-notes.md, "Session of 2026-11-25
+    # (afternoon)", top-k tiles); qpg: query rows per group, n_g: groups
+    bg = max(16 // qpg if qpg < 16 else 1, min(64 // qpg, next_pow2(max(1, n_g // 264))))
+    return dict(BLOCK_G=bg, BLOCK_N=128, num_warps=4, num_stages=2)
