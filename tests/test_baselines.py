@@ -43,6 +43,18 @@ def test_knn_fallback_matches_brute_force(loop, max_elems):
     assert len(_edge_set(ei)) == ei.size(1)  # no duplicate edges
 
 
+@pytest.mark.parametrize("loop", [False, True])
+def test_knn_dense_and_tree_agree(loop):
+    # "dense" is what CUDA picks ("auto"); both are exact, so they agree where there are no ties
+    _, pos, batch = _clouds([300, 41, 5, 150], dim=3, seed=4)
+    tree = knn_graph_torch(pos, 9, batch, loop=loop, method="tree")
+    for max_elems in (None, 1 << 12):
+        dense = knn_graph_torch(pos, 9, batch, loop=loop, method="dense", max_elems=max_elems)
+        assert torch.equal(dense, tree)  # same edges, same canonical order
+    with pytest.raises(ValueError, match="method"):
+        knn_graph_torch(pos, 9, batch, method="brute")
+
+
 def test_knn_fallback_2d_no_batch():
     _, pos, _ = _clouds([40], dim=2)
     ei = knn_graph_torch(pos, 3)

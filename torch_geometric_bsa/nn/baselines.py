@@ -32,7 +32,7 @@ def _unpack(x, pos: Optional[Tensor], batch: Optional[Tensor]) -> Tuple[Optional
 
 
 def knn_graph_torch(pos: Tensor, k: int, batch: Optional[Tensor] = None, loop: bool = False,
-                    max_elems: int = 1 << 20) -> Tensor:
+                    max_elems: Optional[int] = None, method: str = "auto") -> Tensor:
     r"""Exact k-nearest-neighbour graph in pure PyTorch (same convention as ``torch_cluster``).
 
     For 2-D and 3-D positions the search is pruned by a ball tree (``build_ball_tree`` with balls
@@ -44,18 +44,28 @@ def knn_graph_torch(pos: Tensor, k: int, batch: Optional[Tensor] = None, loop: b
     distances are computed elementwise (no ``|a|^2 + |b|^2 - 2ab`` cancellation), so the neighbour
     sets match a brute-force search. Clouds with fewer than ``k`` other points keep what they have.
 
+    ``method``: ``"tree"`` (the pruned search: the CPU's choice), ``"dense"`` (every pair of each
+    cloud in large chunks: few, big kernels, the GPU's choice; a tree search there is hundreds of
+    small launches and host reads per call), or ``"auto"`` (dense on CUDA, tree elsewhere).
+    ``max_elems`` (distances per chunk) defaults to 2^20 for the tree search and 2^26 for the
+    dense scan.
+
     Returns:
         ``edge_index [2, E]`` with ``edge_index[0]`` the neighbour (source) and ``edge_index[1]``
         the centre (target), i.e. ``flow="source_to_target"``, sorted by centre then neighbour.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if method not in ("auto", "tree", "dense"):
+        raise ValueError(f"method must be 'auto', 'tree' or 'dense', got {method!r}")
     if batch is None:
         batch = pos.new_zeros(pos.size(0), dtype=torch.long)
-    if pos.size(1) in (2, 3) and pos.is_floating_point():
-        src, dst = _knn_tree(pos, k, batch, loop, max_elems)
+    if method == "auto":
+        method = "dense" if pos.is_cuda else "tree"
+    if method == "tree" and pos.size(1) in (2, 3) and pos.is_floating_point():
+        src, dst = _knn_tree(pos, k, batch, loop, max_elems or 1 << 20)
     else:
-        src, dst = _knn_dense(pos, k, batch, loop, max_elems)
+        src, dst = _knn_dense(pos, k, batch, loop, max_elems or (1 << 26 if method == "dense" else 1 << 20))
     with _serial(pos.size(0) <= _KNN_SERIAL_MAX):  # sorted by centre, then neighbour: a canonical order
         order = torch.argsort(dst * pos.size(0) + src)
     return torch.stack([src.index_select(0, order), dst.index_select(0, order)])
