@@ -425,4 +425,7 @@ def ball_attention_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, sigma: T
         return q.new_zeros(q.shape) + 0 * (k.sum() + v.sum())
     mask_u8 = mask if mask.dtype == torch.uint8 else mask.to(torch.bool).to(torch.uint8)
     q, k, v = _common.shared_rows(q, k, v)
+    if torch.compiler.is_compiling():  # an opaque custom op for the graph (kernels/ops.py)
+        from . import ops
+        return ops.ball(q, k, v, pos, sigma, mask_u8, ball_size, scale)
     return BallAttentionFunction.apply(q, k, v, pos.contiguous(), sigma.contiguous(), mask_u8, ball_size, scale)

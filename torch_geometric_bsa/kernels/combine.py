@@ -139,6 +139,9 @@ def gated_combine(o_ball: Tensor, o_c: Tensor, o_slc: Tensor, gates: Tensor, mas
     if q_unit & (q_unit - 1):
         raise ValueError(f"q_unit must be a power of two, got {q_unit}")
     dt = o_ball.dtype
+    if torch.compiler.is_compiling():  # an opaque custom op for the graph (kernels/ops.py)
+        from . import ops
+        return ops.combine(o_ball, o_c.to(dt), o_slc.to(dt), gates, _as_u8(mask), q_unit)
     return GatedCombine.apply(o_ball, o_c.to(dt), o_slc.to(dt), gates,
                               _as_u8(mask), q_unit)
 
@@ -225,6 +228,9 @@ def masked_block_mean(x: Tensor, mask: Tensor, block: int) -> Tensor:
     ``mask [N]`` -> ``[N // block, H, D]`` (zero for a block with no valid row). One pass each way."""
     if x.size(0) % block:
         raise ValueError(f"x has {x.size(0)} rows, not a multiple of block={block}")
+    if torch.compiler.is_compiling():  # an opaque custom op for the graph (kernels/ops.py)
+        from . import ops
+        return ops.block_mean(x, _as_u8(mask), block)
     return MaskedBlockMean.apply(x, _as_u8(mask), block)
 
 

@@ -249,4 +249,7 @@ def compressed_attention_triton(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, kmask: 
     scale = d ** -0.5 if scale is None else scale
     if len(ranges) != 4:
         raise ValueError("ranges must be (kstart, kend, qstart, qend)")
+    if torch.compiler.is_compiling():  # an opaque custom op for the graph (kernels/ops.py)
+        from . import ops
+        return ops.compressed(q, k_cmp, v_cmp, as_int8(kmask), *ranges, float(scale), bool(ragged))
     return CompressedAttention.apply(q, k_cmp, v_cmp, as_int8(kmask), *ranges, scale, bool(ragged))

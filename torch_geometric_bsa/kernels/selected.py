@@ -343,4 +343,7 @@ def selected_attention_triton(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, mask
     d = q.size(-1)
     scale = d ** -0.5 if scale is None else scale
     mask = mask if mask.dtype == torch.int8 else mask.to(torch.int8)
+    if torch.compiler.is_compiling():  # an opaque custom op for the graph (kernels/ops.py)
+        from . import ops
+        return ops.selected(q, k, v, mask, idx.contiguous(), group_size, slc_block, float(scale))
     return SelectedAttention.apply(q, k, v, mask, idx.contiguous(), group_size, slc_block, scale)

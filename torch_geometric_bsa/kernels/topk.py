@@ -111,6 +111,10 @@ def select_topk_triton(q_cmp: Tensor, k_cmp: Tensor, lse: Tensor, kmask: Tensor,
     n_q, h, d = q_cmp.shape
     kstart, kend = kranges
     gstart, gend = granges
+    if torch.compiler.is_compiling():  # an opaque custom op for the graph (kernels/ops.py)
+        from . import ops
+        return ops.topk(q_cmp, k_cmp, lse, kmask, svalid, kstart, kend, gstart, gend, topk,
+                        float(d ** -0.5 if scale is None else scale))
     n_g = gstart.numel()
     qpg = n_q // n_g
     if qpg * n_g != n_q or qpg & (qpg - 1):
