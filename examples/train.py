@@ -178,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true",
                    help="CUDA only: capture the training step, ball tree included, as a CUDA graph "
                         "(torch_geometric_bsa.capture.GraphedStep), one graph per batch shape")
+    g.add_argument("--bucket-slots", type=int, default=None,
+                   help="attention models on CUDA: pad each batch with a dummy cloud to a multiple of this many "
+                        "tree slots so that ragged batches replay the same per-block CUDA graphs "
+                        "(BSATransformer(bucket_slots=...)); a multiple of --ball-size, e.g. 2048")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
@@ -502,7 +506,7 @@ def build_model(args, in_channels: int, out_channels: int, dim: int, backend: Op
                       selection=args.selection, drop_branches=tuple(args.drop_branch))
         return BSATransformer(in_channels, out_channels, args.hidden, args.layers, args.heads,
                               attention=args.model, mlp_ratio=args.mlp_ratio, rotate=args.rotate, dim=dim,
-                              ball_size=args.ball_size, **kw)
+                              ball_size=args.ball_size, bucket_slots=getattr(args, "bucket_slots", None), **kw)
     from torch_geometric_bsa.nn.baselines import KNNGNN, PointNet, PointTransformerNet
     if args.model == "pointnet":
         return PointNet(in_channels, out_channels, args.hidden, num_layers=args.layers, dim=dim)
@@ -600,7 +604,7 @@ class RunError(RuntimeError):
 # flag is recorded in the checkpoint ("config") and a difference is refused (read_resume_checkpoint).
 RESUME_MAY_CHANGE = ("resume", "stop_after", "max_time", "no_plots", "no_progress", "threads", "device",
                      "data_workers", "prepare_data", "log_every", "eval_every", "ckpt_every", "out", "root",
-                     "snapshot")
+                     "snapshot", "bucket_slots")  # bucket_slots: same outputs, other graph shapes
 
 
 # Flags added after checkpoints recorded their run configuration, with the value every earlier run

@@ -239,3 +239,79 @@ def test_tree_builds_replay_per_layout(emulate):
     for _ in range(3):
         build_ball_tree(*random_batch([50, 60], seed=1), 16)
     assert layer_graphs._TREE_BUILDS.captures == before + 1
+
+
+@pytest.mark.parametrize("attention,extra", [("bsa", {}), ("bsa", {"selection": "per_head"}), ("full", {}),
+                                             ("bsa", {"backend": "torch"})])
+def test_bucketed_ragged_batches_share_graphs(emulate, attention, extra):
+    # ragged batches padded to one bucket of slots replay the same block graphs, and the real
+    # points' outputs and the gradients are those of the unpadded model
+    torch.manual_seed(0)
+    kw = dict(SMALL, **extra) if attention == "bsa" else dict(hidden_channels=32, num_layers=2, heads=4,
+                                                              ball_size=16)
+    plain = BSATransformer(3, 2, attention=attention, cuda_graphs=False, **kw)
+    bucketed = BSATransformer(3, 2, attention=attention, bucket_slots=64, **kw)
+    bucketed.load_state_dict(plain.state_dict())
+    for seed, sizes in enumerate([[40, 23], [50, 20], [40, 23], [37, 41], [50, 20]]):
+        pos, batch = random_batch(sizes, seed=seed)
+        x = torch.randn(pos.size(0), 3, generator=torch.Generator().manual_seed(seed))
+        outs = []
+        for m in (plain, bucketed):
+            m.zero_grad()
+            out = m(x, pos, batch)
+            out.square().sum().backward()
+            outs.append(out.detach())
+        assert outs[1].shape == outs[0].shape
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+        for (name, p), q in zip(plain.named_parameters(), bucketed.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
+    if attention == "bsa":  # keyed by slots: one capture for the whole bucket
+        assert all(b._graphs.captures == 1 for b in bucketed.blocks)
+    else:  # full attention reads the point count: one capture per point count seen twice
+        assert all(b._graphs.captures == 2 for b in bucketed.blocks)
+
+
+def test_bucket_slots_checked_and_pooling():
+    with pytest.raises(ValueError, match="bucket_slots"):
+        BSATransformer(3, 1, bucket_slots=100, **SMALL)
+    from torch_geometric_bsa.nn.transformer import pad_to_bucket
+    pos, batch = random_batch([40, 23], seed=0)
+    x = torch.randn(63, 3)
+    xp, pp, bp, nc, ms = pad_to_bucket(x, pos, batch, 16, 64)
+    assert nc == 2 and ms == 64 and bp[-1] == 2 and xp.size(0) == 63 + 48 and bool((xp[63:] == 0).all())
+    tree = build_ball_tree(pp, bp, 16)
+    assert tree.num_slots == 128 and tree.num_slots % 64 == 0
+
+
+def test_bucketed_pooling_drops_the_dummy_cloud(emulate):
+    torch.manual_seed(1)
+    plain = BSATransformer(3, 2, pool="mean", cuda_graphs=False, **SMALL)
+    bucketed = BSATransformer(3, 2, pool="mean", bucket_slots=64, **SMALL)
+    bucketed.load_state_dict(plain.state_dict())
+    pos, batch = random_batch([40, 23], seed=2)
+    x = torch.randn(63, 3)
+    torch.testing.assert_close(bucketed(x, pos, batch), plain(x, pos, batch), rtol=1e-4, atol=1e-5)
+
+
+@requires_cuda
+def test_cuda_bucketed_ragged_batches():
+    torch.manual_seed(0)
+    cfg = {**SMALL, "hidden_channels": 64, "ball_size": 64, "cmp_block": 8, "slc_block": 8, "group_size": 8}
+    plain = BSATransformer(3, 1, cuda_graphs=False, **cfg).cuda()
+    bucketed = BSATransformer(3, 1, bucket_slots=512, **cfg).cuda()
+    bucketed.load_state_dict(plain.state_dict())
+    for seed, sizes in enumerate([[500, 300], [520, 260], [500, 300], [480, 333], [530, 250]]):
+        pos, batch = random_batch(sizes, seed=seed, device="cuda")
+        x = torch.randn(pos.size(0), 3, device="cuda")
+        outs = []
+        for m in (plain, bucketed):
+            m.zero_grad()
+            out = m(x, pos, batch)
+            out.square().sum().backward()
+            outs.append(out.detach())
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+        for p, q in zip(plain.parameters(), bucketed.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5)
+    # two buckets: largest cloud <= 512 slots (seeds 0, 2, 3) and <= 1024 (seeds 1, 4; 520 and
+    # 530 points take 576 slots); 1,024 slots in all for every batch
+    assert all(b._graphs.captures == 2 for b in bucketed.blocks)

@@ -77,11 +77,14 @@ def wanted(mode: Union[str, bool], x: Tensor, tree: BallTree) -> bool:
     return mode is True or tree.num_slots <= MAX_SLOTS
 
 
-def _static_tree(tree: BallTree) -> BallTree:
+def _static_tree(tree: BallTree, reads_points: bool = True) -> BallTree:
     # fresh buffers and an empty memo: what a layer derives from the tree is derived inside its
-    # graph, from these buffers
-    return BallTree(*(getattr(tree, k).clone() for k in _TREE_TENSORS), tree.ball_size, tree.num_balls,
-                    tree.max_slots)
+    # graph, from these buffers. A layer that declares it never reads the input-order side
+    # (``graph_reads_points = False``) gets an empty ``inv``: a read of it fails loudly at capture
+    bufs = {k: getattr(tree, k).clone() for k in _TREE_TENSORS}
+    if not reads_points:
+        bufs["inv"] = bufs["inv"].new_empty(0)
+    return BallTree(*(bufs[k] for k in _TREE_TENSORS), tree.ball_size, tree.num_balls, tree.max_slots)
 
 
 class _CudaGraph:
@@ -178,7 +181,7 @@ class _Entry:
         self.x.copy_(x)
         self.pos.copy_(pos)
         if self.loaded is None or self.loaded() is not tree:
-            for k in _TREE_TENSORS:
+            for k in self.tree_tensors:
                 getattr(self.tree, k).copy_(getattr(tree, k))
             self.loaded = weakref.ref(tree)
         if self.graph_cls is _EagerGraph:  # a CUDA graph re-derives the memo's tensors in its kernels
@@ -253,10 +256,14 @@ class LayerGraphs:
         grad = torch.is_grad_enabled() and (x.requires_grad or pos.requires_grad or
                                             any(p.requires_grad for p in params))
         dev = x.device.type
+        # a layer that reads only the tree-order side (BSAConv) is keyed by slots, not points:
+        # batches padded to a bucket of slots (BSATransformer(bucket_slots=...)) share its graphs
+        reads_points = getattr(module, "graph_reads_points", True)
         key = (grad, torch.is_inference_mode_enabled(), module.training,
                torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev),
                x.shape, x.dtype, x.requires_grad, pos.shape, pos.dtype, pos.requires_grad,
-               tree.num_points, tree.num_slots, tree.num_clouds, tree.max_slots, tree.ball_size,
+               tree.num_points if reads_points else None, tree.num_slots, tree.num_clouds, tree.max_slots,
+               tree.ball_size,
                tuple((p.data_ptr(), p.requires_grad) for p in params),
                tuple(b.data_ptr() for b in module.buffers()))
         entry = self._entries.get(key)
@@ -267,7 +274,7 @@ class LayerGraphs:
                 self._seen.popitem(last=False)
             if seen <= self.warmup:
                 return fn(x, pos, tree)
-            entry = self._capture(module, fn, x, pos, tree, params, grad)
+            entry = self._capture(module, fn, x, pos, tree, params, grad, reads_points)
             self._entries[key] = entry
             while len(self._entries) > self.max_graphs:
                 self._entries.popitem(last=False)
@@ -279,12 +286,13 @@ class LayerGraphs:
         return entry.out.clone()
 
     def _capture(self, module: nn.Module, fn: Callable, x: Tensor, pos: Tensor, tree: BallTree, params: tuple,
-                 grad: bool) -> _Entry:
+                 grad: bool, reads_points: bool = True) -> _Entry:
         graph_cls = _CudaGraph if x.is_cuda else _EagerGraph
         e = _Entry(graph_cls, grad)
         e.x = x.detach().clone().requires_grad_(grad and x.requires_grad)
         e.pos = pos.detach().clone().requires_grad_(grad and pos.requires_grad)
-        e.tree = _static_tree(tree)
+        e.tree = _static_tree(tree, reads_points)
+        e.tree_tensors = _TREE_TENSORS if reads_points else tuple(k for k in _TREE_TENSORS if k != "inv")
         aliases = {id(p): p.detach().requires_grad_(grad and p.requires_grad) for p in params}
         inputs = (e.x, e.pos) + tuple(aliases[id(p)] for p in params)
         want = [i for i, t in enumerate(inputs) if grad and t.requires_grad]

@@ -347,6 +347,10 @@ class BSAConv(_TreeAttentionConv):
         - **output:** node features $(|\mathcal{V}|, C_{out})$ in input order
     """
 
+    #: its tree-order forward never reads the input-order side of the tree (``inv``, the point
+    #: count): its CUDA graphs are keyed by slots (``layer_graphs.LayerGraphs``)
+    graph_reads_points = False
+
     def __init__(self, in_channels: int, out_channels: Optional[int] = None, heads: int = 8,
                  ball_size: int = 256, cmp_block: int = 8, cmp_stride: Optional[int] = None,
                  slc_block: int = 8, topk: int = 16, group_size: int = 8, group_compression: bool = False,

@@ -5,6 +5,7 @@ is no per-layer permutation (except into the rotated tree on alternate layers wh
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Optional, Union
 
@@ -62,7 +63,11 @@ class _Block(nn.Module):
         self.norm1, self.attn = RMSNorm(channels), attn
         self.norm2, self.mlp = RMSNorm(channels), SwiGLU(channels, mlp_hidden)
 
-        self._graphs = layer_graphs.LayerGraphs()
+        self._graphs = layer_graphs.LayerGraphs(max_graphs=4)
+
+    @property
+    def graph_reads_points(self) -> bool:
+        return getattr(self.attn, "graph_reads_points", True)
 
     def forward(self, h: Tensor, pos_t: Tensor, tree: BallTree) -> Tensor:
         # on CUDA the whole block (norms, attention, MLP) replays as CUDA graphs, as the attention
@@ -75,6 +80,26 @@ class _Block(nn.Module):
         # padded slots of h stay zero: RMSNorm and the bias-free SwiGLU map zero rows to zero
         h = h + self.attn.forward_tree(self.norm1(h), pos_t, tree)
         return h + self.mlp(self.norm2(h))
+
+
+def pad_to_bucket(x: Tensor, pos: Tensor, batch: Optional[Tensor], ball_size: int, bucket_slots: int):
+    r"""Appends one dummy cloud to a batch so that its ball tree has a multiple of ``bucket_slots``
+    slots: ``(x, pos, batch, num_clouds, max_slots)`` with the real clouds first, the dummy cloud's
+    ``>= ball_size`` points (zero features, all at the origin) last, ``num_clouds`` the real count
+    and ``max_slots`` the largest padded cloud rounded up to a multiple of ``bucket_slots``. Reads
+    the cloud sizes from the device once."""
+    m = ball_size
+    sizes = torch.bincount(batch).tolist() if batch is not None else [pos.size(0)]
+    slots = [-(-c // m) * m for c in sizes]
+    extra = -(-(sum(slots) + m) // bucket_slots) * bucket_slots - sum(slots)  # whole balls, >= m
+    b = len(sizes)
+    if batch is None:
+        batch = torch.zeros(pos.size(0), dtype=torch.long, device=pos.device)
+    x = torch.cat([x, x.new_zeros(extra, x.size(1))])
+    pos = torch.cat([pos, pos.new_zeros(extra, pos.size(1))])
+    batch = torch.cat([batch, batch.new_full((extra,), b)])
+    max_slots = -(-max(max(slots), extra) // bucket_slots) * bucket_slots
+    return x, pos, batch, b, max_slots
 
 
 class BSATransformer(nn.Module):
@@ -101,6 +126,13 @@ class BSATransformer(nn.Module):
         cuda_graphs (str or bool): on CUDA, each block's forward and backward replay as CUDA graphs
             captured per batch shape (``"auto"``: up to ``layer_graphs.MAX_SLOTS`` tree slots;
             ``True``; ``False``), as in ``BSAConv``; for every ``attention``.
+        bucket_slots (int, optional): for ragged batches on CUDA: pad every batch with one
+            dummy cloud (zero features, coincident points, its outputs dropped) so that its tree has
+            a multiple of ``bucket_slots`` slots and a largest cloud rounded up to one, so that
+            batches of similar size replay the same block graphs (each block keeps 4 shapes).
+            A multiple of ``ball_size``; costs up to ``bucket_slots + ball_size`` extra slots of
+            work. Clouds never attend to each other, so the real points' outputs are unchanged.
+            Not applied when a tree is passed in, nor off CUDA.
         **bsa_kwargs: passed to ``BSAConv`` (cmp_block, cmp_stride, slc_block, topk, group_size,
             group_compression, cmp_window, selection, compression, backend, bias); an unknown key raises a
             TypeError that lists the valid ones.
@@ -115,7 +147,8 @@ class BSATransformer(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 64, num_layers: int = 4,
                  heads: int = 4, attention: str = "bsa", mlp_ratio: float = 4.0, rotate: bool = False,
                  dim: int = 3, ball_size: int = 256, pool: Optional[str] = None,
-                 config: Optional[BSAConfig] = None, cuda_graphs: Union[str, bool] = "auto", **bsa_kwargs):
+                 config: Optional[BSAConfig] = None, cuda_graphs: Union[str, bool] = "auto",
+                 bucket_slots: Optional[int] = None, **bsa_kwargs):
         super().__init__()
         unknown = sorted(set(bsa_kwargs) - set(BSA_KWARGS))
         if unknown:
@@ -138,6 +171,10 @@ class BSATransformer(nn.Module):
         self.in_channels, self.out_channels, self.hidden_channels = in_channels, out_channels, hidden_channels
         self.num_layers, self.heads, self.attention, self.dim = num_layers, heads, attention, dim
         self.ball_size, self.rotate, self.pool = ball_size, rotate, pool
+        if bucket_slots is not None and (isinstance(bucket_slots, bool) or not isinstance(bucket_slots, int)
+                                         or bucket_slots < 1 or bucket_slots % ball_size):
+            raise ValueError(f"bucket_slots must be a positive multiple of ball_size={ball_size}, got {bucket_slots!r}")
+        self.bucket_slots = bucket_slots
         first = (LazyLinear(-1, hidden_channels) if in_channels == -1
                  else nn.Linear(in_channels + dim, hidden_channels))
         self.embed = nn.Sequential(first, nn.GELU(), nn.Linear(hidden_channels, hidden_channels))
@@ -170,10 +207,16 @@ class BSATransformer(nn.Module):
         expected = self.in_channels if self.in_channels != -1 else (
             self.embed[0].in_channels - self.dim if self.embed[0].in_channels > 0 else None)
         check_point_inputs(x, pos, batch, expected, self.dim, self.head.weight.dtype, self.head.weight.device)
+        n_real, num_clouds = pos.size(0), None
+        bucket = self.bucket_slots is not None and tree is None and (pos.is_cuda or layer_graphs._EMULATE)
+        if bucket:
+            x, pos, batch, num_clouds, max_slots = pad_to_bucket(x, pos, batch, self.ball_size, self.bucket_slots)
         tree = resolve_tree(tree, pos, batch, self.ball_size)
         trees = [tree]
         if self.rotate and self.num_layers > 1:
             trees.append(build_ball_tree(pos, batch, self.ball_size, rotation=self.rotation))
+        if bucket:  # the largest cloud as the bucket's bound: the kernels take it as an upper bound
+            trees = [dataclasses.replace(t, max_slots=max_slots) for t in trees]
         pos = pos.to(x.dtype)
         pos_ts = [t.to_tree(pos) for t in trees]
         h = trees[0].to_tree(self.embed(torch.cat([x, pos], dim=-1)))
@@ -184,8 +227,10 @@ class BSATransformer(nn.Module):
             h = block(h, pos_ts[t], trees[t])
         last = trees[(self.num_layers - 1) % len(trees)]
         h = self.norm(last.from_tree(h))
+        if bucket:  # the dummy cloud's points come last
+            h, batch = h[:n_real], batch[:n_real]
         if self.pool is not None:  # one row per cloud: [B, C]
-            h = _POOLS[self.pool](h, batch, size=last.num_clouds)
+            h = _POOLS[self.pool](h, batch, size=num_clouds if bucket else last.num_clouds)
         return self.head(h)
 
     def __repr__(self) -> str:
