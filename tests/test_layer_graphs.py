@@ -315,3 +315,28 @@ def test_cuda_bucketed_ragged_batches():
     # two buckets: largest cloud <= 512 slots (seeds 0, 2, 3) and <= 1024 (seeds 1, 4; 520 and
     # 530 points take 576 slots); 1,024 slots in all for every batch
     assert all(b._graphs.captures == 2 for b in bucketed.blocks)
+
+
+def test_ddp_sees_the_replayed_gradients(emulate, tmp_path):
+    # DDP's hooks fire on the parameters' gradient nodes; replays hand gradients to autograd as an
+    # ordinary Function does (one process with gloo here; the 2-GPU NCCL check is examples/run_ddp_check.sh)
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        plain = BSATransformer(3, 1, cuda_graphs=False, **SMALL)
+        graphed = BSATransformer(3, 1, **SMALL)
+        graphed.load_state_dict(plain.state_dict())
+        ddp = DDP(graphed)
+        for seed in range(4):
+            pos, batch = random_batch([40, 23], seed=seed)
+            x = torch.randn(pos.size(0), 3)
+            for m in (plain, ddp):
+                m.zero_grad()
+                m(x, pos, batch).square().mean().backward()
+            for p, q in zip(plain.parameters(), graphed.parameters()):
+                torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0)
+        assert all(b._graphs.captures == 1 for b in graphed.blocks)
+    finally:
+        dist.destroy_process_group()
