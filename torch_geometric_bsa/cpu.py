@@ -25,8 +25,9 @@ __all__ = ["bsa_cpu", "ball_attention_cpu"]
 #: score elements per chunk (selection-score pass, ball branch):
 #: 1M fp32 values (4 MiB): cache-sized pieces, reused by the allocator, never N x N / l at once
 CHUNK_ELEMS = 1 << 20
-#: score elements per chunk of the compression branch (``_CompressedAttention``)
-CMP_CHUNK_ELEMS = 1 << 20
+#: score elements per chunk of the compression branch (``_CompressedAttention``): 512K fp32 values
+#: (2 MiB, one core's L2), 32 query rows of 8 heads x 2048 blocks at 16k points
+CMP_CHUNK_ELEMS = 1 << 19
 
 
 def _for_chunks(fn, starts, device: torch.device) -> None:
@@ -98,7 +99,7 @@ class _BallAttention(torch.autograd.Function):
             b1 = min(nb, b0 + step)
             r = slice(b0 * h, b1 * h)
             p = _BallAttention._probs(q3[r], k3[r], sigma, dist[b0:b1], pad[b0:b1], scale)
-            torch.bmm(p, v3[r], out=o[r])
+            o[r] = torch.bmm(v3[r].transpose(1, 2), p.transpose(1, 2)).transpose(1, 2)
         _for_chunks(chunk, range(0, nb, step), q.device)
         ctx.save_for_backward(q3, k3, v3, sigma, dist, pad, o)
         ctx.shape = (nb, h, m, d)
@@ -120,10 +121,10 @@ class _BallAttention(torch.autograd.Function):
             b1 = min(nb, b0 + step)
             r = slice(b0 * h, b1 * h)
             p = _BallAttention._probs(q3[r], k3[r], sigma, dist[b0:b1], pad[b0:b1], scale)
-            torch.bmm(p.transpose(1, 2), do[r], out=dv[r])
+            dv[r] = torch.bmm(do[r].transpose(1, 2), p).transpose(1, 2)
             ds = torch.bmm(do[r], v3[r].transpose(1, 2)).sub_(delta[r]).mul_(p)   # dS = P (dP - delta)
-            torch.bmm(ds, k3[r], out=dq[r]).mul_(scale)
-            torch.bmm(ds.transpose(1, 2), q3[r], out=dk[r]).mul_(scale)
+            dq[r] = torch.bmm(k3[r].transpose(1, 2), ds.transpose(1, 2)).transpose(1, 2).mul_(scale)
+            dk[r] = torch.bmm(q3[r].transpose(1, 2), ds).transpose(1, 2).mul_(scale)
             ds4 = ds.view(b1 - b0, h, m * m)
             torch.sum(torch.bmm(ds4, dist[b0:b1].reshape(b1 - b0, m * m, 1)).view(b1 - b0, h), 0,
                       out=dsigma[b0 // step])
