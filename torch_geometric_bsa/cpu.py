@@ -205,15 +205,24 @@ def _workers(num_chunks: int, device: torch.device) -> int:
 
 
 def _for_workers(fn, starts, device: torch.device) -> None:
-    r"""Runs ``fn(worker, start)`` for every chunk start, worker ``w`` (of ``_workers``) taking a
-    contiguous run of the starts, so that each worker can accumulate into its own buffer."""
+    r"""Runs ``fn(worker, start)`` for every chunk start on ``_workers`` worker threads, each with its
+    own index (so that it can accumulate into its own buffer), the starts handed out one at a time
+    (a worker whose core another process holds takes fewer)."""
     starts = list(starts)
     nw = _workers(len(starts), device)
-    per = -(-len(starts) // nw)
-    runs = [starts[w * per:(w + 1) * per] for w in range(nw)]
+    if nw == 1:
+        for s0 in starts:
+            fn(0, s0)
+        return
+    import threading
+    todo, lock = iter(starts), threading.Lock()
 
     def work(w):
-        for s0 in runs[w]:
+        while True:
+            with lock:
+                s0 = next(todo, None)
+            if s0 is None:
+                return
             fn(w, s0)
     _for_chunks(work, range(nw), device)
 
