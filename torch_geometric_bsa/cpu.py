@@ -1,13 +1,14 @@
 """The fast CPU path of BSA: the same function as ``reference.bsa_reference``, in few large ops.
 
-``backend="cpu"`` (what ``"auto"`` picks off CUDA). The compression and selection branches are one
-batched ``scaled_dot_product_attention`` call each, whose CPU kernel is flash-style (no score matrix
-kept for the backward), padding entering as additive float masks. The ball branch, whose distance
-bias needs a gradient, is a hand-written attention over chunks of balls. The selection scores, which
-need the compressed-attention probabilities themselves, are computed without autograd in chunks of
-query rows, so that memory stays linear in N. Windows (``cfg.cmp_window``) are a reshape of the
-per-cloud dense layout. Every input stays in tree order; the top-k indices are constants, as in the
-reference. Measurements: docs/benchmarks.md (CPU section).
+``backend="cpu"`` (what ``"auto"`` picks off CUDA). The ball and compression branches are
+hand-written attentions over chunks (of balls, of query rows) whose backward recomputes the
+probabilities per chunk, so that memory stays linear in N (the ball branch's distance bias needs a
+gradient; the compression branch's probabilities also give the ``"shared"`` selection scores, so the
+``N x N / l`` scores are computed once for both). The selected branch is one batched
+``scaled_dot_product_attention`` call (flash-style CPU kernel), padding entering as an additive float
+mask. Windows (``cfg.cmp_window``) are a reshape of the per-cloud dense layout. Every input stays in
+tree order; the top-k indices are constants, as in the reference. Measurements: docs/benchmarks.md
+(CPU section).
 """
 from __future__ import annotations
 
@@ -77,7 +78,9 @@ class _BallAttention(torch.autograd.Function):
     buffers are reused from the allocator and stay in the last-level cache instead of paging in
     ``num_balls * H * m * m`` fresh floats): the bias is one ``addcmul`` into the logits buffer,
     ``baddbmm_`` adds ``q k^T`` in place, and the backward recomputes the probabilities (nothing of
-    size ``m * m`` is kept) and gets ``d sigma`` and ``d dist`` as batched matmuls.
+    size ``m * m`` is kept) and gets ``d sigma`` and ``d dist`` as batched matmuls. Products with the
+    head dimension give it as their output's rows (``V^T P^T``, ``dO^T P``, ...), as in
+    ``_CompressedAttention``.
     """
 
     @staticmethod
