@@ -389,7 +389,8 @@ def _selection_slots(idx: Tensor, top_key: Tensor, tree: BallTree, cfg: BSAConfi
     # per-chunk `val >= 0` stores (mixed int64/float vector masks)
     ok = top_key >= 0
     tail = (1,) * (idx.dim() - 1)
-    first = (idx + (torch.arange(idx.size(0), device=idx.device) % (length // window) * (window // ls)).view(-1, *tail)) * ls
+    offset = torch.arange(idx.size(0), device=idx.device) % (length // window) * (window // ls)  # window's first block
+    first = (idx + offset.view(-1, *tail)) * ls
     first = _unwindowed(first.view((-1, window // g) + tuple(idx.shape[2:])), tree, g, length)  # [N_pad // g, (H,) k']
     ok = _unwindowed(ok.view((-1, window // g) + tuple(idx.shape[2:])), tree, g, length)
     gb = tree.slot_batch[torch.arange(first.size(0), device=first.device) * g]
