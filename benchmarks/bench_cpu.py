@@ -5,7 +5,7 @@ in one run: after one warm-up call each, the layers take turns (one call each pe
 reports its median over the rounds; before each round the script waits (``--max-wait``) until other
 processes leave the cores idle, and records how busy they were (``busy_before_rounds``):
 
-- ``BSAConv`` with ``backend="auto"`` (the fused-SDPA CPU path, ``torch_geometric_bsa.cpu``), ball
+- ``BSAConv`` with ``backend="auto"`` (the chunked CPU path, ``torch_geometric_bsa.cpu``), ball
   tree build included (it runs inside every forward), default configuration (``bsa``) and with
   ``group_compression=True`` (``bsa_gc``); ``--reference`` adds the readable ``backend="torch"``;
 - ``sdpa_full``: a plain multi-head attention layer (qkv projection, ``scaled_dot_product_attention``

@@ -90,8 +90,7 @@ def test_cpu_selection_is_the_reference_selection():
     kc, vc, cm = compress_mean(k, v, tree.mask, tree.slot_batch, cfg.cmp_block, cfg.cmp_stride)
     _, p = compressed_attention(q, kc, vc, cm, tree, cfg.cmp_stride, return_probs=True)
     idx, ok = select_blocks(selection_scores(p, tree, cfg, 1), cfg.topk)          # [B, NG, k]
-    _, (qt, kt, kok, length, w) = fast._compressed(q, kc, vc, cm, tree, cfg.cmp_stride, None)
-    first, ok_fast = fast._select(qt, kt, kok, tree, cfg, 1, length, w)           # [N_pad // g, k]
+    _, (first, ok_fast) = fast._compressed(q, kc, vc, cm, tree, cfg.cmp_stride, None, cfg)  # [N_pad // g, k]
     g, ls = cfg.group_size, cfg.slc_block
     group_cloud = tree.slot_batch[::g]
     local_group = torch.arange(first.size(0)) - tree.ptr[group_cloud] // g
@@ -106,8 +105,7 @@ def test_cpu_per_head_selection_is_the_reference_selection():
     kc, vc, cm = compress_mean(k, v, tree.mask, tree.slot_batch, cfg.cmp_block, cfg.cmp_stride)
     _, lg = compressed_attention(q, kc, vc, cm, tree, cfg.cmp_stride, return_probs=True, return_logits=True)
     idx, ok = select_blocks(selection_scores(lg, tree, cfg, 1), cfg.topk)         # [B, NG, H, k]
-    _, (qt, kt, kok, length, w) = fast._compressed(q, kc, vc, cm, tree, cfg.cmp_stride, None)
-    first, ok_fast = fast._select(qt, kt, kok, tree, cfg, 1, length, w)           # [N_pad // g, H, k]
+    _, (first, ok_fast) = fast._compressed(q, kc, vc, cm, tree, cfg.cmp_stride, None, cfg)  # [N_pad // g, H, k]
     g, ls = cfg.group_size, cfg.slc_block
     group_cloud = tree.slot_batch[::g]
     local_group = torch.arange(first.size(0)) - tree.ptr[group_cloud] // g
@@ -206,8 +204,9 @@ def test_cpu_path_compiles_as_one_graph(selection):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_cpu_path_in_many_chunks_matches_reference(monkeypatch, threads):
-    # tiny chunks: the ball and selection loops run many chunks, spread over worker threads
+    # tiny chunks: the ball and compression loops run many chunks, spread over worker threads
     monkeypatch.setattr(fast, "CHUNK_ELEMS", 64)
+    monkeypatch.setattr(fast, "CMP_CHUNK_ELEMS", 64)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -240,13 +239,13 @@ def test_cpu_path_under_bf16_autocast():
 def test_selection_pass_compiles_with_inductor(monkeypatch):
     # the default torch.compile backend (C++ codegen) over the chunked selection pass; a per-chunk
     # store of `keys >= 0` once generated C++ that did not compile (mixed int64/float vector masks)
-    monkeypatch.setattr(fast, "CHUNK_ELEMS", 256)
+    monkeypatch.setattr(fast, "CMP_CHUNK_ELEMS", 256)
     cfg = BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4)
     q, k, v, pt, tree, _ = _inputs([60, 33], cfg, False, seed=21)
     kc, vc, cm = compress_mean(k.detach(), v.detach(), tree.mask, tree.slot_batch, 4, 4)
-    _, (qt, kt, kok, length, w) = fast._compressed(q.detach(), kc, vc, cm, tree, 4, None)
     torch._dynamo.reset()
-    fn = torch.compile(lambda qt, kt: fast._select(qt, kt, kok, tree, cfg, 1, length, w))
-    first, ok = fn(qt, kt)
-    ref_first, ref_ok = fast._select(qt, kt, kok, tree, cfg, 1, length, w)
+    fn = torch.compile(lambda q, kc, vc: fast._compressed(q, kc, vc, cm, tree, 4, None, cfg)[1])
+    with torch.no_grad():
+        first, ok = fn(q.detach(), kc, vc)
+        ref_first, ref_ok = fast._compressed(q.detach(), kc, vc, cm, tree, 4, None, cfg)[1]
     assert torch.equal(ok, ref_ok) and torch.equal(first[ok], ref_first[ok])

@@ -1,13 +1,14 @@
 """The fast CPU path of BSA: the same function as ``reference.bsa_reference``, in few large ops.
 
-``backend="cpu"`` (what ``"auto"`` picks off CUDA). The compression and selection branches are one
-batched ``scaled_dot_product_attention`` call each, whose CPU kernel is flash-style (no score matrix
-kept for the backward), padding entering as additive float masks. The ball branch, whose distance
-bias needs a gradient, is a hand-written attention over chunks of balls. The selection scores, which
-need the compressed-attention probabilities themselves, are computed without autograd in chunks of
-query rows, so that memory stays linear in N. Windows (``cfg.cmp_window``) are a reshape of the
-per-cloud dense layout. Every input stays in tree order; the top-k indices are constants, as in the
-reference. Measurements: docs/benchmarks.md (CPU section).
+``backend="cpu"`` (what ``"auto"`` picks off CUDA). The ball and compression branches are
+hand-written attentions over chunks (of balls, of query rows) whose backward recomputes the
+probabilities per chunk, so that memory stays linear in N (the ball branch's distance bias needs a
+gradient; the compression branch's probabilities also give the ``"shared"`` selection scores, so the
+``N x N / l`` scores are computed once for both). The selected branch is one batched
+``scaled_dot_product_attention`` call (flash-style CPU kernel), padding entering as an additive float
+mask. Windows (``cfg.cmp_window``) are a reshape of the per-cloud dense layout. Every input stays in
+tree order; the top-k indices are constants, as in the reference. Measurements: docs/benchmarks.md
+(CPU section).
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ __all__ = ["bsa_cpu", "ball_attention_cpu"]
 #: score elements per chunk (selection-score pass, ball branch):
 #: 1M fp32 values (4 MiB): cache-sized pieces, reused by the allocator, never N x N / l at once
 CHUNK_ELEMS = 1 << 20
+#: score elements per chunk of the compression branch (``_CompressedAttention``): 512K fp32 values
+#: (2 MiB, one core's L2), 32 query rows of 8 heads x 2048 blocks at 16k points
+CMP_CHUNK_ELEMS = 1 << 19
 
 
 def _for_chunks(fn, starts, device: torch.device) -> None:
@@ -74,7 +78,9 @@ class _BallAttention(torch.autograd.Function):
     buffers are reused from the allocator and stay in the last-level cache instead of paging in
     ``num_balls * H * m * m`` fresh floats): the bias is one ``addcmul`` into the logits buffer,
     ``baddbmm_`` adds ``q k^T`` in place, and the backward recomputes the probabilities (nothing of
-    size ``m * m`` is kept) and gets ``d sigma`` and ``d dist`` as batched matmuls.
+    size ``m * m`` is kept) and gets ``d sigma`` and ``d dist`` as batched matmuls. Products with the
+    head dimension give it as their output's rows (``V^T P^T``, ``dO^T P``, ...), as in
+    ``_CompressedAttention``.
     """
 
     @staticmethod
@@ -96,7 +102,7 @@ class _BallAttention(torch.autograd.Function):
             b1 = min(nb, b0 + step)
             r = slice(b0 * h, b1 * h)
             p = _BallAttention._probs(q3[r], k3[r], sigma, dist[b0:b1], pad[b0:b1], scale)
-            torch.bmm(p, v3[r], out=o[r])
+            o[r] = torch.bmm(v3[r].transpose(1, 2), p.transpose(1, 2)).transpose(1, 2)
         _for_chunks(chunk, range(0, nb, step), q.device)
         ctx.save_for_backward(q3, k3, v3, sigma, dist, pad, o)
         ctx.shape = (nb, h, m, d)
@@ -118,10 +124,10 @@ class _BallAttention(torch.autograd.Function):
             b1 = min(nb, b0 + step)
             r = slice(b0 * h, b1 * h)
             p = _BallAttention._probs(q3[r], k3[r], sigma, dist[b0:b1], pad[b0:b1], scale)
-            torch.bmm(p.transpose(1, 2), do[r], out=dv[r])
+            dv[r] = torch.bmm(do[r].transpose(1, 2), p).transpose(1, 2)
             ds = torch.bmm(do[r], v3[r].transpose(1, 2)).sub_(delta[r]).mul_(p)   # dS = P (dP - delta)
-            torch.bmm(ds, k3[r], out=dq[r]).mul_(scale)
-            torch.bmm(ds.transpose(1, 2), q3[r], out=dk[r]).mul_(scale)
+            dq[r] = torch.bmm(k3[r].transpose(1, 2), ds.transpose(1, 2)).transpose(1, 2).mul_(scale)
+            dk[r] = torch.bmm(q3[r].transpose(1, 2), ds).transpose(1, 2).mul_(scale)
             ds4 = ds.view(b1 - b0, h, m * m)
             torch.sum(torch.bmm(ds4, dist[b0:b1].reshape(b1 - b0, m * m, 1)).view(b1 - b0, h), 0,
                       out=dsigma[b0 // step])
@@ -194,11 +200,158 @@ def _unit_valid(mask: Tensor, unit: int) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # Compression branch (+ the selection it drives)
 # ---------------------------------------------------------------------------------------------
+def _workers(num_chunks: int, device: torch.device) -> int:
+    r"""How many workers ``_for_workers`` uses for ``num_chunks`` chunks."""
+    if torch.compiler.is_compiling() or device.type != "cpu":
+        return 1
+    return max(1, min(torch.get_num_threads(), num_chunks))
+
+
+def _for_workers(fn, starts, device: torch.device) -> None:
+    r"""Runs ``fn(worker, start)`` for every chunk start on ``_workers`` worker threads, each with its
+    own index (so that it can accumulate into its own buffer), the starts handed out one at a time
+    (a worker whose core another process holds takes fewer)."""
+    starts = list(starts)
+    nw = _workers(len(starts), device)
+    if nw == 1:
+        for s0 in starts:
+            fn(0, s0)
+        return
+    import threading
+    todo, lock = iter(starts), threading.Lock()
+
+    def work(w):
+        while True:
+            with lock:
+                s0 = next(todo, None)
+            if s0 is None:
+                return
+            fn(w, s0)
+    _for_chunks(work, range(nw), device)
+
+
+class _SharedSelection:
+    r"""The ``"shared"`` selection rule over chunks of compressed-attention probabilities, as
+    ``reference.selection_scores`` and ``select_blocks`` (the same operations in the same order, ties
+    to the lower block index): the probabilities summed over heads and the group's valid queries,
+    then over the compression blocks that overlap each selection block; top-``k`` by ``_rank_key``.
+
+    ``chunk(p, r0)`` takes the probabilities ``[BW, H, c, Wk]`` of window rows ``r0 : r0 + c`` (``c`` a
+    multiple of the group's rows) and writes the rows' top-``k`` into buffers allocated up front
+    (small tensors kept between the chunks' big temporaries fragment the heap).
+    """
+
+    def __init__(self, tree: BallTree, cfg: BSAConfig, q_unit: int, length: int, window: int, kok: Tensor,
+                 wq: int):
+        g, s, l, ls = cfg.group_size, cfg.cmp_stride, cfg.cmp_block, cfg.slc_block
+        bw, wk = kok.shape
+        dev = kok.device
+        ws = window // ls
+        self.gq = g // q_unit                                     # query rows per group
+        # query rows that count: the unit has a valid slot and lies inside its cloud
+        qmask, qin = _windowed(_unit_valid(tree.mask, q_unit), tree, q_unit, length, window)
+        self.qok = (qmask & qin).to(torch.float32)                # [BW, Wq]
+        smask, sin = _windowed(_unit_valid(tree.mask, ls), tree, ls, length, window)
+        self.sok = smask & sin                                    # [BW, Ws]
+        self.overlap = None
+        if not l == s == ls:  # compression blocks overlapping each selection block, within the window
+            cb = torch.arange(wk, device=dev) * s
+            sb = torch.arange(ws, device=dev) * ls
+            self.overlap = ((cb[:, None] < sb[None] + ls) & (sb[None] < cb[:, None] + l)).float()
+        self.kk = min(cfg.topk, ws)
+        self.lower_first = ws - 1 - torch.arange(ws, device=dev)
+        self.idx = torch.empty(bw, wq // self.gq, self.kk, dtype=torch.long, device=dev)
+        self.top_key = torch.empty(bw, wq // self.gq, self.kk, dtype=torch.long, device=dev)
+
+    def chunk(self, p: Tensor, r0: int) -> None:
+        bw, _, c, wk = p.shape
+        gq = self.gq
+        ph = p.float().sum(1).mul_(self.qok[:, r0:r0 + c, None])          # [BW, c, Wk]
+        ph = ph.view(bw, -1, gq, wk).sum(2)                                # [BW, c / gq, Wk]
+        scores = ph if self.overlap is None else ph @ self.overlap         # [BW, c / gq, Ws]
+        key = _rank_key(scores.contiguous(), self.sok[:, None, :], self.lower_first)
+        val, top = key.topk(self.kk, dim=-1)
+        self.idx[:, r0 // gq:(r0 + c) // gq] = top             # [BW, window // g, kk], window-local
+        self.top_key[:, r0 // gq:(r0 + c) // gq] = val
+
+
+class _CompressedAttention(torch.autograd.Function):
+    r"""Softmax attention of queries ``[BW, H, Wq, D]`` over keys and values ``[BW, H, Wk, D]`` with an
+    additive key bias ``[BW * H, 1, Wk]``, in chunks of query rows; optionally also the selection
+    (``_SharedSelection``) from the same probabilities, so that the ``Wq x Wk`` scores are computed
+    once for both.
+
+    Every product with the small head dimension ``D`` has ``D`` as the row count of its output
+    (``V^T P^T``, ``dO^T P``, ``K^T dS^T``, ``(q s)^T dS``): MKL's kernels for an output of ``D``
+    columns are several times slower on these shapes (docs/perf-notes.md). The backward recomputes
+    the probabilities per chunk (memory linear in the number of queries) and sums ``dK^T``, ``dV^T``
+    in one buffer per worker thread.
+    """
+
+    @staticmethod
+    def _probs(qs, kt, kbias, r0, r1):
+        return torch.softmax(torch.baddbmm(kbias, qs[:, r0:r1], kt), dim=-1)   # [BW * H, c, Wk]
+
+    @staticmethod
+    def _rows(bh: int, wk: int, unit: int) -> int:
+        return max(unit, CMP_CHUNK_ELEMS // max(1, bh * wk) // unit * unit)
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, kbias: Tensor, sel: Optional[_SharedSelection]) -> Tensor:
+        bw, h, wq, d = q.shape
+        wk, bh = k.size(2), bw * h
+        qs = torch.mul(q, d ** -0.5).reshape(bh, wq, d)                        # [BH, Wq, D]
+        kt = k.transpose(-1, -2).reshape(bh, d, wk)                            # [BH, D, Wk]
+        vt = v.transpose(-1, -2).reshape(bh, d, wk)
+        o = torch.empty(bh, wq, d, dtype=q.dtype, device=q.device)
+        rows = _CompressedAttention._rows(bh, wk, 1 if sel is None else sel.gq)
+
+        def chunk(r0):
+            r1 = min(wq, r0 + rows)
+            p = _CompressedAttention._probs(qs, kt, kbias, r0, r1)
+            o[:, r0:r1] = torch.bmm(vt, p.transpose(1, 2)).transpose(1, 2)
+            if sel is not None:
+                sel.chunk(p.view(bw, h, r1 - r0, wk), r0)
+        _for_chunks(chunk, range(0, wq, rows), q.device)
+        ctx.save_for_backward(qs, kt, vt, kbias, o)
+        ctx.shape = (bw, h, wq, d, wk)
+        return o.view(bw, h, wq, d)
+
+    @staticmethod
+    def backward(ctx, do: Tensor):
+        qs, kt, vt, kbias, o = ctx.saved_tensors
+        bw, h, wq, d, wk = ctx.shape
+        bh, scale = bw * h, d ** -0.5
+        do = do.reshape(bh, wq, d)
+        delta = (do * o).sum(-1, keepdim=True)                                 # rowsum(dO * O)
+        rows = _CompressedAttention._rows(bh, wk, 1)
+        starts = range(0, wq, rows)
+        nw = _workers(len(starts), qs.device)
+        dq = torch.empty_like(qs)
+        dkt = qs.new_zeros(nw, bh, d, wk)
+        dvt = qs.new_zeros(nw, bh, d, wk)
+
+        def chunk(w, r0):
+            r1 = min(wq, r0 + rows)
+            p = _CompressedAttention._probs(qs, kt, kbias, r0, r1)
+            doc = do[:, r0:r1]
+            dvt[w].baddbmm_(doc.transpose(1, 2), p)
+            ds = torch.bmm(doc, vt).sub_(delta[:, r0:r1]).mul_(p)              # dS = P (dP - delta)
+            dq[:, r0:r1] = torch.bmm(kt, ds.transpose(1, 2)).transpose(1, 2).mul_(scale)
+            dkt[w].baddbmm_(qs[:, r0:r1].transpose(1, 2), ds)                  # qs carries the scale
+        _for_workers(chunk, starts, qs.device)
+        dk = dkt.sum(0).transpose(1, 2).reshape(bw, h, wk, d)
+        dv = dvt.sum(0).transpose(1, 2).reshape(bw, h, wk, d)
+        return dq.view(bw, h, wq, d), dk, dv, None, None
+
+
 def _compressed(q: Tensor, kc: Tensor, vc: Tensor, kvalid: Tensor, tree: BallTree, k_unit: int,
-                window: Optional[int]) -> Tuple[Tensor, Tuple[Tensor, Tensor, Tensor, int, int]]:
+                window: Optional[int], cfg: Optional[BSAConfig] = None
+                ) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor]]]:
     r"""Queries ``[Q, H, D]`` (tree order, unit ``N_pad // Q``) over compressed keys ``[N_pad // k_unit,
-    H, D]`` of their cloud (window). Returns the tree-ordered output and the windowed tensors the
-    selection pass reuses."""
+    H, D]`` of their cloud (window). Returns the tree-ordered output ``[Q, H, D]`` and, with ``cfg``,
+    the selection of ``cfg.selection``'s rule (``_selection_slots``; the ``"shared"`` rule from this
+    pass's own probabilities)."""
     h, d = q.shape[1:]
     q_unit = tree.num_slots // q.size(0)
     w = tree.max_slots if window is None else window
@@ -208,10 +361,40 @@ def _compressed(q: Tensor, kc: Tensor, vc: Tensor, kvalid: Tensor, tree: BallTre
     vw, _ = _windowed(vc, tree, k_unit, length, w)
     kmask, _ = _windowed(kvalid, tree, k_unit, length, w)
     kok = kmask & kv                                          # [BW, Wk]
+    bw, wq, wk = qw.size(0), qw.size(1), kw.size(1)
     qt, kt, vt = qw.transpose(1, 2), kw.transpose(1, 2), vw.transpose(1, 2)  # [BW, H, W*, D]
-    o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=_neg_mask(kok[:, None, None, :], q.dtype))
+    # invalid blocks through an additive mask inside baddbmm: exp(min - max) is exactly 0, as the
+    # reference's masked_fill + re-mask; rows without a valid block only occur outside any cloud,
+    # where the query mask zeroes them
+    kbias = _neg_mask(kok, q.dtype)[:, None, None, :].expand(bw, h, 1, wk).reshape(bw * h, 1, wk)
+    sel = None
+    if cfg is not None and cfg.selection != "per_head":
+        sel = _SharedSelection(tree, cfg, q_unit, length, w, kok, wq)
+    o = _CompressedAttention.apply(qt, kt, vt, kbias, sel)
     o = _unwindowed(o.transpose(1, 2), tree, q_unit, length)
-    return o, (qt, kt, kok, length, w)
+    if cfg is None:
+        return o, None
+    if sel is None:
+        return o, _select_per_head(qt.detach(), kt.detach(), kok, tree, cfg, q_unit, length, w)
+    return o, _selection_slots(sel.idx, sel.top_key, tree, cfg, length, w)
+
+
+def _selection_slots(idx: Tensor, top_key: Tensor, tree: BallTree, cfg: BSAConfig, length: int,
+                     window: int) -> Tuple[Tensor, Tensor]:
+    r"""Window-local top-``k`` blocks ``[BW, window // g, (H,) k']`` and their rank keys -> per
+    tree-ordered group ``[N_pad // g, (H,) k']`` the global slot of each block's first key and the
+    blocks' validity (a non-negative key)."""
+    g, ls = cfg.group_size, cfg.slc_block
+    # validity from the keys once, after the chunk loop: inductor's C++ codegen failed to compile
+    # per-chunk `val >= 0` stores (mixed int64/float vector masks)
+    ok = top_key >= 0
+    tail = (1,) * (idx.dim() - 1)
+    offset = torch.arange(idx.size(0), device=idx.device) % (length // window) * (window // ls)  # window's first block
+    first = (idx + offset.view(-1, *tail)) * ls
+    first = _unwindowed(first.view((-1, window // g) + tuple(idx.shape[2:])), tree, g, length)  # [N_pad // g, (H,) k']
+    ok = _unwindowed(ok.view((-1, window // g) + tuple(idx.shape[2:])), tree, g, length)
+    gb = tree.slot_batch[torch.arange(first.size(0), device=first.device) * g]
+    return first + tree.ptr[gb].view(-1, *tail[1:]), ok
 
 
 def _rank_key_signed(scores: Tensor, valid: Tensor, lower_first: Tensor) -> Tensor:
@@ -233,79 +416,29 @@ def _rank_key(scores: Tensor, valid: Tensor, lower_first: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def _select(qt: Tensor, kt: Tensor, kok: Tensor, tree: BallTree, cfg: BSAConfig, q_unit: int,
-            length: int, window: int) -> Tuple[Tensor, Tensor]:
-    r"""Top-``k`` selection blocks of every query group, as ``reference.selection_scores`` and
-    ``select_blocks`` (same operations in the same order, ties to the lower index), in chunks of query
-    rows. Returns, per tree-ordered group ``[N_pad // g, k']`` (``[N_pad // g, H, k']`` with
-    ``cfg.selection == "per_head"``), the global slot of each selected block's first key and the
-    blocks' validity."""
+def _select_per_head(qt: Tensor, kt: Tensor, kok: Tensor, tree: BallTree, cfg: BSAConfig, q_unit: int,
+                     length: int, window: int) -> Tuple[Tensor, Tensor]:
+    r"""Top-``k`` selection blocks for ``cfg.selection == "per_head"``, in chunks of query rows: per
+    head, the compressed logits summed over the group's valid queries (averaged over overlapping
+    compression blocks), own ball excluded; as ``reference.selection_scores`` and ``select_blocks``.
+    Returns ``[N_pad // g, H, k']`` first slots and validity (``_selection_slots``)."""
     g, s, l, ls = cfg.group_size, cfg.cmp_stride, cfg.cmp_block, cfg.slc_block
-    bw, h, wq, d = qt.shape
-    wk, ws = kt.size(2), window // ls
-    gq = g // q_unit                                          # query rows per group
-    scale = d ** -0.5
-    # query rows that count: the unit has a valid slot and lies inside its cloud
-    qmask, qin = _windowed(_unit_valid(tree.mask, q_unit), tree, q_unit, length, window)
-    qok = (qmask & qin).to(torch.float32)                     # [BW, Wq]
-    smask, sin = _windowed(_unit_valid(tree.mask, ls), tree, ls, length, window)
-    sok = smask & sin                                         # [BW, Ws]
-    # invalid blocks through an additive mask inside baddbmm: exp(min - max) is exactly 0, as the
-    # reference's masked_fill + re-mask; rows without a valid block only occur outside any cloud,
-    # where the query mask zeroes them (applied after the head sum: it is 0/1, so this is exact)
-    kbias = _neg_mask(kok, torch.float32)[:, None, None, :].expand(bw, h, 1, wk).reshape(bw * h, 1, wk)
-    identity = l == s == ls
-    if not identity:  # compression blocks overlapping each selection block, within the window
-        cb = torch.arange(wk, device=qt.device) * s
-        sb = torch.arange(ws, device=qt.device) * ls
-        overlap = ((cb[:, None] < sb[None] + ls) & (sb[None] < cb[:, None] + l)).float()
-    kk = min(cfg.topk, ws)
-    lower_first = ws - 1 - torch.arange(ws, device=qt.device)
-    if cfg.selection == "per_head":
-        return _select_per_head(qt, kt, kok, tree, cfg, q_unit, length, window, qok, sok, identity,
-                                None if identity else overlap, kk, lower_first)
-    rows = max(gq, CHUNK_ELEMS // max(1, bw * h * wk) // gq * gq)
-    kt_t = kt.float().transpose(-1, -2).reshape(bw * h, d, wk)             # [BW * H, D, Wk]
-    qs = scale * qt.float()
-    # results go into buffers allocated up front: small tensors kept between the chunks' big
-    # temporaries fragment the heap (resident memory then grows with the number of chunks)
-    idx = torch.empty(bw, wq // gq, kk, dtype=torch.long, device=qt.device)
-    top_key = torch.empty(bw, wq // gq, kk, dtype=torch.long, device=qt.device)
-    def chunk(r0):
-        r1 = min(wq, r0 + rows)
-        logits = torch.baddbmm(kbias, qs[:, :, r0:r1].reshape(bw * h, r1 - r0, d), kt_t)
-        p = torch.softmax(logits, dim=-1).view(bw, h, r1 - r0, wk)
-        ph = p.sum(1).mul_(qok[:, r0:r1, None])                           # [BW, c, Wk]
-        ph = ph.view(bw, -1, gq, wk).sum(2)                                # [BW, c / gq, Wk]
-        scores = ph if identity else ph @ overlap                          # [BW, c / gq, Ws]
-        key = _rank_key(scores.contiguous(), sok[:, None, :], lower_first)
-        val, top = key.topk(kk, dim=-1)
-        idx[:, r0 // gq:r1 // gq] = top                        # [BW, window // g, kk], window-local
-        top_key[:, r0 // gq:r1 // gq] = val
-    _for_chunks(chunk, range(0, wq, rows), qt.device)
-    # validity from the keys once, after the loop: inductor's C++ codegen failed to compile the
-    # per-chunk `val >= 0` stores (mixed int64/float vector masks)
-    ok = top_key >= 0
-    # window-local block -> cloud-local slot of the block's first key
-    first = (idx + (torch.arange(bw, device=idx.device) % (length // window) * ws)[:, None, None]) * ls
-    first = _unwindowed(first.view(-1, window // g, kk), tree, g, length)    # [N_pad // g, kk]
-    ok = _unwindowed(ok.view(-1, window // g, kk), tree, g, length)
-    gb = tree.slot_batch[torch.arange(first.size(0), device=first.device) * g]
-    return first + tree.ptr[gb][:, None], ok
-
-
-def _select_per_head(qt, kt, kok, tree, cfg, q_unit, length, window, qok, sok, identity, overlap, kk,
-                     lower_first) -> Tuple[Tensor, Tensor]:
-    r"""``_select`` for ``cfg.selection == "per_head"``: per head, the compressed logits summed over
-    the group's valid queries (averaged over overlapping compression blocks), own ball excluded; as
-    ``reference.selection_scores``. Returns ``[N_pad // g, H, k']`` first slots and validity."""
-    g, ls = cfg.group_size, cfg.slc_block
     bw, h, wq, d = qt.shape
     wk, ws = kt.size(2), window // ls
     gq = g // q_unit
     scale = d ** -0.5
-    if overlap is not None:
+    qmask, qin = _windowed(_unit_valid(tree.mask, q_unit), tree, q_unit, length, window)
+    qok = (qmask & qin).to(torch.float32)                     # [BW, Wq]
+    smask, sin = _windowed(_unit_valid(tree.mask, ls), tree, ls, length, window)
+    sok = smask & sin                                         # [BW, Ws]
+    identity = l == s == ls
+    if not identity:
+        cb = torch.arange(wk, device=qt.device) * s
+        sb = torch.arange(ws, device=qt.device) * ls
+        overlap = ((cb[:, None] < sb[None] + ls) & (sb[None] < cb[:, None] + l)).float()
         overlap = overlap / overlap.sum(0).clamp_min(1.0)
+    kk = min(cfg.topk, ws)
+    lower_first = ws - 1 - torch.arange(ws, device=qt.device)
     kvalid = kok.to(torch.float32)[:, None, None, :]                       # [BW, 1, 1, Wk]
     # own ball: window-local group and block rows of the same ball (windows are whole balls)
     own = _own_ball(window // g, g, ws, ls, cfg.ball_size, qt.device)      # [Wg, Ws]
@@ -328,12 +461,7 @@ def _select_per_head(qt, kt, kok, tree, cfg, q_unit, length, window, qok, sok, i
         idx[:, r0 // gq:r1 // gq] = top
         top_key[:, r0 // gq:r1 // gq] = val
     _for_chunks(chunk, range(0, wq, rows), qt.device)
-    ok = top_key >= 0
-    first = (idx + (torch.arange(bw, device=idx.device) % (length // window) * ws)[:, None, None, None]) * ls
-    first = _unwindowed(first.view(-1, window // g, h, kk), tree, g, length)   # [N_pad // g, H, kk]
-    ok = _unwindowed(ok.view(-1, window // g, h, kk), tree, g, length)
-    gb = tree.slot_batch[torch.arange(first.size(0), device=first.device) * g]
-    return first + tree.ptr[gb][:, None, None], ok
+    return _selection_slots(idx, top_key, tree, cfg, length, window)
 
 
 def _own_ball(ng: int, g: int, ns: int, ls: int, ball_size: int, device) -> Tensor:
@@ -409,8 +537,7 @@ def _bsa_cpu(q, k, v, pos, tree, cfg, sigma, gates, k_cmp, v_cmp, cmp_mask) -> T
         q_unit = g
     else:
         q_cmp, q_unit = qa, 1
-    o_c, (qt, kt, kok, length, win) = _compressed(q_cmp, k_cmp.to(acc), v_cmp.to(acc), cmp_mask, tree, s, w)
-    first, ok = _select(qt, kt, kok, tree, cfg, q_unit, length, win)
+    o_c, (first, ok) = _compressed(q_cmp, k_cmp.to(acc), v_cmp.to(acc), cmp_mask, tree, s, w, cfg)
     o_slc = _selected(qa, ka, va, first, ok, mask, g, cfg.slc_block)
     gt = gates.to(acc)
     out = gt[..., 0:1] * o_ball.to(acc) + gt[..., 2:3] * o_slc

@@ -51,7 +51,7 @@ def check_backend_name(backend: str) -> None:
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     r"""``"auto"`` -> ``"triton"`` on CUDA when Triton is installed (else ``"torch"``), ``"cpu"`` (the
-    fused-SDPA path) off CUDA; ``"triton"`` without the package raises an ImportError that says how
+    chunked CPU path) off CUDA; ``"triton"`` without the package raises an ImportError that says how
     to get it, and on a device it cannot run on (CPU without the interpreter) a ValueError."""
     check_backend_name(backend)
     if backend == "auto":
@@ -103,7 +103,7 @@ def bsa_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, 
             coarse branch when ``cfg.cmp_window`` is set: ``B = cfg.num_branches``).
         k_cmp, v_cmp (Tensor, optional): ``[N_pad // cmp_stride, H, D]`` compressed keys and
             values; mean pooling when omitted.
-        backend (str): ``"auto"`` (Triton on CUDA, the fused-SDPA CPU path elsewhere), ``"torch"``
+        backend (str): ``"auto"`` (Triton on CUDA, the chunked CPU path elsewhere), ``"torch"``
             (the readable reference, ``reference.bsa_reference``), ``"cpu"`` (``cpu.bsa_cpu``: plain
             torch ops, written for the CPU) or ``"triton"``.
         validate (bool): also check tensor values: that ``tree`` was built on these positions
