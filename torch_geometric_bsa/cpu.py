@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .balltree import BallTree
-from .reference import BSAConfig, _acc, _dense_index, block_mask, compress_mean
+from .compose import Branches, compose
+from .reference import BSAConfig, _acc, _dense_index, compress_mean
 
 __all__ = ["bsa_cpu", "ball_attention_cpu"]
 
@@ -517,35 +518,55 @@ def bsa_cpu(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, cfg: B
     16-bit inputs are computed in fp32 (autocast is switched off inside: the selection keys need
     fp32 scores) and the result is cast back.
     """
-    with torch.autocast(q.device.type, enabled=False):
-        return _bsa_cpu(q, k, v, pos, tree, cfg, sigma, gates, k_cmp, v_cmp, cmp_mask)
+    return compose(CPU, q, k, v, pos, tree, cfg, sigma=sigma, gates=gates, k_cmp=k_cmp, v_cmp=v_cmp,
+                   cmp_mask=cmp_mask)
 
 
-def _bsa_cpu(q, k, v, pos, tree, cfg, sigma, gates, k_cmp, v_cmp, cmp_mask) -> Tensor:
-    mask, s, g, w = tree.mask, cfg.cmp_stride, cfg.group_size, cfg.cmp_window
-    n, h, d = q.shape
-    dtype, acc = q.dtype, _acc(q.dtype)
-    o_ball = ball_attention_cpu(q, k, v, pos, sigma, mask, cfg.ball_size)
-    if k_cmp is None:
-        k_cmp, v_cmp, cmp_mask = compress_mean(k, v, mask, tree.slot_batch, cfg.cmp_block, s)
-    elif cmp_mask is None:
-        cmp_mask = block_mask(tree, cfg.cmp_block, s)
-    qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
-    if cfg.group_compression:
-        wq = mask.view(-1, g, 1, 1).to(acc)
-        q_cmp = (qa.reshape(-1, g, h, d) * wq).sum(1) / wq.sum(1).clamp_min(1.0)
-        q_unit = g
-    else:
-        q_cmp, q_unit = qa, 1
-    o_c, (first, ok) = _compressed(q_cmp, k_cmp.to(acc), v_cmp.to(acc), cmp_mask, tree, s, w, cfg)
-    o_slc = _selected(qa, ka, va, first, ok, mask, g, cfg.slc_block)
-    gt = gates.to(acc)
-    out = gt[..., 0:1] * o_ball.to(acc) + gt[..., 2:3] * o_slc
-    # a group-level output multiplies its slots' gates by broadcasting (no repeat_interleave copy)
-    out = out.view(-1, q_unit, h, d) + gt[..., 1:2].view(-1, q_unit, h, 1) * o_c.view(-1, 1, h, d)
-    if w is not None:  # coarse branch: one mean-pooled key per ball of the whole cloud
-        m = cfg.ball_size
-        k_crs, v_crs, crs_mask = compress_mean(ka, va, mask, tree.slot_batch, m, m)
-        o_crs, _ = _compressed(q_cmp, k_crs, v_crs, crs_mask, tree, m, None)
-        out = out + gt[..., 3:4].view(-1, q_unit, h, 1) * o_crs.view(-1, 1, h, d)
-    return (out.view(n, h, d) * mask.view(-1, 1, 1)).to(dtype)
+class CPUBranches(Branches):
+    r"""This module's branches as ``compose.Branches``: every branch accumulates in fp32 at least
+    (``_acc``); outputs at query granularity combine with their slots' gates by broadcasting."""
+
+    def context(self, q):
+        return torch.autocast(q.device.type, enabled=False)
+
+    def ball(self, q, k, v, pos, sigma, tree, cfg):
+        return ball_attention_cpu(q, k, v, pos, sigma, tree.mask, cfg.ball_size)
+
+    def pool(self, k, v, tree, block, stride):
+        acc = _acc(k.dtype)
+        return compress_mean(k.to(acc), v.to(acc), tree.mask, tree.slot_batch, block, stride)
+
+    def group_queries(self, q, tree, q_unit):
+        qa = q.to(_acc(q.dtype))
+        if q_unit == 1:
+            return qa
+        h, d = q.shape[1:]
+        wq = tree.mask.view(-1, q_unit, 1, 1).to(qa.dtype)
+        return (qa.reshape(-1, q_unit, h, d) * wq).sum(1) / wq.sum(1).clamp_min(1.0)
+
+    def global_branches(self, q, k, v, q_cmp, q_unit, k_cmp, v_cmp, cmp_mask, tree, cfg):
+        acc = q_cmp.dtype
+        o_c, (first, ok) = _compressed(q_cmp, k_cmp.to(acc), v_cmp.to(acc), cmp_mask, tree, cfg.cmp_stride,
+                                       cfg.cmp_window, cfg)
+        o_slc = _selected(q.to(acc), k.to(acc), v.to(acc), first, ok, tree.mask, cfg.group_size, cfg.slc_block)
+        return o_c, o_slc, dict(first=first, ok=ok)
+
+    def coarse(self, q_cmp, k_crs, v_crs, crs_mask, tree, stride, q_unit):
+        return _compressed(q_cmp, k_crs, v_crs, crs_mask, tree, stride, None)[0]
+
+    def combine(self, o_ball, o_c, o_slc, gates, tree, q_unit):
+        gt = gates.to(o_slc.dtype)
+        out = gt[..., 0:1] * o_ball.to(o_slc.dtype) + gt[..., 2:3] * o_slc
+        return self.add_gated(out, gt[..., 1:2], o_c, tree, q_unit)
+
+    def add_gated(self, out, gate, o, tree, q_unit):
+        # a group-level output multiplies its slots' gates by broadcasting (no repeat_interleave copy)
+        n, h, d = out.shape
+        gate = gate.to(out.dtype).view(-1, q_unit, h, 1)
+        return (out.view(-1, q_unit, h, d) + gate * o.view(-1, 1, h, d)).view(n, h, d)
+
+    def finish(self, out, tree, dtype):
+        return (out * tree.mask.view(-1, 1, 1)).to(dtype)
+
+
+CPU = CPUBranches()

@@ -1,4 +1,5 @@
-"""The one entry point of the attention op: `bsa_attention` picks the reference or the Triton kernels."""
+"""The one entry point of the attention op: `bsa_attention` checks its inputs once and picks a backend,
+whose branches `compose.compose` puts together (the same composition for every backend)."""
 from __future__ import annotations
 
 from typing import Optional

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .compose import Branches, compose
 from .balltree import BallTree
 
 __all__ = [
@@ -389,33 +390,40 @@ def bsa_reference(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, 
         branch outputs and the selected block indices (``[B, NG, k']``, or ``[B, NG, H, k']`` with
         ``cfg.selection == "per_head"``).
     """
-    mask, s, g, w = tree.mask, cfg.cmp_stride, cfg.group_size, cfg.cmp_window
-    o_ball = ball_attention(q, k, v, pos, sigma, mask, cfg.ball_size)
-    if k_cmp is None:
-        k_cmp, v_cmp, cmp_mask = compress_mean(k, v, mask, tree.slot_batch, cfg.cmp_block, s)
-    elif cmp_mask is None:
-        cmp_mask = block_mask(tree, cfg.cmp_block, s)
-    if cfg.group_compression:
-        wq = mask.view(-1, g, 1, 1).to(q.dtype)
-        q_cmp = (q.view(-1, g, *q.shape[1:]) * wq).sum(1) / wq.sum(1).clamp_min(1.0)
-        q_unit = g
-    else:
-        q_cmp, q_unit = q, 1
-    o_c, p_cmp = compressed_attention(q_cmp, k_cmp, v_cmp, cmp_mask, tree, s, return_probs=True, window=w,
-                                      return_logits=cfg.selection == "per_head")
-    o_cmp = per_slot(o_c, mask, q_unit)
-    with torch.no_grad():
-        idx, idx_valid = select_blocks(selection_scores(p_cmp, tree, cfg, q_unit), cfg.topk)
-    o_slc = selected_attention(q, k, v, idx, idx_valid, tree, cfg)
-    out = gates[..., 0:1] * o_ball + gates[..., 1:2] * o_cmp + gates[..., 2:3] * o_slc
-    branches = dict(ball=o_ball, cmp=o_cmp, slc=o_slc, idx=idx, idx_valid=idx_valid)
-    if w is not None:
-        # the coarse global branch: one mean-pooled key per ball of the whole cloud
-        m = cfg.ball_size
-        k_crs, v_crs, crs_mask = compress_mean(k, v, mask, tree.slot_batch, m, m)
-        o_crs = per_slot(compressed_attention(q_cmp, k_crs, v_crs, crs_mask, tree, m), mask, q_unit)
-        out = out + gates[..., 3:4] * o_crs
-        branches["crs"] = o_crs
-    if return_branches:
-        return out, branches
-    return out
+    return compose(REFERENCE, q, k, v, pos, tree, cfg, sigma=sigma, gates=gates, k_cmp=k_cmp, v_cmp=v_cmp,
+                   cmp_mask=cmp_mask, return_branches=return_branches)
+
+
+class ReferenceBranches(Branches):
+    r"""The readable branches of this module as ``compose.Branches`` (the oracle of the others)."""
+
+    def ball(self, q, k, v, pos, sigma, tree, cfg):
+        return ball_attention(q, k, v, pos, sigma, tree.mask, cfg.ball_size)
+
+    def pool(self, k, v, tree, block, stride):
+        return compress_mean(k, v, tree.mask, tree.slot_batch, block, stride)
+
+    def group_queries(self, q, tree, q_unit):
+        if q_unit == 1:
+            return q
+        wq = tree.mask.view(-1, q_unit, 1, 1).to(q.dtype)
+        return (q.view(-1, q_unit, *q.shape[1:]) * wq).sum(1) / wq.sum(1).clamp_min(1.0)
+
+    def global_branches(self, q, k, v, q_cmp, q_unit, k_cmp, v_cmp, cmp_mask, tree, cfg):
+        o_c, p_cmp = compressed_attention(q_cmp, k_cmp, v_cmp, cmp_mask, tree, cfg.cmp_stride, return_probs=True,
+                                          window=cfg.cmp_window, return_logits=cfg.selection == "per_head")
+        with torch.no_grad():
+            idx, idx_valid = select_blocks(selection_scores(p_cmp, tree, cfg, q_unit), cfg.topk)
+        o_slc = selected_attention(q, k, v, idx, idx_valid, tree, cfg)
+        return o_c, o_slc, dict(idx=idx, idx_valid=idx_valid)
+
+    def coarse(self, q_cmp, k_crs, v_crs, crs_mask, tree, stride, q_unit):
+        return compressed_attention(q_cmp, k_crs, v_crs, crs_mask, tree, stride)
+
+    def combine(self, o_ball, o_c, o_slc, gates, tree, q_unit):
+        return (gates[..., 0:1] * o_ball + gates[..., 1:2] * per_slot(o_c, tree.mask, q_unit)
+                + gates[..., 2:3] * o_slc)
+
+
+
+REFERENCE = ReferenceBranches()

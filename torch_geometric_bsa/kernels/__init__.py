@@ -11,7 +11,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["bsa_triton", "compress_mean_fast", "compression_branch"]
+from ..compose import Branches, compose
+
+__all__ = ["bsa_triton", "compress_mean_fast", "compression_branch", "TritonBranches"]
 
 
 def compress_mean_fast(k: Tensor, v: Tensor, mask: Tensor, block: int, block_mask: Optional[Tensor] = None):
@@ -45,85 +47,99 @@ def _ball(q, k, v, pos, sigma, mask, ball_size):
     return ball_attention(q, k, v, pos, sigma, mask.bool(), ball_size)
 
 
+class TritonBranches(Branches):
+    r"""The Triton kernels as ``compose.Branches``: ball kernel, mean pooling, compression
+    attention (saves the LSE), streamed group top-k, selected attention, one-pass gated sum."""
+
+    def ball(self, q, k, v, pos, sigma, tree, cfg):
+        return _ball(q, k, v, pos, sigma, tree.mask_as(torch.uint8), cfg.ball_size)
+
+    def pool(self, k, v, tree, block, stride):
+        return _mean_pool(k, v, tree, block, stride)
+
+    def group_queries(self, q, tree, q_unit):
+        if q_unit == 1:
+            return q
+        from .combine import masked_block_mean
+        return masked_block_mean(q, tree.mask_as(torch.uint8), q_unit)
+
+    def global_branches(self, q, k, v, q_cmp, q_unit, k_cmp, v_cmp, cmp_mask, tree, cfg):
+        from .selected import selected_attention_triton
+        o_c, lse, cmp_mask, ranges = _compression(q_cmp, q_unit, k_cmp, v_cmp, cmp_mask, tree, cfg)
+        g, ls = cfg.group_size, cfg.slc_block
+        with torch.no_grad():
+            if cfg.selection == "shared" and cfg.cmp_block == cfg.cmp_stride == ls and (g // q_unit) & (g // q_unit - 1) == 0:
+                from .plan import selection_plan
+                from .topk import select_topk_triton
+                svalid, granges, kk = selection_plan(tree, g, ls, cfg.topk, cfg.cmp_window)
+                idx = select_topk_triton(q_cmp.detach(), k_cmp.detach(), lse, cmp_mask, svalid, ranges[:2], granges, kk)
+            else:
+                idx = _dense_selection(q_cmp.detach(), k_cmp.detach(), v_cmp.detach(), cmp_mask, tree, cfg, q_unit)
+        # the kernels read masks as int8: converted once per tree, not per layer
+        o_slc = selected_attention_triton(q, k, v, idx, tree.mask_as(torch.int8), g, ls)
+        return o_c, o_slc, dict(idx=idx)
+
+    def coarse(self, q_cmp, k_crs, v_crs, crs_mask, tree, stride, q_unit):
+        from .compressed import compressed_attention_triton
+        from .plan import compressed_ranges
+        return compressed_attention_triton(q_cmp, k_crs, v_crs, crs_mask, compressed_ranges(tree, q_unit, stride),
+                                           ragged=tree.num_clouds > 1)[0]
+
+    def combine(self, o_ball, o_c, o_slc, gates, tree, q_unit):
+        from .combine import gated_combine
+        return gated_combine(o_ball, o_c, o_slc, gates, tree.mask_as(torch.uint8), q_unit)  # one pass
+
+
+
+TRITON = TritonBranches()
+
+
 def bsa_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree, cfg, *, sigma: Tensor, gates: Tensor,
                k_cmp: Optional[Tensor] = None, v_cmp: Optional[Tensor] = None,
                cmp_mask: Optional[Tensor] = None, return_branches: bool = False):
-    r"""Full BSA through the Triton kernels; same signature and result as
-    ``bsa_reference`` (``[N_pad, H, D]``, zero at padded slots).
+    r"""Full BSA through the Triton kernels (``compose.compose`` with ``TritonBranches``); same
+    signature and result as ``bsa_reference`` (``[N_pad, H, D]``, zero at padded slots).
 
     The selection's top-k runs streamed in a kernel when ``cmp_block == cmp_stride == slc_block``
     (the defaults); otherwise, and always with ``cfg.selection == "per_head"`` (the authors' rule:
     ``idx [N_pad // g, H, k']``), the selection scores come from the dense reference (O(N^2 / l)
     memory, a cloud of 65k points at ``l = 8`` needs ``H * 65k * 8k`` fp32 scores).
     """
-    from .compressed import compressed_attention_triton
-    from .selected import selected_attention_triton
+    return compose(TRITON, q, k, v, pos, tree, cfg, sigma=sigma, gates=gates, k_cmp=k_cmp, v_cmp=v_cmp,
+                   cmp_mask=cmp_mask, return_branches=return_branches)
 
-    mask, s, g, ls = tree.mask, cfg.cmp_stride, cfg.group_size, cfg.slc_block
-    # the kernels read masks as uint8 / int8: converted once per tree, not per layer
-    mask_u8, mask_i8 = tree.mask_as(torch.uint8), tree.mask_as(torch.int8)
-    o_ball = _ball(q, k, v, pos, sigma, mask_u8, cfg.ball_size)
-    o_c, lse, q_cmp, q_unit, k_cmp, v_cmp, cmp_mask, ranges = compression_branch(
-        q, k, v, tree, cfg, k_cmp, v_cmp, cmp_mask)
-    w = cfg.cmp_window
-    with torch.no_grad():
-        if cfg.selection == "shared" and cfg.cmp_block == s == ls and (g // q_unit) & (g // q_unit - 1) == 0:
-            from .plan import selection_plan
-            from .topk import select_topk_triton
-            svalid, granges, kk = selection_plan(tree, g, ls, cfg.topk, w)
-            idx = select_topk_triton(q_cmp.detach(), k_cmp.detach(), lse, cmp_mask, svalid, ranges[:2], granges, kk)
-        else:
-            idx = _dense_selection(q_cmp.detach(), k_cmp.detach(), v_cmp.detach(), cmp_mask, tree, cfg, q_unit)
-    o_slc = selected_attention_triton(q, k, v, idx, mask_i8, g, ls)
-    from ..reference import per_slot
-    from .combine import gated_combine
-    out = gated_combine(o_ball, o_c, o_slc, gates[..., :3], mask_u8, q_unit)  # one pass, no repeat_interleave copy
-    o_crs = None
-    if w is not None:
-        # the coarse global branch: one mean-pooled key per ball of the whole cloud
-        m = cfg.ball_size
-        from .plan import compressed_ranges
-        k_crs, v_crs, crs_mask = _mean_pool(k, v, tree, m, m)
-        o_crs, _ = compressed_attention_triton(q_cmp, k_crs, v_crs, crs_mask, compressed_ranges(tree, q_unit, m),
-                                               ragged=tree.num_clouds > 1)
-        o_crs = per_slot(o_crs, mask, q_unit)
-        out = out + gates[..., 3:4] * o_crs
-    if return_branches:
-        branches = dict(ball=o_ball, cmp=per_slot(o_c, mask, q_unit), slc=o_slc, idx=idx)
-        if o_crs is not None:
-            branches["crs"] = o_crs
-        return out, branches
-    return out
+
+def _compression(q_cmp, q_unit, k_cmp, v_cmp, cmp_mask, tree, cfg):
+    # the compression attention and what the selection reuses: (o_c, lse, cmp_mask as int8, ranges)
+    from .compressed import compressed_attention_triton
+    from .plan import compressed_ranges
+    s = cfg.cmp_stride
+    if cmp_mask is tree._cache.get(("block_any", cfg.cmp_block, s)):  # the compressor's (cached) mask
+        cmp_mask = tree.cached(("block_any_i8", cfg.cmp_block, s), lambda: cmp_mask.to(torch.int8))
+    ranges = compressed_ranges(tree, q_unit, s, window=cfg.cmp_window)
+    # rows see different key ranges with several clouds or windows (a Python int: no host sync)
+    ragged = tree.num_clouds > 1 or cfg.cmp_window is not None
+    o_c, lse = compressed_attention_triton(q_cmp, k_cmp, v_cmp, cmp_mask, ranges, ragged=ragged)
+    return o_c, lse, cmp_mask, ranges
 
 
 def compression_branch(q: Tensor, k: Tensor, v: Tensor, tree, cfg, k_cmp: Optional[Tensor] = None,
                        v_cmp: Optional[Tensor] = None, cmp_mask: Optional[Tensor] = None):
-    r"""The compression branch of :func:`bsa_triton` and what the selection reuses from it.
+    r"""The compression branch of :func:`bsa_triton` and what the selection reuses from it
+    (benchmarks time it alone).
 
     Returns ``(o_c, lse, q_cmp, q_unit, k_cmp, v_cmp, cmp_mask, ranges)``: the branch output and
     log-sum-exp at query granularity ``q_unit`` (1, or ``group_size`` with group compression), the
     (pooled) queries, the compressed keys/values and their mask (mean pooling when not given), and
     the per-row key ranges (cut to ``cfg.cmp_window`` when set).
     """
-    from .compressed import compressed_attention_triton
-    from .plan import compressed_ranges
-    s = cfg.cmp_stride
     if k_cmp is None:
-        k_cmp, v_cmp, cmp_mask = _mean_pool(k, v, tree, cfg.cmp_block, s)
+        k_cmp, v_cmp, cmp_mask = _mean_pool(k, v, tree, cfg.cmp_block, cfg.cmp_stride)
     elif cmp_mask is None:
-        from ..reference import block_mask
-        cmp_mask = block_mask(tree, cfg.cmp_block, s)
-    if cmp_mask is tree._cache.get(("block_any", cfg.cmp_block, s)):  # the compressor's (cached) mask
-        cmp_mask = tree.cached(("block_any_i8", cfg.cmp_block, s), lambda: cmp_mask.to(torch.int8))
-    if cfg.group_compression:
-        from .combine import masked_block_mean
-        q_cmp, q_unit = masked_block_mean(q, tree.mask_as(torch.uint8), cfg.group_size), cfg.group_size
-    else:
-        q_cmp, q_unit = q, 1
-    ranges = compressed_ranges(tree, q_unit, s, window=cfg.cmp_window)
-    # rows see different key ranges with several clouds or windows (a Python int: no host sync)
-    ragged = tree.num_clouds > 1 or cfg.cmp_window is not None
-    o_c, lse = compressed_attention_triton(q_cmp, k_cmp, v_cmp, cmp_mask, ranges, ragged=ragged)
+        cmp_mask = TRITON.block_mask(tree, cfg.cmp_block, cfg.cmp_stride)
+    q_unit = cfg.group_size if cfg.group_compression else 1
+    q_cmp = TRITON.group_queries(q, tree, q_unit)
+    o_c, lse, cmp_mask, ranges = _compression(q_cmp, q_unit, k_cmp, v_cmp, cmp_mask, tree, cfg)
     return o_c, lse, q_cmp, q_unit, k_cmp, v_cmp, cmp_mask, ranges
 
 
