@@ -15,7 +15,8 @@
 # NUM_TRAIN / NUM_TEST (default 512 / 128 for both datasets), ELAS_SNAPSHOT (elasticity-gen splits
 # built elsewhere, default data/elasticity_gen_512.pt: scikit-fem, which generates them, may be
 # missing on the GPU machine), EXTRA (more train.py flags), WORK (default runs/study), PARALLEL_SEEDS=1 (the
-# seeds of a dataset run at once on its GPU, one compare.py each, then one aggregating compare.py).
+# seeds of a dataset run at once on its GPU, one compare.py each, then one aggregating compare.py), PACK=1 (leave
+# $OUT as study.log + two archives: a device call brings back only a few files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
@@ -117,3 +118,12 @@ main() {
 }
 
 main 2>&1 | tee -a "$OUT/study.log"
+if [ "${PACK:-0}" = 1 ]; then
+  # a device call brings back only a few files: the per-dataset folders (tables, JSON, plots, every
+  # run's log) and each run's metrics.json and train log travel as one archive
+  (cd "$WORK" && find . -name metrics.json -o -name train_log.csv -o -name "*.png" | tar czf "$OUT/runs_metrics.tar.gz" -T -) \
+    2>/dev/null
+  tar czf "$OUT/study_out.tar.gz" -C "$OUT" $DATASETS 2>/dev/null
+  for ds in $DATASETS; do rm -rf "${OUT:?}/$ds"; done
+  ls -la "$OUT"
+fi
