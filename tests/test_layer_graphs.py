@@ -277,8 +277,9 @@ def test_bucket_slots_checked_and_pooling():
     from torch_geometric_bsa.nn.transformer import pad_to_bucket
     pos, batch = random_batch([40, 23], seed=0)
     x = torch.randn(63, 3)
-    xp, pp, bp, nc, ms = pad_to_bucket(x, pos, batch, 16, 64)
+    xp, pp, bp, nc, ms, sizes = pad_to_bucket(x, pos, batch, 16, 64)
     assert nc == 2 and ms == 64 and bp[-1] == 2 and xp.size(0) == 63 + 48 and bool((xp[63:] == 0).all())
+    assert sizes == (40, 23, 48)
     tree = build_ball_tree(pp, bp, 16)
     assert tree.num_slots == 128 and tree.num_slots % 64 == 0
 

@@ -361,10 +361,14 @@ class TreeGraphs:
         self.captures = 0
 
     def __call__(self, pos: Tensor, batch: Optional[Tensor], ball_size: int,
-                 rotation: Optional[Tensor] = None) -> BallTree:
+                 rotation: Optional[Tensor] = None, sizes: Optional[tuple] = None) -> BallTree:
+        r"""``build_ball_tree(pos, batch, ball_size, rotation)``; ``sizes``: the clouds' point counts
+        when the caller has read them already (``pad_to_bucket``), so they are not read again."""
         from .balltree import _check_inputs, build_ball_tree
         batch_l = _check_inputs(pos, batch, ball_size)  # the eager build's checks, values included
-        sizes = tuple(torch.bincount(batch_l).tolist()) if batch is not None else (pos.size(0),)
+        if sizes is None:
+            sizes = tuple(torch.bincount(batch_l).tolist()) if batch is not None else (pos.size(0),)
+        sizes = tuple(sizes)
         slots = [-(-c // ball_size) * ball_size for c in sizes]
         layout = (len(sizes), sum(slots), max(slots))
         key = (pos.device, pos.shape, pos.dtype, batch is None, ball_size, layout,
@@ -429,5 +433,5 @@ def tree_graphs_wanted(pos: Tensor) -> bool:
 
 
 def build_tree_graphed(pos: Tensor, batch: Optional[Tensor], ball_size: int,
-                       rotation: Optional[Tensor] = None) -> BallTree:
-    return _TREE_BUILDS(pos, batch, ball_size, rotation)
+                       rotation: Optional[Tensor] = None, sizes: Optional[tuple] = None) -> BallTree:
+    return _TREE_BUILDS(pos, batch, ball_size, rotation, sizes)

@@ -86,8 +86,9 @@ def pad_to_bucket(x: Tensor, pos: Tensor, batch: Optional[Tensor], ball_size: in
     r"""Appends one dummy cloud to a batch so that its ball tree has a multiple of ``bucket_slots``
     slots: ``(x, pos, batch, num_clouds, max_slots)`` with the real clouds first, the dummy cloud's
     ``>= ball_size`` points (zero features, all at the origin) last, ``num_clouds`` the real count
-    and ``max_slots`` the largest padded cloud rounded up to a multiple of ``bucket_slots``. Reads
-    the cloud sizes from the device once."""
+    and ``max_slots`` the largest padded cloud rounded up to a multiple of ``bucket_slots``; and the
+    point counts of all clouds, dummy included (so that the tree build need not read them again).
+    Reads the cloud sizes from the device once."""
     m = ball_size
     sizes = torch.bincount(batch).tolist() if batch is not None else [pos.size(0)]
     slots = [-(-c // m) * m for c in sizes]
@@ -99,7 +100,7 @@ def pad_to_bucket(x: Tensor, pos: Tensor, batch: Optional[Tensor], ball_size: in
     pos = torch.cat([pos, pos.new_zeros(extra, pos.size(1))])
     batch = torch.cat([batch, batch.new_full((extra,), b)])
     max_slots = -(-max(max(slots), extra) // bucket_slots) * bucket_slots
-    return x, pos, batch, b, max_slots
+    return x, pos, batch, b, max_slots, tuple(sizes) + (extra,)
 
 
 class BSATransformer(nn.Module):
@@ -209,12 +210,20 @@ class BSATransformer(nn.Module):
         check_point_inputs(x, pos, batch, expected, self.dim, self.head.weight.dtype, self.head.weight.device)
         n_real, num_clouds = pos.size(0), None
         bucket = self.bucket_slots is not None and tree is None and (pos.is_cuda or layer_graphs._EMULATE)
+        sizes = None
         if bucket:
-            x, pos, batch, num_clouds, max_slots = pad_to_bucket(x, pos, batch, self.ball_size, self.bucket_slots)
-        tree = resolve_tree(tree, pos, batch, self.ball_size)
+            x, pos, batch, num_clouds, max_slots, sizes = pad_to_bucket(x, pos, batch, self.ball_size,
+                                                                       self.bucket_slots)
+        if sizes is not None and layer_graphs.tree_graphs_wanted(pos):  # sizes known: no second read
+            tree = layer_graphs.build_tree_graphed(pos, batch, self.ball_size, sizes=sizes)
+        else:
+            tree = resolve_tree(tree, pos, batch, self.ball_size)
         trees = [tree]
         if self.rotate and self.num_layers > 1:
-            trees.append(build_ball_tree(pos, batch, self.ball_size, rotation=self.rotation))
+            if sizes is not None and layer_graphs.tree_graphs_wanted(pos):
+                trees.append(layer_graphs.build_tree_graphed(pos, batch, self.ball_size, self.rotation, sizes))
+            else:
+                trees.append(build_ball_tree(pos, batch, self.ball_size, rotation=self.rotation))
         if bucket:  # the largest cloud as the bucket's bound: the kernels take it as an upper bound
             trees = [dataclasses.replace(t, max_slots=max_slots) for t in trees]
         pos = pos.to(x.dtype)
