@@ -92,7 +92,8 @@ class _CudaGraph:
         self.graph = torch.cuda.CUDAGraph()
 
     def capture(self, fn: Callable, pool):
-        with torch.cuda.graph(self.graph, pool=pool):
+        # thread_local: a DataLoader's pin-memory thread may call CUDA while a layer captures
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             return fn()
 
     def replay(self) -> None:
