@@ -35,10 +35,10 @@ from .balltree import BallTree
 
 __all__ = ["LayerGraphs", "disabled", "MAX_SLOTS"]
 
-# "auto" graphs layers up to this many tree slots: above it the GPU, not the host, paces a layer
-# (the paper model at 65,536 points is GPU-bound), and a graph's pool would hold that layer's
-# activations for good. cuda_graphs=True graphs any size.
-MAX_SLOTS = 1 << 18
+# "auto" graphs layers up to this many tree slots, where the host paces a step; above it the GPU
+# does, and a block's graph pool would only keep that size's activations reserved (the measurements
+# behind the limit: perf-notes, v-host5)
+MAX_SLOTS = 1 << 17
 
 _TREE_TENSORS = ("perm", "mask", "inv", "ptr", "slot_batch", "counts")
 _state = threading.local()
