@@ -341,3 +341,18 @@ def test_ddp_sees_the_replayed_gradients(emulate, tmp_path):
         assert all(b._graphs.captures == 1 for b in graphed.blocks)
     finally:
         dist.destroy_process_group()
+
+
+def test_modules_with_hooks_run_plainly(emulate):
+    # a replay runs no Python: a hook on any submodule must still see every call
+    _, graphed = _pair(**CONV)
+    seen = []
+    handle = graphed.qkv.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x, pos, batch = _inputs([40, 23], 0)
+    for _ in range(3):
+        graphed(x, pos, batch)
+    assert len(seen) == 3 and graphed._graphs.captures == 0
+    handle.remove()
+    for _ in range(3):
+        graphed(x, pos, batch)
+    assert graphed._graphs.captures == 1

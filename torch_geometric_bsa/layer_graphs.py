@@ -15,7 +15,8 @@ the graph, so a new tree of the same shape is followed exactly). Parameters and 
 in place, so optimizer updates are seen; a parameter that is replaced (``.to()``, ``load_state_dict
 (assign=True)``) or frozen changes the key and is captured anew.
 
-Safety: a replay overwrites the graph's saved activations, so a backward whose forward was
+Safety: a module with hooks (forward, pre-forward or backward, on it or any submodule, or global
+ones) runs plainly, since a replay runs no Python. A replay overwrites the graph's saved activations, so a backward whose forward was
 replayed over (the same layer called twice before the backward: weight sharing, two forwards then
 two backwards) first replays its own forward again from its saved inputs. Outputs and gradients
 are copied out of the graph's buffers, never handed out as views of them.
@@ -220,6 +221,15 @@ class _Replay(torch.autograd.Function):
         return (None, None) + entry.grads()
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    # a replay runs no Python: module hooks (feature extraction, explainers) would silently not run
+    from torch.nn.modules import module as _m
+    if _m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in module.modules())
+
+
 class LayerGraphs:
     r"""CUDA graphs of one layer's tree-order forward (and backward), keyed by input shape.
 
@@ -252,7 +262,7 @@ class LayerGraphs:
 
     def __call__(self, module: nn.Module, fn: Callable, x: Tensor, pos: Tensor, tree: BallTree) -> Tensor:
         params = tuple(module.parameters())
-        if any(nn.parameter.is_lazy(p) for p in params):
+        if any(nn.parameter.is_lazy(p) for p in params) or _has_hooks(module):
             return fn(x, pos, tree)
         grad = torch.is_grad_enabled() and (x.requires_grad or pos.requires_grad or
                                             any(p.requires_grad for p in params))
