@@ -356,3 +356,17 @@ def test_modules_with_hooks_run_plainly(emulate):
     for _ in range(3):
         graphed(x, pos, batch)
     assert graphed._graphs.captures == 1
+
+
+def test_changed_python_state_recaptures(emulate):
+    # the graphs' key holds the layer's Python state: a new config is captured anew, not replayed
+    from torch_geometric_bsa import BSAConfig
+    plain, graphed = _pair(**CONV)
+    x, pos, batch = _inputs([40, 23], 0)
+    for _ in range(3):
+        graphed(x, pos, batch)
+    new = BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=1, group_size=4)
+    plain.cfg = graphed.cfg = new
+    for _ in range(3):
+        torch.testing.assert_close(graphed(x, pos, batch), plain(x, pos, batch), rtol=0, atol=0)
+    assert graphed._graphs.captures == 2

@@ -276,7 +276,8 @@ class LayerGraphs:
                tree.num_points if reads_points else None, tree.num_slots, tree.num_clouds, tree.max_slots,
                tree.ball_size,
                tuple((p.data_ptr(), p.requires_grad) for p in params),
-               tuple(b.data_ptr() for b in module.buffers()))
+               tuple(b.data_ptr() for b in module.buffers()),
+               module.graph_state() if hasattr(module, "graph_state") else None)
         entry = self._entries.get(key)
         if entry is None:
             seen = self._seen.pop(key, 0) + 1

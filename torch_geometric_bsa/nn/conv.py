@@ -275,6 +275,13 @@ class _TreeAttentionConv(nn.Module):
     def _forward_tree(self, x_t: Tensor, pos_t: Tensor, tree: BallTree) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def graph_state(self) -> tuple:
+        r"""The Python state the tree-order forward reads besides tensors (part of its graphs' key:
+        changing it after a capture captures anew instead of replaying the old behaviour)."""
+        return (type(self), self.heads, self.head_dim, self.ball_size,
+                getattr(self, "cfg", None), getattr(self, "backend", None), getattr(self, "branches", None),
+                getattr(self, "drop_branches", None))
+
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, heads={self.heads}, "
                 f"ball_size={self.ball_size})")

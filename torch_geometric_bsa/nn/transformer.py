@@ -69,6 +69,9 @@ class _Block(nn.Module):
     def graph_reads_points(self) -> bool:
         return getattr(self.attn, "graph_reads_points", True)
 
+    def graph_state(self) -> tuple:
+        return self.attn.graph_state() if hasattr(self.attn, "graph_state") else (type(self.attn),)
+
     def forward(self, h: Tensor, pos_t: Tensor, tree: BallTree) -> Tensor:
         # on CUDA the whole block (norms, attention, MLP) replays as CUDA graphs, as the attention
         # layer alone would (cuda_graphs of the attention layer decides)
