@@ -370,3 +370,13 @@ def test_changed_python_state_recaptures(emulate):
     for _ in range(3):
         torch.testing.assert_close(graphed(x, pos, batch), plain(x, pos, batch), rtol=0, atol=0)
     assert graphed._graphs.captures == 2
+
+
+def test_tree_builds_with_positions_that_require_grad(emulate):
+    graphs = layer_graphs.TreeGraphs()
+    pos, batch = random_batch([50, 30], seed=0)
+    for _ in range(3):
+        p = pos.clone().requires_grad_()
+        tree = graphs(p, batch, 16)
+        assert not tree.pos_key.requires_grad and tree.perm.dtype == torch.long
+    assert graphs.captures == 1 and not graphs._entries[next(iter(graphs._entries))]["pos"].requires_grad

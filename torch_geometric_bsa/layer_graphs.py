@@ -399,9 +399,10 @@ class TreeGraphs:
                 self._entries.popitem(last=False)
         else:
             self._entries.move_to_end(key)
-        entry["pos"].copy_(pos)
-        if entry["batch"] is not None:
-            entry["batch"].copy_(batch_l)
+        with torch.no_grad():  # positions that require grad (forces as -dE/dpos) stay out of the buffers' graph
+            entry["pos"].copy_(pos)
+            if entry["batch"] is not None:
+                entry["batch"].copy_(batch_l)
         entry["graph"].replay()
         t = entry["tree"]
         return BallTree(*(getattr(t, k).clone() for k in _TREE_TENSORS), t.ball_size, t.num_balls, t.max_slots,
@@ -410,7 +411,7 @@ class TreeGraphs:
     def _capture(self, pos, batch, ball_size, rotation, layout) -> dict:
         from .balltree import build_ball_tree
         graph_cls = _CudaGraph if pos.is_cuda else _EagerGraph
-        e = dict(pos=pos.clone(), batch=None if batch is None else batch.clone(), graph=graph_cls())
+        e = dict(pos=pos.detach().clone(), batch=None if batch is None else batch.clone(), graph=graph_cls())
 
         def build():
             return build_ball_tree(e["pos"], e["batch"], ball_size, rotation, layout=layout)
