@@ -265,7 +265,9 @@ def test_bucketed_ragged_batches_share_graphs(emulate, attention, extra):
         torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
         for (name, p), q in zip(plain.named_parameters(), bucketed.parameters()):
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
-    if attention == "bsa":  # keyed by slots: one capture for the whole bucket
+    if extra.get("backend") == "torch":  # the reference runs as written (e.g. for double backward)
+        assert all(b._graphs.captures == 0 for b in bucketed.blocks)
+    elif attention == "bsa":  # keyed by slots: one capture for the whole bucket
         assert all(b._graphs.captures == 1 for b in bucketed.blocks)
     else:  # full attention reads the point count: one capture per point count seen twice
         assert all(b._graphs.captures == 2 for b in bucketed.blocks)

@@ -268,12 +268,17 @@ class _TreeAttentionConv(nn.Module):
         r"""Tree-order core: ``x_t [N_pad, C]``, ``pos_t [N_pad, d]`` -> ``[N_pad, C_out]`` (padding zero).
 
         On CUDA, through the layer's CUDA graphs (``cuda_graphs``, ``layer_graphs.LayerGraphs``)."""
-        if layer_graphs.wanted(self.cuda_graphs, x_t, tree):
+        if self.graphs_allowed() and layer_graphs.wanted(self.cuda_graphs, x_t, tree):
             return self._graphs(self, self._forward_tree, x_t, pos_t, tree)
         return self._forward_tree(x_t, pos_t, tree)
 
     def _forward_tree(self, x_t: Tensor, pos_t: Tensor, tree: BallTree) -> Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def graphs_allowed(self) -> bool:
+        r"""CUDA graphs only on the kernels' path: ``backend="torch"`` or ``"cpu"`` is a deliberate
+        choice (the readable reference, double backward), and it runs as written."""
+        return getattr(self, "backend", "auto") in ("auto", "triton")
 
     def graph_state(self) -> tuple:
         r"""The Python state the tree-order forward reads besides tensors (part of its graphs' key:
@@ -345,7 +350,9 @@ class BSAConv(_TreeAttentionConv):
         cuda_graphs (str or bool): on CUDA, replay the layer's forward and backward as CUDA graphs
             captured per input shape (``layer_graphs.LayerGraphs``): eager code, a fraction of the
             host time. ``"auto"`` (default): for batches up to ``layer_graphs.MAX_SLOTS`` tree slots,
-            where the host paces a layer; ``True``: any size; ``False``: never.
+            where the host paces a layer; ``True``: any size; ``False``: never. Only with
+            ``backend="auto"`` or ``"triton"``: the ``"torch"`` and ``"cpu"`` paths run as written
+            (e.g. for double backward, which the graphs' backward does not support).
 
     Shapes:
         - **input:** node features $(|\mathcal{V}|, C)$, positions $(|\mathcal{V}|, d)$,

@@ -75,7 +75,7 @@ class _Block(nn.Module):
     def forward(self, h: Tensor, pos_t: Tensor, tree: BallTree) -> Tensor:
         # on CUDA the whole block (norms, attention, MLP) replays as CUDA graphs, as the attention
         # layer alone would (cuda_graphs of the attention layer decides)
-        if layer_graphs.wanted(self.attn.cuda_graphs, h, tree):
+        if getattr(self.attn, "graphs_allowed", lambda: True)() and layer_graphs.wanted(self.attn.cuda_graphs, h, tree):
             return self._graphs(self, self._forward, h, pos_t, tree)
         return self._forward(h, pos_t, tree)
 
