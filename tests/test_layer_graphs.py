@@ -192,7 +192,9 @@ def test_cuda_layer_graphs_match_plain(attention, dtype):
         if hasattr(m, "cuda_graphs"):
             m.cuda_graphs = True
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (plain, graphed)]
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    # loss: relative; parameters after the steps: relative to their norm (same kernels in and out
+    # of a graph; bf16 allows for cuBLAS picking another algorithm inside a capture)
+    tol, ptol = (1e-5, 1e-5) if dtype == torch.float32 else (5e-3, 1e-3)
     alive = {}
     for seed, sizes in [(0, [500, 300]), (1, [500, 300]), (2, [500, 300]), (3, [400, 400, 100]),
                         (4, [500, 300]), (5, [400, 400, 100]), (6, [400, 400, 100])]:
@@ -210,7 +212,7 @@ def test_cuda_layer_graphs_match_plain(attention, dtype):
         assert abs(losses[1] - losses[0]) <= tol * abs(losses[0]), (seed, losses)
     assert all(b._graphs.captures == 2 for b in graphed.blocks)
     for p, q in zip(plain.parameters(), graphed.parameters()):
-        assert (q - p).norm() <= 10 * tol * p.norm() + 1e-6
+        assert (q - p).norm() <= ptol * p.norm() + 1e-6
 
 
 def test_tree_builds_replay_per_layout(emulate):
@@ -241,6 +243,26 @@ def test_tree_builds_replay_per_layout(emulate):
     assert layer_graphs._TREE_BUILDS.captures == before + 1
 
 
+def _same_as_unpadded(plain, bucketed, batches, device):
+    # fp32: the padded batch changes only the length of sums over points (zero rows added), so
+    # outputs agree to rounding and each gradient to rounding of its norm (elementwise checks would
+    # trip on entries that are zero up to rounding, e.g. the key MLP's last bias: softmax ignores a
+    # shift shared by all keys)
+    for seed, sizes in enumerate(batches):
+        pos, batch = random_batch(sizes, seed=seed, device=device)
+        x = torch.randn(pos.size(0), 3, generator=torch.Generator().manual_seed(seed)).to(device)
+        outs = []
+        for m in (plain, bucketed):
+            m.zero_grad()
+            out = m(x, pos, batch)
+            out.square().sum().backward()
+            outs.append(out.detach())
+        assert outs[1].shape == outs[0].shape
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+        for (name, p), q in zip(plain.named_parameters(), bucketed.parameters()):
+            assert (q.grad - p.grad).norm() <= 1e-5 * p.grad.norm() + 1e-6, name
+
+
 @pytest.mark.parametrize("attention,extra", [("bsa", {}), ("bsa", {"selection": "per_head"}), ("full", {}),
                                              ("bsa", {"backend": "torch"})])
 def test_bucketed_ragged_batches_share_graphs(emulate, attention, extra):
@@ -252,19 +274,7 @@ def test_bucketed_ragged_batches_share_graphs(emulate, attention, extra):
     plain = BSATransformer(3, 2, attention=attention, cuda_graphs=False, **kw)
     bucketed = BSATransformer(3, 2, attention=attention, bucket_slots=64, **kw)
     bucketed.load_state_dict(plain.state_dict())
-    for seed, sizes in enumerate([[40, 23], [50, 20], [40, 23], [37, 41], [50, 20]]):
-        pos, batch = random_batch(sizes, seed=seed)
-        x = torch.randn(pos.size(0), 3, generator=torch.Generator().manual_seed(seed))
-        outs = []
-        for m in (plain, bucketed):
-            m.zero_grad()
-            out = m(x, pos, batch)
-            out.square().sum().backward()
-            outs.append(out.detach())
-        assert outs[1].shape == outs[0].shape
-        torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
-        for (name, p), q in zip(plain.named_parameters(), bucketed.parameters()):
-            torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
+    _same_as_unpadded(plain, bucketed, [[40, 23], [50, 20], [40, 23], [37, 41], [50, 20]], "cpu")
     if extra.get("backend") == "torch":  # the reference runs as written (e.g. for double backward)
         assert all(b._graphs.captures == 0 for b in bucketed.blocks)
     elif attention == "bsa":  # keyed by slots: one capture for the whole bucket
@@ -303,18 +313,7 @@ def test_cuda_bucketed_ragged_batches():
     plain = BSATransformer(3, 1, cuda_graphs=False, **cfg).cuda()
     bucketed = BSATransformer(3, 1, bucket_slots=512, **cfg).cuda()
     bucketed.load_state_dict(plain.state_dict())
-    for seed, sizes in enumerate([[500, 300], [520, 260], [500, 300], [480, 333], [530, 250]]):
-        pos, batch = random_batch(sizes, seed=seed, device="cuda")
-        x = torch.randn(pos.size(0), 3, device="cuda")
-        outs = []
-        for m in (plain, bucketed):
-            m.zero_grad()
-            out = m(x, pos, batch)
-            out.square().sum().backward()
-            outs.append(out.detach())
-        torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
-        for p, q in zip(plain.parameters(), bucketed.parameters()):
-            torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5)
+    _same_as_unpadded(plain, bucketed, [[500, 300], [520, 260], [500, 300], [480, 333], [530, 250]], "cuda")
     # two buckets: largest cloud <= 512 slots (seeds 0, 2, 3) and <= 1024 (seeds 1, 4; 520 and
     # 530 points take 576 slots); 1,024 slots in all for every batch
     assert all(b._graphs.captures == 2 for b in bucketed.blocks)

@@ -455,8 +455,14 @@ def tree_layout(batch: Optional[Tensor], ball_size: int, num_points: Optional[in
         sizes = [num_points]
     else:
         sizes = torch.bincount(batch.long()).tolist()
+    return layout_of(sizes, ball_size)
+
+
+def layout_of(sizes, ball_size: int) -> Tuple[int, int, int]:
+    r"""``(num_clouds, num_slots, max_slots)`` of clouds of ``sizes`` points (host ints): each
+    cloud padded to a multiple of ``ball_size`` slots."""
     slots = [-(-c // ball_size) * ball_size for c in sizes]
-    return len(sizes), sum(slots), max(slots)
+    return len(slots), sum(slots), max(slots)
 
 
 def _check_layout(layout, batch: Tensor, m: int) -> Tuple[int, int, int]:

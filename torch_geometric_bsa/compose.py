@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .balltree import BallTree
 
-__all__ = ["Branches", "compose"]
+__all__ = ["Branches", "compose", "compressed_keys"]
 
 
 class Branches:
@@ -73,6 +73,17 @@ class Branches:
         return per_slot(o, tree.mask, q_unit)
 
 
+def compressed_keys(branches: Branches, k: Tensor, v: Tensor, tree: BallTree, cfg, k_cmp: Optional[Tensor] = None,
+                    v_cmp: Optional[Tensor] = None, cmp_mask: Optional[Tensor] = None):
+    r"""The compressed keys, values and mask ``compose`` uses: the given ones, mean pooling when
+    none are given, the tree's block mask when only the mask is missing."""
+    if k_cmp is None:
+        return branches.pool(k, v, tree, cfg.cmp_block, cfg.cmp_stride)
+    if cmp_mask is None:
+        cmp_mask = branches.block_mask(tree, cfg.cmp_block, cfg.cmp_stride)
+    return k_cmp, v_cmp, cmp_mask
+
+
 def compose(branches: Branches, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, cfg, *,
             sigma: Tensor, gates: Tensor, k_cmp: Optional[Tensor] = None, v_cmp: Optional[Tensor] = None,
             cmp_mask: Optional[Tensor] = None, return_branches: bool = False):
@@ -82,12 +93,9 @@ def compose(branches: Branches, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tr
     slots), with ``return_branches`` also a dict of the branch outputs (per slot) and the selection.
     """
     with branches.context(q):
-        s, w = cfg.cmp_stride, cfg.cmp_window
+        w = cfg.cmp_window
         o_ball = branches.ball(q, k, v, pos, sigma, tree, cfg)
-        if k_cmp is None:
-            k_cmp, v_cmp, cmp_mask = branches.pool(k, v, tree, cfg.cmp_block, s)
-        elif cmp_mask is None:
-            cmp_mask = branches.block_mask(tree, cfg.cmp_block, s)
+        k_cmp, v_cmp, cmp_mask = compressed_keys(branches, k, v, tree, cfg, k_cmp, v_cmp, cmp_mask)
         q_unit = cfg.group_size if cfg.group_compression else 1
         q_cmp = branches.group_queries(q, tree, q_unit)
         o_c, o_slc, selection = branches.global_branches(q, k, v, q_cmp, q_unit, k_cmp, v_cmp, cmp_mask, tree, cfg)

@@ -173,8 +173,8 @@ def _autocast_no_cache(device_type: str):
 class _Entry:
     r"""The graphs of one layer for one input shape, with their static buffers."""
 
-    def __init__(self, graph_cls, grad: bool):
-        self.graph_cls, self.grad = graph_cls, grad
+    def __init__(self, graph_cls):
+        self.graph_cls = graph_cls
         self.generation = 0
         self.loaded: Optional[weakref.ref] = None
         self.live: Optional[Tensor] = None
@@ -230,7 +230,42 @@ def _has_hooks(module: nn.Module) -> bool:
                for m in module.modules())
 
 
-class LayerGraphs:
+class _KeyedGraphs:
+    r"""Graphs per key: a key's first ``warmup`` sightings run eagerly, the next captures; the
+    ``max_graphs`` most recently used are kept, each in its own memory pool."""
+
+    def __init__(self, warmup: int = 1, max_graphs: int = 2):
+        self.warmup, self.max_graphs = warmup, max_graphs
+        self._entries: OrderedDict = OrderedDict()
+        self._seen: "OrderedDict[tuple, int]" = OrderedDict()
+        self.captures = 0
+
+    def clear(self) -> None:
+        r"""Drops every graph (and frees their memory pools)."""
+        self._entries.clear()
+        self._seen.clear()
+
+    def _lookup(self, key: tuple, capture: Callable):
+        r"""The entry for ``key``, captured by ``capture()`` when its time has come; ``None``: run
+        eagerly this time."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            return entry
+        seen = self._seen.pop(key, 0) + 1
+        self._seen[key] = seen
+        while len(self._seen) > 64:
+            self._seen.popitem(last=False)
+        if seen <= self.warmup:
+            return None
+        entry = self._entries[key] = capture()
+        self.captures += 1
+        while len(self._entries) > self.max_graphs:
+            self._entries.popitem(last=False)
+        return entry
+
+
+class LayerGraphs(_KeyedGraphs):
     r"""CUDA graphs of one layer's tree-order forward (and backward), keyed by input shape.
 
     Call ``graphs(module, fn, x, pos, tree)`` in place of ``fn(x, pos, tree)``, where ``fn`` is the
@@ -243,22 +278,12 @@ class LayerGraphs:
         captures (int): shapes captured so far.
     """
 
-    def __init__(self, warmup: int = 1, max_graphs: int = 2):
-        self.warmup, self.max_graphs = warmup, max_graphs
-        self._entries: "OrderedDict[tuple, _Entry]" = OrderedDict()
-        self._seen: "OrderedDict[tuple, int]" = OrderedDict()
-        self.captures = 0
-
     # a module holding this is deep-copied and pickled as one that has captured nothing yet
     def __getstate__(self):
         return {"warmup": self.warmup, "max_graphs": self.max_graphs}
 
     def __setstate__(self, state):
         self.__init__(**state)
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self._seen.clear()
 
     def __call__(self, module: nn.Module, fn: Callable, x: Tensor, pos: Tensor, tree: BallTree) -> Tensor:
         params = tuple(module.parameters())
@@ -278,20 +303,9 @@ class LayerGraphs:
                tuple((p.data_ptr(), p.requires_grad) for p in params),
                tuple(b.data_ptr() for b in module.buffers()),
                module.graph_state() if hasattr(module, "graph_state") else None)
-        entry = self._entries.get(key)
+        entry = self._lookup(key, lambda: self._capture(module, fn, x, pos, tree, params, grad, reads_points))
         if entry is None:
-            seen = self._seen.pop(key, 0) + 1
-            self._seen[key] = seen
-            while len(self._seen) > 64:
-                self._seen.popitem(last=False)
-            if seen <= self.warmup:
-                return fn(x, pos, tree)
-            entry = self._capture(module, fn, x, pos, tree, params, grad, reads_points)
-            self._entries[key] = entry
-            while len(self._entries) > self.max_graphs:
-                self._entries.popitem(last=False)
-        else:
-            self._entries.move_to_end(key)
+            return fn(x, pos, tree)
         if grad:
             return _Replay.apply(entry, tree, x, pos, *params)
         entry.run_forward(x, pos, tree)
@@ -300,7 +314,7 @@ class LayerGraphs:
     def _capture(self, module: nn.Module, fn: Callable, x: Tensor, pos: Tensor, tree: BallTree, params: tuple,
                  grad: bool, reads_points: bool = True) -> _Entry:
         graph_cls = _CudaGraph if x.is_cuda else _EagerGraph
-        e = _Entry(graph_cls, grad)
+        e = _Entry(graph_cls)
         e.x = x.detach().clone().requires_grad_(grad and x.requires_grad)
         e.pos = pos.detach().clone().requires_grad_(grad and pos.requires_grad)
         e.tree = _static_tree(tree, reads_points)
@@ -345,7 +359,6 @@ class LayerGraphs:
                 e.flats = e.bwd.capture(backward, pool)
                 if x.is_cuda:
                     e.live = None  # the autograd graph of the capture is spent; the buffers stay in the pool
-        self.captures += 1
         return e
 
 
@@ -356,7 +369,7 @@ class LayerGraphs:
 TREE_GRAPHS = True
 
 
-class TreeGraphs:
+class TreeGraphs(_KeyedGraphs):
     r"""CUDA graphs of ``build_ball_tree``, keyed by the batch's layout.
 
     An eager build on a GPU launches ~100 small kernels (a stable sort and a reduction per level)
@@ -367,38 +380,26 @@ class TreeGraphs:
     """
 
     def __init__(self, warmup: int = 1, max_graphs: int = 8):
-        self.warmup, self.max_graphs = warmup, max_graphs
-        self._entries: "OrderedDict[tuple, dict]" = OrderedDict()
-        self._seen: "OrderedDict[tuple, int]" = OrderedDict()
-        self.captures = 0
+        super().__init__(warmup, max_graphs)
 
     def __call__(self, pos: Tensor, batch: Optional[Tensor], ball_size: int,
                  rotation: Optional[Tensor] = None, sizes: Optional[tuple] = None) -> BallTree:
         r"""``build_ball_tree(pos, batch, ball_size, rotation)``; ``sizes``: the clouds' point counts
         when the caller has read them already (``pad_to_bucket``), so they are not read again."""
-        from .balltree import _check_inputs, build_ball_tree
+        from .balltree import _check_inputs, build_ball_tree, layout_of
         batch_l = _check_inputs(pos, batch, ball_size)  # the eager build's checks, values included
         if sizes is None:
-            sizes = tuple(torch.bincount(batch_l).tolist()) if batch is not None else (pos.size(0),)
+            sizes = torch.bincount(batch_l).tolist() if batch is not None else (pos.size(0),)
         sizes = tuple(sizes)
-        slots = [-(-c // ball_size) * ball_size for c in sizes]
-        layout = (len(sizes), sum(slots), max(slots))
+        layout = layout_of(sizes, ball_size)
         key = (pos.device, pos.shape, pos.dtype, batch is None, ball_size, layout,
                None if rotation is None else (rotation.shape, rotation.dtype, rotation.data_ptr()))
-        entry = self._entries.get(key)
+        entry = self._lookup(key, lambda: self._capture(pos, batch_l if batch is not None else None, ball_size,
+                                                         rotation, layout))
         if entry is None:
-            seen = self._seen.pop(key, 0) + 1
-            self._seen[key] = seen
-            while len(self._seen) > 64:
-                self._seen.popitem(last=False)
-            if seen <= self.warmup:
-                return replace_sizes(build_ball_tree(pos, batch_l, ball_size, rotation, layout=layout), sizes)
-            entry = self._capture(pos, batch_l if batch is not None else None, ball_size, rotation, layout)
-            self._entries[key] = entry
-            while len(self._entries) > self.max_graphs:
-                self._entries.popitem(last=False)
-        else:
-            self._entries.move_to_end(key)
+            tree = build_ball_tree(pos, batch_l, ball_size, rotation, layout=layout)
+            tree.cloud_sizes = sizes  # a fresh tree: the sizes read above, not rebuilt from the device
+            return tree
         with torch.no_grad():  # positions that require grad (forces as -dE/dpos) stay out of the buffers' graph
             entry["pos"].copy_(pos)
             if entry["batch"] is not None:
@@ -420,17 +421,11 @@ class TreeGraphs:
             graph_cls.warm(build)
             tree = e["graph"].capture(lambda: _tree_tensors(build()), graph_cls.pool())
         e["tree"] = BallTree(*tree[:6], ball_size, layout[1] // ball_size, layout[2], pos_key=tree[6])
-        self.captures += 1
         return e
 
 
 def _tree_tensors(tree: BallTree) -> list:
     return [getattr(tree, k) for k in _TREE_TENSORS] + [tree.pos_key]
-
-
-def replace_sizes(tree: BallTree, sizes: tuple) -> BallTree:
-    tree.cloud_sizes = sizes
-    return tree
 
 
 _TREE_BUILDS = TreeGraphs()

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..compose import Branches, compose
+from ..compose import Branches, compose, compressed_keys
 
 __all__ = ["bsa_triton", "compress_mean_fast", "compression_branch", "TritonBranches"]
 
@@ -90,7 +90,6 @@ class TritonBranches(Branches):
         return gated_combine(o_ball, o_c, o_slc, gates, tree.mask_as(torch.uint8), q_unit)  # one pass
 
 
-
 TRITON = TritonBranches()
 
 
@@ -133,10 +132,7 @@ def compression_branch(q: Tensor, k: Tensor, v: Tensor, tree, cfg, k_cmp: Option
     (pooled) queries, the compressed keys/values and their mask (mean pooling when not given), and
     the per-row key ranges (cut to ``cfg.cmp_window`` when set).
     """
-    if k_cmp is None:
-        k_cmp, v_cmp, cmp_mask = _mean_pool(k, v, tree, cfg.cmp_block, cfg.cmp_stride)
-    elif cmp_mask is None:
-        cmp_mask = TRITON.block_mask(tree, cfg.cmp_block, cfg.cmp_stride)
+    k_cmp, v_cmp, cmp_mask = compressed_keys(TRITON, k, v, tree, cfg, k_cmp, v_cmp, cmp_mask)
     q_unit = cfg.group_size if cfg.group_compression else 1
     q_cmp = TRITON.group_queries(q, tree, q_unit)
     o_c, lse, cmp_mask, ranges = _compression(q_cmp, q_unit, k_cmp, v_cmp, cmp_mask, tree, cfg)

@@ -44,9 +44,11 @@ def _needs(ctx, i: int) -> bool:
 @custom_op("torch_geometric_bsa::ball_fwd", mutates_args=())
 def ball_fwd(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, sigma: Tensor, mask: Tensor, ball_size: int,
              scale: float) -> Tuple[Tensor, Tensor]:
-    from .ball import _forward
+    from .ball import BallAttentionFunction
     q, k, v = _common.shared_rows(q, k, v)
-    return _forward(q, k, v, pos.contiguous(), sigma.contiguous(), mask, ball_size, scale)
+    ctx = _Ctx()
+    o = BallAttentionFunction.forward(ctx, q, k, v, pos.contiguous(), sigma.contiguous(), mask, ball_size, scale)
+    return o, ctx.saved_tensors[4]  # the log-sum-exp the backward reads
 
 
 @ball_fwd.register_fake
@@ -59,13 +61,14 @@ def _(q, k, v, pos, sigma, mask, ball_size, scale):
 def ball_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, pos: Tensor, sigma: Tensor,
              mask: Tensor, ball_size: int, scale: float, pos_grad: bool,
              sigma_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from .ball import _backward
+    from .ball import BallAttentionFunction
     q, k, v = _common.shared_rows(q, k, v)
-    dq, dk, dv, dpos, dsigma = _backward(do.contiguous(), q, k, v, o, lse, pos.contiguous(), sigma.contiguous(),
-                                         mask, ball_size, scale, sigma_grad, pos_grad)
-    dpos = dpos.to(pos.dtype) if dpos is not None else pos.new_zeros(pos.shape)
-    dsigma = dsigma.to(sigma.dtype) if dsigma is not None else sigma.new_zeros(sigma.shape)
-    return dq, dk, dv, dpos, dsigma
+    ctx = _Ctx((q, k, v, o, lse, pos.contiguous(), sigma.contiguous(), mask), ball_size=ball_size, scale=scale,
+               needs_input_grad=(True, True, True, pos_grad, sigma_grad))
+    dq, dk, dv, dpos, dsigma = BallAttentionFunction.backward(ctx, do)[:5]
+    # a custom op returns tensors: zeros where no gradient was asked for (its autograd drops them)
+    return (dq, dk, dv, pos.new_zeros(pos.shape) if dpos is None else dpos,
+            sigma.new_zeros(sigma.shape) if dsigma is None else dsigma)
 
 
 @ball_bwd.register_fake
@@ -137,8 +140,7 @@ def _compressed_backward(ctx, do, _dlse):
 compressed_fwd.register_autograd(_compressed_backward, setup_context=_compressed_setup)
 
 
-def compressed(q, k_cmp, v_cmp, kmask, kstart, kend, qstart, qend, scale: float, ragged: bool):
-    return compressed_fwd(q, k_cmp, v_cmp, kmask, kstart, kend, qstart, qend, scale, ragged)
+compressed = compressed_fwd  # the op itself: its outputs are the wrapper's
 
 
 # ------------------------------------------------------------------------------------------------
@@ -230,8 +232,7 @@ def _combine_backward(ctx, do):
 combine_fwd.register_autograd(_combine_backward, setup_context=_combine_setup)
 
 
-def combine(o_ball, o_c, o_slc, gates, mask, q_unit: int) -> Tensor:
-    return combine_fwd(o_ball, o_c, o_slc, gates, mask, q_unit)
+combine = combine_fwd  # the op itself: its outputs are the wrapper's
 
 
 @custom_op("torch_geometric_bsa::block_mean_fwd", mutates_args=())
@@ -271,8 +272,7 @@ def _block_mean_backward(ctx, dout):
 block_mean_fwd.register_autograd(_block_mean_backward, setup_context=_block_mean_setup)
 
 
-def block_mean(x, mask, block: int) -> Tensor:
-    return block_mean_fwd(x, mask, block)
+block_mean = block_mean_fwd  # the op itself: its outputs are the wrapper's
 
 
 # ------------------------------------------------------------------------------------------------

@@ -198,6 +198,10 @@ class KVCompressor(nn.Module):
 class _TreeAttentionConv(nn.Module):
     r"""Shared plumbing: input checks, tree handling, relative positions, q/k/v and output maps."""
 
+    #: whether the tree-order forward reads the input-order side of the tree (``inv``, the point
+    #: count); ``False`` keys its CUDA graphs by slots only (``layer_graphs.LayerGraphs``)
+    graph_reads_points = True
+
     def __init__(self, in_channels: int, out_channels: Optional[int], heads: int, ball_size: int, dim: int,
                  bias: bool = True, cuda_graphs: Union[str, bool] = "auto"):
         super().__init__()
@@ -361,9 +365,7 @@ class BSAConv(_TreeAttentionConv):
         - **output:** node features $(|\mathcal{V}|, C_{out})$ in input order
     """
 
-    #: its tree-order forward never reads the input-order side of the tree (``inv``, the point
-    #: count): its CUDA graphs are keyed by slots (``layer_graphs.LayerGraphs``)
-    graph_reads_points = False
+    graph_reads_points = False  # the tree-order side only: graphs keyed by slots
 
     def __init__(self, in_channels: int, out_channels: Optional[int] = None, heads: int = 8,
                  ball_size: int = 256, cmp_block: int = 8, cmp_stride: Optional[int] = None,

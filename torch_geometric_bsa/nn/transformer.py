@@ -17,7 +17,7 @@ from torch_geometric.nn import global_add_pool, global_max_pool, global_mean_poo
 from torch_geometric.nn.dense.linear import Linear as LazyLinear
 
 from .. import layer_graphs
-from ..balltree import BallTree, build_ball_tree, random_rotation
+from ..balltree import BallTree, build_ball_tree, layout_of, random_rotation
 from ..reference import BSAConfig
 from .conv import BSAConv, FullAttentionConv, TreeLike, check_point_inputs, resolve_tree, unpack_inputs
 
@@ -67,15 +67,15 @@ class _Block(nn.Module):
 
     @property
     def graph_reads_points(self) -> bool:
-        return getattr(self.attn, "graph_reads_points", True)
+        return self.attn.graph_reads_points
 
     def graph_state(self) -> tuple:
-        return self.attn.graph_state() if hasattr(self.attn, "graph_state") else (type(self.attn),)
+        return self.attn.graph_state()
 
     def forward(self, h: Tensor, pos_t: Tensor, tree: BallTree) -> Tensor:
         # on CUDA the whole block (norms, attention, MLP) replays as CUDA graphs, as the attention
         # layer alone would (cuda_graphs of the attention layer decides)
-        if getattr(self.attn, "graphs_allowed", lambda: True)() and layer_graphs.wanted(self.attn.cuda_graphs, h, tree):
+        if self.attn.graphs_allowed() and layer_graphs.wanted(self.attn.cuda_graphs, h, tree):
             return self._graphs(self, self._forward, h, pos_t, tree)
         return self._forward(h, pos_t, tree)
 
@@ -94,15 +94,14 @@ def pad_to_bucket(x: Tensor, pos: Tensor, batch: Optional[Tensor], ball_size: in
     Reads the cloud sizes from the device once."""
     m = ball_size
     sizes = torch.bincount(batch).tolist() if batch is not None else [pos.size(0)]
-    slots = [-(-c // m) * m for c in sizes]
-    extra = -(-(sum(slots) + m) // bucket_slots) * bucket_slots - sum(slots)  # whole balls, >= m
-    b = len(sizes)
+    b, slots, largest = layout_of(sizes, m)
+    extra = -(-(slots + m) // bucket_slots) * bucket_slots - slots  # whole balls, >= m
     if batch is None:
         batch = torch.zeros(pos.size(0), dtype=torch.long, device=pos.device)
     x = torch.cat([x, x.new_zeros(extra, x.size(1))])
     pos = torch.cat([pos, pos.new_zeros(extra, pos.size(1))])
     batch = torch.cat([batch, batch.new_full((extra,), b)])
-    max_slots = -(-max(max(slots), extra) // bucket_slots) * bucket_slots
+    max_slots = -(-max(largest, extra) // bucket_slots) * bucket_slots
     return x, pos, batch, b, max_slots, tuple(sizes) + (extra,)
 
 
@@ -217,16 +216,15 @@ class BSATransformer(nn.Module):
         if bucket:
             x, pos, batch, num_clouds, max_slots, sizes = pad_to_bucket(x, pos, batch, self.ball_size,
                                                                        self.bucket_slots)
-        if sizes is not None and layer_graphs.tree_graphs_wanted(pos):  # sizes known: no second read
-            tree = layer_graphs.build_tree_graphed(pos, batch, self.ball_size, sizes=sizes)
-        else:
-            tree = resolve_tree(tree, pos, batch, self.ball_size)
-        trees = [tree]
+
+        def build(rotation=None):
+            if sizes is not None and layer_graphs.tree_graphs_wanted(pos):  # sizes known: not read again
+                return layer_graphs.build_tree_graphed(pos, batch, self.ball_size, rotation, sizes)
+            return build_ball_tree(pos, batch, self.ball_size, rotation=rotation)
+
+        trees = [build() if bucket else resolve_tree(tree, pos, batch, self.ball_size)]
         if self.rotate and self.num_layers > 1:
-            if sizes is not None and layer_graphs.tree_graphs_wanted(pos):
-                trees.append(layer_graphs.build_tree_graphed(pos, batch, self.ball_size, self.rotation, sizes))
-            else:
-                trees.append(build_ball_tree(pos, batch, self.ball_size, rotation=self.rotation))
+            trees.append(build(self.rotation))
         if bucket:  # the largest cloud as the bucket's bound: the kernels take it as an upper bound
             trees = [dataclasses.replace(t, max_slots=max_slots) for t in trees]
         pos = pos.to(x.dtype)
