@@ -16,7 +16,8 @@
 # built elsewhere, default data/elasticity_gen_512.pt: scikit-fem, which generates them, may be
 # missing on the GPU machine), EXTRA (more train.py flags), WORK (default runs/study), PARALLEL_SEEDS=1 (the
 # seeds of a dataset run at once on its GPU, one compare.py each, then one aggregating compare.py), PACK=1 (leave
-# $OUT as study.log + two archives: a device call brings back only a few files).
+# $OUT as study.log + two archives: a device call brings back only a few files), GPU_IDS (the GPUs to use,
+# default all: two calls with other DATASETS/MODELS can share one machine, e.g. GPU_IDS=1).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
@@ -51,6 +52,8 @@ else
   }
   NGPU=$(nvidia-smi -L 2>/dev/null | grep -c GPU); [ "$NGPU" -ge 1 ] || NGPU=1
 fi
+read -r -a GPUS <<< "${GPU_IDS:-$(seq -s ' ' 0 $((NGPU - 1)))}"
+NGPU=${#GPUS[@]}
 if [ -n "${BUDGET_S:-}" ]; then
   BUDGET="--budget-s $BUDGET_S --probe-steps 15${EQUAL_TIME:+ --equal-time}"
 else
@@ -71,7 +74,7 @@ main() {
   nds=$(echo $DATASETS | wc -w); rounds=$(( (nds + NGPU - 1) / NGPU ))
   local round_s=$(( (LIMIT_S - SECONDS) / rounds ))  # data preparation came out of LIMIT_S too
   for ds in $DATASETS; do
-    local gpu=$((i % NGPU)); i=$((i + 1))
+    local gpu=${GPUS[$((i % NGPU))]}; i=$((i + 1))
     mkdir -p "$OUT/$ds"
     echo "=== $ds on GPU $gpu (at most ${round_s}s in this call)"
     if [ "${PARALLEL_SEEDS:-0}" = 1 ]; then

@@ -17,6 +17,8 @@ import pytest  # noqa: E402
 collect_ignore_glob = [] if importlib.util.find_spec("triton") is not None else ["kernels/*"]
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+# where the kernel tests run: the GPU when there is one, else the interpreter on the CPU
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import random_batch
+from conftest import DEVICE, random_batch
 from torch_geometric_bsa import BSAConfig, build_ball_tree
 from torch_geometric_bsa.nn import BSAConv, BSATransformer
 
@@ -19,11 +19,11 @@ def _grads(m, x):
 @pytest.mark.parametrize("cfg", CFGS, ids=["paper", "group", "per_head"])
 def test_conv_compiles_fullgraph_and_matches_eager(cfg):
     torch._dynamo.reset()
-    pos, batch = random_batch([90, 61], seed=1)
+    pos, batch = random_batch([90, 61], seed=1, device=DEVICE)
     torch.manual_seed(0)
-    conv = BSAConv(16, 16, heads=2, config=cfg, backend="triton")
+    conv = BSAConv(16, 16, heads=2, config=cfg, backend="triton").to(DEVICE)
     tree = build_ball_tree(pos, batch, 32)
-    xs = [torch.randn(pos.size(0), 16, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    xs = [torch.randn(pos.size(0), 16, generator=torch.Generator().manual_seed(2)).to(DEVICE).requires_grad_()
           for _ in range(2)]
     ref = conv(xs[0], pos, batch, tree=tree)
     w = torch.randn_like(ref)
@@ -39,10 +39,11 @@ def test_conv_compiles_fullgraph_and_matches_eager(cfg):
 
 def test_transformer_compiles_fullgraph():
     torch._dynamo.reset()
-    pos, batch = random_batch([70, 50], seed=3)
-    x = torch.randn(pos.size(0), 3)
+    pos, batch = random_batch([70, 50], seed=3, device=DEVICE)
+    x = torch.randn(pos.size(0), 3, device=DEVICE)
     torch.manual_seed(1)
-    model = BSATransformer(3, 1, hidden_channels=16, num_layers=2, heads=2, config=CFGS[0], backend="triton")
+    model = BSATransformer(3, 1, hidden_channels=16, num_layers=2, heads=2, config=CFGS[0],
+                           backend="triton", cuda_graphs=False).to(DEVICE)
     tree = build_ball_tree(pos, batch, 32)
     ref = model(x, pos, batch, tree=tree)
     seen = set()
