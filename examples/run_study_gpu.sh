@@ -42,10 +42,10 @@ if [ "${TINY:-0}" = 1 ]; then
   NGPU=1
 else
   STEPS=${STEPS:-1000}
-  # the model of docs/results.md: width 128, 6 layers, 4 heads of dimension 32, the paper's BSA sizes
-  NET="--hidden 128 --layers 6 --heads 4 --mlp-ratio 4 --batch-size 8 --ball-size 256 --cmp-block 8 --slc-block 8
-       --topk 16 --group-size 8 --knn 16 --lr 1e-3"
-  car_data() { echo "--dataset car --data-size full --num-train $NUM_TRAIN --num-test $NUM_TEST --root $ROOT_DATA"; }
+  # shellcheck source=examples/study_flags.sh
+  . examples/study_flags.sh
+  NET=$STUDY_NET
+  car_data() { study_car_data; }
   elas_data() {
     local snap=""; [ -f "$ELAS_SNAPSHOT" ] && snap="--snapshot $ELAS_SNAPSHOT"
     echo "--dataset elasticity-gen --data-size full --num-train $NUM_TRAIN --num-test $NUM_TEST --root $ROOT_DATA $snap"
