@@ -76,8 +76,13 @@ class BallTree:
         return self.cached(("float_mask", dtype), lambda: self.mask[:, None].to(dtype))
 
     def mask_as(self, dtype: torch.dtype) -> Tensor:
-        r"""Slot validity ``[N_pad]`` as ``dtype`` (the kernels read int8 / uint8 masks)."""
-        return self.cached(("mask", dtype), lambda: self.mask.to(dtype).contiguous())
+        r"""Slot validity ``[N_pad]`` as ``dtype`` (the kernels read int8 / uint8 masks: those are the
+        bool mask's own bytes, a view, no kernel)."""
+        def compute():
+            if dtype in (torch.int8, torch.uint8) and self.mask.dtype == torch.bool:
+                return self.mask.contiguous().view(dtype)
+            return self.mask.to(dtype).contiguous()
+        return self.cached(("mask", dtype), compute)
 
     @property
     def num_slots(self) -> int:

@@ -112,9 +112,9 @@ def _compression(q_cmp, q_unit, k_cmp, v_cmp, cmp_mask, tree, cfg):
     # the compression attention and what the selection reuses: (o_c, lse, cmp_mask as int8, ranges)
     from .compressed import compressed_attention_triton
     from .plan import compressed_ranges
+    from .plan import as_int8
     s = cfg.cmp_stride
-    if cmp_mask is tree._cache.get(("block_any", cfg.cmp_block, s)):  # the compressor's (cached) mask
-        cmp_mask = tree.cached(("block_any_i8", cfg.cmp_block, s), lambda: cmp_mask.to(torch.int8))
+    cmp_mask = as_int8(cmp_mask)  # a bool mask's own bytes (a view): no kernel
     ranges = compressed_ranges(tree, q_unit, s, window=cfg.cmp_window)
     # rows see different key ranges with several clouds or windows (a Python int: no host sync)
     ragged = tree.num_clouds > 1 or cfg.cmp_window is not None

@@ -423,7 +423,8 @@ def ball_attention_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, sigma: T
     scale = d ** -0.5 if scale is None else float(scale)
     if n == 0:
         return q.new_zeros(q.shape) + 0 * (k.sum() + v.sum())
-    mask_u8 = mask if mask.dtype == torch.uint8 else mask.to(torch.bool).to(torch.uint8)
+    from .combine import _as_u8
+    mask_u8 = _as_u8(mask)  # a contiguous bool mask's own bytes: no kernel
     q, k, v = _common.shared_rows(q, k, v)
     if torch.compiler.is_compiling():  # an opaque custom op for the graph (kernels/ops.py)
         from . import ops

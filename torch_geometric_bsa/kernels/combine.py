@@ -236,4 +236,8 @@ def masked_block_mean(x: Tensor, mask: Tensor, block: int) -> Tensor:
 
 def _as_u8(mask: Tensor) -> Tensor:
     # the kernels read ``mask != 0``; a uint8 mask (the tree's cached one) passes as is
-    return mask if mask.dtype == torch.uint8 else mask.to(torch.bool).to(torch.uint8)
+    if mask.dtype == torch.uint8:
+        return mask
+    if mask.dtype == torch.bool and mask.is_contiguous():
+        return mask.view(torch.uint8)  # the bool mask's own bytes: no kernel
+    return mask.to(torch.bool).to(torch.uint8)

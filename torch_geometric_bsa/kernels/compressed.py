@@ -203,10 +203,13 @@ class CompressedAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k_cmp, v_cmp, o, lse, kmask, kstart, kend, qstart, qend)
         ctx.scale, ctx.ragged = scale, ragged
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for lse (a memset a layer)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, _dlse):
+        if do is None:  # o unused (gradients are not materialised)
+            return (None,) * 10
         q, k_cmp, v_cmp, o, lse, kmask, kstart, kend, qstart, qend = ctx.saved_tensors
         nq, h, d = q.shape
         nk = k_cmp.size(0)

@@ -33,6 +33,9 @@ class _Ctx:
     def mark_non_differentiable(self, *args):
         pass
 
+    def set_materialize_grads(self, value: bool):
+        pass
+
 
 def _needs(ctx, i: int) -> bool:
     return bool(ctx.needs_input_grad[i])

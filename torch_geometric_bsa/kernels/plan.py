@@ -25,9 +25,10 @@ def cloud_ranges(tree, unit_rows: int, unit_cols: int) -> Tuple[Tensor, Tensor]:
     def compute():
         n = tree.num_slots // unit_rows
         cloud = tree.slot_batch[::unit_rows][:n]
-        start = (tree.ptr[cloud] // unit_cols).to(torch.int32)
-        end = (tree.ptr[cloud + 1] // unit_cols).to(torch.int32)
-        return start.contiguous(), end.contiguous()
+        # the cloud offsets in column units, once per unit; each range is two gathers from them
+        bounds = tree.cached(("cloud_bounds", unit_cols),
+                             lambda: torch.div(tree.ptr, unit_cols, rounding_mode="floor").to(torch.int32))
+        return bounds[cloud], bounds[1:][cloud]
     return tree.cached(("cloud_ranges", unit_rows, unit_cols), compute)
 
 
@@ -75,13 +76,18 @@ def group_ranges(tree, group_size: int, slc_block: int, window: Optional[int] = 
 
 
 def block_valid_i8(tree, block: int) -> Tensor:
-    r"""``[N_pad // block]`` int8: whether each block of ``block`` slots holds a valid slot."""
-    return tree.cached(("block_any_i8", block), lambda: tree.mask.view(-1, block).any(1).to(torch.int8))
+    r"""``[N_pad // block]`` int8: whether each block of ``block`` slots holds a valid slot (the bytes
+    of the bool block mask the compressor caches under the same key: a view)."""
+    return as_int8(tree.cached(("block_any", block, block), lambda: tree.mask.view(-1, block).any(1)))
 
 
 def as_int8(mask: Tensor) -> Tensor:
-    r"""A block mask as the kernels read it (int8, ``!= 0``)."""
-    return mask if mask.dtype == torch.int8 else mask.to(torch.int8).contiguous()
+    r"""A block mask as the kernels read it (int8, ``!= 0``); a bool mask's own bytes when contiguous."""
+    if mask.dtype == torch.int8:
+        return mask
+    if mask.dtype == torch.bool and mask.is_contiguous():
+        return mask.view(torch.int8)
+    return mask.to(torch.int8).contiguous()
 
 
 def selection_plan(tree, group_size: int, slc_block: int, topk: int, window: Optional[int] = None):

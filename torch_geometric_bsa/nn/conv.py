@@ -91,18 +91,28 @@ def resolve_tree(tree: TreeLike, pos: Tensor, batch: Optional[Tensor], ball_size
     return tree
 
 
-def relative_positions(pos_t: Tensor, tree: BallTree) -> Tensor:
-    r"""``pos_t - c_B(i)`` (the slot's ball centroid), zero at padded slots, ``[N_pad, d]``.
+def relative_positions(pos_t: Tensor, tree: BallTree, dtype: Optional[torch.dtype] = None) -> Tensor:
+    r"""``pos_t - c_B(i)`` (the slot's ball centroid), zero at padded slots, ``[N_pad, d]``, in
+    ``dtype`` (default ``pos_t``'s).
 
-    Memoised on the tree for this ``pos_t``: every layer of a model reads the same tensor.
+    Memoised on the tree for this ``pos_t`` (per dtype): every layer of a model reads the same tensor.
     """
     hit = tree._cache.get("relative_positions")
-    if hit is not None and hit[0] is pos_t:
-        return hit[1]
-    centers = tree.ball_centers(pos_t).repeat_interleave(tree.ball_size, 0)
-    rel = (pos_t - centers) * tree.float_mask(pos_t.dtype)
-    tree._cache["relative_positions"] = (pos_t, rel)
-    return rel
+    if hit is None or hit[0] is not pos_t:
+        centers = tree.ball_centers(pos_t).repeat_interleave(tree.ball_size, 0)
+        hit = tree._cache["relative_positions"] = (pos_t, {pos_t.dtype: (pos_t - centers) * tree.float_mask(pos_t.dtype)})
+    casts = hit[1]
+    dtype = pos_t.dtype if dtype is None else dtype
+    if dtype not in casts:
+        casts[dtype] = casts[pos_t.dtype].to(dtype)
+    return casts[dtype]
+
+
+def _input_dtype(x: Tensor) -> torch.dtype:
+    # the dtype a linear layer computes in: autocast's when it is on for x's device
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def unpack_inputs(x: Any, pos: Optional[Tensor], batch: Optional[Tensor], tree: TreeLike, ball_size: int,
@@ -178,14 +188,12 @@ class KVCompressor(nn.Module):
     def forward(self, k: Tensor, v: Tensor, tree: BallTree):
         r"""``k, v [N_pad, H, D]`` -> ``k_cmp, v_cmp [N_pad // s, H, D]``, block mask ``[N_pad // s]``."""
         l, s = self.cmp_block, self.cmp_stride
-        if l == s:  # blocks tile the slots and never straddle clouds (cloud sizes are multiples of l)
-            kb, vb = k.view(-1, l, *k.shape[1:]), v.view(-1, l, *v.shape[1:])
-            valid = tree.cached(("block_valid", l), lambda: tree.mask.view(-1, l))
-        else:
-            kb, valid = blockify(k, tree.mask, tree.slot_batch, l, s)
-            vb, _ = blockify(v, tree.mask, tree.slot_batch, l, s)
+        if l == s:
+            return self.compress_kv(torch.stack([k, v], 1), tree)
+        kb, valid = blockify(k, tree.mask, tree.slot_batch, l, s)
+        vb, _ = blockify(v, tree.mask, tree.slot_batch, l, s)
         block_mask = tree.cached(("block_any", l, s), lambda: valid.any(1))
-        w = tree.cached(("block_weight", l, s, k.dtype), lambda: valid.to(k.dtype)[..., None, None])  # [NB, l, 1, 1]
+        w = valid.to(k.dtype)[..., None, None]  # [NB, l, 1, 1]
         if self.mode == "mean":
             cnt = w.sum(1).clamp_min(1.0)
             return (kb * w).sum(1) / cnt, (vb * w).sum(1) / cnt, block_mask
@@ -193,6 +201,43 @@ class KVCompressor(nn.Module):
         pe = self.pos_emb.to(k.dtype)[None, :, None, :]
         flat = lambda t: ((t + pe) * w).permute(0, 2, 1, 3).reshape(nb, h, l * d)  # noqa: E731
         return self.phi_k(flat(kb)), self.phi_v(flat(vb)), block_mask
+
+    def compress_kv(self, kv: Tensor, tree: BallTree):
+        r"""``forward`` on keys and values given as one tensor ``kv [N_pad, 2, H, D]`` (e.g. a view of
+        the layer's qkv projection): both MLPs run as one batched pass (stacked weights), in as
+        few launches as the layer allows. Returns ``k_cmp, v_cmp [N_pad // s, H, D]`` and the block
+        mask ``[N_pad // s]``."""
+        l, s = self.cmp_block, self.cmp_stride
+        if l != s:
+            k, v = kv.unbind(1)
+            return self.forward(k, v, tree)
+        n, _, h, d = kv.shape
+        nb = n // l
+        # blocks tile the slots and never straddle clouds (cloud sizes are multiples of l)
+        valid = tree.cached(("block_valid", l), lambda: tree.mask.view(-1, l))
+        block_mask = tree.cached(("block_any", l, s), lambda: valid.any(1))
+        kvb = kv.view(nb, l, 2, h, d).permute(2, 0, 3, 1, 4)  # [2, NB, H, l, D], a view
+        if self.mode == "mean":
+            w = tree.cached(("block_weight", l, s, kv.dtype), lambda: valid.to(kv.dtype)[..., None, None])
+            cnt = w.sum(1).clamp_min(1.0)  # [NB, 1, 1]
+            out = (kvb * w.view(1, nb, 1, l, 1)).sum(3) / cnt.view(1, nb, 1, 1)
+            return out[0], out[1], block_mask
+        # the slot mask, materialised in the layout the MLP reads ([2, NB, H, l, 1], once per tree):
+        # multiplied with it first, the masked input comes out contiguous as [2, NB * H, l * D]
+        # (elementwise outputs follow their first operand's layout), so the flattening is a view
+        w = tree.cached(("block_weight_kv", l, h, kv.dtype),
+                        lambda: valid.view(1, nb, 1, l, 1).expand(2, nb, h, l, 1).to(
+                            kv.dtype, memory_format=torch.contiguous_format))
+        x = torch.mul(w, kvb + self.pos_emb.to(kv.dtype)).view(2, nb * h, l * d)
+        if layer_graphs._has_hooks(self):  # a hook on an MLP must see its call: the modules as written
+            return self.phi_k(x[0]).view(nb, h, d), self.phi_v(x[1]).view(nb, h, d), block_mask
+        k1, v1 = self.phi_k[0], self.phi_v[0]
+        k2, v2 = self.phi_k[2], self.phi_v[2]
+        x = torch.baddbmm(torch.stack([k1.bias, v1.bias])[:, None], x, torch.stack([k1.weight, v1.weight]).mT)
+        x = torch.baddbmm(torch.stack([k2.bias, v2.bias])[:, None], self.phi_k[1](x),
+                          torch.stack([k2.weight, v2.weight]).mT)
+        k_cmp, v_cmp = x.view(2, nb, h, d).unbind(0)
+        return k_cmp, v_cmp, block_mask
 
 
 class _TreeAttentionConv(nn.Module):
@@ -260,8 +305,9 @@ class _TreeAttentionConv(nn.Module):
         if self.lin_in is not None:
             x_t = self.lin_in(x_t)
         # Erwin: features see their position relative to the ball centroid before the projection.
-        # Padded slots of x_t and of the relative positions are zero, so h is zero there too.
-        return x_t + self.pos_proj(relative_positions(pos_t, tree).to(x_t.dtype))
+        # Padded slots of x_t and of the relative positions are zero, so h is zero there too. The
+        # positions come in the dtype the projection computes in (cast once per tree, not per layer).
+        return x_t + self.pos_proj(relative_positions(pos_t, tree, _input_dtype(x_t)))
 
     def _qkv(self, x_t: Tensor, pos_t: Tensor, tree: BallTree):
         h = self._features(x_t, pos_t, tree)
@@ -418,15 +464,42 @@ class BSAConv(_TreeAttentionConv):
             self.gate.reset_parameters()
             reset(self.compress)  # a user's compression module may or may not have reset_parameters
 
+    def _qkv_gates(self, x_t: Tensor, pos_t: Tensor, tree: BallTree):
+        r"""``q, k, v [N_pad, H, D]``, ``kv [N_pad, 2, H, D]`` (k and v as one view) and the gate
+        logits ``[N_pad, H * B]``, from one projection of ``h``: the gate's rows are appended to
+        the qkv weight per call (one GEMM and one read of ``h`` instead of two; the parameters stay
+        as they are). All are views of the one output."""
+        h = self._features(x_t, pos_t, tree)
+        c, ng = self.channels, self.gate.out_features
+        if layer_graphs._has_hooks(self.qkv) or layer_graphs._has_hooks(self.gate):
+            # a hook on a projection must see its call: the modules as written
+            q, k, v = self.qkv(h).view(-1, 3, self.heads, self.head_dim).unbind(1)
+            return q, k, v, torch.stack([k, v], 1), self.gate(h)
+        weight = torch.cat([self.qkv.weight, self.gate.weight])
+        if self.qkv.bias is not None:
+            y = F.linear(h, weight, torch.cat([self.qkv.bias, self.gate.bias]))
+        else:
+            y = F.linear(h, weight)
+        q, kv, g = y.split([c, 2 * c, ng], dim=1)
+        if self.qkv.bias is None:
+            g = g + self.gate.bias
+        kv = kv.view(-1, 2, self.heads, self.head_dim)
+        k, v = kv.unbind(1)
+        return q.view(-1, self.heads, self.head_dim), k, v, kv, g
+
     def _forward_tree(self, x_t: Tensor, pos_t: Tensor, tree: BallTree) -> Tensor:
-        h, q, k, v = self._qkv(x_t, pos_t, tree)
         if self.branches == "ball":
+            _, q, k, v = self._qkv(x_t, pos_t, tree)
             o = ball_attention(q, k, v, pos_t, self.sigma, tree.mask, tree.ball_size, self.backend)
         else:
-            gates = torch.sigmoid(self.gate(h)).view(-1, self.heads, self.cfg.num_branches)
+            q, k, v, kv, g = self._qkv_gates(x_t, pos_t, tree)
+            gates = torch.sigmoid(g).view(-1, self.heads, self.cfg.num_branches)
             if self.drop_branches:
                 gates = gates * self.branch_keep.to(gates.dtype)
-            k_cmp, v_cmp, cmp_mask = self.compress(k, v, tree)
+            if isinstance(self.compress, KVCompressor):
+                k_cmp, v_cmp, cmp_mask = self.compress.compress_kv(kv, tree)
+            else:
+                k_cmp, v_cmp, cmp_mask = self.compress(k, v, tree)
             o = bsa_attention(q, k, v, pos_t, tree, self.cfg, sigma=self.sigma, gates=gates,
                               k_cmp=k_cmp, v_cmp=v_cmp, cmp_mask=cmp_mask, backend=self.backend,
                               validate=False)  # checked once at the boundary, not per layer

@@ -1,0 +1,40 @@
+"""What a transformer block launches (issue 13: a BSA layer within ~1.3x of full attention's GPU
+kernels), counted on the CPU by ``benchmarks/count_ops.py``: aten ops that launch a kernel (views
+and allocations left out) plus Triton launches, forward and backward, the Triton path under the
+interpreter. A bound that fails means a change added launches to every layer of every step."""
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = dict(ball=16, points=40, clouds=2, channels=32, heads=4)
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="counts the Triton path under the CPU interpreter")
+
+
+def _count(monkeypatch, attention):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import count_ops
+    fwd, bwd, memo = count_ops.block_counts(attention, **SMALL)
+    return sum(fwd.values()) + sum(bwd.values()), sum(memo.values()), fwd, bwd
+
+
+def test_bsa_block_launches_are_pinned(monkeypatch):
+    # 188 steady / 27 memo before the cuts of issue 13 (docs/perf-notes.md)
+    steady, memo, fwd, bwd = _count(monkeypatch, "bsa")
+    assert steady <= 160, (steady, dict(fwd), dict(bwd))
+    # a layer graph re-derives the tree's memo in every layer: it counts per layer on the GPU
+    assert memo <= 20, memo
+    # the Triton launches themselves: 6 forward (ball, group-query pooling, compression, top-k,
+    # selection, combine), 8 backward (the selection's dK/dV in two)
+    assert sum(v for k, v in fwd.items() if k.startswith("triton:")) == 6
+    assert sum(v for k, v in bwd.items() if k.startswith("triton:")) == 8
+    # no zero-filled gradient for an output nobody reads (the compression branch's lse)
+    assert bwd["zeros"] == 0 and bwd["fill_"] == 0
+
+
+def test_full_block_launches_are_pinned(monkeypatch):
+    # the peer the ratio is taken against: a change that adds launches to both stays visible
+    steady, memo, _, _ = _count(monkeypatch, "full")
+    assert steady <= 105 and memo <= 14, (steady, memo)
