@@ -5,8 +5,12 @@ a time limit (their curve up to the last evaluation is kept and marked unfinishe
         --json docs/results_car_gpu.json --plot docs/img/study_car_gpu.png --title "car, H200"
 
 A log's seed is the last number in its file name (``compare_seed2.log``, ``gnn2.log``); the model is
-taken from the log's ``[compare] <model>:`` / ``[train] <model>:`` lines. A run found in two logs
-(cut by a limit and run again elsewhere) is taken from the one that got further. Prints a markdown table:
+taken from the log's ``[compare] <model>:`` / ``[train] <model>:`` lines. A run's ``metrics.json``
+(train.py's, with its evaluation log) is read too: seed and model from the file (``--label dir``:
+the model is the folder above ``seed<k>/``, as examples/ablate.py lays its variants out). A run found
+twice (cut by a limit and run again elsewhere) is taken from the one that got further.
+``--time-plot`` draws test MSE against training time: from each evaluation's recorded time
+(metrics.json), or estimated as step x the run's steady ms/step for runs read from logs. Prints a markdown table:
 per model, the mean +- sample std over seeds of the final test MSE (normalised) and relative L2 of
 the finished runs, ms/step, parameters, GFLOPs, and the last step reached by unfinished runs.
 """
@@ -52,14 +56,38 @@ def parse(path: str) -> Dict[str, Dict]:
     return runs
 
 
-def collect(paths: List[str]) -> Dict[str, Dict[int, Dict]]:
+def parse_metrics(path: str, label: str = "model") -> Dict[str, Dict]:
+    r"""One finished run from train.py's ``metrics.json``: ``{model: run}`` as :func:`parse` gives,
+    the curve's rows with a fourth entry, the training time (s) of each evaluation."""
+    with open(path) as f:
+        met = json.load(f)
+    model = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(path)))) if label == "dir" \
+        else met["model"]
+    curve = [[int(e["step"]), float(e["test_mse"]), float(e["test_rel_l2"]), float(e["train_time_s"])]
+             for e in met.get("eval_log") or []]
+    final = None
+    if met.get("steps") == met.get("planned_steps") and met.get("test_mse") is not None:
+        final = dict(test_mse=float(met["test_mse"]), rel_l2=float(met["test_rel_l2"]), steps=int(met["steps"]),
+                     ms_per_step=float(met["ms_per_step"]))
+        if not curve or curve[-1][0] < final["steps"]:
+            curve.append([final["steps"], final["test_mse"], final["rel_l2"], float(met["train_time_s"])])
+    return {model: dict(curve=curve, final=final, params=met.get("parameters"),
+                        gflops=met.get("gflops_per_cloud"), seed=met.get("seed"))}
+
+
+def collect(paths: List[str], label: str = "model") -> Dict[str, Dict[int, Dict]]:
     out: Dict[str, Dict[int, Dict]] = {}
     for p in paths:
-        nums = re.findall(r"(\d+)", os.path.basename(p))
-        if not nums:
-            raise SystemExit(f"{p}: no seed number in the file name")
-        seed = int(nums[-1])
-        for model, run in parse(p).items():
+        if p.endswith(".json"):
+            runs = parse_metrics(p, label)
+            seed = int(next(iter(runs.values()))["seed"])
+        else:
+            nums = re.findall(r"(\d+)", os.path.basename(p))
+            if not nums:
+                raise SystemExit(f"{p}: no seed number in the file name")
+            seed = int(nums[-1])
+            runs = parse(p)
+        for model, run in runs.items():
             old = out.setdefault(model, {}).get(seed)
             if old is not None:  # the same run cut once and restarted elsewhere: keep the one that got further
                 print(f"note: {model} seed {seed} in two logs; keeping the run that got further")
@@ -87,12 +115,20 @@ def table(data: Dict[str, Dict[int, Dict]]) -> str:
         ms = f"{statistics.mean(d['ms_per_step'] for d in done):.1f}" if done else "-"
         cut_s = ", ".join(f"{c[0]}: {c[1]:.4f}" for c in cut) or "-"
         lines.append(f"| {model} | {_ms([d['test_mse'] for d in done])} | {_ms([d['rel_l2'] for d in done])} | {ms} | "
-                     f"{any_run['params'] or '-':,} | {any_run['gflops'] or '-'} | {len(done)} of {len(seeds)} | "
+                     f"{any_run['params'] or '-':,} | {'-' if any_run['gflops'] is None else format(any_run['gflops'], '.1f')} | {len(done)} of {len(seeds)} | "
                      f"{cut_s} |")
     return "\n".join(lines)
 
 
-def plot(data: Dict[str, Dict[int, Dict]], path: str, title: str) -> None:
+def _time(run: Dict, c: List) -> float:
+    # an evaluation's training time: recorded (metrics.json) or step x the run's steady ms/step
+    if len(c) > 3:
+        return c[3]
+    ms = (run["final"] or {}).get("ms_per_step")
+    return c[0] * ms / 1000.0 if ms else float("nan")
+
+
+def plot(data: Dict[str, Dict[int, Dict]], path: str, title: str, time_path: str = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -120,6 +156,23 @@ def plot(data: Dict[str, Dict[int, Dict]], path: str, title: str) -> None:
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=120)
+    if time_path:  # one line per run: seeds differ in time, so no mean over seeds
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i, (model, seeds) in enumerate(data.items()):
+            color = f"C{i % 10}"
+            for j, run in enumerate(seeds.values()):
+                pts = [(_time(run, c), c[1]) for c in run["curve"]]
+                ax.plot([t for t, _ in pts], [v for _, v in pts], color=color, marker="o", ms=2, lw=1,
+                        label=f"{model} ({len(seeds)} seeds)" if j == 0 else None)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("training time (s)")
+        ax.set_ylabel("test MSE (normalised target)")
+        ax.set_title(title + "\none line per run")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(time_path, dpi=120)
 
 
 def main(argv=None):
@@ -127,15 +180,18 @@ def main(argv=None):
     p.add_argument("logs", nargs="+")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
+    p.add_argument("--time-plot", default=None, help="test MSE against training time, one line per run")
+    p.add_argument("--label", choices=["model", "dir"], default="model",
+                   help="metrics.json: the model name from the file, or the folder above seed<k>/")
     p.add_argument("--title", default="test curves")
     args = p.parse_args(argv)
-    data = collect(args.logs)
+    data = collect(args.logs, args.label)
     print(table(data))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(logs=[os.path.basename(x) for x in args.logs], runs=data), f, indent=1)
     if args.plot:
-        plot(data, args.plot, args.title)
+        plot(data, args.plot, args.title, args.time_plot)
 
 
 if __name__ == "__main__":
