@@ -115,7 +115,7 @@ def table(data: Dict[str, Dict[int, Dict]]) -> str:
         ms = f"{statistics.mean(d['ms_per_step'] for d in done):.1f}" if done else "-"
         cut_s = ", ".join(f"{c[0]}: {c[1]:.4f}" for c in cut) or "-"
         lines.append(f"| {model} | {_ms([d['test_mse'] for d in done])} | {_ms([d['rel_l2'] for d in done])} | {ms} | "
-                     f"{any_run['params'] or '-':,} | {'-' if any_run['gflops'] is None else format(any_run['gflops'], '.1f')} | {len(done)} of {len(seeds)} | "
+                     f"{'-' if any_run['params'] is None else format(any_run['params'], ',')} | {'-' if any_run['gflops'] is None else format(any_run['gflops'], '.1f')} | {len(done)} of {len(seeds)} | "
                      f"{cut_s} |")
     return "\n".join(lines)
 

@@ -528,3 +528,38 @@ def test_selection_flag_round_trip(tmp_path, capsys):
         with pytest.raises(SystemExit):
             train.parse_args(TINY + flags)
         assert match in capsys.readouterr().err
+
+
+def test_curves_from_logs_reads_metrics_and_logs(tmp_path, capsys):
+    # a finished run from metrics.json (recorded times) and a cut run from a log, one model each;
+    # a run found twice keeps the finished one; --label dir names runs by their folder
+    curves = _load("curves_from_logs")
+
+    def metrics(path, model, seed, mses, finished=True):
+        ev = [dict(step=10 * (i + 1), test_mse=m, test_rel_l2=m / 2, train_time_s=1.5 * (i + 1))
+              for i, m in enumerate(mses)]
+        met = dict(model=model, seed=seed, steps=10 * len(mses) if finished else 10, planned_steps=10 * len(mses),
+                   test_mse=mses[-1], test_rel_l2=mses[-1] / 2, ms_per_step=150.0, train_time_s=1.5 * len(mses),
+                   parameters=1234, gflops_per_cloud=2.5, eval_log=ev)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(met, f)
+        return str(path)
+
+    paths = [metrics(tmp_path / "var-a" / f"seed{s}" / "metrics.json", "bsa", s, [0.5, 0.2 + 0.1 * s])
+             for s in (0, 1)]
+    log = tmp_path / "compare_seed0.log"
+    log.write_text("[compare] gnn: train.py --model gnn\n[train] step 10: test MSE 0.4, rel L2 0.3\n"
+                   "[train] step 20: test MSE 0.3, rel L2 0.25\n[train] bsa: 1,234 parameters, 2.5 GFLOPs\n"
+                   "[train] step 10: test MSE 0.9, rel L2 0.6\n")
+    data = curves.collect([str(log)] + paths)
+    assert data["bsa"][0]["final"]["test_mse"] == pytest.approx(0.2)  # the finished run, not the cut log's
+    assert data["bsa"][1]["curve"][-1] == [20, pytest.approx(0.3), pytest.approx(0.15), pytest.approx(3.0)]
+    assert data["gnn"][0]["final"] is None and data["gnn"][0]["curve"][-1][:2] == [20, 0.3]
+    table = curves.table(data)
+    assert "| bsa | 0.2500 ± 0.0707 |" in table and "2 of 2" in table and "20: 0.3000" in table
+    by_dir = curves.collect(paths, label="dir")
+    assert set(by_dir) == {"var-a"}
+    curves.main(paths + ["--label", "dir", "--json", str(tmp_path / "c.json"), "--plot", str(tmp_path / "c.png"),
+                         "--time-plot", str(tmp_path / "t.png")])
+    assert os.path.isfile(tmp_path / "t.png") and json.load(open(tmp_path / "c.json"))["runs"]["var-a"]
