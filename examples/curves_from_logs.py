@@ -12,7 +12,8 @@ twice (cut by a limit and run again elsewhere) is taken from the one that got fu
 ``--time-plot`` draws test MSE against training time: from each evaluation's recorded time
 (metrics.json), or estimated as step x the run's steady ms/step for runs read from logs. Prints a markdown table:
 per model, the mean +- sample std over seeds of the final test MSE (normalised) and relative L2 of
-the finished runs, ms/step, parameters, GFLOPs, and the last step reached by unfinished runs.
+the finished runs, ms/step, peak memory (from metrics.json: CUDA max allocated, or the process's
+RSS on a CPU), parameters, GFLOPs, and the last step reached by unfinished runs.
 """
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def parse_metrics(path: str, label: str = "model") -> Dict[str, Dict]:
     final = None
     if met.get("steps") == met.get("planned_steps") and met.get("test_mse") is not None:
         final = dict(test_mse=float(met["test_mse"]), rel_l2=float(met["test_rel_l2"]), steps=int(met["steps"]),
-                     ms_per_step=float(met["ms_per_step"]))
+                     ms_per_step=float(met["ms_per_step"]), peak_mb=met.get("peak_memory_mb"))
         if not curve or curve[-1][0] < final["steps"]:
             curve.append([final["steps"], final["test_mse"], final["rel_l2"], float(met["train_time_s"])])
     return {model: dict(curve=curve, final=final, params=met.get("parameters"),
@@ -106,15 +107,17 @@ def _ms(xs: List[float]) -> str:
 
 
 def table(data: Dict[str, Dict[int, Dict]]) -> str:
-    lines = ["| model | test MSE (norm.) | rel. L2 | ms/step | params | GFLOPs/cloud | finished seeds | unfinished: last step, MSE |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | test MSE (norm.) | rel. L2 | ms/step | peak mem (MB) | params | GFLOPs/cloud | finished seeds | "
+             "unfinished: last step, MSE |", "|---|---|---|---|---|---|---|---|---|"]
     for model, seeds in data.items():
         done = [r["final"] for r in seeds.values() if r["final"]]
         cut = [r["curve"][-1] for r in seeds.values() if not r["final"] and r["curve"]]
         any_run = next(iter(seeds.values()))
         ms = f"{statistics.mean(d['ms_per_step'] for d in done):.1f}" if done else "-"
         cut_s = ", ".join(f"{c[0]}: {c[1]:.4f}" for c in cut) or "-"
-        lines.append(f"| {model} | {_ms([d['test_mse'] for d in done])} | {_ms([d['rel_l2'] for d in done])} | {ms} | "
+        peaks = [d["peak_mb"] for d in done if d.get("peak_mb") is not None]  # metrics.json only
+        peak = f"{statistics.mean(peaks):,.0f}" if peaks else "-"
+        lines.append(f"| {model} | {_ms([d['test_mse'] for d in done])} | {_ms([d['rel_l2'] for d in done])} | {ms} | {peak} | "
                      f"{'-' if any_run['params'] is None else format(any_run['params'], ',')} | {'-' if any_run['gflops'] is None else format(any_run['gflops'], '.1f')} | {len(done)} of {len(seeds)} | "
                      f"{cut_s} |")
     return "\n".join(lines)
