@@ -5,7 +5,7 @@ the JSON files (``--compare``). Triton's NVIDIA backend (shipped in the pip whee
 ``sm_90`` on a CPU-only machine; line info is switched off so that moved source lines do not count.
 The variants are the configs the launch rules pick on a GPU (``_common._RULES``, not the
 interpreter's tiles) at representative shapes, every compression autotuning candidate, shared and
-per-head selection, partial and final dK/dV.
+per-head selection, partial and final dK/dV, the combine with gates or gate logits.
 
 Usage: ``python benchmarks/ptx_fingerprint.py --out a.json`` (~2 min on 2 cores), then in the other
 checkout ``python benchmarks/ptx_fingerprint.py --out b.json --compare a.json``.
@@ -91,6 +91,8 @@ def variants():
     for qu in (1, 8):
         for fn in (combine._combine_fwd_kernel, combine._combine_bwd_kernel):
             add(fn, torch.bfloat16, dict(H=8, D=64, QU=qu, BLOCK_D=64), rule["combine"](qu=qu, d=64), "u8")
+            add(fn, torch.bfloat16, dict(H=8, D=64, QU=qu, BLOCK_D=64, LOGITS=True), rule["combine"](qu=qu, d=64),
+                "u8")
     for fn in (combine._pool_fwd_kernel, combine._pool_bwd_kernel):
         add(fn, torch.bfloat16, dict(HD=512, L=8), rule["pool"](hd=512, block=8), "u8")
     return out
