@@ -5,7 +5,7 @@ the JSON files (``--compare``). Triton's NVIDIA backend (shipped in the pip whee
 ``sm_90`` on a CPU-only machine; line info is switched off so that moved source lines do not count.
 The variants are the configs the launch rules pick on a GPU (``_common._RULES``, not the
 interpreter's tiles) at representative shapes, every compression autotuning candidate, shared and
-per-head selection, partial and final dK/dV.
+per-head selection, partial and final dK/dV, the combine with gates or gate logits.
 
 Usage: ``python benchmarks/ptx_fingerprint.py --out a.json`` (~2 min on 2 cores), then in the other
 checkout ``python benchmarks/ptx_fingerprint.py --out b.json --compare a.json``.
@@ -29,7 +29,7 @@ import triton  # noqa: E402
 
 F32 = {"LSE", "DELTA", "POS", "SIGMA", "DSIG", "DPOS", "SK", "SV"}
 MASKS = {"MASK", "KMASK", "SVALID"}
-I32 = {"IDX", "KSTART", "KEND", "QSTART", "QEND", "GSTART", "GEND", "BPTR", "XPTR"}
+I32 = {"IDX", "KSTART", "KEND", "QSTART", "QEND", "GSTART", "GEND", "BPTR", "PTR"}
 TY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -84,12 +84,15 @@ def variants():
             add(selected._slc_bwd_dkdv_kernel, dt,
                 dict(G=g, G_P2=next_pow2(g), H=8, D=d, TOPK=tk, LS=ls, LP=max(16, next_pow2(ls)), GB=gb, CHUNK=chunk,
                      BLOCK_D=dot_dim(d), PREC=dot_precision(dt), PARTIAL=partial, **ex), cfg)
+    add(selected._list_ptr_kernel, torch.float32, dict(BLOCK=1024), dict(num_warps=4))
     for qpg in (8, 1):
         add(topk._score_topk_kernel, torch.bfloat16,
             dict(H=8, D=64, QPG=qpg, TOPK=16, TOPK_P2=16, BLOCK_D=64, PREC="tf32"), rule["topk"](qpg=qpg, n_g=4096))
     for qu in (1, 8):
         for fn in (combine._combine_fwd_kernel, combine._combine_bwd_kernel):
             add(fn, torch.bfloat16, dict(H=8, D=64, QU=qu, BLOCK_D=64), rule["combine"](qu=qu, d=64), "u8")
+            add(fn, torch.bfloat16, dict(H=8, D=64, QU=qu, BLOCK_D=64, LOGITS=True), rule["combine"](qu=qu, d=64),
+                "u8")
     for fn in (combine._pool_fwd_kernel, combine._pool_bwd_kernel):
         add(fn, torch.bfloat16, dict(HD=512, L=8), rule["pool"](hd=512, block=8), "u8")
     return out
@@ -106,7 +109,7 @@ def compile_ptx(fn, dtype, const, num_warps, num_stages, mask, arch):
             consts[n] = const.get(n, p.default)
         elif n[0].isupper() and n not in ("N", "H"):  # pointers
             sig[n] = "*" + ("fp32" if n in F32 else mask if n in MASKS else "i32" if n in I32
-                            else "i64" if n == "BGRP" else TY[dtype])
+                            else "i64" if n == "BGRP" else "i16" if n == "SORTED" else TY[dtype])
         else:
             sig[n] = "fp32" if "scale" in n else "i32"
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
@@ -119,9 +122,12 @@ def main():
     ap.add_argument("--out", default="ptx_fingerprint.json")
     ap.add_argument("--compare", help="a JSON file written by this script in another checkout")
     ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--only", help="compile only the kernels whose name contains this string")
     args = ap.parse_args()
     rows = []
     for fn, dtype, const, nw, ns, mask in variants():
+        if args.only and args.only not in fn.__name__:
+            continue
         key = f"{fn.__name__} {TY[dtype]} {json.dumps(const, sort_keys=True)} w{nw} s{ns}"
         ptx = compile_ptx(fn, dtype, const, nw, ns, mask, args.arch)
         rows.append(dict(variant=key, ptx_sha1=hashlib.sha1(ptx.encode()).hexdigest(),

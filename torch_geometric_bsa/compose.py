@@ -60,6 +60,10 @@ class Branches:
         r"""``gates[..., 0] o_ball + gates[..., 1] o_c (per slot) + gates[..., 2] o_slc``."""
         raise NotImplementedError
 
+    def combine_logits(self, o_ball, o_c, o_slc, logits, tree: BallTree, q_unit: int) -> Tensor:
+        r"""``combine`` with the gates given as logits ``[N, H, 3]`` (``gates = sigmoid(logits)``)."""
+        return self.combine(o_ball, o_c, o_slc, torch.sigmoid(logits), tree, q_unit)
+
     def add_gated(self, out, gate, o, tree: BallTree, q_unit: int) -> Tensor:
         r"""``out + gate * o`` with ``o`` at query granularity ``q_unit``, ``gate [N, H, 1]``."""
         from .reference import per_slot
@@ -85,10 +89,12 @@ def compressed_keys(branches: Branches, k: Tensor, v: Tensor, tree: BallTree, cf
 
 
 def compose(branches: Branches, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, cfg, *,
-            sigma: Tensor, gates: Tensor, k_cmp: Optional[Tensor] = None, v_cmp: Optional[Tensor] = None,
-            cmp_mask: Optional[Tensor] = None, return_branches: bool = False):
+            sigma: Tensor, gates: Optional[Tensor] = None, k_cmp: Optional[Tensor] = None,
+            v_cmp: Optional[Tensor] = None, cmp_mask: Optional[Tensor] = None, return_branches: bool = False,
+            gate_logits: Optional[Tensor] = None):
     r"""BSA through ``branches``: ``q, k, v [N_pad, H, D]`` in tree order, ``pos [N_pad, d]``,
-    ``sigma [H]``, ``gates [N_pad, H, cfg.num_branches]``, optional compressed keys/values
+    ``sigma [H]``, ``gates [N_pad, H, cfg.num_branches]`` (or their ``gate_logits``, squashed by a
+    sigmoid: ``Branches.combine_logits``), optional compressed keys/values
     ``[N_pad // cmp_stride, H, D]`` and their mask. Returns ``[N_pad, H, D]`` (zero at padded
     slots), with ``return_branches`` also a dict of the branch outputs (per slot) and the selection.
     """
@@ -99,13 +105,17 @@ def compose(branches: Branches, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tr
         q_unit = cfg.group_size if cfg.group_compression else 1
         q_cmp = branches.group_queries(q, tree, q_unit)
         o_c, o_slc, selection = branches.global_branches(q, k, v, q_cmp, q_unit, k_cmp, v_cmp, cmp_mask, tree, cfg)
-        out = branches.combine(o_ball, o_c, o_slc, gates[..., :3], tree, q_unit)
+        if gate_logits is None:
+            out = branches.combine(o_ball, o_c, o_slc, gates[..., :3], tree, q_unit)
+        else:
+            out = branches.combine_logits(o_ball, o_c, o_slc, gate_logits[..., :3], tree, q_unit)
         o_crs = None
         if w is not None:  # the coarse global branch: one mean-pooled key per ball of the whole cloud
             m = cfg.ball_size
             k_crs, v_crs, crs_mask = branches.pool(k, v, tree, m, m)
             o_crs = branches.coarse(q_cmp, k_crs, v_crs, crs_mask, tree, m, q_unit)
-            out = branches.add_gated(out, gates[..., 3:4], o_crs, tree, q_unit)
+            g_crs = gates[..., 3:4] if gate_logits is None else torch.sigmoid(gate_logits[..., 3:4])
+            out = branches.add_gated(out, g_crs, o_crs, tree, q_unit)
         out = branches.finish(out, tree, q.dtype)
     if not return_branches:
         return out

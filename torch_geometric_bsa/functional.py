@@ -66,7 +66,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, cfg: BSAConfig, sigma: Tensor,
-           gates: Tensor) -> None:
+           gates: Tensor, gate_name: str = "gates") -> None:
     if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must share a shape [N_pad, H, D]; got {list(q.shape)}, "
                          f"{list(k.shape)}, {list(v.shape)}")
@@ -82,16 +82,18 @@ def _check(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, cfg: BS
         raise ValueError(f"sigma must have shape [H={q.size(1)}], got {list(sigma.shape)}")
     nb = cfg.num_branches
     if gates.shape != (q.size(0), q.size(1), nb):
-        raise ValueError(f"gates must have shape [N_pad, H, {nb}] (cfg.num_branches), got {list(gates.shape)}")
+        raise ValueError(f"{gate_name} must have shape [N_pad, H, {nb}] (cfg.num_branches), got {list(gates.shape)}")
+    if not gates.is_floating_point():
+        raise ValueError(f"{gate_name} must be floating point, got {gates.dtype}")
     devs = {t.device for t in (q, k, v, pos, sigma, gates, tree.perm)}
     if len(devs) > 1:
         raise ValueError(f"all inputs (q, k, v, pos, sigma, gates, tree) must be on one device, got {devs}")
 
 
 def bsa_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, cfg: BSAConfig, *,
-                  sigma: Tensor, gates: Tensor, k_cmp: Optional[Tensor] = None,
+                  sigma: Tensor, gates: Optional[Tensor] = None, k_cmp: Optional[Tensor] = None,
                   v_cmp: Optional[Tensor] = None, cmp_mask: Optional[Tensor] = None,
-                  backend: str = "auto", validate: bool = True) -> Tensor:
+                  backend: str = "auto", validate: bool = True, gate_logits: Optional[Tensor] = None) -> Tensor:
     r"""Ball Sparse Attention on tree-ordered, padded tensors.
 
     Args:
@@ -102,6 +104,10 @@ def bsa_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, 
         sigma (Tensor): ``[H]`` per-head distance-bias scale of the ball branch.
         gates (Tensor): ``[N_pad, H, B]`` branch weights (ball, compression, selection, and the
             coarse branch when ``cfg.cmp_window`` is set: ``B = cfg.num_branches``).
+        gate_logits (Tensor, optional): instead of ``gates``, their logits ``[N_pad, H, B]``
+            (``gates = sigmoid(gate_logits)``); the Triton path applies the sigmoid inside its
+            combine kernel (forward and backward), the others before the composition. Give
+            exactly one of ``gates`` and ``gate_logits``.
         k_cmp, v_cmp (Tensor, optional): ``[N_pad // cmp_stride, H, D]`` compressed keys and
             values; mean pooling when omitted.
         backend (str): ``"auto"`` (Triton on CUDA, the chunked CPU path elsewhere), ``"torch"``
@@ -114,7 +120,10 @@ def bsa_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, 
     Returns:
         ``[N_pad, H, D]``, zero at padded slots.
     """
-    _check(q, k, v, pos, tree, cfg, sigma, gates)
+    if (gates is None) == (gate_logits is None):
+        raise ValueError("give exactly one of gates and gate_logits")
+    _check(q, k, v, pos, tree, cfg, sigma, gates if gate_logits is None else gate_logits,
+           "gates" if gate_logits is None else "gate_logits")
     check_compressed_kv(q, k_cmp, v_cmp, cmp_mask, cfg.cmp_stride)
     backend = resolve_backend(backend, q.device)
     check_backend_dtype(backend, q)
@@ -125,8 +134,10 @@ def bsa_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree: BallTree, 
     if backend == "triton":  # the ball kernel reads sigma in float32 whatever its dtype: no cast
         from .kernels import bsa_triton
         return bsa_triton(q, k, v, pos, tree, cfg, sigma=sigma, gates=gates, k_cmp=k_cmp, v_cmp=v_cmp,
-                          cmp_mask=cmp_mask)
+                          cmp_mask=cmp_mask, gate_logits=gate_logits)
     sigma = sigma.to(q.dtype)
+    if gate_logits is not None:  # the readable paths squash first, as the layer used to
+        gates = torch.sigmoid(gate_logits)
     if backend == "cpu":
         from .cpu import bsa_cpu
         return bsa_cpu(q, k, v, pos, tree, cfg, sigma=sigma, gates=gates, k_cmp=k_cmp, v_cmp=v_cmp,

@@ -165,6 +165,37 @@ def test_bsa_attention_dispatches_to_triton():
     assert rel(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("cfg", [
+    BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4),
+    BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=2, group_size=4, group_compression=True,
+              cmp_window=32),
+], ids=["paper", "group_compression_window"])
+def test_bsa_attention_gate_logits(cfg):
+    # gate_logits: the combine kernel applies the sigmoid (and its derivative), the coarse gate a
+    # sigmoid of its own; against the reference on sigmoid(logits) in float64 (fp32 tolerances)
+    tree, pos, x = inputs([50, 90, 20], cfg, h=2, d=16, dtype=torch.float32, seed=12)
+    logits = (4 * x.pop("gates").detach() - 2).requires_grad_()
+    kw = dict(sigma=x["sigma"], gate_logits=logits, backend="triton")
+    out = bsa_attention(x["q"], x["k"], x["v"], pos, tree, cfg, **kw)
+    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    leaves = list(x.values()) + [logits]
+    grads = torch.autograd.grad(out, leaves, do)
+    x64 = [t.detach().double().requires_grad_() for t in leaves]
+    q, k, v, sigma, lg = x64
+    ref = R.bsa_reference(q, k, v, pos.double(), tree, cfg, sigma=sigma, gates=torch.sigmoid(lg))
+    rgrads = torch.autograd.grad(ref, x64, do.double())
+    assert rel(out, ref) < 1e-5
+    for name, a, b in zip(list(x) + ["gate_logits"], grads, rgrads):
+        assert rel(a, b) < 1e-4, name
+    # the readable backend takes the same argument (it squashes first)
+    ref32 = bsa_attention(x["q"], x["k"], x["v"], pos, tree, cfg, **{**kw, "backend": "torch"})
+    assert rel(ref32, ref) < 1e-5
+    with pytest.raises(ValueError, match="exactly one of gates and gate_logits"):
+        bsa_attention(x["q"], x["k"], x["v"], pos, tree, cfg, **kw, gates=torch.sigmoid(logits))
+    with pytest.raises(ValueError, match="gate_logits must have shape"):
+        bsa_attention(x["q"], x["k"], x["v"], pos, tree, cfg, **{**kw, "gate_logits": logits[..., :2]})
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -1,7 +1,8 @@
 """Gated combine and row-dot kernels (kernels/combine.py) against their PyTorch expressions, forward
 and backward, fp32/fp16/bf16, per-point and per-group (group compression) compressed outputs.
 Tolerances (relative L2 error vs float64): fp32 1e-6; fp16 2e-3; bf16 1.5e-2 (one rounding of the
-output, as the PyTorch expression in the same dtype)."""
+output, as the PyTorch expression in the same dtype); the same with gate logits (sigmoid in the
+kernel: fp32 there, the input dtype in the expression)."""
 import math
 import os
 
@@ -57,6 +58,38 @@ def test_gated_combine(dtype, qu, h, d):
     assert out.dtype == dtype and rel(out, ref) < TOL[dtype]
     for name, a, b in zip(("o_ball", "o_c", "o_slc", "gates"), grads, rgrads):
         assert rel(a, b) < TOL[dtype], name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("qu,h,d", [(1, 2, 16), (4, 3, 24), (8, 1, 64)])
+@pytest.mark.parametrize("logits", [True, False], ids=["logits", "gates"])
+def test_gated_combine_strided_gates_and_logits(dtype, qu, h, d, logits):
+    # gates (or logits: the kernel applies the sigmoid, its backward returns the logits' gradient)
+    # read as a strided view of a wider projection output, as BSAConv passes them; against the
+    # reference formulation sigmoid(logits) then the gated sum, in float64. Same tolerances as above
+    # (the sigmoid runs in float32 in the kernel, in the input dtype in PyTorch).
+    g = torch.Generator().manual_seed(7 * qu + h + d)
+    n = 96
+    mask = torch.rand(n, generator=g) > 0.2
+    proj = (3 * torch.randn(n, 5 + h * 3, generator=g)).to(DEVICE, dtype).requires_grad_()
+    gl = proj[:, 5:].view(n, h, 3)  # row stride 5 + 3 h: no copy into the kernel
+    leaves = [torch.randn(n, h, d, generator=g), torch.randn(n // qu, h, d, generator=g),
+              torch.randn(n, h, d, generator=g)]
+    x = [t.to(DEVICE, dtype).requires_grad_() for t in leaves]
+    m = mask.to(DEVICE)
+    gin = gl if logits else torch.sigmoid(gl)
+    out = gated_combine(*x, gin, m, qu, logits=logits)
+    do = torch.randn(out.shape, generator=g).to(DEVICE, dtype)
+    grads = torch.autograd.grad(out, x + [proj], do)
+    x64 = [t.detach().double().requires_grad_() for t in x + [proj]]
+    ref = expected(*x64[:3], torch.sigmoid(x64[3][:, 5:].view(n, h, 3)), m, qu)
+    rgrads = torch.autograd.grad(ref, x64, do.double())
+    assert out.dtype == dtype and rel(out, ref) < TOL[dtype]
+    for name, a, b in zip(("o_ball", "o_c", "o_slc", "logits"), grads, rgrads):
+        assert rel(a, b) < TOL[dtype], name
+    assert (grads[3][:, :5] == 0).all()  # the projection's other columns get nothing
+    if qu > 1:  # the compression gate of a padded slot learns nothing
+        assert (grads[3][:, 5:].view(n, h, 3)[~m, :, 1] == 0).all()
 
 
 def test_gated_combine_promotes_to_gate_dtype():

@@ -115,6 +115,21 @@ def test_invert_selection(num_blocks):
     assert (order[1:6] // 3).tolist() == [0, 1, 0, 1, 1]
 
 
+@pytest.mark.parametrize("num_blocks", [3000, 40000], ids=["int16_keys", "int32_keys"])
+def test_invert_selection_pointers_match_searchsorted(num_blocks):
+    # the lower-bound kernel against torch.searchsorted on fresh random ids: many -1 entries, long
+    # runs of unpicked blocks, blocks past the last entry
+    g = torch.Generator().manual_seed(11)
+    idx = torch.randint(-1, num_blocks // 3, (1500, 5), generator=g, dtype=torch.int32).to(DEVICE)
+    idx[::7] = -1
+    ptr, order = slc.invert_selection(idx, num_blocks)
+    flat = idx.reshape(-1).long()
+    ids, want_order = torch.sort(flat, stable=True)
+    want = torch.searchsorted(ids, torch.arange(num_blocks + 1, device=DEVICE), out_int32=True)
+    assert torch.equal(ptr, want)
+    assert torch.equal(order, want_order)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -89,15 +89,22 @@ class TritonBranches(Branches):
         from .combine import gated_combine
         return gated_combine(o_ball, o_c, o_slc, gates, tree.mask_as(torch.uint8), q_unit)  # one pass
 
+    def combine_logits(self, o_ball, o_c, o_slc, logits, tree, q_unit):
+        from .combine import gated_combine
+        # the sigmoid (and its derivative in the backward) inside the combine kernel: no launch of its own
+        return gated_combine(o_ball, o_c, o_slc, logits, tree.mask_as(torch.uint8), q_unit, logits=True)
+
 
 TRITON = TritonBranches()
 
 
-def bsa_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree, cfg, *, sigma: Tensor, gates: Tensor,
-               k_cmp: Optional[Tensor] = None, v_cmp: Optional[Tensor] = None,
-               cmp_mask: Optional[Tensor] = None, return_branches: bool = False):
+def bsa_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree, cfg, *, sigma: Tensor,
+               gates: Optional[Tensor] = None, k_cmp: Optional[Tensor] = None, v_cmp: Optional[Tensor] = None,
+               cmp_mask: Optional[Tensor] = None, return_branches: bool = False,
+               gate_logits: Optional[Tensor] = None):
     r"""Full BSA through the Triton kernels (``compose.compose`` with ``TritonBranches``); same
-    signature and result as ``bsa_reference`` (``[N_pad, H, D]``, zero at padded slots).
+    signature and result as ``bsa_reference`` (``[N_pad, H, D]``, zero at padded slots). With
+    ``gate_logits`` instead of ``gates`` the combine kernel applies the sigmoid itself.
 
     The selection's top-k runs streamed in a kernel when ``cmp_block == cmp_stride == slc_block``
     (the defaults); otherwise, and always with ``cfg.selection == "per_head"`` (the authors' rule:
@@ -105,7 +112,7 @@ def bsa_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree, cfg, *, sigma
     memory, a cloud of 65k points at ``l = 8`` needs ``H * 65k * 8k`` fp32 scores).
     """
     return compose(TRITON, q, k, v, pos, tree, cfg, sigma=sigma, gates=gates, k_cmp=k_cmp, v_cmp=v_cmp,
-                   cmp_mask=cmp_mask, return_branches=return_branches)
+                   cmp_mask=cmp_mask, return_branches=return_branches, gate_logits=gate_logits)
 
 
 def _compression(q_cmp, q_unit, k_cmp, v_cmp, cmp_mask, tree, cfg):

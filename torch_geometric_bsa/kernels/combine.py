@@ -1,6 +1,7 @@
 """Gated combine of the three branches in one pass, and the masked block mean of the pooling.
 
-``out = g_ball * o_ball + g_cmp * o_cmp + g_slc * o_slc`` with ``gates [N_pad, H, 3]``. With group
+``out = g_ball * o_ball + g_cmp * o_cmp + g_slc * o_slc`` with ``gates [N_pad, H, 3]`` (or their
+logits: the sigmoid is applied in the kernel, and the backward folds in its derivative). With group
 compression ``o_cmp`` is read per group (row ``n // q_unit`` of ``o_c``) and masked by slot validity,
 so the ``repeat_interleave`` copy of the PyTorch version never exists. The backward writes the three
 branch gradients, the gate gradients and (summed over each group's rows) the gradient of ``o_c`` in
@@ -20,9 +21,11 @@ __all__ = ["gated_combine", "masked_block_mean"]
 
 
 @triton.jit
-def _combine_fwd_kernel(OB, OC, OS, G, MASK, OUT, n_grp, H: tl.constexpr, D: tl.constexpr, QU: tl.constexpr,
-                        BG: tl.constexpr, BLOCK_D: tl.constexpr):
-    # grid: (tiles of BG groups of QU rows, heads); row n of head h lives at (n * H + h) * D
+def _combine_fwd_kernel(OB, OC, OS, G, MASK, OUT, n_grp, stride_gn, stride_gh, H: tl.constexpr, D: tl.constexpr,
+                        QU: tl.constexpr, BG: tl.constexpr, BLOCK_D: tl.constexpr, LOGITS: tl.constexpr = False):
+    # grid: (tiles of BG groups of QU rows, heads); row n of head h lives at (n * H + h) * D, its
+    # gates at n * stride_gn + h * stride_gh (e.g. a view of the projection that made them);
+    # LOGITS: G holds the gate logits, the gates are their sigmoid (in float32)
     h = tl.program_id(1)
     grp = tl.program_id(0) * BG + tl.arange(0, BG)
     R: tl.constexpr = BG * QU
@@ -32,9 +35,14 @@ def _combine_fwd_kernel(OB, OC, OS, G, MASK, OUT, n_grp, H: tl.constexpr, D: tl.
     m2 = gv[:, None] & (offs_d < D)[None, :]
     row = n * H + h
     off = row[:, None] * D + offs_d[None, :]
-    g0 = tl.load(G + row * 3, mask=gv, other=0.0).to(tl.float32)
-    g1 = tl.load(G + row * 3 + 1, mask=gv, other=0.0).to(tl.float32)
-    g2 = tl.load(G + row * 3 + 2, mask=gv, other=0.0).to(tl.float32)
+    grow = n.to(tl.int64) * stride_gn + h * stride_gh
+    g0 = tl.load(G + grow, mask=gv, other=0.0).to(tl.float32)
+    g1 = tl.load(G + grow + 1, mask=gv, other=0.0).to(tl.float32)
+    g2 = tl.load(G + grow + 2, mask=gv, other=0.0).to(tl.float32)
+    if LOGITS:
+        g0 = tl.sigmoid(g0)
+        g1 = tl.sigmoid(g1)
+        g2 = tl.sigmoid(g2)
     if QU > 1:  # pooled group queries: o_c row of the group, zero at padded slots
         valid = tl.load(MASK + n, mask=gv, other=0) != 0
         g1 = tl.where(valid, g1, 0.0)
@@ -47,8 +55,10 @@ def _combine_fwd_kernel(OB, OC, OS, G, MASK, OUT, n_grp, H: tl.constexpr, D: tl.
 
 
 @triton.jit
-def _combine_bwd_kernel(DO, OB, OC, OS, G, MASK, DOB, DOC, DOS, DG, n_grp, H: tl.constexpr, D: tl.constexpr,
-                        QU: tl.constexpr, BG: tl.constexpr, BLOCK_D: tl.constexpr):
+def _combine_bwd_kernel(DO, OB, OC, OS, G, MASK, DOB, DOC, DOS, DG, n_grp, stride_gn, stride_gh, H: tl.constexpr,
+                        D: tl.constexpr, QU: tl.constexpr, BG: tl.constexpr, BLOCK_D: tl.constexpr,
+                        LOGITS: tl.constexpr = False):
+    # LOGITS: G holds the logits and DG gets their gradient, dL/dg * sigmoid'(logit) = dL/dg * g (1 - g)
     h = tl.program_id(1)
     grp = tl.program_id(0) * BG + tl.arange(0, BG)
     R: tl.constexpr = BG * QU
@@ -58,9 +68,14 @@ def _combine_bwd_kernel(DO, OB, OC, OS, G, MASK, DOB, DOC, DOS, DG, n_grp, H: tl
     m2 = gv[:, None] & (offs_d < D)[None, :]
     row = n * H + h
     off = row[:, None] * D + offs_d[None, :]
-    g0 = tl.load(G + row * 3, mask=gv, other=0.0).to(tl.float32)
-    g1 = tl.load(G + row * 3 + 1, mask=gv, other=0.0).to(tl.float32)
-    g2 = tl.load(G + row * 3 + 2, mask=gv, other=0.0).to(tl.float32)
+    grow = n.to(tl.int64) * stride_gn + h * stride_gh
+    g0 = tl.load(G + grow, mask=gv, other=0.0).to(tl.float32)
+    g1 = tl.load(G + grow + 1, mask=gv, other=0.0).to(tl.float32)
+    g2 = tl.load(G + grow + 2, mask=gv, other=0.0).to(tl.float32)
+    if LOGITS:
+        g0 = tl.sigmoid(g0)
+        g1 = tl.sigmoid(g1)
+        g2 = tl.sigmoid(g2)
     if QU > 1:
         valid = tl.load(MASK + n, mask=gv, other=0) != 0
         g1 = tl.where(valid, g1, 0.0)
@@ -71,12 +86,18 @@ def _combine_bwd_kernel(DO, OB, OC, OS, G, MASK, DOB, DOC, DOS, DG, n_grp, H: tl
     os_ = tl.load(OS + off, mask=m2, other=0.0).to(tl.float32)
     tl.store(DOB + off, (g0[:, None] * do).to(DOB.dtype.element_ty), mask=m2)
     tl.store(DOS + off, (g2[:, None] * do).to(DOS.dtype.element_ty), mask=m2)
+    dg0 = tl.sum(do * ob, 1)
     dg1 = tl.sum(do * oc, 1)
+    dg2 = tl.sum(do * os_, 1)
+    if LOGITS:
+        dg0 = dg0 * g0 * (1.0 - g0)
+        dg1 = dg1 * g1 * (1.0 - g1)
+        dg2 = dg2 * g2 * (1.0 - g2)
     if QU > 1:
         dg1 = tl.where(valid, dg1, 0.0)
-    tl.store(DG + row * 3, tl.sum(do * ob, 1).to(DG.dtype.element_ty), mask=gv)
+    tl.store(DG + row * 3, dg0.to(DG.dtype.element_ty), mask=gv)
     tl.store(DG + row * 3 + 1, dg1.to(DG.dtype.element_ty), mask=gv)
-    tl.store(DG + row * 3 + 2, tl.sum(do * os_, 1).to(DG.dtype.element_ty), mask=gv)
+    tl.store(DG + row * 3 + 2, dg2.to(DG.dtype.element_ty), mask=gv)
     doc = g1[:, None] * do
     if QU > 1:  # sum over the group's rows: the gradient of the shared o_c row
         doc = tl.sum(tl.reshape(doc, (BG, QU, BLOCK_D)), 1)
@@ -93,18 +114,31 @@ def _combine_rule(qu: int, d: int) -> dict:
     return dict(BG=max(1, min(128, 4096 // next_pow2(d)) // qu), num_warps=4)
 
 
+def _gate_rows(gates: Tensor) -> Tensor:
+    # the kernels read a gate row's three values side by side; the rows may be a strided view
+    return gates if gates.stride(-1) == 1 else gates.contiguous()
+
+
+def _logits_kw(logits: bool) -> dict:
+    # squashed gates: LOGITS keeps its default (one variant less to compile when logits never come)
+    return dict(LOGITS=True) if logits else {}
+
+
 class GatedCombine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, o_ball, o_c, o_slc, gates, mask_u8, qu):
+    def forward(ctx, o_ball, o_c, o_slc, gates, mask_u8, qu, logits=False):
         n, h, d = o_ball.shape
-        o_ball, o_c, o_slc, gates = (t.contiguous() for t in (o_ball, o_c, o_slc, gates))
+        o_ball, o_c, o_slc = (t.contiguous() for t in (o_ball, o_c, o_slc))
+        gates = _gate_rows(gates)
         out = _common.new_empty(o_ball.shape, o_ball, torch.promote_types(o_ball.dtype, gates.dtype))
         n_grp = n // qu
         cfg = config_for("combine", qu=qu, d=d)
-        _combine_fwd_kernel[(triton.cdiv(n_grp, cfg["BG"]), h)](o_ball, o_c, o_slc, gates, mask_u8, out, n_grp, H=h, D=d,
-                                                               QU=qu, BLOCK_D=next_pow2(d), **cfg)
+        _combine_fwd_kernel[(triton.cdiv(n_grp, cfg["BG"]), h)](o_ball, o_c, o_slc, gates, mask_u8, out, n_grp,
+                                                               gates.stride(0), gates.stride(1), H=h, D=d,
+                                                               QU=qu, BLOCK_D=next_pow2(d), **_logits_kw(logits),
+                                                               **cfg)
         ctx.save_for_backward(o_ball, o_c, o_slc, gates, mask_u8)
-        ctx.qu = qu
+        ctx.qu, ctx.logits = qu, logits
         return out
 
     @staticmethod
@@ -115,15 +149,18 @@ class GatedCombine(torch.autograd.Function):
         do = do.contiguous()
         dob, dos = _common.new_empty(o_ball.shape, o_ball), _common.new_empty(o_slc.shape, o_slc)
         doc = _common.new_empty(o_c.shape, o_c)
-        dg = _common.new_empty(gates.shape, gates)
+        dg = _common.new_empty(gates.shape, gates)  # contiguous, whatever the gates' strides
         n_grp = n // qu
         cfg = config_for("combine", qu=qu, d=d)
         _combine_bwd_kernel[(triton.cdiv(n_grp, cfg["BG"]), h)](do, o_ball, o_c, o_slc, gates, mask_u8, dob, doc, dos,
-                                                               dg, n_grp, H=h, D=d, QU=qu, BLOCK_D=next_pow2(d), **cfg)
-        return dob, doc, dos, dg, None, None
+                                                               dg, n_grp, gates.stride(0), gates.stride(1), H=h, D=d,
+                                                               QU=qu, BLOCK_D=next_pow2(d),
+                                                               **_logits_kw(ctx.logits), **cfg)
+        return dob, doc, dos, dg, None, None, None
 
 
-def gated_combine(o_ball: Tensor, o_c: Tensor, o_slc: Tensor, gates: Tensor, mask: Tensor, q_unit: int = 1) -> Tensor:
+def gated_combine(o_ball: Tensor, o_c: Tensor, o_slc: Tensor, gates: Tensor, mask: Tensor, q_unit: int = 1,
+                  logits: bool = False) -> Tensor:
     r"""``gates[..., 0:1] * o_ball + gates[..., 1:2] * o_cmp + gates[..., 2:3] * o_slc`` in one pass.
 
     Args:
@@ -131,6 +168,8 @@ def gated_combine(o_ball: Tensor, o_c: Tensor, o_slc: Tensor, gates: Tensor, mas
             compression, where ``o_cmp = o_c.repeat_interleave(q_unit, 0) * mask``).
         gates: ``[N_pad, H, 3]``; the output has the promoted dtype of gates and branches. mask: ``[N_pad]`` slot validity.
         q_unit: slots per compression query (1, or the group size; a power of two).
+        logits: ``gates`` holds the gate logits: the kernel applies the sigmoid (in float32) and its
+            backward returns the logits' gradient (no separate sigmoid launches either way).
     """
     n, h, d = o_ball.shape
     if o_c.shape != (n // q_unit, h, d) or o_slc.shape != o_ball.shape or gates.shape != (n, h, 3):
@@ -139,11 +178,12 @@ def gated_combine(o_ball: Tensor, o_c: Tensor, o_slc: Tensor, gates: Tensor, mas
     if q_unit & (q_unit - 1):
         raise ValueError(f"q_unit must be a power of two, got {q_unit}")
     dt = o_ball.dtype
+    logits = bool(logits)
     if torch.compiler.is_compiling():  # an opaque custom op for the graph (kernels/ops.py)
         from . import ops
-        return ops.combine(o_ball, o_c.to(dt), o_slc.to(dt), gates, _as_u8(mask), q_unit)
+        return ops.combine(o_ball, o_c.to(dt), o_slc.to(dt), gates, _as_u8(mask), q_unit, logits)
     return GatedCombine.apply(o_ball, o_c.to(dt), o_slc.to(dt), gates,
-                              _as_u8(mask), q_unit)
+                              _as_u8(mask), q_unit, logits)
 
 
 # ---------------------------------------------------------------------------------------------

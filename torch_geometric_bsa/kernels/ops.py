@@ -199,37 +199,38 @@ def selected(q, k, v, mask, idx, group_size: int, slc_block: int, scale: float) 
 # gated combine and masked block mean
 # ------------------------------------------------------------------------------------------------
 @custom_op("torch_geometric_bsa::combine_fwd", mutates_args=())
-def combine_fwd(o_ball: Tensor, o_c: Tensor, o_slc: Tensor, gates: Tensor, mask: Tensor, q_unit: int) -> Tensor:
+def combine_fwd(o_ball: Tensor, o_c: Tensor, o_slc: Tensor, gates: Tensor, mask: Tensor, q_unit: int,
+                logits: bool = False) -> Tensor:
     from .combine import GatedCombine
-    return GatedCombine.forward(_Ctx(), o_ball, o_c, o_slc, gates, mask, q_unit)
+    return GatedCombine.forward(_Ctx(), o_ball, o_c, o_slc, gates, mask, q_unit, logits)
 
 
 @combine_fwd.register_fake
-def _(o_ball, o_c, o_slc, gates, mask, q_unit):
+def _(o_ball, o_c, o_slc, gates, mask, q_unit, logits=False):
     return o_ball.new_empty(o_ball.shape, dtype=torch.promote_types(o_ball.dtype, gates.dtype))
 
 
 @custom_op("torch_geometric_bsa::combine_bwd", mutates_args=())
 def combine_bwd(do: Tensor, o_ball: Tensor, o_c: Tensor, o_slc: Tensor, gates: Tensor, mask: Tensor,
-                q_unit: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                q_unit: int, logits: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     from .combine import GatedCombine
     saved = tuple(t.contiguous() for t in (o_ball, o_c, o_slc, gates)) + (mask,)
-    return GatedCombine.backward(_Ctx(saved, qu=q_unit), do)[:4]
+    return GatedCombine.backward(_Ctx(saved, qu=q_unit, logits=logits), do)[:4]
 
 
 @combine_bwd.register_fake
-def _(do, o_ball, o_c, o_slc, gates, mask, q_unit):
+def _(do, o_ball, o_c, o_slc, gates, mask, q_unit, logits=False):
     return tuple(t.new_empty(t.shape) for t in (o_ball, o_c, o_slc, gates))
 
 
 def _combine_setup(ctx, inputs, output):
-    o_ball, o_c, o_slc, gates, mask, q_unit = inputs
+    o_ball, o_c, o_slc, gates, mask, q_unit, logits = inputs
     ctx.save_for_backward(o_ball, o_c, o_slc, gates, mask)
-    ctx.q_unit = q_unit
+    ctx.q_unit, ctx.logits = q_unit, logits
 
 
 def _combine_backward(ctx, do):
-    return combine_bwd(do, *ctx.saved_tensors, ctx.q_unit) + (None, None)
+    return combine_bwd(do, *ctx.saved_tensors, ctx.q_unit, ctx.logits) + (None, None, None)
 
 
 combine_fwd.register_autograd(_combine_backward, setup_context=_combine_setup)

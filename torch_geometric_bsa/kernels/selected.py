@@ -4,7 +4,7 @@ Must equal ``torch_geometric_bsa.reference.selected_attention``. Forward and dQ 
 per (group, head): the group's ``g`` queries are the M side of the tile (padded to 16 for
 ``tl.dot``), so each selected KV block is loaded once for the whole group. dK/dV run one program per
 (selection block, head) over an inverted index block -> groups that selected it (a stable sort of the
-``[groups * k]`` indices, CSR offsets by ``searchsorted``): no atomics, no scatter, and every block
+``[groups * k]`` indices, CSR offsets by a lower-bound kernel): no atomics, no scatter, and every block
 writes its gradient exactly once (zero when nobody selected it). Long lists (a block picked by many
 groups) are cut into chunks: all but the last go to a first launch that writes float32 partials,
 and the block's own program adds them in order, so the sum stays deterministic. Why this choice:
@@ -14,7 +14,6 @@ H, k]``, constexpr ``PER_HEAD``) the index is inverted per (head, block).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -121,41 +120,42 @@ def _slc_bwd_dq_kernel(Q, K, V, DO, O, MASK, IDX, LSE, DELTA, DQ, stride_n, stri
 
 
 @triton.jit
-def _slc_bwd_dkdv_kernel(Q, K, V, DO, MASK, BPTR, BGRP, XPTR, SK, SV, LSE, DELTA, DK, DV, stride_n, stride_o,
-                         qk_scale, sm_scale, nblk, nsteps,
+def _slc_bwd_dkdv_kernel(Q, K, V, DO, MASK, BPTR, BGRP, SORTED, SK, SV, LSE, DELTA, DK, DV, stride_n, stride_o,
+                         qk_scale, sm_scale, n_ent,
                          G: tl.constexpr, G_P2: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
                          TOPK: tl.constexpr, LS: tl.constexpr, LP: tl.constexpr, GB: tl.constexpr,
                          CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, PARTIAL: tl.constexpr,
                          PER_HEAD: tl.constexpr = False, nblk_head=1):
-    # A block's list of selecting groups (CSR: BGRP[BPTR[b]:BPTR[b+1]]) is cut into chunks of CHUNK
-    # entries, so that a block picked by thousands of groups does not serialise the launch.
-    # PARTIAL: grid (extra chunks, heads): program p takes the p-th chunk that is not a block's last
-    #   one (XPTR[b] = extra chunks before block b; found by binary search) and writes its float32
-    #   dK, dV to the scratch row p.
+    # A block's list of selecting groups (CSR: BGRP[BPTR[b]:BPTR[b+1]], SORTED the sorted list ids of
+    # the n_ent entries) is cut into chunks of CHUNK entries from BPTR[b], so that a block picked by
+    # thousands of groups does not serialise the launch. A chunk that is not its list's last one is
+    # full, so chunks starting at s1 < s2 have s2 >= s1 + CHUNK: the scratch row cdiv(s, CHUNK) is
+    # one per chunk, and the chunk holds entry cdiv(s, CHUNK) * CHUNK (no prefix sum, no search).
+    # PARTIAL: grid (cdiv(n_ent, CHUNK), heads): program p takes the chunk holding entry p * CHUNK
+    #   when it is not its list's last one (else nothing) and writes its float32 dK, dV to scratch
+    #   row p.
     # else: grid (selection blocks, heads): the block's last chunk (or its whole list), plus its
     #   scratch rows in order: deterministic, no atomics; every block is written (zero if unpicked).
-    # PER_HEAD: the CSR lists are per (head, block), list h * nblk_head + b (nblk = H * nblk_head lists);
-    #   the PARTIAL grid is (extra chunks, 1) and takes its head from the list it lands in.
+    # PER_HEAD: the lists are per (head, block), list h * nblk_head + b; the PARTIAL grid is
+    #   (chunks, 1) and takes its head from the list it lands in.
     pid = tl.program_id(0)
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 when inductor launches the kernel
     sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 when inductor launches the kernel
     h = tl.program_id(1)
     if PARTIAL:
-        lo = pid * 0
-        hi = lo + nblk + 1
-        for _ in range(nsteps):  # largest b with XPTR[b] <= pid (XPTR[0] = 0; fixed at hi = lo + 1)
-            mid = (lo + hi) // 2
-            ok = tl.load(XPTR + mid) <= pid
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid)
-        live = pid < tl.load(XPTR + nblk)
-        lst = tl.minimum(lo, nblk - 1)
+        e0 = pid * CHUNK
+        live = e0 < n_ent
+        lst = tl.load(SORTED + e0, mask=live, other=-1).to(tl.int32)
+        live = live & (lst >= 0)  # -1 entries (no block) sort first and belong to no list
+        lst = tl.maximum(lst, 0)
+        b0 = tl.load(BPTR + lst)
+        start = b0 + (tl.maximum(e0 - b0, 0) // CHUNK) * CHUNK
+        live = live & (start + CHUNK < tl.load(BPTR + lst + 1))  # not the list's last chunk
         if PER_HEAD:
             h = lst // nblk_head
             blk = lst % nblk_head
         else:
             blk = lst
-        start = tl.load(BPTR + lst) + (pid - tl.load(XPTR + lst)) * CHUNK
         end = tl.where(live, start + CHUNK, start)
     else:
         blk = pid
@@ -163,8 +163,11 @@ def _slc_bwd_dkdv_kernel(Q, K, V, DO, MASK, BPTR, BGRP, XPTR, SK, SV, LSE, DELTA
             lst = h * nblk_head + blk
         else:
             lst = blk
+        b0 = tl.load(BPTR + lst)
         end = tl.load(BPTR + lst + 1)
-        start = tl.load(BPTR + lst) + (tl.load(XPTR + lst + 1) - tl.load(XPTR + lst)) * CHUNK
+        n_extra = tl.maximum(end - b0 - 1, 0) // CHUNK  # full chunks before the last one
+        start = b0 + n_extra * CHUNK
+        x0 = (b0 + CHUNK - 1) // CHUNK  # their scratch rows: x0, x0 + 1, ...
     t = tl.arange(0, LP)
     slot = (blk * LS + t).to(tl.int64)
     tin = t < LS
@@ -196,11 +199,11 @@ def _slc_bwd_dkdv_kernel(Q, K, V, DO, MASK, BPTR, BGRP, XPTR, SK, SV, LSE, DELTA
         dk, dv = dkdv_step(dk, dv, p, q, do, v, delta, PREC)
     if PARTIAL:
         srow = ((pid * LS + t)[:, None].to(tl.int64) * H + h) * D + offs_d[None, :]
-        smask = kd_mask & ((t * 0 + pid) < tl.load(XPTR + nblk))[:, None]  # dead programs: none
+        smask = kd_mask & ((t * 0 + live.to(tl.int32)) != 0)[:, None]  # a program without a chunk: none
         tl.store(SK + srow, dk, mask=smask)
         tl.store(SV + srow, dv, mask=smask)
     else:
-        for x in range(tl.load(XPTR + lst), tl.load(XPTR + lst + 1)):
+        for x in range(x0, x0 + n_extra):
             srow = ((x * LS + t)[:, None].to(tl.int64) * H + h) * D + offs_d[None, :]
             dk += tl.load(SK + srow, mask=kd_mask, other=0.0)
             dv += tl.load(SV + srow, mask=kd_mask, other=0.0)
@@ -209,18 +212,45 @@ def _slc_bwd_dkdv_kernel(Q, K, V, DO, MASK, BPTR, BGRP, XPTR, SK, SV, LSE, DELTA
         tl.store(DV + slot[:, None] * stride_o + h * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kd_mask)
 
 
+@triton.jit
+def _list_ptr_kernel(SORTED, PTR, n_ent, n_lists, nsteps, BLOCK: tl.constexpr):
+    # grid: tiles of BLOCK lists; PTR[b] = the first sorted entry >= b (a lower bound, searched in
+    # nsteps = bit_length(n_ent) halvings), for b in [0, n_lists]
+    b = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    lo = tl.zeros([BLOCK], dtype=tl.int32)
+    hi = lo + n_ent
+    for _ in range(nsteps):
+        act = lo < hi
+        mid = (lo + hi) // 2
+        less = tl.load(SORTED + mid, mask=act, other=0).to(tl.int32) < b
+        lo = tl.where(act & less, mid + 1, lo)
+        hi = tl.where(act & less, hi, tl.where(act, mid, hi))
+    tl.store(PTR + b, lo, mask=b <= n_lists)
+
+
+def _invert(idx: Tensor, num_lists: int):
+    r"""``(ptr, order, sorted_ids)`` of ``invert_selection``, with the sorted list ids the dK/dV
+    launch reads. Three launches (a cast to the narrow key, the stable sort, one lower-bound kernel)."""
+    key = torch.int16 if num_lists < 2 ** 15 - 1 else torch.int32
+    sorted_ids, order = torch.sort(idx.reshape(-1).to(key), stable=True)
+    n_ent = sorted_ids.numel()
+    ptr = _common.new_empty((num_lists + 1,), idx, torch.int32)
+    block = 1024
+    _list_ptr_kernel[(cdiv(num_lists + 1, block),)](sorted_ids, ptr, n_ent, num_lists,
+                                                    max(1, n_ent.bit_length()), BLOCK=block, num_warps=4)
+    return ptr, order, sorted_ids
+
+
 def invert_selection(idx: Tensor, num_blocks: int):
     r"""Block -> entries index (CSR) of ``idx [NG, k]`` global block ids (``-1`` = none), no host sync.
 
     Returns ``ptr [num_blocks + 1]`` int32 and ``order [NG * k]`` int64: block ``b`` was selected by
     the flat entries ``order[ptr[b]:ptr[b+1]]`` of ``idx`` (group ``order // k``). A stable sort on the
     narrowest key type (int16 below 32,767 blocks: half the radix passes of int32); ``-1`` entries
-    sort first, before ``ptr[0]``, and are never read.
+    sort first, before ``ptr[0]``, and are never read. ``ptr`` comes from one Triton kernel (a lower
+    bound per block; it equals ``torch.searchsorted`` of the sorted ids).
     """
-    key = torch.int16 if num_blocks < 2 ** 15 - 1 else torch.int32
-    sorted_ids, order = torch.sort(idx.reshape(-1).to(key), stable=True)
-    ptr = torch.searchsorted(sorted_ids, torch.arange(num_blocks + 1, device=idx.device, dtype=key),
-                             out_int32=True)
+    ptr, order, _ = _invert(idx, num_blocks)
     return ptr, order
 
 
@@ -313,24 +343,21 @@ def _dkdv(q, k, v, do, mask_i8, idx, lse, delta, dk, dv, g, ls, scale, prec):
         off = (torch.arange(h, device=idx.device, dtype=idx.dtype) * nblk).view(1, h, 1)
         idx = torch.where(idx >= 0, idx + off, -1)
     nlists = h * nblk if per_head else nblk
-    bptr, bgrp = invert_selection(idx, nlists)
+    bptr, bgrp, sorted_ids = _invert(idx, nlists)
     g_p2 = next_pow2(g)
     cfg = config_for("slc_dkdv")
     gb = max(1, cfg.pop("rows") // g_p2)
     chunk = gb * cfg.pop("steps")
-    # chunks past each list's last one, their prefix sum, and a scratch row for each (at most
-    # entries / chunk of them: a static bound, so no host read)
-    cnt = bptr[1:] - bptr[:-1]
-    xptr = F.pad(torch.cumsum(torch.div(cnt - 1, chunk, rounding_mode="floor").clamp_min_(0), 0,
-                              dtype=torch.int32), (1, 0))
+    # a scratch row per chunk that is not its list's last one, at row cdiv(chunk start, chunk) (at
+    # most entries / chunk of them: a static bound, so no host read)
     nx = max(1, cdiv(idx.numel(), chunk))
     sk, sv = (torch.empty((nx, ls, h, d), device=q.device, dtype=torch.float32) for _ in range(2))
     common = dict(G=g, G_P2=g_p2, H=h, D=d, TOPK=topk, LS=ls, LP=max(16, next_pow2(ls)), GB=gb, CHUNK=chunk,
                   BLOCK_D=dot_dim(d), PREC=prec, **cfg)
     # the shared launch passes nothing new: its kernels compile and run as before the per-head rule
     extra = dict(PER_HEAD=True, nblk_head=nblk) if per_head else {}
-    args = (q, k, v, do, mask_i8, bptr, bgrp, xptr, sk, sv, lse, delta, dk, dv, q.stride(0), do.stride(0),
-            scale * LOG2E, scale, nlists, max(1, (nlists + 1).bit_length()))
+    args = (q, k, v, do, mask_i8, bptr, bgrp, sorted_ids, sk, sv, lse, delta, dk, dv, q.stride(0), do.stride(0),
+            scale * LOG2E, scale, idx.numel())
     _slc_bwd_dkdv_kernel[(nx, 1 if per_head else h)](*args, PARTIAL=True, **extra, **common)
     _slc_bwd_dkdv_kernel[(nblk, h)](*args, PARTIAL=False, **extra, **common)
 

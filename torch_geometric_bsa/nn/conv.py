@@ -493,14 +493,14 @@ class BSAConv(_TreeAttentionConv):
             o = ball_attention(q, k, v, pos_t, self.sigma, tree.mask, tree.ball_size, self.backend)
         else:
             q, k, v, kv, g = self._qkv_gates(x_t, pos_t, tree)
-            gates = torch.sigmoid(g).view(-1, self.heads, self.cfg.num_branches)
-            if self.drop_branches:
-                gates = gates * self.branch_keep.to(gates.dtype)
+            gates, logits = None, g.view(-1, self.heads, self.cfg.num_branches)
+            if self.drop_branches:  # the ablation squashes here; else the op does (in its combine kernel)
+                gates, logits = torch.sigmoid(logits) * self.branch_keep.to(logits.dtype), None
             if isinstance(self.compress, KVCompressor):
                 k_cmp, v_cmp, cmp_mask = self.compress.compress_kv(kv, tree)
             else:
                 k_cmp, v_cmp, cmp_mask = self.compress(k, v, tree)
-            o = bsa_attention(q, k, v, pos_t, tree, self.cfg, sigma=self.sigma, gates=gates,
+            o = bsa_attention(q, k, v, pos_t, tree, self.cfg, sigma=self.sigma, gates=gates, gate_logits=logits,
                               k_cmp=k_cmp, v_cmp=v_cmp, cmp_mask=cmp_mask, backend=self.backend,
                               validate=False)  # checked once at the boundary, not per layer
         return self.out(o.reshape(-1, self.channels)) * tree.float_mask(o.dtype)
