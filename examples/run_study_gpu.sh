@@ -9,7 +9,8 @@
 # Every call leaves in $OUT/<dataset>/: results.md (mean ± std over seeds), results.json (every run),
 # compare.png, compare_time.png; and $OUT/study.log.
 # Knobs (environment): STEPS (per model, default 1000), SEEDS (default "0 1 2"), MODELS (default all
-# six), DATASETS (default "car elasticity-gen"), BUDGET_S (instead of STEPS: compare.py --budget-s, with
+# six), DATASETS (default "car elasticity-gen"; "multibody" is the long-range task, generated at
+# NUM_TRAIN / NUM_TEST clouds of 3,586 points), BUDGET_S (instead of STEPS: compare.py --budget-s, with
 # EQUAL_TIME=1 --equal-time), LIMIT_S (seconds of training in this call, default 510, shared by the rounds
 # when there are more datasets than GPUs),
 # NUM_TRAIN / NUM_TEST (default 512 / 128 for both datasets), ELAS_SNAPSHOT (elasticity-gen splits
@@ -38,6 +39,7 @@ if [ "${TINY:-0}" = 1 ]; then
   NET="--hidden 16 --layers 1 --heads 2 --batch-size 2 --ball-size 64 --cmp-block 8 --slc-block 8 --topk 2
        --group-size 8 --knn 8 --threads 1 --device cpu"
   car_data() { echo "--dataset car --num-train 8 --num-test 4 --num-points 512 --data-kw n_length=10 --data-kw n_around=10 --root $ROOT_DATA"; }
+  multibody_data() { echo "--dataset multibody --num-train 8 --num-test 4 --num-points 512 --root $ROOT_DATA"; }
   elas_data() { echo "--dataset elasticity-gen --num-train 8 --num-test 4 --root $ROOT_DATA"; }
   NGPU=1
 else
@@ -46,6 +48,7 @@ else
   . examples/study_flags.sh
   NET=$STUDY_NET
   car_data() { study_car_data; }
+  multibody_data() { study_multibody_data; }
   elas_data() {
     local snap=""; [ -f "$ELAS_SNAPSHOT" ] && snap="--snapshot $ELAS_SNAPSHOT"
     echo "--dataset elasticity-gen --data-size full --num-train $NUM_TRAIN --num-test $NUM_TEST --root $ROOT_DATA $snap"
@@ -59,7 +62,8 @@ if [ -n "${BUDGET_S:-}" ]; then
 else
   BUDGET="--steps $STEPS"
 fi
-data_flags() { case $1 in car) car_data ;; elasticity-gen) elas_data ;; *) echo "--dataset $1 --root $ROOT_DATA" ;; esac; }
+data_flags() { case $1 in car) car_data ;; elasticity-gen) elas_data ;; multibody) multibody_data ;;
+                *) echo "--dataset $1 --root $ROOT_DATA" ;; esac; }
 
 main() {
   echo "=== study ($(date -u +%FT%TZ)): datasets $DATASETS; models $MODELS; seeds $SEEDS; $BUDGET; $NGPU GPU(s)"
@@ -68,7 +72,7 @@ main() {
   for ds in $DATASETS; do  # generate once (cached under $ROOT_DATA), before the parallel runs read it
     # shellcheck disable=SC2046
     "$PY" examples/train.py $(data_flags "$ds") --device cpu --prepare-data \
-      $([ "$ds" = car ] && echo "--data-workers $(nproc)") || { echo "data for $ds failed"; return 1; }
+      $(case $ds in car|multibody) echo "--data-workers $(nproc)" ;; esac) || { echo "data for $ds failed"; return 1; }
   done
   local nds rounds i=0 pids=()
   nds=$(echo $DATASETS | wc -w); rounds=$(( (nds + NGPU - 1) / NGPU ))
