@@ -12,7 +12,11 @@ memo (masks, ranges, relative positions) holds what the first layer derived. An 
 for a kernel launch: a few ops launch several kernels on a GPU (sort, split-K matmuls, reductions)
 and dtypes follow CPU autocast (float16 here; bfloat16 on the GPU).
 
-    TRITON_INTERPRET=1 python benchmarks/count_ops.py [--ball 64 --points 300 --clouds 2 --by-op]
+    TRITON_INTERPRET=1 python benchmarks/count_ops.py [--ball 64 --points 300 --clouds 2 --by-op --graphs 3]
+
+``--graphs L`` also counts ``L`` blocks as the default eager step on a GPU runs them: replayed from
+their layer graphs (stood in for on the CPU), copies in and out included, once with a static tree
+per layer and once with the tree shared by all layers (``layer_graphs.SHARE_TREES``).
 """
 from __future__ import annotations
 
@@ -81,10 +85,11 @@ def _triton_counted():
     run = InterpretedFunction.run
 
     def counted(self, *args, **kwargs):
-        if _MODE and not _state["triton"]:
-            _MODE[-1].counts["triton:" + self.fn.__name__] += 1
-            if _MODE[-1].where is not None:
-                _MODE[-1].where[("triton:" + self.fn.__name__, "")] += 1
+        if not _state["triton"]:
+            for mode in _MODE:  # nested counts (graph_counts) see the launch in each
+                mode.counts["triton:" + self.fn.__name__] += 1
+                if mode.where is not None:
+                    mode.where[("triton:" + self.fn.__name__, "")] += 1
         _state["triton"] += 1
         try:
             return run(self, *args, **kwargs)
@@ -211,6 +216,80 @@ def block_counts(attention: str, ball: int = 64, points: int = 300, clouds: int 
     return f1, b1, +first
 
 
+@contextlib.contextmanager
+def _emulated_graphs(per_tree: list):
+    # layer graphs stood in for on the CPU (layer_graphs._EagerGraph): a replay's ops are counted as
+    # the graph's kernels, its copies into the captured tensors are not (a CUDA graph writes there);
+    # what the shared trees do once per tree and step goes to a counter of its own as well
+    from torch_geometric_bsa import layer_graphs
+    saved = layer_graphs._EMULATE, layer_graphs._EagerGraph.replay, layer_graphs._SharedTree.load
+
+    def replay(self):
+        with layer_graphs.disabled(), torch.no_grad():
+            new = self.fn()
+            _state["triton"] += 1
+            try:
+                for o, n in zip(layer_graphs._as_list(self.out), layer_graphs._as_list(new)):
+                    o.detach().copy_(n.detach())
+            finally:
+                _state["triton"] -= 1
+
+    def load(self, tree, pos):
+        with counting() as mode:
+            saved[2](self, tree, pos)
+        per_tree.append(mode.counts)
+
+    layer_graphs._EMULATE = True
+    layer_graphs._EagerGraph.replay, layer_graphs._SharedTree.load = replay, load
+    try:
+        yield
+    finally:
+        layer_graphs._EMULATE = saved[0]
+        layer_graphs._EagerGraph.replay, layer_graphs._SharedTree.load = saved[1], saved[2]
+
+
+def graph_counts(attention: str, layers: int = 3, share: bool = True, ball: int = 64, points: int = 300,
+                 clouds: int = 2, channels: int = 64, heads: int = 8, dtype=torch.float16, seed: int = 0):
+    r"""``(per_step, per_tree)`` op counters of ``layers`` blocks replayed from layer graphs (emulated),
+    forward and backward, at the third step on a new tree of one layout (step 1 eager, 2 captures):
+    the graphs' kernels and the copies in and out, as on a GPU; ``per_tree``: the part that runs
+    once per tree and step (the shared tree's copies and memo; empty with ``share=False``, where
+    each layer's graph derives the memo itself)."""
+    from torch_geometric_bsa import BSATransformer, layer_graphs
+    from torch_geometric_bsa.balltree import build_ball_tree
+    torch.manual_seed(seed)
+    kw = dict(cmp_block=8, slc_block=8, topk=4, group_size=8, group_compression=True, backend="triton")
+    model = BSATransformer(3, 1, hidden_channels=channels, num_layers=layers, heads=heads, attention=attention,
+                           ball_size=ball, **(kw if attention == "bsa" else {}))
+    n = points * clouds
+    batch = torch.arange(clouds).repeat_interleave(points)
+    saved_share = layer_graphs.SHARE_TREES
+    layer_graphs.SHARE_TREES = share
+    try:
+        for step in range(3):
+            g = torch.Generator().manual_seed(seed + step)
+            pos = torch.randn(n, 3, generator=g)
+            with layer_graphs.disabled():
+                tree = build_ball_tree(pos, batch, ball)
+            pos_t = tree.to_tree(pos)
+            h = tree.to_tree(torch.randn(n, channels, generator=g)).requires_grad_()
+            per_tree: list = []
+            with _triton_counted(), _varlen_stubbed(), _emulated_graphs(per_tree):
+                with counting() as mode:
+                    with torch.autocast("cpu", dtype=dtype):
+                        out = h
+                        for block in model.blocks:
+                            out = block(out, pos_t, tree)
+                    out.backward(torch.randn_like(out))
+    finally:
+        layer_graphs.SHARE_TREES = saved_share
+    assert all(b._graphs.captures == 1 for b in model.blocks), "the blocks did not replay from graphs"
+    tree_counts: collections.Counter = collections.Counter()
+    for c in per_tree:
+        tree_counts.update(c)
+    return mode.counts, tree_counts
+
+
 def block_total(counts) -> int:
     return sum(counts.values())
 
@@ -223,6 +302,8 @@ def main():
     p.add_argument("--by-op", action="store_true", help="print the op -> count table")
     p.add_argument("--where", action="store_true", help="print each op with the lines that issued it")
     p.add_argument("--attn", default="bsa,full")
+    p.add_argument("--graphs", type=int, default=0, metavar="L",
+                   help="also count L blocks replayed from layer graphs (emulated), per tree or shared")
     args = p.parse_args()
     res = {a: block_counts(a, args.ball, args.points, args.clouds, where=args.where) for a in args.attn.split(",")}
     if args.by_op:
@@ -234,6 +315,15 @@ def main():
         tri = sum(v for k, v in f.items() if ":" in k) + sum(v for k, v in b.items() if ":" in k)
         print(f"{a}: forward {block_total(f)}, backward {block_total(b)}, total {block_total(f) + block_total(b)} "
               f"(of which Triton/flash launches {tri}); first layer adds {block_total(first)} (per-tree memo)")
+    if args.graphs:
+        for a in res:
+            for share in (False, True):
+                step, tree = graph_counts(a, args.graphs, share=share, ball=args.ball, points=args.points,
+                                          clouds=args.clouds)
+                total, once = block_total(step), block_total(tree)
+                print(f"{a} with layer graphs ({'one shared tree' if share else 'a tree per layer'}): "
+                      f"{args.graphs} blocks {total} a step = {(total - once) / args.graphs:.1f} a block "
+                      f"+ {once} once per tree")
     if "bsa" in res and "full" in res:
         tb = sum(block_total(c) for c in res["bsa"][:2])
         tf = sum(block_total(c) for c in res["full"][:2])

@@ -24,7 +24,7 @@ def test_bsa_block_launches_are_pinned(monkeypatch):
     # 188 steady / 27 memo before the cuts of issue 13, 160 after the first (docs/perf-notes.md)
     steady, memo, fwd, bwd = _count(monkeypatch, "bsa")
     assert steady <= 151, (steady, dict(fwd), dict(bwd))
-    # a layer graph re-derives the tree's memo in every layer: it counts per layer on the GPU
+    # derived once per tree and step (by the layer graphs' shared tree on the GPU; see below)
     assert memo <= 20, memo
     # the Triton launches themselves: 6 forward (ball, group-query pooling, compression, top-k,
     # selection, combine), 9 backward (the selection's dK/dV in two, its list pointers in one)
@@ -42,3 +42,20 @@ def test_full_block_launches_are_pinned(monkeypatch):
     # the peer the ratio is taken against: a change that adds launches to both stays visible
     steady, memo, _, _ = _count(monkeypatch, "full")
     assert steady <= 105 and memo <= 14, (steady, memo)
+
+
+@pytest.mark.parametrize("attention", ["bsa", "full"])
+def test_layer_graphs_derive_the_memo_once_per_step(monkeypatch, attention):
+    # the default eager step on a GPU replays each block from its layer graphs: with one static tree
+    # shared by the blocks, a block costs its steady ops plus the graphs' copies in and out, and the
+    # tree's copies and memo come once per tree and step (with a tree per layer: in every block)
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import count_ops
+    steady, memo, _, _ = _count(monkeypatch, attention)
+    layers = 2
+    step, once = count_ops.graph_counts(attention, layers, share=True, **SMALL)
+    per_block = (sum(step.values()) - sum(once.values())) / layers
+    glue = per_block - steady  # copies in (x, the output's gradient) and out (output, gradients)
+    assert 0 < glue <= 27, (per_block, steady)
+    # once per tree: the tree's buffers (5 tensors for BSA, 6 with the point side), the positions and the memo
+    assert sum(once.values()) == memo + (6 if attention == "bsa" else 7), dict(once)

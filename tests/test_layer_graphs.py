@@ -26,6 +26,17 @@ def emulate(monkeypatch):
     monkeypatch.setattr(layer_graphs, "_EMULATE", True)
 
 
+_SHARING_TESTS = ("shared_tree", "memo_derivations", "positions_that_take_a_gradient")
+
+
+@pytest.fixture(autouse=True)
+def _share_trees(request, monkeypatch):
+    # the shared static tree is opt-in (BSA_SHARE_TREES=1) until it has run on real graphs: its
+    # tests turn it on; every other test runs the default (a tree per layer graph)
+    if any(name in request.node.name for name in _SHARING_TESTS):
+        monkeypatch.setattr(layer_graphs, "SHARE_TREES", True)
+
+
 def _inputs(sizes, seed, device="cpu", channels=32):
     pos, batch = random_batch(sizes, seed=seed, device=device)
     g = torch.Generator().manual_seed(seed + 1)
@@ -385,3 +396,245 @@ def test_tree_builds_with_positions_that_require_grad(emulate):
         tree = graphs(p, batch, 16)
         assert not tree.pos_key.requires_grad and tree.perm.dtype == torch.long
     assert graphs.captures == 1 and not graphs._entries[next(iter(graphs._entries))]["pos"].requires_grad
+
+
+# ---------------------------------------------------------------------------------------------
+# One static tree per tree and step, shared by the layers' graphs (issue 13)
+# ---------------------------------------------------------------------------------------------
+def _graphed_copy(plain, mode="auto"):
+    graphed = copy.deepcopy(plain)
+    for m in graphed.modules():
+        if hasattr(m, "cuda_graphs"):
+            m.cuda_graphs = mode
+    return graphed
+
+
+def _entries(model):
+    return [e for b in model.blocks for e in b._graphs._entries.values()]
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_shared_tree_derives_the_memo_once_per_step(emulate, monkeypatch, rotate):
+    # 4 blocks: the memo (here: the relative positions, from the ball centres) is derived once per
+    # tree and step by the shared tree, not inside each block's graph; the stand-in replays each
+    # graph's Python, so a derivation inside a block's graph would be counted
+    from torch_geometric_bsa.balltree import BallTree
+    calls = []
+    centers = BallTree.ball_centers
+    monkeypatch.setattr(BallTree, "ball_centers", lambda self, p: calls.append(1) or centers(self, p))
+    torch.manual_seed(0)
+    model = BSATransformer(3, 1, rotate=rotate, **{**SMALL, "num_layers": 4})
+    trees = 2 if rotate else 1
+    per_step = []
+    for seed in range(5):  # eager, capture, then replays with new batches of one layout
+        pos, batch = random_batch([40, 23], seed=seed)
+        calls.clear()
+        model(torch.randn(pos.size(0), 3), pos, batch).sum().backward()
+        per_step.append(len(calls))
+    assert per_step[0] == trees and per_step[2:] == [trees] * 3, per_step
+    entries = _entries(model)
+    shared = {id(e.shared) for e in entries}
+    assert len(entries) == 4 and len(shared) == trees
+    memo = entries[0].shared.memo.shared
+    assert ("relative_positions", torch.float32) in memo and ("float_mask", torch.float32) in memo
+    assert all(e.own_memo == {} for e in entries)  # nothing left to derive per layer
+    assert all(e.shared.refreshes == 3 for e in entries)  # steps 3-5
+    # without sharing, each block's graph derives it again
+    monkeypatch.setattr(layer_graphs, "SHARE_TREES", False)
+    torch.manual_seed(0)
+    model = BSATransformer(3, 1, rotate=rotate, **{**SMALL, "num_layers": 4})
+    for seed in range(3):
+        pos, batch = random_batch([40, 23], seed=seed)
+        calls.clear()
+        model(torch.randn(pos.size(0), 3), pos, batch).sum().backward()
+    assert len(calls) == 4 and all(e.shared is None for e in _entries(model))
+
+
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="the Triton path's memo, under the CPU interpreter")
+def test_shared_tree_holds_the_kernels_plan(emulate):
+    # on the kernels' path the cloud ranges, block masks and weights are shared too
+    torch.manual_seed(0)
+    model = BSATransformer(3, 1, backend="triton", **SMALL)
+    plain = _graphed_copy(model, False)
+    for seed in range(3):
+        pos, batch = random_batch([40, 23], seed=seed)
+        x = torch.randn(pos.size(0), 3)
+        torch.testing.assert_close(model(x, pos, batch), plain(x, pos, batch), rtol=0, atol=0)
+    entries = _entries(model)
+    kinds = {k[0] for k in entries[0].shared.memo.shared}
+    assert {"cloud_ranges", "compressed_ranges", "group_ranges", "block_weight_kv", "relative_positions"} <= kinds
+    assert all(e.own_memo == {} for e in entries) and len({id(e.shared) for e in entries}) == 1
+
+
+def _train_pair(plain, graphed, batches, check_pos_grad=False):
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (plain, graphed)]
+    for seed, sizes in batches:
+        pos, batch = random_batch(sizes, seed=seed)
+        g = torch.Generator().manual_seed(seed)
+        x, y = torch.randn(pos.size(0), 3, generator=g), torch.randn(pos.size(0), 1, generator=g)
+        pos_grads = []
+        for m, opt in zip((plain, graphed), opts):
+            opt.zero_grad()
+            p = pos.clone().requires_grad_(check_pos_grad)
+            loss = F.mse_loss(m(x, p, batch), y)
+            loss.backward()
+            opt.step()
+            pos_grads.append(p.grad)
+        if check_pos_grad:  # summed over the layers in another order (outside the graphs): to rounding
+            torch.testing.assert_close(pos_grads[1], pos_grads[0], rtol=1e-5, atol=1e-7)
+        for p, q in zip(plain.parameters(), graphed.parameters()):
+            torch.testing.assert_close(q, p, rtol=0, atol=0)
+
+
+BATCHES = [(0, [40, 23]), (1, [40, 23]), (2, [40, 23]), (3, [50, 30]), (4, [50, 30]), (5, [50, 30]),
+           (6, [40, 23]), (7, [45, 18])]  # [45, 18] has [40, 23]'s layout: new clouds, same graphs
+
+
+@pytest.mark.parametrize("attention,rotate", [("bsa", False), ("bsa", True), ("full", False), ("full", True)])
+def test_shared_tree_training_matches_plain(emulate, attention, rotate):
+    torch.manual_seed(0)
+    kw = {**SMALL, "num_layers": 3} if attention == "bsa" else dict(hidden_channels=32, num_layers=3, heads=4,
+                                                                       ball_size=16)
+    plain = BSATransformer(3, 1, attention=attention, rotate=rotate, cuda_graphs=False, **kw)
+    graphed = _graphed_copy(plain)
+    _train_pair(plain, graphed, BATCHES)
+    assert all(b._graphs.captures == 2 for b in graphed.blocks)  # two layouts
+    assert all(e.shared is not None for e in _entries(graphed))
+
+
+def test_positions_that_take_a_gradient_keep_a_tree_per_layer(emulate):
+    # the relative positions must stay in each layer's autograd graph: no shared tree
+    torch.manual_seed(0)
+    plain = BSATransformer(3, 1, cuda_graphs=False, **SMALL)
+    graphed = _graphed_copy(plain)
+    _train_pair(plain, graphed, BATCHES[:4], check_pos_grad=True)
+    entries = _entries(graphed)
+    assert entries and all(e.shared is None for e in entries)
+
+
+def test_shared_tree_reloaded_for_a_backward(emulate):
+    # two layers whose graphs share one static tree (captured on the same tree and positions), then
+    # each runs on its own batch, forwards first: each backward must see its own tree in the shared
+    # buffers and memo (its generation is unchanged: no forward replay restores it)
+    pairs = [_pair(**CONV) for _ in range(2)]
+    pos, batch = random_batch([40, 23], seed=0)
+    tree = build_ball_tree(pos, batch, 16)
+    pos_t = tree.to_tree(pos)
+    for _ in range(2):
+        for _, graphed in pairs:
+            x_t = tree.to_tree(torch.randn(pos.size(0), 32)).requires_grad_()
+            graphed.forward_tree(x_t, pos_t, tree).sum().backward()
+    shared = {id(e.shared) for _, g in pairs for e in g._graphs._entries.values()}
+    assert len(shared) == 1 and all(g._graphs.captures == 1 for _, g in pairs)
+    for _, graphed in pairs:
+        graphed.zero_grad()
+    for step in range(3):
+        inputs = []
+        for i in range(2):
+            p, b = random_batch([40, 23], seed=10 + 2 * step + i)
+            t = build_ball_tree(p, b, 16)
+            inputs.append((t.to_tree(torch.randn(p.size(0), 32)).requires_grad_(), t.to_tree(p), t))
+        outs = [[m.forward_tree(*inp) for m, inp in zip(ms, inputs)] for ms in zip(*pairs)]
+        ws = [torch.randn_like(o) for o in outs[0]]
+        for i in range(2):
+            for o in outs:
+                (o[i] * ws[i]).sum().backward()
+        for i, (plain, graphed) in enumerate(pairs):
+            for p, q in zip(plain.parameters(), graphed.parameters()):
+                torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0)
+            plain.zero_grad(), graphed.zero_grad()
+        assert all(g._graphs.captures == 1 for _, g in pairs)
+    assert next(iter(pairs[0][1]._graphs._entries.values())).shared.refreshes >= 6  # reloads for the backwards
+
+
+def test_shared_tree_forward_replayed_over_before_backward(emulate):
+    # the same model twice before the backwards (either order): the activations and the shared
+    # tree's memo are those of the call being differentiated
+    torch.manual_seed(0)
+    plain = BSATransformer(3, 1, rotate=True, cuda_graphs=False, **{**SMALL, "num_layers": 3})
+    graphed = _graphed_copy(plain)
+    for seed in range(2):
+        pos, batch = random_batch([40, 23], seed=seed)
+        graphed(torch.randn(pos.size(0), 3), pos, batch).sum().backward()
+    calls = [random_batch([40, 23], seed=s) for s in (5, 6)]
+    xs = [torch.randn(p.size(0), 3) for p, _ in calls]
+    for first in (0, 1):
+        outs = {m: [m(x, p, b) for x, (p, b) in zip(xs, calls)] for m in (plain, graphed)}
+        ws = [torch.randn_like(o) for o in outs[plain]]
+        for i in (first, 1 - first):
+            for m in (plain, graphed):
+                m.zero_grad()
+                (outs[m][i] * ws[i]).sum().backward()
+            for p, q in zip(plain.parameters(), graphed.parameters()):
+                torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0)
+
+
+def test_memo_derivations_that_read_activations_stay_per_layer(emulate):
+    # a derivation whose function holds a tensor other than the shared tree's (here: an activation)
+    # would replay with stale inputs: it is derived inside the layer's graph instead
+    from torch_geometric_bsa.layer_graphs import _reads_only_static, _shared_tree, _EagerGraph
+    pos, batch = random_batch([40, 23], seed=0)
+    tree = build_ball_tree(pos, batch, 16)
+    pos_t = tree.to_tree(pos)
+    shared = _shared_tree(tree, pos_t, True, _EagerGraph)
+    t, act, dt = shared.tree, torch.randn(tree.num_slots), torch.float16
+    assert _reads_only_static(lambda: t.mask.view(-1, 4).to(dt), shared)
+    sp = shared.pos[:, :1]  # a view of a static buffer
+    assert _reads_only_static(lambda: sp * 2, shared)
+    assert not _reads_only_static(lambda: shared.pos * 2, shared)  # an object it cannot vouch for
+    assert not _reads_only_static(lambda: act * t.mask, shared)
+    assert not _reads_only_static(lambda: tree.mask.any(), shared)  # the caller's tree, not the static one
+    assert not _reads_only_static(torch.Tensor.sum, shared)
+
+
+@requires_cuda
+@pytest.mark.parametrize("attention,dtype,rotate", [("bsa", torch.float32, False), ("bsa", torch.bfloat16, True),
+                                                    ("full", torch.bfloat16, True)])
+def test_cuda_shared_tree_matches_plain(attention, dtype, rotate):
+    # real CUDA graphs with one static tree per tree and step: same numbers as the plain model (to
+    # cuBLAS rounding, as test_cuda_layer_graphs_match_plain), over batches of one layout and a
+    # layout change, and the memo derived once per step
+    torch.manual_seed(0)
+    cfg = {**SMALL, "num_layers": 3, "hidden_channels": 64, "ball_size": 64, "cmp_block": 8, "slc_block": 8,
+           "group_size": 8}
+    if attention == "full":
+        cfg = dict(hidden_channels=64, num_layers=3, heads=4, ball_size=64)
+    plain = BSATransformer(3, 1, attention=attention, rotate=rotate, cuda_graphs=False, **cfg).cuda()
+    graphed = _graphed_copy(plain, True)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (plain, graphed)]
+    tol, ptol = (1e-5, 1e-4) if dtype == torch.float32 else (5e-3, 5e-2)
+    start = [p.detach().clone() for p in plain.parameters()]
+    batches = [(0, [500, 300]), (1, [500, 300]), (2, [500, 300]), (3, [400, 400, 100]), (4, [480, 320]),
+               (5, [400, 400, 100]), (6, [400, 400, 100]), (7, [500, 300])]
+    for seed, sizes in batches:
+        pos, batch = random_batch(sizes, seed=seed, device="cuda")
+        x, y = torch.randn(pos.size(0), 3, device="cuda"), torch.randn(pos.size(0), 1, device="cuda")
+        losses = []
+        for m, opt in zip((plain, graphed), opts):
+            opt.zero_grad()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype != torch.float32):
+                loss = F.mse_loss(m(x, pos, batch), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert abs(losses[1] - losses[0]) <= tol * abs(losses[0]), (seed, losses)
+    entries = _entries(graphed)
+    assert all(b._graphs.captures == 2 for b in graphed.blocks)
+    assert all(e.shared is not None and e.own_memo == {} for e in entries)
+    assert len({id(e.shared) for e in entries}) == 2 * (2 if rotate else 1)  # per layout (and rotated tree)
+    for p0, p, q in zip(start, plain.parameters(), graphed.parameters()):
+        assert (q - p).norm() <= ptol * (p - p0).norm() + 1e-6
+
+
+def test_shared_tree_in_inference_mode(emulate):
+    torch.manual_seed(0)
+    plain = BSATransformer(3, 1, rotate=True, cuda_graphs=False, **{**SMALL, "num_layers": 3})
+    graphed = _graphed_copy(plain)
+    for seed, sizes in BATCHES[:6]:
+        pos, batch = random_batch(sizes, seed=seed)
+        x = torch.randn(pos.size(0), 3)
+        with torch.inference_mode():
+            torch.testing.assert_close(graphed(x, pos, batch), plain(x, pos, batch), rtol=0, atol=0)
+    assert all(b._graphs.captures == 2 and all(e.shared is not None for e in b._graphs._entries.values())
+               for b in graphed.blocks)

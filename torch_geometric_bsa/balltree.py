@@ -63,13 +63,20 @@ class BallTree:
     # init=False: dataclasses.replace(tree, mask=...) starts a fresh memo instead of sharing a stale one
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def cached(self, key, fn):
-        r"""``fn()`` memoised on this tree under ``key``: for tensors derived from the tree alone."""
-        try:
-            return self._cache[key]
-        except KeyError:
-            value = self._cache[key] = fn()
-            return value
+    def cached(self, key, fn, valid=None):
+        r"""``fn()`` memoised on this tree under ``key``: for tensors derived from the tree alone.
+        ``valid(hit)``: whether a memoised value still applies (else it is derived again).
+
+        A tree shared by a model's layer graphs holds a ``layer_graphs`` memo instead of a dict: it
+        decides whether a value is derived once per step for all layers or inside one layer."""
+        memo = self._cache
+        if not isinstance(memo, dict):
+            return memo.get_or_derive(key, fn, valid)
+        hit = memo.get(key)
+        if hit is not None and (valid is None or valid(hit)):
+            return hit
+        value = memo[key] = fn()
+        return value
 
     def float_mask(self, dtype: torch.dtype) -> Tensor:
         r"""Slot validity as ``[N_pad, 1]`` of ``dtype`` (multiplies features to zero their padding)."""

@@ -9,22 +9,29 @@ and replays them on every later call: the layer's host cost drops to a few copie
 Nothing changes for the caller: it stays ordinary eager PyTorch (autograd, optimizers, DDP,
 gradient accumulation), and the results are the eager kernels' own.
 
-What a replay copies in: the layer's input features and positions and the ball tree's tensors
-(into buffers owned by the graph; every tensor the layer derives from the tree is derived inside
-the graph, so a new tree of the same shape is followed exactly). Parameters and buffers are read
-in place, so optimizer updates are seen; a parameter that is replaced (``.to()``, ``load_state_dict
-(assign=True)``) or frozen changes the key and is captured anew.
+What a replay copies in: the layer's input features, and, once per tree and step for all layers
+on that tree, the positions and the ball tree's tensors, into one static tree shared by their
+graphs (``_SharedTree``). What layers derive from the tree (masks, ranges, relative positions:
+``BallTree.cached``) is derived there too, once, by the shared tree's own small graphs, and the
+layers' graphs read it as inputs; a derivation that reads anything else stays inside the layer's
+graph. So a new tree of the same shape is followed exactly. Positions that take a gradient keep a
+static tree per layer (their derivations belong to the layer's backward). Parameters and buffers
+are read in place, so optimizer updates are seen; a parameter that is replaced (``.to()``,
+``load_state_dict(assign=True)``) or frozen changes the key and is captured anew.
 
 Safety: a module with hooks (forward, pre-forward or backward, on it or any submodule, or global
 ones) runs plainly, since a replay runs no Python. A replay overwrites the graph's saved activations, so a backward whose forward was
 replayed over (the same layer called twice before the backward: weight sharing, two forwards then
-two backwards) first replays its own forward again from its saved inputs. Outputs and gradients
-are copied out of the graph's buffers, never handed out as views of them.
+two backwards) first replays its own forward again from its saved inputs, and a backward whose
+shared tree was loaded with another tree since its forward loads its own again. Outputs and
+gradients are copied out of the graph's buffers, never handed out as views of them.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
+import types
 import weakref
 from collections import OrderedDict
 from typing import Callable, List, Optional, Union
@@ -42,6 +49,11 @@ __all__ = ["LayerGraphs", "disabled", "MAX_SLOTS"]
 MAX_SLOTS = 1 << 17
 
 _TREE_TENSORS = ("perm", "mask", "inv", "ptr", "slot_batch", "counts")
+#: layers on the same tree share one static tree and its memo (``_SharedTree``); False: each
+#: layer's graphs derive everything from their own copy of the tree. Off by default until it has run
+#: on real CUDA graphs (tests/test_layer_graphs.py's CUDA tests; perf-notes, "Next GPU session");
+#: the environment variable ``BSA_SHARE_TREES=1`` turns it on
+SHARE_TREES = os.environ.get("BSA_SHARE_TREES", "0") == "1"
 _state = threading.local()
 # tests on the CPU: stand-in graphs that re-run the recorded function on replay (see _EagerGraph)
 _EMULATE = False
@@ -88,6 +100,196 @@ def _static_tree(tree: BallTree, reads_points: bool = True) -> BallTree:
     return BallTree(*(bufs[k] for k in _TREE_TENSORS), tree.ball_size, tree.num_balls, tree.max_slots)
 
 
+class _SharedMemo:
+    r"""The memo of a tree shared by several layers' graphs (``BallTree._cache`` of ``_SharedTree.tree``).
+
+    ``shared``: values derived once per tree and step, by the tree's own small graphs (segments),
+    at addresses that never change; layers' graphs read them as inputs. ``scratch``: where the
+    current activity keeps what it derives itself (a layer's warm-up run, which also records its
+    misses; a layer's capture, whose values then live in the layer's graph; a segment's capture).
+    A shared value is never overwritten: a value that does not apply (``valid``) is derived in
+    ``scratch``."""
+
+    def __init__(self):
+        self.shared: dict = {}
+        self.scratch: dict = {}
+        self.record: Optional[list] = None
+        self.hidden: frozenset = frozenset()  # a segment's own keys while it derives them
+
+    def get_or_derive(self, key, fn, valid=None):
+        for memo in (self.scratch, self.shared):
+            hit = memo.get(key)
+            if memo is self.shared and key in self.hidden:
+                continue
+            if hit is not None and (valid is None or valid(hit)):
+                return hit
+        value = self.scratch[key] = fn()
+        if self.record is not None:
+            self.record.append((key, fn))
+        return value
+
+    @contextlib.contextmanager
+    def using(self, scratch: dict, record: Optional[list] = None, hidden: frozenset = frozenset()):
+        saved = self.scratch, self.record, self.hidden
+        self.scratch, self.record, self.hidden = scratch, record, hidden
+        try:
+            yield scratch
+        finally:
+            self.scratch, self.record, self.hidden = saved
+
+    def clear(self) -> None:  # a BallTree memo's interface; the shared values stay (their graphs write them)
+        self.scratch = {}
+
+
+def _version(t: Tensor) -> Optional[int]:
+    # positions written in place since they were loaded are loaded again (inference tensors keep no
+    # version: there the tensor's identity alone says it is the same)
+    return None if t.is_inference() else t._version
+
+
+def _memo_tensors(value) -> Optional[list]:
+    # a memo value a segment can own: a tensor or a tuple of tensors
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, tuple) and value and all(isinstance(v, Tensor) for v in value):
+        return list(value)
+    return None
+
+
+class _SharedTree:
+    r"""One static ball tree (its buffers, the tree-order positions, the memo of what layers derive
+    from them) shared by the graphs of all layers that run on the same tree in a step.
+
+    ``load(tree, pos)`` copies a new tree (and positions) into the buffers and replays the memo's
+    segments: once per tree and step, not once per layer. A segment is captured when a layer's
+    warm-up derived something the memo lacks and whose function reads nothing but the static
+    buffers and the memo (``_reads_only_static``); anything else stays derived inside that layer's
+    graph, as without sharing. Segments are only ever appended, so the addresses a captured layer
+    reads stay valid."""
+
+    def __init__(self, key: tuple, tree: BallTree, pos: Tensor, reads_points: bool, graph_cls):
+        self.key, self.graph_cls = key, graph_cls
+        self.tree = _static_tree(tree, reads_points)
+        self.memo = self.tree._cache = _SharedMemo()
+        self.names = _TREE_TENSORS if reads_points else tuple(k for k in _TREE_TENSORS if k != "inv")
+        self.pos = pos.detach().clone()
+        self.segments: list = []
+        self.loaded_tree: Optional[weakref.ref] = weakref.ref(tree)
+        self.loaded_pos = (weakref.ref(pos), _version(pos))
+        self.refreshes = 0  # segment replays so far (tests count them)
+
+    def holds(self, tree: BallTree, pos: Tensor) -> bool:
+        ref, version = self.loaded_pos
+        return (self.loaded_tree is not None and self.loaded_tree() is tree and ref() is pos
+                and version == _version(pos))
+
+    def load(self, tree: BallTree, pos: Tensor) -> None:
+        r"""The buffers and the memo made those of ``tree`` and ``pos`` (nothing to do if they are)."""
+        if self.holds(tree, pos):
+            return
+        # ``.data``: the buffers are graph inputs, outside autograd (as the stand-in's writes: the
+        # autograd graph an _EagerGraph keeps for its backward may hold views of them)
+        with torch.no_grad():
+            if self.loaded_tree is None or self.loaded_tree() is not tree:
+                for k in self.names:
+                    getattr(self.tree, k).data.copy_(getattr(tree, k))
+                self.loaded_tree = weakref.ref(tree)
+            self.pos.data.copy_(pos)
+            self.loaded_pos = (weakref.ref(pos), _version(pos))
+        self.refresh()
+
+    def refresh(self) -> None:
+        for seg in self.segments:
+            seg.replay()
+        self.refreshes += bool(self.segments)
+
+    def extend(self, derived: list) -> None:
+        r"""Captures a segment deriving ``derived`` (``(key, fn)`` in the order a layer's warm-up
+        derived them) where the memo lacks them and ``fn`` may be shared; runs it once."""
+        todo = [(k, fn) for k, fn in derived if k not in self.memo.shared and _reads_only_static(fn, self)]
+        if not todo:
+            return
+        keys: list = []
+        owned: dict = {}
+
+        def derive():
+            with self.memo.using({}, hidden=frozenset(keys)) as scratch, torch.no_grad():
+                for key, fn in todo:
+                    self.memo.get_or_derive(key, fn)
+            if not keys:  # the capture fixes which values the segment owns, in order
+                keys.extend(k for k, v in scratch.items() if _memo_tensors(v) is not None)
+                owned.update((k, scratch[k]) for k in keys)
+            return [t for k in keys for t in _memo_tensors(scratch[k])]
+
+        seg = self.graph_cls()
+        with disabled():
+            seg.capture(derive, self.graph_cls.pool())
+        self.memo.shared.update(owned)
+        self.segments.append(seg)
+        seg.replay()  # a CUDA graph's capture computes nothing
+
+    def static_storages(self) -> set:
+        ptrs = {getattr(self.tree, k).untyped_storage().data_ptr() for k in _TREE_TENSORS}
+        ptrs.add(self.pos.untyped_storage().data_ptr())
+        for v in self.memo.shared.values():
+            ptrs.update(t.untyped_storage().data_ptr() for t in _memo_tensors(v))
+        ptrs.discard(0)  # empty tensors
+        return ptrs
+
+
+def _reads_only_static(fn, shared: _SharedTree, depth: int = 0) -> bool:
+    r"""Whether ``fn`` (a memo's derivation) reads no tensor but the shared tree's buffers and memo:
+    its closure and defaults hold only the shared tree, Python scalars, dtypes, devices, such
+    tensors (or views of them), and functions of the same kind. Its segment then recomputes it
+    from the step's tree; a function that holds anything else (an activation, a module) would
+    replay with stale inputs, so it stays derived inside the layer's graph."""
+    if not isinstance(fn, types.FunctionType) or depth > 4:
+        return False
+    try:
+        values = [c.cell_contents for c in fn.__closure__ or ()]
+    except ValueError:  # an empty cell
+        return False
+    values += list(fn.__defaults__ or ()) + list((fn.__kwdefaults__ or {}).values())
+    storages = None
+
+    def ok(v) -> bool:
+        nonlocal storages
+        if v is None or isinstance(v, (bool, int, float, str, torch.dtype, torch.device)):
+            return True
+        if isinstance(v, tuple):
+            return all(ok(u) for u in v)
+        if isinstance(v, BallTree):
+            return v is shared.tree
+        if isinstance(v, Tensor):
+            if storages is None:
+                storages = shared.static_storages()
+            return v.device == shared.pos.device and v.untyped_storage().data_ptr() in storages
+        if isinstance(v, types.FunctionType):
+            return _reads_only_static(v, shared, depth + 1)
+        return False
+    return all(ok(v) for v in values)
+
+
+# the shared trees alive (held by their layers' graph entries), found by the tree they hold
+_SHARED: List[weakref.ref] = []
+
+
+def _shared_tree(tree: BallTree, pos: Tensor, reads_points: bool, graph_cls) -> _SharedTree:
+    r"""The shared tree that holds ``tree`` and ``pos`` now (the layers before this one in the step
+    loaded it), else a new one."""
+    key = (pos.device, pos.shape, pos.dtype, torch.is_inference_mode_enabled(), reads_points,
+           tree.num_points if reads_points else None, tree.num_slots, tree.num_clouds, tree.max_slots,
+           tree.ball_size, graph_cls)
+    live = [s for s in (r() for r in _SHARED) if s is not None]
+    _SHARED[:] = [weakref.ref(s) for s in live]
+    for s in live:
+        if s.key == key and s.holds(tree, pos):
+            return s
+    s = _SharedTree(key, tree, pos, reads_points, graph_cls)
+    _SHARED.append(weakref.ref(s))
+    return s
+
+
 class _CudaGraph:
     def __init__(self):
         self.graph = torch.cuda.CUDAGraph()
@@ -117,7 +319,9 @@ class _CudaGraph:
 class _EagerGraph:
     r"""A CUDA graph's contract without CUDA, for tests on the CPU: ``capture`` runs ``fn`` and
     keeps its tensors; ``replay`` runs it again and writes the results into those same tensors,
-    as a graph replay writes into its captured buffers."""
+    as a graph replay writes into its captured buffers (unseen by autograd's version counters, as
+    a replay is: a shared tree's memo rewritten for another layer's tree and then restored is
+    what a saved tensor of an earlier forward reads again)."""
 
     def capture(self, fn: Callable, pool):
         self.fn = fn
@@ -128,7 +332,7 @@ class _EagerGraph:
         with disabled(), torch.no_grad():
             new = self.fn()
             for o, n in zip(_as_list(self.out), _as_list(new)):
-                o.detach().copy_(n.detach())
+                o.data.copy_(n.detach())
 
     @staticmethod
     def pool():
@@ -178,17 +382,31 @@ class _Entry:
         self.generation = 0
         self.loaded: Optional[weakref.ref] = None
         self.live: Optional[Tensor] = None
+        self.shared: Optional[_SharedTree] = None
 
-    def run_forward(self, x: Tensor, pos: Tensor, tree: BallTree) -> None:
-        self.x.copy_(x)
+    def load(self, pos: Tensor, tree: BallTree) -> None:
+        r"""The tree (and positions) this entry's graphs read made ``tree``'s (and ``pos``)."""
+        if self.shared is not None:  # once per tree and step for all layers on it
+            self.shared.load(tree, pos)
+            return
         self.pos.copy_(pos)
         if self.loaded is None or self.loaded() is not tree:
             for k in self.tree_tensors:
                 getattr(self.tree, k).copy_(getattr(tree, k))
             self.loaded = weakref.ref(tree)
-        if self.graph_cls is _EagerGraph:  # a CUDA graph re-derives the memo's tensors in its kernels
-            self.tree._cache.clear()
-        self.fwd.replay()
+
+    def run_forward(self, x: Tensor, pos: Tensor, tree: BallTree) -> None:
+        self.x.copy_(x)
+        self.load(pos, tree)
+        if self.graph_cls is _EagerGraph:
+            # a CUDA graph re-derives the layer's own memo values in its kernels; the shared
+            # memo's values are inputs (written by the shared tree's segments), kept as they are
+            with self.tree._cache.using({}) if self.shared is not None else contextlib.nullcontext():
+                if self.shared is None:
+                    self.tree._cache.clear()
+                self.fwd.replay()
+        else:
+            self.fwd.replay()
         self.generation += 1
 
     def grads(self) -> tuple:
@@ -205,7 +423,7 @@ class _Replay(torch.autograd.Function):
     @staticmethod
     def forward(ctx, entry: _Entry, tree: BallTree, x: Tensor, pos: Tensor, *params: Tensor) -> Tensor:
         entry.run_forward(x, pos, tree)
-        ctx.entry, ctx.tree, ctx.generation = entry, tree, entry.generation
+        ctx.entry, ctx.tree, ctx.pos, ctx.generation = entry, tree, pos, entry.generation
         ctx.save_for_backward(x, pos)
         return entry.out.clone()
 
@@ -213,9 +431,11 @@ class _Replay(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
         entry = ctx.entry
+        x, _ = ctx.saved_tensors
         if entry.generation != ctx.generation:  # replayed over since: restore this call's activations
-            x, pos = ctx.saved_tensors
-            entry.run_forward(x, pos, ctx.tree)
+            entry.run_forward(x, ctx.pos, ctx.tree)
+        elif entry.shared is not None:  # another layer may have loaded another tree into the shared one
+            entry.shared.load(ctx.tree, ctx.pos)
         entry.grad_out.copy_(grad_out)
         entry.bwd.replay()
         return (None, None) + entry.grads()
@@ -316,9 +536,15 @@ class LayerGraphs(_KeyedGraphs):
         graph_cls = _CudaGraph if x.is_cuda else _EagerGraph
         e = _Entry(graph_cls)
         e.x = x.detach().clone().requires_grad_(grad and x.requires_grad)
-        e.pos = pos.detach().clone().requires_grad_(grad and pos.requires_grad)
-        e.tree = _static_tree(tree, reads_points)
-        e.tree_tensors = _TREE_TENSORS if reads_points else tuple(k for k in _TREE_TENSORS if k != "inv")
+        if SHARE_TREES and not (grad and pos.requires_grad):
+            # one static tree for all layers on this tree: what they derive from it, derived once a step
+            e.shared = _shared_tree(tree, pos, reads_points, graph_cls)
+            e.shared.load(tree, pos)
+            e.tree, e.pos = e.shared.tree, e.shared.pos
+        else:  # positions that take a gradient: the layer derives from them inside its own graph
+            e.pos = pos.detach().clone().requires_grad_(grad and pos.requires_grad)
+            e.tree = _static_tree(tree, reads_points)
+            e.tree_tensors = _TREE_TENSORS if reads_points else tuple(k for k in _TREE_TENSORS if k != "inv")
         aliases = {id(p): p.detach().requires_grad_(grad and p.requires_grad) for p in params}
         inputs = (e.x, e.pos) + tuple(aliases[id(p)] for p in params)
         want = [i for i, t in enumerate(inputs) if grad and t.requires_grad]
@@ -348,17 +574,28 @@ class LayerGraphs(_KeyedGraphs):
                     out = fn(e.x, e.pos, e.tree)
                     if want:
                         torch.autograd.grad(out, [inputs[i] for i in want], torch.zeros_like(out), allow_unused=True)
-            graph_cls.warm(warm)
-            e.tree._cache.clear()  # derived again inside the capture, from the static buffers
-            pool = graph_cls.pool()
-            e.fwd = graph_cls()
-            e.out = e.fwd.capture(forward, pool).detach()
-            if grad:
-                e.grad_out = torch.empty_like(e.out)
-                e.bwd = graph_cls()
-                e.flats = e.bwd.capture(backward, pool)
-                if x.is_cuda:
-                    e.live = None  # the autograd graph of the capture is spent; the buffers stay in the pool
+            if e.shared is None:
+                graph_cls.warm(warm)
+                e.tree._cache.clear()  # derived again inside the capture, from the static buffers
+                own = contextlib.nullcontext()
+            else:
+                derived: list = []
+                with e.shared.memo.using({}, record=derived):
+                    graph_cls.warm(warm)
+                e.shared.extend(derived)  # what may be shared: derived by the shared tree from now on
+                # the rest: derived inside this layer's graphs, kept with them
+                e.own_memo = {}
+                own = e.shared.memo.using(e.own_memo)
+            with own:
+                pool = graph_cls.pool()
+                e.fwd = graph_cls()
+                e.out = e.fwd.capture(forward, pool).detach()
+                if grad:
+                    e.grad_out = torch.empty_like(e.out)
+                    e.bwd = graph_cls()
+                    e.flats = e.bwd.capture(backward, pool)
+                    if x.is_cuda:
+                        e.live = None  # the autograd graph of the capture is spent; the buffers stay in the pool
         return e
 
 

@@ -97,15 +97,14 @@ def relative_positions(pos_t: Tensor, tree: BallTree, dtype: Optional[torch.dtyp
 
     Memoised on the tree for this ``pos_t`` (per dtype): every layer of a model reads the same tensor.
     """
-    hit = tree._cache.get("relative_positions")
-    if hit is None or hit[0] is not pos_t:
-        centers = tree.ball_centers(pos_t).repeat_interleave(tree.ball_size, 0)
-        hit = tree._cache["relative_positions"] = (pos_t, {pos_t.dtype: (pos_t - centers) * tree.float_mask(pos_t.dtype)})
-    casts = hit[1]
     dtype = pos_t.dtype if dtype is None else dtype
-    if dtype not in casts:
-        casts[dtype] = casts[pos_t.dtype].to(dtype)
-    return casts[dtype]
+
+    def compute():
+        if dtype != pos_t.dtype:  # a cast of the tensor in pos_t's own dtype
+            return pos_t, relative_positions(pos_t, tree).to(dtype)
+        centers = tree.ball_centers(pos_t).repeat_interleave(tree.ball_size, 0)
+        return pos_t, (pos_t - centers) * tree.float_mask(pos_t.dtype)
+    return tree.cached(("relative_positions", dtype), compute, lambda hit: hit[0] is pos_t)[1]
 
 
 def _input_dtype(x: Tensor) -> torch.dtype:
@@ -217,17 +216,18 @@ class KVCompressor(nn.Module):
         valid = tree.cached(("block_valid", l), lambda: tree.mask.view(-1, l))
         block_mask = tree.cached(("block_any", l, s), lambda: valid.any(1))
         kvb = kv.view(nb, l, 2, h, d).permute(2, 0, 3, 1, 4)  # [2, NB, H, l, D], a view
+        dt = kv.dtype  # the memo's closures hold the dtype, not the activation (layer_graphs shares them)
         if self.mode == "mean":
-            w = tree.cached(("block_weight", l, s, kv.dtype), lambda: valid.to(kv.dtype)[..., None, None])
+            w = tree.cached(("block_weight", l, s, dt), lambda: valid.to(dt)[..., None, None])
             cnt = w.sum(1).clamp_min(1.0)  # [NB, 1, 1]
             out = (kvb * w.view(1, nb, 1, l, 1)).sum(3) / cnt.view(1, nb, 1, 1)
             return out[0], out[1], block_mask
         # the slot mask, materialised in the layout the MLP reads ([2, NB, H, l, 1], once per tree):
         # multiplied with it first, the masked input comes out contiguous as [2, NB * H, l * D]
         # (elementwise outputs follow their first operand's layout), so the flattening is a view
-        w = tree.cached(("block_weight_kv", l, h, kv.dtype),
+        w = tree.cached(("block_weight_kv", l, h, dt),
                         lambda: valid.view(1, nb, 1, l, 1).expand(2, nb, h, l, 1).to(
-                            kv.dtype, memory_format=torch.contiguous_format))
+                            dt, memory_format=torch.contiguous_format))
         x = torch.mul(w, kvb + self.pos_emb.to(kv.dtype)).view(2, nb * h, l * d)
         if layer_graphs._has_hooks(self):  # a hook on an MLP must see its call: the modules as written
             return self.phi_k(x[0]).view(nb, h, d), self.phi_v(x[1]).view(nb, h, d), block_mask
