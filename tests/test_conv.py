@@ -140,3 +140,32 @@ def test_drop_branches_bad_values():
                       "leaves no branch"), (dict(branches="ball", drop_branches=("cmp",)), "branches='all'")):
         with pytest.raises(ValueError, match=match):
             _conv(**kw)
+
+
+def test_compressor_hooks_and_subclass_forward_are_honoured():
+    # the layer's fused path (KVCompressor.compress_kv) skips the compressor's call: a hook on the
+    # compressor, or a subclass's own forward, must still take effect
+    from torch_geometric_bsa.nn.conv import KVCompressor
+
+    class Zeroed(KVCompressor):
+        def forward(self, k, v, tree):
+            k_cmp, v_cmp, mask = super().forward(k, v, tree)
+            return k_cmp * 0, v_cmp * 0, mask
+
+    pos, batch = random_batch([45, 30], seed=5, dtype=torch.float64)
+    x = torch.randn(75, 16, dtype=torch.float64)
+    conv = _conv()
+    seen = []
+    handle = conv.compress.register_forward_hook(lambda m, i, o: seen.append(o[0].shape))
+    y = conv(x, pos, batch)
+    assert len(seen) == 1
+    handle.remove()
+    torch.testing.assert_close(conv(x, pos, batch), y, rtol=0, atol=0)  # the fused path: same result
+    torch.manual_seed(0)
+    sub = BSAConv(16, 8, **KW, compression=Zeroed(4, 4, 4)).double()
+    sub.load_state_dict(conv.state_dict())
+    zero = _conv()
+    zero.load_state_dict(conv.state_dict())
+    zero.compress.register_forward_hook(lambda m, i, o: (o[0] * 0, o[1] * 0, o[2]))
+    torch.testing.assert_close(sub(x, pos, batch), zero(x, pos, batch), rtol=0, atol=0)
+    assert not torch.allclose(sub(x, pos, batch), y)

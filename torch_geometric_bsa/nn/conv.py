@@ -496,7 +496,10 @@ class BSAConv(_TreeAttentionConv):
             gates, logits = None, g.view(-1, self.heads, self.cfg.num_branches)
             if self.drop_branches:  # the ablation squashes here; else the op does (in its combine kernel)
                 gates, logits = torch.sigmoid(logits) * self.branch_keep.to(logits.dtype), None
-            if isinstance(self.compress, KVCompressor):
+            if (type(self.compress).forward is KVCompressor.forward
+                    and not layer_graphs._has_hooks(self.compress)):
+                # compress_kv bypasses the module's call: only when that call would run our forward
+                # and no hook (on the compressor itself) has to see it
                 k_cmp, v_cmp, cmp_mask = self.compress.compress_kv(kv, tree)
             else:
                 k_cmp, v_cmp, cmp_mask = self.compress(k, v, tree)
