@@ -169,3 +169,15 @@ def test_compressor_hooks_and_subclass_forward_are_honoured():
     zero.compress.register_forward_hook(lambda m, i, o: (o[0] * 0, o[1] * 0, o[2]))
     torch.testing.assert_close(sub(x, pos, batch), zero(x, pos, batch), rtol=0, atol=0)
     assert not torch.allclose(sub(x, pos, batch), y)
+
+
+def test_float64_layer_under_cpu_autocast():
+    # autocast leaves float64 alone: the relative positions must stay float64 too (not autocast's dtype)
+    conv = _conv(backend="cpu")
+    pos, batch = random_batch([45, 30], seed=5, dtype=torch.float64)
+    x = torch.randn(75, 16, dtype=torch.float64)
+    ref = conv(x, pos, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x, pos, batch)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)

@@ -108,8 +108,9 @@ def relative_positions(pos_t: Tensor, tree: BallTree, dtype: Optional[torch.dtyp
 
 
 def _input_dtype(x: Tensor) -> torch.dtype:
-    # the dtype a linear layer computes in: autocast's when it is on for x's device
-    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+    # the dtype a linear layer computes in: autocast's when it is on for x's device (autocast
+    # leaves float64 as it is)
+    if x.is_floating_point() and x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
