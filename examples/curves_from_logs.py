@@ -157,8 +157,9 @@ def plot(data: Dict[str, Dict[int, Dict]], path: str, title: str, time_path: str
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=120)
+    if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fig.savefig(path, dpi=120)
     if time_path:  # one line per run: seeds differ in time, so no mean over seeds
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for i, (model, seeds) in enumerate(data.items()):
@@ -175,6 +176,7 @@ def plot(data: Dict[str, Dict[int, Dict]], path: str, title: str, time_path: str
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
         fig.tight_layout()
+        os.makedirs(os.path.dirname(time_path) or ".", exist_ok=True)
         fig.savefig(time_path, dpi=120)
 
 
@@ -193,7 +195,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(logs=[os.path.basename(x) for x in args.logs], runs=data), f, indent=1)
-    if args.plot:
+    if args.plot or args.time_plot:
         plot(data, args.plot, args.title, args.time_plot)
 
 

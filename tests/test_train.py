@@ -563,3 +563,6 @@ def test_curves_from_logs_reads_metrics_and_logs(tmp_path, capsys):
     curves.main(paths + ["--label", "dir", "--json", str(tmp_path / "c.json"), "--plot", str(tmp_path / "c.png"),
                          "--time-plot", str(tmp_path / "t.png")])
     assert os.path.isfile(tmp_path / "t.png") and json.load(open(tmp_path / "c.json"))["runs"]["var-a"]
+    # --time-plot alone (no --plot), into a folder that does not exist yet
+    curves.main(paths + ["--time-plot", str(tmp_path / "new" / "t2.png")])
+    assert os.path.isfile(tmp_path / "new" / "t2.png")
