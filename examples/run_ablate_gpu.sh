@@ -24,6 +24,8 @@ mkdir -p "$OUT/tables" "$WORK"; OUT=$(cd "$OUT" && pwd)
   "$PY" examples/train.py $(study_car_data) --device cpu --prepare-data --data-workers "$(nproc)" >/dev/null \
     || { echo "data preparation failed"; exit 1; }
   left=$((LIMIT_S - SECONDS))
+  # timeout 0 would mean no limit, a negative one fails every run at once
+  [ "$left" -gt 0 ] || { echo "no time left for the runs after the data preparation (LIMIT_S=$LIMIT_S)"; exit 1; }
   for g in $(seq 0 15); do
     var="VARIANTS_$g"; [ -n "${!var:-}" ] || continue
     echo "=== GPU $g: ${!var}"
