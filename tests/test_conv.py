@@ -181,3 +181,32 @@ def test_float64_layer_under_cpu_autocast():
         out = conv(x, pos, batch)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_concatenated_weights_match_the_modules_as_written(bias, autocast):
+    # the layer concatenates the qkv and gate weights (and the compressor's nine tensors) and casts
+    # them once; a no-op hook on a projection or an MLP makes it run the modules as written instead.
+    # Same output and the same gradient for every parameter, in float64 exactly up to rounding, and
+    # under CPU autocast (bfloat16) within bfloat16's rounding
+    pos, batch = random_batch([45, 30], seed=7, dtype=torch.float64 if not autocast else torch.float32)
+    x = torch.randn(75, 16, dtype=pos.dtype)
+    fast = _conv(bias=bias, backend="torch").to(pos.dtype)
+    plain = _conv(bias=bias, backend="torch").to(pos.dtype)
+    plain.load_state_dict(fast.state_dict())
+    for m in (plain.qkv, plain.compress.phi_k):
+        m.register_forward_hook(lambda *_: None)
+    grads = []
+    for conv in (fast, plain):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = conv(x, pos, batch)
+        (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        grads.append((y.detach(), {n: p.grad for n, p in conv.named_parameters()}))
+    (y0, g0), (y1, g1) = grads
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(y0, y1, **tol)
+    assert g0.keys() == g1.keys()
+    for name in g0:
+        assert g0[name] is not None, name
+        torch.testing.assert_close(g0[name], g1[name], **tol, msg=name)

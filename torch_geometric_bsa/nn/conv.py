@@ -156,6 +156,25 @@ def config_from_kwargs(config: Optional[BSAConfig], **fields) -> BSAConfig:
     return config
 
 
+class _BatchedLinear(torch.autograd.Function):
+    r"""``x @ w.mT + b`` per batch: ``x [B, M, K]``, ``w [B, N, K]``, ``b [B, 1, N]`` -> ``[B, M, N]``.
+    As ``torch.baddbmm(b, x, w.mT)``, but the weight's gradient comes out in the weight's own
+    layout (``dy.mT @ x``, as ``F.linear``'s does), so no copy turns it around afterwards."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        return torch.baddbmm(b, x, w.mT)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        dx = torch.bmm(dy, w) if ctx.needs_input_grad[0] else None
+        dw = torch.bmm(dy.mT, x) if ctx.needs_input_grad[1] else None
+        db = dy.sum(1, keepdim=True) if ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
 class KVCompressor(nn.Module):
     r"""Pools keys and values of each compression block into one (DESIGN §1.2b).
 
@@ -202,6 +221,20 @@ class KVCompressor(nn.Module):
         flat = lambda t: ((t + pe) * w).permute(0, 2, 1, 3).reshape(nb, h, l * d)  # noqa: E731
         return self.phi_k(flat(kb)), self.phi_v(flat(vb)), block_mask
 
+    def _stacked(self, dtype: torch.dtype):
+        r"""The position embedding ``[l, D]`` and both MLPs' parameters stacked per layer (k first):
+        ``w1 [2, D, l * D]``, ``b1 [2, 1, D]``, ``w2 [2, D, D]``, ``b2 [2, 1, D]``, in ``dtype``. One
+        concatenation and one cast for all nine tensors (their gradients come back through one
+        concatenation and one cast), instead of a cast per tensor and a stack per pair."""
+        (k1, _, k2), (v1, _, v2) = self.phi_k, self.phi_v
+        parts = (self.pos_emb, k1.weight, v1.weight, k1.bias, v1.bias, k2.weight, v2.weight, k2.bias, v2.bias)
+        flat = torch.cat([p.reshape(-1) for p in parts]).to(dtype)
+        sizes = [p.numel() for p in parts]
+        pe, w1, b1, w2, b2 = flat.split([sizes[0], sizes[1] * 2, sizes[3] * 2, sizes[5] * 2, sizes[7] * 2])
+        d = self.head_dim
+        return (pe.view(self.cmp_block, d), w1.view(2, d, -1), b1.view(2, 1, d), w2.view(2, d, d),
+                b2.view(2, 1, d))
+
     def compress_kv(self, kv: Tensor, tree: BallTree):
         r"""``forward`` on keys and values given as one tensor ``kv [N_pad, 2, H, D]`` (e.g. a view of
         the layer's qkv projection): both MLPs run as one batched pass (stacked weights), in as
@@ -229,14 +262,13 @@ class KVCompressor(nn.Module):
         w = tree.cached(("block_weight_kv", l, h, dt),
                         lambda: valid.view(1, nb, 1, l, 1).expand(2, nb, h, l, 1).to(
                             dt, memory_format=torch.contiguous_format))
-        x = torch.mul(w, kvb + self.pos_emb.to(kv.dtype)).view(2, nb * h, l * d)
         if layer_graphs._has_hooks(self):  # a hook on an MLP must see its call: the modules as written
+            x = torch.mul(w, kvb + self.pos_emb.to(dt)).view(2, nb * h, l * d)
             return self.phi_k(x[0]).view(nb, h, d), self.phi_v(x[1]).view(nb, h, d), block_mask
-        k1, v1 = self.phi_k[0], self.phi_v[0]
-        k2, v2 = self.phi_k[2], self.phi_v[2]
-        x = torch.baddbmm(torch.stack([k1.bias, v1.bias])[:, None], x, torch.stack([k1.weight, v1.weight]).mT)
-        x = torch.baddbmm(torch.stack([k2.bias, v2.bias])[:, None], self.phi_k[1](x),
-                          torch.stack([k2.weight, v2.weight]).mT)
+        pe, w1, b1, w2, b2 = self._stacked(dt)
+        x = torch.mul(w, kvb + pe).view(2, nb * h, l * d)
+        x = _BatchedLinear.apply(x, w1, b1)
+        x = _BatchedLinear.apply(self.phi_k[1](x), w2, b2)
         k_cmp, v_cmp = x.view(2, nb, h, d).unbind(0)
         return k_cmp, v_cmp, block_mask
 
@@ -476,14 +508,23 @@ class BSAConv(_TreeAttentionConv):
             # a hook on a projection must see its call: the modules as written
             q, k, v = self.qkv(h).view(-1, 3, self.heads, self.head_dim).unbind(1)
             return q, k, v, torch.stack([k, v], 1), self.gate(h)
-        weight = torch.cat([self.qkv.weight, self.gate.weight])
+        # weights and biases in one concatenation and (under autocast) one cast, split as views
+        parts = [self.qkv.weight, self.gate.weight, self.gate.bias]
         if self.qkv.bias is not None:
-            y = F.linear(h, weight, torch.cat([self.qkv.bias, self.gate.bias]))
+            parts.insert(2, self.qkv.bias)
+        flat = torch.cat([p.reshape(-1) for p in parts])
+        if torch.is_autocast_enabled(h.device.type) and flat.dtype == torch.float32:
+            flat = flat.to(torch.get_autocast_dtype(h.device.type))  # what F.linear's autocast would do
+        nw = (3 * c + ng) * self.qkv.in_features
+        weight, bias = flat.split([nw, flat.numel() - nw])
+        weight = weight.view(3 * c + ng, -1)
+        if self.qkv.bias is not None:
+            y = F.linear(h, weight, bias)
         else:
             y = F.linear(h, weight)
         q, kv, g = y.split([c, 2 * c, ng], dim=1)
         if self.qkv.bias is None:
-            g = g + self.gate.bias
+            g = g + bias
         kv = kv.view(-1, 2, self.heads, self.head_dim)
         k, v = kv.unbind(1)
         return q.view(-1, self.heads, self.head_dim), k, v, kv, g
