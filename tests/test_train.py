@@ -566,3 +566,22 @@ def test_curves_from_logs_reads_metrics_and_logs(tmp_path, capsys):
     # --time-plot alone (no --plot), into a folder that does not exist yet
     curves.main(paths + ["--time-plot", str(tmp_path / "new" / "t2.png")])
     assert os.path.isfile(tmp_path / "new" / "t2.png")
+
+
+def test_gate_bias_flag(capsys):
+    # --gate-bias sets every BSA layer's gate-logit bias per branch (all heads), and only for --model bsa
+    args = train.parse_args(TINY + ["--model", "bsa", "--gate-bias", "0.5", "-1", "-4"])
+    model = train.build_model(args, 1, 1, 3)
+    convs = [m for m in model.modules() if hasattr(m, "gate")]
+    assert convs
+    for m in convs:
+        b = m.gate.bias.detach().view(m.heads, -1)[:, :3]
+        assert torch.equal(b, torch.tensor([0.5, -1.0, -4.0]).expand_as(b))
+    plain = train.build_model(train.parse_args(TINY + ["--model", "bsa"]), 1, 1, 3)
+    assert not any(torch.equal(m.gate.bias.view(m.heads, -1)[:, 2], torch.full((m.heads,), -4.0))
+                   for m in plain.modules() if hasattr(m, "gate"))
+    for flags, match in ((["--model", "full", "--gate-bias", "0", "0", "-4"], "applies to --model bsa"),
+                         (["--model", "bsa", "--gate-bias", "0", "nan", "0"], "three finite numbers")):
+        with pytest.raises(SystemExit):
+            train.parse_args(TINY + flags)
+        assert match in capsys.readouterr().err
