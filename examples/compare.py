@@ -56,6 +56,12 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--equal-time", action="store_true",
                    help="with --budget-s: each model gets its own step count (from its timing probe) so that "
                         "each trains about --budget-s seconds (equal wall-clock); without it, one common step count")
+    p.add_argument("--calibration", default=None, metavar="JSON",
+                   help="with --budget-s: read the steps per model from this file when it holds a calibration of "
+                        "the same budget and models, else probe and write it there (several compare.py, e.g. one "
+                        "per seed at once, then share one calibration)")
+    p.add_argument("--calibrate-only", action="store_true",
+                   help="with --budget-s and --calibration: probe (or read) the calibration, write it, train nothing")
     p.add_argument("--seeds", nargs="+", type=_seed, default=None, metavar="SEED",
                    help="run every model with each seed (train.py --seed) and report mean ± std over them "
                         "(default: one run per model with train.py's --seed)")
@@ -87,6 +93,10 @@ def parse_args(argv: Optional[Sequence[str]] = None):
         rest = rest[1:]
     if args.equal_time and not args.budget_s:
         p.error("--equal-time needs --budget-s (the seconds every model trains)")
+    if (args.calibration or args.calibrate_only) and not args.budget_s:
+        p.error("--calibration/--calibrate-only need --budget-s (they hold its steps per model)")
+    if args.calibrate_only and not args.calibration:
+        p.error("--calibrate-only needs --calibration (the file it writes)")
     if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds: each seed once, got {args.seeds}")
     per_model: Dict[str, List[str]] = {}
@@ -269,12 +279,13 @@ def run_all(args, steps: Dict[str, int], log, on_row=lambda rows: None) -> List[
     return rows
 
 
-def _saved_calibration(args, log) -> Optional[Dict[str, int]]:
+def _saved_calibration(args, log, path: Optional[str] = None) -> Optional[Dict[str, int]]:
     r"""``--reuse`` with ``--budget-s``: the steps per model of the earlier calibration recorded in
     ``--json`` (same budget and models), so that a rerun does not probe again and its step counts,
-    hence its finished runs, stay the same."""
+    hence its finished runs, stay the same. ``path``: read that file instead (``--calibration``)."""
+    path = path or args.json
     try:
-        saved = json.load(open(args.json))["budget"]
+        saved = json.load(open(path))["budget"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     kind = "equal-time" if args.equal_time else "equal-steps"
@@ -282,10 +293,21 @@ def _saved_calibration(args, log) -> Optional[Dict[str, int]]:
     if saved.get("kind") != kind or saved.get("budget_s") != args.budget_s or set(steps) != set(args.models):
         return None
     args.budget_note = saved.get("note", "").split("; whole comparison limited")[0] + \
-        f" (calibration read from {args.json}, --reuse)"
-    log(f"[compare] --reuse: steps per model from the calibration in {args.json}: "
+        f" (calibration read from {path}" + (", --reuse)" if path == args.json else ")")
+    log(f"[compare] steps per model from the calibration in {path}: "
         + ", ".join(f"{m} {n}" for m, n in steps.items()))
     return {m: int(n) for m, n in steps.items()}
+
+
+def _write_calibration(args, steps: Dict[str, int]) -> None:
+    # the "budget" entry of --json's layout, so that _saved_calibration reads either file
+    os.makedirs(os.path.dirname(os.path.abspath(args.calibration)), exist_ok=True)
+    tmp = args.calibration + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"budget": {"kind": "equal-time" if args.equal_time else "equal-steps", "budget_s": args.budget_s,
+                              "steps_per_model": steps, "note": _budget_line(args, steps)[len("- Budget: "):],
+                              "ms_per_step_probe": getattr(args, "ms_est", {})}}, f, indent=1)
+    os.replace(tmp, args.calibration)
 
 
 def _finished(flags: List[str], out: str) -> Optional[Dict]:
@@ -576,8 +598,15 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     for path in (args.results, args.json):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if args.budget_s:
-        steps = _saved_calibration(args, log) if args.reuse else None
-        steps = steps or calibrate(args, log)
+        steps = _saved_calibration(args, log, args.calibration) if args.calibration else None
+        steps = steps or (_saved_calibration(args, log) if args.reuse else None)
+        if steps is None:
+            steps = calibrate(args, log)
+            if args.calibration:
+                _write_calibration(args, steps)
+        if args.calibrate_only:
+            log(f"[compare] --calibrate-only: steps per model in {args.calibration}")
+            return []
     else:
         steps = {m: args.steps or 150 for m in args.models}
     common = sorted(set(steps.values()))

@@ -81,26 +81,36 @@ main() {
     local gpu=${GPUS[$((i % NGPU))]}; i=$((i + 1))
     mkdir -p "$OUT/$ds"
     echo "=== $ds on GPU $gpu (at most ${round_s}s in this call)"
+    # with a time budget every compare.py of this dataset reads one calibration (steps per model),
+    # probed once: per-seed probes at once would disagree, and a later call would probe anew
+    local cal=""; [ -n "${BUDGET_S:-}" ] && cal="--calibration $WORK/$ds/calibration.json"
     if [ "${PARALLEL_SEEDS:-0}" = 1 ]; then
       # one compare.py per seed at once on this GPU (small models leave an H200 mostly idle), then
       # one more that finds every run finished (--reuse) and writes the mean +- std tables and plots
       (
+        if [ -n "$cal" ]; then
+          # shellcheck disable=SC2046,SC2086
+          CUDA_VISIBLE_DEVICES=$gpu timeout $((round_s / 3)) "$PY" examples/compare.py --models $MODELS \
+            --seeds ${SEEDS%% *} $BUDGET $cal --calibrate-only --out "$WORK/$ds" \
+            --results "$OUT/$ds/calibration.md" --json "$OUT/$ds/calibration_rows.json" \
+            -- $(data_flags "$ds") $NET ${EXTRA:-} > "$OUT/$ds/calibration.log" 2>&1
+        fi
         for s in $SEEDS; do
           # shellcheck disable=SC2046,SC2086
           CUDA_VISIBLE_DEVICES=$gpu timeout $((round_s - 45)) "$PY" examples/compare.py --models $MODELS --seeds $s \
-            $BUDGET --isolate --reuse --out "$WORK/$ds" --results "$OUT/$ds/seed$s.md" --json "$OUT/$ds/seed$s.json" \
+            $BUDGET $cal --isolate --reuse --out "$WORK/$ds" --results "$OUT/$ds/seed$s.md" --json "$OUT/$ds/seed$s.json" \
             -- $(data_flags "$ds") $NET --log-every 10 --ckpt-every 100 ${EXTRA:-} > "$OUT/$ds/compare_seed$s.log" 2>&1 &
         done
         wait
         # shellcheck disable=SC2046,SC2086
-        CUDA_VISIBLE_DEVICES=$gpu timeout 40 "$PY" examples/compare.py --models $MODELS --seeds $SEEDS $BUDGET \
+        CUDA_VISIBLE_DEVICES=$gpu timeout 40 "$PY" examples/compare.py --models $MODELS --seeds $SEEDS $BUDGET $cal \
           --isolate --reuse --out "$WORK/$ds" --results "$OUT/$ds/results.md" --json "$OUT/$ds/results.json" \
           --title "Six models on $ds, seeds $SEEDS" \
           -- $(data_flags "$ds") $NET --log-every 10 --ckpt-every 100 ${EXTRA:-} > "$OUT/$ds/compare.log" 2>&1
       ) &
     else
       # shellcheck disable=SC2046,SC2086
-      CUDA_VISIBLE_DEVICES=$gpu timeout "$round_s" "$PY" examples/compare.py --models $MODELS --seeds $SEEDS $BUDGET \
+      CUDA_VISIBLE_DEVICES=$gpu timeout "$round_s" "$PY" examples/compare.py --models $MODELS --seeds $SEEDS $BUDGET $cal \
         --isolate --reuse --out "$WORK/$ds" --results "$OUT/$ds/results.md" --json "$OUT/$ds/results.json" \
         --title "Six models on $ds, seeds $SEEDS" \
         -- $(data_flags "$ds") $NET --log-every 10 --ckpt-every 100 ${EXTRA:-} > "$OUT/$ds/compare.log" 2>&1 &

@@ -320,6 +320,36 @@ def test_compare_equal_time_budget_with_seeds(tmp_path):
     assert "calibration read from" in open(res).read()
 
 
+def test_compare_shared_calibration_file(tmp_path, capsys):
+    # --calibration: one probe, written once, read by every later compare.py (one per seed at once in
+    # run_study_gpu.sh), whatever its --json; --calibrate-only trains nothing
+    compare = _load("compare")
+    cal = str(tmp_path / "cal.json")
+    base = ["--models", "pointnet", "full", "--budget-s", "0.3", "--equal-time", "--probe-steps", "4",
+            "--calibration", cal]
+    assert compare.main(base + ["--seeds", "3", "--calibrate-only", "--out", str(tmp_path / "c0"), "--"] + TINY) == []
+    saved = json.load(open(cal))["budget"]
+    assert saved["kind"] == "equal-time" and set(saved["steps_per_model"]) == {"pointnet", "full"}
+    assert not os.path.exists(str(tmp_path / "c0" / "pointnet"))  # nothing trained
+    # distinctive step counts: a run that probed again would not reproduce them
+    saved["steps_per_model"] = {"pointnet": 3, "full": 5}
+    json.dump({"budget": saved}, open(cal, "w"))
+    for seed in ("3", "4"):
+        rows = compare.main(base + ["--seeds", seed, "--out", str(tmp_path / "c1"),
+                                    "--json", str(tmp_path / f"s{seed}.json"), "--"] + TINY)
+        assert {r["model"]: r["steps"] for r in rows} == {"pointnet": 3, "full": 5}
+    assert not os.path.exists(str(tmp_path / "c1" / "probe"))
+    # another budget than the file's: probed anew and the file rewritten
+    other = [a if a != "0.3" else "0.2" for a in base]
+    compare.main(other + ["--seeds", "3", "--calibrate-only", "--out", str(tmp_path / "c2"), "--"] + TINY)
+    assert json.load(open(cal))["budget"]["budget_s"] == 0.2
+    for argv, match in ((["--calibration", cal], "need --budget-s"),
+                        (["--budget-s", "1", "--calibrate-only"], "needs --calibration")):
+        with pytest.raises(SystemExit):
+            compare.parse_args(argv)
+        assert match in capsys.readouterr().err
+
+
 def test_compare_reuse_keeps_finished_runs_and_resumes_killed_ones(tmp_path, capsys):
     compare = _load("compare")
     out = tmp_path / "cmp"
