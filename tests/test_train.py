@@ -615,3 +615,21 @@ def test_gate_bias_flag(capsys):
         with pytest.raises(SystemExit):
             train.parse_args(TINY + flags)
         assert match in capsys.readouterr().err
+
+
+def test_gate_stats_reads_trained_gates(tmp_path, capsys):
+    # the mean gate per branch of a trained run: a selection gate started at logit -4 is still near
+    # sigmoid(-4) after two steps, the others near sigmoid(0); a run of another model is refused
+    stats = _load("gate_stats")
+    out = str(tmp_path / "g")
+    train.main(TINY + ["--model", "bsa", "--steps", "2", "--no-plots", "--gate-bias", "0", "0", "-4", "--out", out])
+    g = stats.main([out])[out]
+    assert len(g) == 1 and all(len(v) == 3 for v in g.values())  # one layer; ball, cmp, slc
+    ball, cmp, slc = next(iter(g.values()))
+    assert abs(slc - torch.sigmoid(torch.tensor(-4.0)).item()) < 0.01
+    assert 0.2 < ball < 0.8 and 0.2 < cmp < 0.8
+    assert "| " + out + " | 1 |" in capsys.readouterr().out
+    other = str(tmp_path / "f")
+    train.main(TINY + ["--model", "full", "--steps", "1", "--no-plots", "--out", other])
+    with pytest.raises(ValueError, match="gates exist only in --model bsa"):
+        stats.gate_means(other)
