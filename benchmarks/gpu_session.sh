@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The next GPU session's first call, on a machine of 2 GPUs (docs/perf-notes.md, "Next GPU session"):
+#   GPU 0: issue 13's checks: the CUDA tests of the changed kernels and layer graphs, the shared static
+#          tree's tests (BSA_SHARE_TREES=1), bench_model.py plain and with the shared tree, and the
+#          selection backward's op benchmark;
+#   GPU 1: issue 12's long-range study (multibody), resumable (run the same call again, machine warm).
+# Usage: OUT=... bash benchmarks/gpu_session.sh   (LIMIT_S, default 560: the whole call's seconds)
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-gpu_session_out}"; mkdir -p "$OUT/perf"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+LIMIT_S=${LIMIT_S:-560}
+PYTEST="python -m pytest -q -p no:cacheprovider -rfE --tb=short"
+BENCH="--models paper --sizes 8x3586,1x16384 --infer-sizes 2x3586 --attn bsa,full --modes eager,graph --reps 5 --warmup 3"
+left() { echo $(( LIMIT_S - SECONDS - 10 )); }
+
+perf() {
+  export CUDA_VISIBLE_DEVICES=0
+  echo "=== cuda tests ($(date +%T))"
+  BSA_AUTOTUNE=0 timeout 200 $PYTEST -x tests/kernels/test_bsa_triton.py tests/test_host_free.py \
+    tests/test_layer_graphs.py tests/test_launch_count.py tests/kernels/test_compile.py tests/kernels/test_combine.py \
+    tests/kernels/test_selected.py tests/test_conv.py > "$OUT/perf/tests.log" 2>&1
+  tail -n 8 "$OUT/perf/tests.log"
+  echo "=== shared static tree tests ($(date +%T))"
+  BSA_SHARE_TREES=1 BSA_AUTOTUNE=0 timeout 60 $PYTEST -x tests/test_layer_graphs.py > "$OUT/perf/tests_shared.log" 2>&1
+  tail -n 4 "$OUT/perf/tests_shared.log"
+  local t
+  for share in 0 1; do
+    t=$(( ($(left) - 60) / (2 - share) )); [ "$t" -gt 30 ] || { echo "no time left for bench_model"; break; }
+    echo "=== bench_model BSA_SHARE_TREES=$share (at most ${t}s, $(date +%T))"
+    BSA_SHARE_TREES=$share timeout "$t" python benchmarks/bench_model.py $BENCH \
+      --json "$OUT/perf/bench_model_share$share.json" > "$OUT/perf/bench_model_share$share.log" 2>&1
+    grep -v '^{' "$OUT/perf/bench_model_share$share.log" | grep -v Warning | grep -v '^  ' | tail -n 14
+  done
+  t=$(left); if [ "$t" -gt 30 ]; then
+    echo "=== bench_bsa selection backward (at most ${t}s)"
+    OUT="$OUT/perf" timeout "$t" python benchmarks/bench_bsa.py --sizes 65536,262144 --no-flex --rep 20 \
+      > "$OUT/perf/bench_bsa.log" 2>&1  # writes bench_bsa.json and .png to $OUT
+    tail -n 20 "$OUT/perf/bench_bsa.log"
+  fi
+}
+
+study() {
+  OUT="$OUT/multibody" GPU_IDS=1 DATASETS=multibody PARALLEL_SEEDS=1 PACK=1 STEPS=${STEPS:-800} \
+    LIMIT_S=$(( LIMIT_S - 20 )) bash examples/run_study_gpu.sh > "$OUT/study_multibody.log" 2>&1
+}
+
+study &
+spid=$!
+perf 2>&1 | tee "$OUT/perf.log"
+wait "$spid"
+grep "===" "$OUT/study_multibody.log" | tail -n 5
+(cd "$OUT" && tar czf perf.tar.gz perf && rm -rf perf)
+ls -la "$OUT" "$OUT/multibody" 2>/dev/null
