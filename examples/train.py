@@ -154,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BSA ablation (repeatable): hold this branch's gate at 0 (still computed: same time, "
                         "same FLOPs count)")
     g.add_argument("--gate-bias", type=float, nargs=3, default=None, metavar=("BALL", "CMP", "SLC"),
-                   help="BSA: initial bias of each branch's gate logit (default: nn.Linear's own init, "
-                        "gates near sigmoid(0) = 0.5); e.g. 0 0 -4 starts the selection branch near 0.02")
+                   help="BSA: initial bias of each branch's gate logit (BSAConv(gate_bias=...); default: nn.Linear's "
+                        "own init, gates near sigmoid(0) = 0.5); e.g. 0 0 -4 starts the selection branch near 0.02")
     g.add_argument("--rotate", action="store_true", help="alternate layers use a rotated ball tree")
     g.add_argument("--backend", default="auto", choices=("auto", "torch", "cpu", "triton"),
                    help="BSA/ball attention backend; 'auto' probes the Triton kernels on CUDA and "
@@ -512,12 +512,11 @@ def build_model(args, in_channels: int, out_channels: int, dim: int, backend: Op
                       group_size=args.group_size, group_compression=args.group_compression,
                       compression=args.compression, cmp_window=args.cmp_window,
                       selection=args.selection, drop_branches=tuple(args.drop_branch))
-        model = BSATransformer(in_channels, out_channels, args.hidden, args.layers, args.heads,
-                               attention=args.model, mlp_ratio=args.mlp_ratio, rotate=args.rotate, dim=dim,
-                               ball_size=args.ball_size, bucket_slots=getattr(args, "bucket_slots", None), **kw)
-        if getattr(args, "gate_bias", None) is not None:
-            set_gate_bias(model, args.gate_bias)
-        return model
+            if getattr(args, "gate_bias", None) is not None:
+                kw["gate_bias"] = dict(zip(("ball", "cmp", "slc"), args.gate_bias))
+        return BSATransformer(in_channels, out_channels, args.hidden, args.layers, args.heads,
+                              attention=args.model, mlp_ratio=args.mlp_ratio, rotate=args.rotate, dim=dim,
+                              ball_size=args.ball_size, bucket_slots=getattr(args, "bucket_slots", None), **kw)
     from torch_geometric_bsa.nn.baselines import KNNGNN, PointNet, PointTransformerNet
     if args.model == "pointnet":
         return PointNet(in_channels, out_channels, args.hidden, num_layers=args.layers, dim=dim)
@@ -525,18 +524,6 @@ def build_model(args, in_channels: int, out_channels: int, dim: int, backend: Op
         return PointTransformerNet(in_channels, out_channels, args.hidden, num_layers=args.layers, k=args.knn,
                                    dim=dim)
     return KNNGNN(in_channels, out_channels, args.hidden, num_layers=args.layers, k=args.knn, dim=dim)
-
-
-def set_gate_bias(model: nn.Module, bias: Sequence[float]) -> None:
-    r"""Sets the bias of every BSA layer's gate logits for the ball, compression and selection
-    branches (``gate.bias`` viewed as ``[heads, num_branches]``), for every head."""
-    from torch_geometric_bsa import BSAConv
-    layers = [m for m in model.modules() if isinstance(m, BSAConv) and m.branches == "all"]
-    if not layers:
-        raise ValueError("--gate-bias: the model has no BSA layer with gates")
-    with torch.no_grad():
-        for m in layers:
-            m.gate.bias.view(m.heads, -1)[:, :3] = torch.tensor(list(bias), dtype=m.gate.bias.dtype)
 
 
 def resolve_attention_backend(args, in_channels: int, out_channels: int, dim: int, device: torch.device,

@@ -210,3 +210,25 @@ def test_concatenated_weights_match_the_modules_as_written(bias, autocast):
     for name in g0:
         assert g0[name] is not None, name
         torch.testing.assert_close(g0[name], g1[name], **tol, msg=name)
+
+
+def test_gate_bias_option():
+    # gate_bias sets the named branches' gate-logit bias for every head, again on reset_parameters;
+    # the other branches keep nn.Linear's initialisation; bad names, values or modes are refused
+    conv = _conv(gate_bias={"slc": -4.0, "ball": 1.0})
+    plain = _conv()
+    b = conv.gate.bias.detach().view(conv.heads, -1)
+    assert torch.equal(b[:, 2], torch.full((conv.heads,), -4.0, dtype=b.dtype))
+    assert torch.equal(b[:, 0], torch.full((conv.heads,), 1.0, dtype=b.dtype))
+    torch.testing.assert_close(b[:, 1], plain.gate.bias.detach().view(conv.heads, -1)[:, 1])  # same seed
+    with torch.no_grad():
+        conv.gate.bias.zero_()
+    conv.reset_parameters()
+    assert torch.equal(conv.gate.bias.detach().view(conv.heads, -1)[:, 2], torch.full((conv.heads,), -4.0,
+                                                                                       dtype=b.dtype))
+    pos, batch = random_batch([45, 30], seed=5, dtype=torch.float64)
+    assert torch.isfinite(conv(torch.randn(75, 16, dtype=torch.float64), pos, batch)).all()
+    for kw in (dict(gate_bias={"crs": 0.0}), dict(gate_bias={"slc": float("nan")}), dict(gate_bias=[0, 0, -4]),
+               dict(gate_bias={"slc": -4.0}, branches="ball")):
+        with pytest.raises(ValueError, match="gate_bias"):
+            BSAConv(16, 8, **{**KW, **kw})
