@@ -21,12 +21,12 @@ __all__ = ["gated_combine", "masked_block_mean"]
 
 
 @triton.jit
-def _combine_fwd_kernel(OB, OC, OS, G, MASK, OUT, n_grp, stride_gn, stride_gh, H: tl.constexpr, D: tl.constexpr,
-                        QU: tl.constexpr, BG: tl.constexpr, BLOCK_D: tl.constexpr, LOGITS: tl.constexpr = False):
-    # grid: (tiles of BG groups of QU rows, heads); row n of head h lives at (n * H + h) * D, its
-    # gates at n * stride_gn + h * stride_gh (e.g. a view of the projection that made them);
-    # LOGITS: G holds the gate logits, the gates are their sigmoid (in float32)
-    h = tl.program_id(1)
+def _gated_rows(G, MASK, n_grp, stride_gn, stride_gh, h, H: tl.constexpr, D: tl.constexpr, QU: tl.constexpr,
+                BG: tl.constexpr, BLOCK_D: tl.constexpr, LOGITS: tl.constexpr):
+    # a program's rows (tiles of BG groups of QU rows, head h) and their three gates, for the forward
+    # and the backward: row n of head h lives at (n * H + h) * D, its gates at n * stride_gn + h *
+    # stride_gh (e.g. a view of the projection that made them); LOGITS: G holds the logits, the gates
+    # are their sigmoid (in float32). With QU > 1 the compression gate is 0 at padded slots (valid)
     grp = tl.program_id(0) * BG + tl.arange(0, BG)
     R: tl.constexpr = BG * QU
     n = tl.reshape(grp[:, None] * QU + tl.arange(0, QU)[None, :], (R,))
@@ -43,9 +43,20 @@ def _combine_fwd_kernel(OB, OC, OS, G, MASK, OUT, n_grp, stride_gn, stride_gh, H
         g0 = tl.sigmoid(g0)
         g1 = tl.sigmoid(g1)
         g2 = tl.sigmoid(g2)
+    valid = gv
     if QU > 1:  # pooled group queries: o_c row of the group, zero at padded slots
         valid = tl.load(MASK + n, mask=gv, other=0) != 0
         g1 = tl.where(valid, g1, 0.0)
+    return grp, n, gv, offs_d, m2, row, off, g0, g1, g2, valid
+
+
+@triton.jit
+def _combine_fwd_kernel(OB, OC, OS, G, MASK, OUT, n_grp, stride_gn, stride_gh, H: tl.constexpr, D: tl.constexpr,
+                        QU: tl.constexpr, BG: tl.constexpr, BLOCK_D: tl.constexpr, LOGITS: tl.constexpr = False):
+    # grid: (tiles of BG groups of QU rows, heads); the rows and their gates: _gated_rows
+    h = tl.program_id(1)
+    grp, n, gv, offs_d, m2, row, off, g0, g1, g2, valid = _gated_rows(G, MASK, n_grp, stride_gn, stride_gh, h, H, D,
+                                                                      QU, BG, BLOCK_D, LOGITS)
     crow = (n // QU) * H + h
     ob = tl.load(OB + off, mask=m2, other=0.0).to(tl.float32)
     oc = tl.load(OC + crow[:, None] * D + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
@@ -60,25 +71,8 @@ def _combine_bwd_kernel(DO, OB, OC, OS, G, MASK, DOB, DOC, DOS, DG, n_grp, strid
                         LOGITS: tl.constexpr = False):
     # LOGITS: G holds the logits and DG gets their gradient, dL/dg * sigmoid'(logit) = dL/dg * g (1 - g)
     h = tl.program_id(1)
-    grp = tl.program_id(0) * BG + tl.arange(0, BG)
-    R: tl.constexpr = BG * QU
-    n = tl.reshape(grp[:, None] * QU + tl.arange(0, QU)[None, :], (R,))
-    gv = tl.reshape((grp < n_grp)[:, None] & (tl.arange(0, QU) >= 0)[None, :], (R,))
-    offs_d = tl.arange(0, BLOCK_D)
-    m2 = gv[:, None] & (offs_d < D)[None, :]
-    row = n * H + h
-    off = row[:, None] * D + offs_d[None, :]
-    grow = n.to(tl.int64) * stride_gn + h * stride_gh
-    g0 = tl.load(G + grow, mask=gv, other=0.0).to(tl.float32)
-    g1 = tl.load(G + grow + 1, mask=gv, other=0.0).to(tl.float32)
-    g2 = tl.load(G + grow + 2, mask=gv, other=0.0).to(tl.float32)
-    if LOGITS:
-        g0 = tl.sigmoid(g0)
-        g1 = tl.sigmoid(g1)
-        g2 = tl.sigmoid(g2)
-    if QU > 1:
-        valid = tl.load(MASK + n, mask=gv, other=0) != 0
-        g1 = tl.where(valid, g1, 0.0)
+    grp, n, gv, offs_d, m2, row, off, g0, g1, g2, valid = _gated_rows(G, MASK, n_grp, stride_gn, stride_gh, h, H, D,
+                                                                      QU, BG, BLOCK_D, LOGITS)
     crow = (n // QU) * H + h
     do = tl.load(DO + off, mask=m2, other=0.0).to(tl.float32)
     ob = tl.load(OB + off, mask=m2, other=0.0).to(tl.float32)
