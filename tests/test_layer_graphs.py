@@ -187,6 +187,37 @@ def test_transformer_training_matches_plain(emulate):
         torch.testing.assert_close(q, p, rtol=0, atol=0)
 
 
+def _train_side_by_side(plain, graphed, batches, dtype, keep_alive=False):
+    r"""AdamW steps of ``plain`` and ``graphed`` (a copy) on the same CUDA batches ``(seed, sizes)``:
+    each step's losses agree, and so do the parameters after the steps. Loss: relative; parameters:
+    the two runs' difference relative to the plain run's own update (same kernels in and out of a
+    graph; bf16 allows for cuBLAS picking another algorithm inside a capture; AdamW turns a
+    rounding-level gradient difference of a near-zero gradient into a full-size step, so a bound
+    relative to the parameter's norm is not honest for small parameters: on the H200 the full
+    peer's bf16 run moved one by 1.4e-3 of its norm). ``keep_alive``: each step's autograd graph
+    stays alive into the next, as a user's ``loss`` variable does."""
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (plain, graphed)]
+    tol, ptol = (1e-5, 1e-4) if dtype == torch.float32 else (5e-3, 5e-2)
+    start = [p.detach().clone() for p in plain.parameters()]
+    alive = {}
+    for seed, sizes in batches:
+        pos, batch = random_batch(sizes, seed=seed, device="cuda")
+        x, y = torch.randn(pos.size(0), 3, device="cuda"), torch.randn(pos.size(0), 1, device="cuda")
+        losses = []
+        for m, opt in zip((plain, graphed), opts):
+            opt.zero_grad()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype != torch.float32):
+                loss = F.mse_loss(m(x, pos, batch), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            if keep_alive:
+                alive[m] = loss
+        assert abs(losses[1] - losses[0]) <= tol * abs(losses[0]), (seed, losses)
+    for p0, p, q in zip(start, plain.parameters(), graphed.parameters()):
+        assert (q - p).norm() <= ptol * (p - p0).norm() + 1e-6
+
+
 @requires_cuda
 @pytest.mark.parametrize("attention,dtype", [("bsa", torch.float32), ("bsa", torch.bfloat16),
                                              ("full", torch.bfloat16)])
@@ -202,32 +233,10 @@ def test_cuda_layer_graphs_match_plain(attention, dtype):
     for m in graphed.modules():
         if hasattr(m, "cuda_graphs"):
             m.cuda_graphs = True
-    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (plain, graphed)]
-    # loss: relative; parameters after the steps: the two runs' difference relative to the plain
-    # run's own update (same kernels in and out of a graph; bf16 allows for cuBLAS picking another
-    # algorithm inside a capture; AdamW turns a rounding-level gradient difference of a near-zero
-    # gradient into a full-size step, so a bound relative to the parameter's norm is not honest for
-    # small parameters: on the H200 the full peer's bf16 run moved one by 1.4e-3 of its norm)
-    tol, ptol = (1e-5, 1e-4) if dtype == torch.float32 else (5e-3, 5e-2)
-    start = [p.detach().clone() for p in plain.parameters()]
-    alive = {}
-    for seed, sizes in [(0, [500, 300]), (1, [500, 300]), (2, [500, 300]), (3, [400, 400, 100]),
-                        (4, [500, 300]), (5, [400, 400, 100]), (6, [400, 400, 100])]:
-        pos, batch = random_batch(sizes, seed=seed, device="cuda")
-        x, y = torch.randn(pos.size(0), 3, device="cuda"), torch.randn(pos.size(0), 1, device="cuda")
-        losses = []
-        for m, opt in zip((plain, graphed), opts):
-            opt.zero_grad()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype != torch.float32):
-                loss = F.mse_loss(m(x, pos, batch), y)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            alive[m] = loss  # the step's autograd graph stays alive into the next, as a user's `loss` does
-        assert abs(losses[1] - losses[0]) <= tol * abs(losses[0]), (seed, losses)
+    _train_side_by_side(plain, graphed, [(0, [500, 300]), (1, [500, 300]), (2, [500, 300]),
+                                         (3, [400, 400, 100]), (4, [500, 300]), (5, [400, 400, 100]),
+                                         (6, [400, 400, 100])], dtype, keep_alive=True)
     assert all(b._graphs.captures == 2 for b in graphed.blocks)
-    for p0, p, q in zip(start, plain.parameters(), graphed.parameters()):
-        assert (q - p).norm() <= ptol * (p - p0).norm() + 1e-6
 
 
 def test_tree_builds_replay_per_layout(emulate):
@@ -602,29 +611,13 @@ def test_cuda_shared_tree_matches_plain(attention, dtype, rotate):
         cfg = dict(hidden_channels=64, num_layers=3, heads=4, ball_size=64)
     plain = BSATransformer(3, 1, attention=attention, rotate=rotate, cuda_graphs=False, **cfg).cuda()
     graphed = _graphed_copy(plain, True)
-    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (plain, graphed)]
-    tol, ptol = (1e-5, 1e-4) if dtype == torch.float32 else (5e-3, 5e-2)
-    start = [p.detach().clone() for p in plain.parameters()]
-    batches = [(0, [500, 300]), (1, [500, 300]), (2, [500, 300]), (3, [400, 400, 100]), (4, [480, 320]),
-               (5, [400, 400, 100]), (6, [400, 400, 100]), (7, [500, 300])]
-    for seed, sizes in batches:
-        pos, batch = random_batch(sizes, seed=seed, device="cuda")
-        x, y = torch.randn(pos.size(0), 3, device="cuda"), torch.randn(pos.size(0), 1, device="cuda")
-        losses = []
-        for m, opt in zip((plain, graphed), opts):
-            opt.zero_grad()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype != torch.float32):
-                loss = F.mse_loss(m(x, pos, batch), y)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        assert abs(losses[1] - losses[0]) <= tol * abs(losses[0]), (seed, losses)
+    _train_side_by_side(plain, graphed, [(0, [500, 300]), (1, [500, 300]), (2, [500, 300]),
+                                         (3, [400, 400, 100]), (4, [480, 320]), (5, [400, 400, 100]),
+                                         (6, [400, 400, 100]), (7, [500, 300])], dtype)
     entries = _entries(graphed)
     assert all(b._graphs.captures == 2 for b in graphed.blocks)
     assert all(e.shared is not None and e.own_memo == {} for e in entries)
     assert len({id(e.shared) for e in entries}) == 2 * (2 if rotate else 1)  # per layout (and rotated tree)
-    for p0, p, q in zip(start, plain.parameters(), graphed.parameters()):
-        assert (q - p).norm() <= ptol * (p - p0).norm() + 1e-6
 
 
 def test_shared_tree_in_inference_mode(emulate):
