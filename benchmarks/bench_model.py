@@ -17,6 +17,7 @@ Runs on CUDA only (the CPU figures live in bench_cpu.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -181,6 +182,10 @@ def _breakdown(fn, title: str, top: int = 80):
     print(f"== breakdown: {title}: kernels by count (count, GPU ms)")
     for name, (n, ms) in sorted(cnt.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"{n:6d} {ms:8.2f}  {name}")
+    total = sum(ms for _, ms in cnt.values())
+    print(f"== breakdown: {title}: kernels by GPU time (count, GPU ms, share of {total:.2f} ms)")
+    for name, (n, ms) in sorted(cnt.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"{n:6d} {ms:8.2f} {ms / max(total, 1e-9):6.1%}  {name}")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
 
 
@@ -214,6 +219,9 @@ def main(argv=None):
     p.add_argument("--time-limit", type=float, default=float("inf"), help="seconds; skip the remaining cases")
     p.add_argument("--json", default=None)
     p.add_argument("--breakdown", action="store_true", help="print kernels by count and host ops by time")
+    p.add_argument("--launch-config", default=None, metavar="FILE",
+                   help="JSON {kernel: {entry: value}} forced on the kernels' launch rules for the whole run "
+                        "(sweep_small_heads.py --best writes one)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_model.py needs CUDA")
@@ -221,6 +229,14 @@ def main(argv=None):
     BREAKDOWN = args.breakdown
     rows: List[Dict] = []
     t_start = time.time()
+    forced = contextlib.ExitStack()
+    if args.launch_config:
+        from torch_geometric_bsa.kernels._common import launch_config
+        with open(args.launch_config) as f:
+            args.forced = json.load(f)  # recorded in the JSON's args
+        for kernel, entries in args.forced.items():
+            forced.enter_context(launch_config(kernel, **entries))
+        print("launch configs forced:", json.dumps(args.forced), flush=True)
     for kind in args.kinds.split(","):
         sizes = args.sizes if kind == "train" else args.infer_sizes
         for model_name in args.models.split(","):
@@ -240,6 +256,7 @@ def main(argv=None):
                         rows.append(r)
                         print(json.dumps(r), flush=True)
                         torch.cuda.empty_cache()
+    forced.close()
     table = format_rows(rows)
     print(table)
     path = args.json or os.path.join(out_dir(), "bench_model.json")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The next GPU session's first call, on a machine of 2 GPUs (docs/perf-notes.md, "Next GPU session"):
+# The next GPU session's first call, on a machine of 2 GPUs (on one GPU, GPU 0's part alone) (docs/perf-notes.md, "Next GPU session"):
 #   GPU 0: issue 13's checks: the CUDA tests of the changed kernels and layer graphs, the shared static
 #          tree's tests (BSA_SHARE_TREES=1), bench_model.py plain and with the shared tree, and the
 #          selection backward's op benchmark;
@@ -45,10 +45,16 @@ study() {
     LIMIT_S=$(( LIMIT_S - 20 )) bash examples/run_study_gpu.sh > "$OUT/study_multibody.log" 2>&1
 }
 
-study &
-spid=$!
-perf 2>&1 | tee "$OUT/perf.log"
-wait "$spid"
-grep "===" "$OUT/study_multibody.log" | tail -n 5
+NGPU=$(nvidia-smi -L 2>/dev/null | grep -c GPU)
+if [ "${NGPU:-0}" -ge 2 ]; then
+  study &
+  spid=$!
+  perf 2>&1 | tee "$OUT/perf.log"
+  wait "$spid"
+  grep "===" "$OUT/study_multibody.log" | tail -n 5
+else  # one GPU: the study would share it with the timings; it runs in a call of its own
+  echo "one GPU: issue 13's checks only (run examples/run_study_gpu.sh in another call)"
+  perf 2>&1 | tee "$OUT/perf.log"
+fi
 (cd "$OUT" && tar czf perf.tar.gz perf && rm -rf perf)
 ls -la "$OUT" "$OUT/multibody" 2>/dev/null

@@ -185,13 +185,15 @@ def test_float64_layer_under_cpu_autocast():
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_concatenated_weights_match_the_modules_as_written(bias, autocast):
-    # the layer concatenates the qkv and gate weights (and the compressor's nine tensors) and casts
+@pytest.mark.parametrize("sizes", [[45, 30], [300, 260]], ids=["small", "split_weight_grad"])
+def test_concatenated_weights_match_the_modules_as_written(bias, autocast, sizes):
+    # the layer concatenates the qkv and gate weights and the compressor's nine tensors and casts
     # them once; a no-op hook on a projection or an MLP makes it run the modules as written instead.
     # Same output and the same gradient for every parameter, in float64 exactly up to rounding, and
-    # under CPU autocast (bfloat16) within bfloat16's rounding
-    pos, batch = random_batch([45, 30], seed=7, dtype=torch.float64 if not autocast else torch.float32)
-    x = torch.randn(75, 16, dtype=pos.dtype)
+    # under CPU autocast (bfloat16) within bfloat16's rounding. At 576 slots the compression MLP's
+    # weight gradient is split along its 576 block rows (_weight_grad: 2 chunks)
+    pos, batch = random_batch(sizes, seed=7, dtype=torch.float64 if not autocast else torch.float32)
+    x = torch.randn(sum(sizes), 16, dtype=pos.dtype)
     fast = _conv(bias=bias, backend="torch").to(pos.dtype)
     plain = _conv(bias=bias, backend="torch").to(pos.dtype)
     plain.load_state_dict(fast.state_dict())
@@ -210,6 +212,29 @@ def test_concatenated_weights_match_the_modules_as_written(bias, autocast):
     for name in g0:
         assert g0[name] is not None, name
         torch.testing.assert_close(g0[name], g1[name], **tol, msg=name)
+
+
+@pytest.mark.parametrize("m, splits", [(480, 1), (512, 2), (576, 2), (1000, 2), (999, 1), (30720, 64), (4096, 16)])
+def test_weight_grad_split_matches_one_gemm(monkeypatch, m, splits):
+    # the compression MLP's weight gradient dy.mT @ x, cut along its long reduction: S chunks of at
+    # least 256 rows (S a power of two dividing M, at most 64), partial products summed in order.
+    # Same result as one batched GEMM on fresh random inputs: float64 up to rounding, bfloat16 no
+    # further from the float64 result than the single GEMM's bfloat16 rounding allows
+    from torch_geometric_bsa.nn import conv as conv_mod
+    g = torch.Generator().manual_seed(m)
+    dy = torch.randn(2, m, 8, generator=g, dtype=torch.float64)
+    x = torch.randn(2, m, 64, generator=g, dtype=torch.float64)
+    calls = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda a, b: calls.append(a.size(0)) or bmm(a, b))
+    out = conv_mod._weight_grad(dy, x)
+    assert calls == [2 * splits]
+    torch.testing.assert_close(out, bmm(dy.mT, x), rtol=1e-12, atol=1e-10)
+    exact = bmm(dy.mT, x)
+    got = conv_mod._weight_grad(dy.bfloat16(), x.bfloat16()).double()
+    one = bmm(dy.bfloat16().mT, x.bfloat16()).double()
+    scale = exact.abs().max()
+    assert (got - exact).abs().max() <= 2 * (one - exact).abs().max() + 1e-2 * scale
 
 
 def test_gate_bias_option():

@@ -31,8 +31,8 @@ _SHARING_TESTS = ("shared_tree", "memo_derivations", "positions_that_take_a_grad
 
 @pytest.fixture(autouse=True)
 def _share_trees(request, monkeypatch):
-    # the shared static tree is opt-in (BSA_SHARE_TREES=1) until it has run on real graphs: its
-    # tests turn it on; every other test runs the default (a tree per layer graph)
+    # the shared static tree is the default (BSA_SHARE_TREES=0 turns it off): its own tests turn it
+    # on whatever the environment says; every other test runs the default
     if any(name in request.node.name for name in _SHARING_TESTS):
         monkeypatch.setattr(layer_graphs, "SHARE_TREES", True)
 

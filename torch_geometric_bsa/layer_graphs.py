@@ -50,10 +50,9 @@ MAX_SLOTS = 1 << 17
 
 _TREE_TENSORS = ("perm", "mask", "inv", "ptr", "slot_batch", "counts")
 #: layers on the same tree share one static tree and its memo (``_SharedTree``); False: each
-#: layer's graphs derive everything from their own copy of the tree. Off by default until it has run
-#: on real CUDA graphs (tests/test_layer_graphs.py's CUDA tests; perf-notes, "Next GPU session");
-#: the environment variable ``BSA_SHARE_TREES=1`` turns it on
-SHARE_TREES = os.environ.get("BSA_SHARE_TREES", "0") == "1"
+#: layer's graphs derive everything from their own copy of the tree (the environment variable
+#: ``BSA_SHARE_TREES=0`` sets that)
+SHARE_TREES = os.environ.get("BSA_SHARE_TREES", "1") != "0"
 _state = threading.local()
 # tests on the CPU: stand-in graphs that re-run the recorded function on replay (see _EagerGraph)
 _EMULATE = False

@@ -107,7 +107,7 @@ def test_selected_odd_shapes():
 def test_invert_selection(num_blocks):
     # block b was picked by the flat entries order[ptr[b]:ptr[b+1]] (group = entry // k), in entry
     # order; -1 entries are never listed
-    idx = torch.tensor([[2, 0, -1], [2, 1, 3]], dtype=torch.int32)
+    idx = torch.tensor([[2, 0, -1], [2, 1, 3]], dtype=torch.int32, device=DEVICE)
     ptr, order = slc.invert_selection(idx, num_blocks)
     assert ptr.dtype == torch.int32 and ptr.shape == (num_blocks + 1,)
     assert ptr[:5].tolist() == [1, 2, 3, 5, 6] and (ptr[5:] == 6).all()

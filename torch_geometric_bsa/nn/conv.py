@@ -158,10 +158,31 @@ def config_from_kwargs(config: Optional[BSAConfig], **fields) -> BSAConfig:
     return config
 
 
+def _weight_grad(dy: Tensor, x: Tensor) -> Tensor:
+    r"""``dy.mT @ x`` per batch (``dy [B, M, N]``, ``x [B, M, K]`` -> ``[B, N, K]``), split along
+    ``M`` when ``M`` is long. The compression MLP's weight gradient has a tiny output (``N x K``,
+    e.g. 8 x 64) and a reduction over every block of every head (``M`` ~ 30k): one batched GEMM
+    runs that on ``B`` thread blocks of the GPU. Cut into ``S`` chunks of at least
+    ``_MIN_CHUNK_ROWS`` rows (``S`` a power of two dividing ``M``, at most ``_MAX_SPLITS``), the
+    partial products run on ``B * S`` blocks and one sum adds them, in a fixed order."""
+    b, m, n = dy.shape
+    s = 1
+    while s < _MAX_SPLITS and m % (2 * s) == 0 and m // (2 * s) >= _MIN_CHUNK_ROWS:
+        s *= 2
+    if s == 1:
+        return torch.bmm(dy.mT, x)
+    part = torch.bmm(dy.reshape(b * s, m // s, n).mT, x.reshape(b * s, m // s, x.size(2)))
+    return part.view(b, s, n, -1).sum(1)
+
+
+_MIN_CHUNK_ROWS, _MAX_SPLITS = 256, 64
+
+
 class _BatchedLinear(torch.autograd.Function):
     r"""``x @ w.mT + b`` per batch: ``x [B, M, K]``, ``w [B, N, K]``, ``b [B, 1, N]`` -> ``[B, M, N]``.
     As ``torch.baddbmm(b, x, w.mT)``, but the weight's gradient comes out in the weight's own
-    layout (``dy.mT @ x``, as ``F.linear``'s does), so no copy turns it around afterwards."""
+    layout (``dy.mT @ x``, as ``F.linear``'s does), so no copy turns it around afterwards, and
+    is split along ``M`` (``_weight_grad``)."""
 
     @staticmethod
     def forward(ctx, x, w, b):
@@ -172,7 +193,7 @@ class _BatchedLinear(torch.autograd.Function):
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
         dx = torch.bmm(dy, w) if ctx.needs_input_grad[0] else None
-        dw = torch.bmm(dy.mT, x) if ctx.needs_input_grad[1] else None
+        dw = _weight_grad(dy, x) if ctx.needs_input_grad[1] else None
         db = dy.sum(1, keepdim=True) if ctx.needs_input_grad[2] else None
         return dx, dw, db
 
@@ -223,25 +244,35 @@ class KVCompressor(nn.Module):
         flat = lambda t: ((t + pe) * w).permute(0, 2, 1, 3).reshape(nb, h, l * d)  # noqa: E731
         return self.phi_k(flat(kb)), self.phi_v(flat(vb)), block_mask
 
+    def _stack_parts(self):
+        r"""The nine tensors ``_stacked`` concatenates, in its order (k's before v's per pair)."""
+        (k1, _, k2), (v1, _, v2) = self.phi_k, self.phi_v
+        return [self.pos_emb, k1.weight, v1.weight, k1.bias, v1.bias, k2.weight, v2.weight, k2.bias, v2.bias]
+
+    def _stack_sizes(self):
+        r"""The sizes of ``pe, w1, b1, w2, b2`` in the concatenation of ``_stack_parts``."""
+        n = [p.numel() for p in self._stack_parts()]
+        return [n[0], n[1] * 2, n[3] * 2, n[5] * 2, n[7] * 2]
+
+    def _view_stacked(self, pe: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor):
+        r"""The five flat pieces (``_stack_sizes``) as ``_stacked`` returns them (views)."""
+        d = self.head_dim
+        return pe.view(self.cmp_block, d), w1.view(2, d, -1), b1.view(2, 1, d), w2.view(2, d, d), b2.view(2, 1, d)
+
     def _stacked(self, dtype: torch.dtype):
         r"""The position embedding ``[l, D]`` and both MLPs' parameters stacked per layer (k first):
         ``w1 [2, D, l * D]``, ``b1 [2, 1, D]``, ``w2 [2, D, D]``, ``b2 [2, 1, D]``, in ``dtype``. One
         concatenation and one cast for all nine tensors (their gradients come back through one
         concatenation and one cast), instead of a cast per tensor and a stack per pair."""
-        (k1, _, k2), (v1, _, v2) = self.phi_k, self.phi_v
-        parts = (self.pos_emb, k1.weight, v1.weight, k1.bias, v1.bias, k2.weight, v2.weight, k2.bias, v2.bias)
-        flat = torch.cat([p.reshape(-1) for p in parts]).to(dtype)
-        sizes = [p.numel() for p in parts]
-        pe, w1, b1, w2, b2 = flat.split([sizes[0], sizes[1] * 2, sizes[3] * 2, sizes[5] * 2, sizes[7] * 2])
-        d = self.head_dim
-        return (pe.view(self.cmp_block, d), w1.view(2, d, -1), b1.view(2, 1, d), w2.view(2, d, d),
-                b2.view(2, 1, d))
+        flat = torch.cat([p.reshape(-1) for p in self._stack_parts()]).to(dtype)
+        return self._view_stacked(*flat.split(self._stack_sizes()))
 
-    def compress_kv(self, kv: Tensor, tree: BallTree):
+    def compress_kv(self, kv: Tensor, tree: BallTree, stacked: Optional[Tuple[Tensor, ...]] = None):
         r"""``forward`` on keys and values given as one tensor ``kv [N_pad, 2, H, D]`` (e.g. a view of
         the layer's qkv projection): both MLPs run as one batched pass (stacked weights), in as
         few launches as the layer allows. Returns ``k_cmp, v_cmp [N_pad // s, H, D]`` and the block
-        mask ``[N_pad // s]``."""
+        mask ``[N_pad // s]``. ``stacked``: the parameters as ``_stacked`` gives them, already cast
+        (``BSAConv`` casts them with its own projection's); used when in ``kv``'s dtype."""
         l, s = self.cmp_block, self.cmp_stride
         if l != s:
             k, v = kv.unbind(1)
@@ -267,7 +298,9 @@ class KVCompressor(nn.Module):
         if layer_graphs._has_hooks(self):  # a hook on an MLP must see its call: the modules as written
             x = torch.mul(w, kvb + self.pos_emb.to(dt)).view(2, nb * h, l * d)
             return self.phi_k(x[0]).view(nb, h, d), self.phi_v(x[1]).view(nb, h, d), block_mask
-        pe, w1, b1, w2, b2 = self._stacked(dt)
+        if stacked is None or stacked[0].dtype != dt:
+            stacked = self._stacked(dt)
+        pe, w1, b1, w2, b2 = stacked
         x = torch.mul(w, kvb + pe).view(2, nb * h, l * d)
         x = _BatchedLinear.apply(x, w1, b1)
         x = _BatchedLinear.apply(self.phi_k[1](x), w2, b2)
@@ -519,26 +552,39 @@ class BSAConv(_TreeAttentionConv):
                         bias[:, names.index(b)] = value
             reset(self.compress)  # a user's compression module may or may not have reset_parameters
 
+    def _fast_compress(self) -> bool:
+        r"""Whether ``compress_kv`` may stand in for the compressor's call: only when that call would
+        run ``KVCompressor``'s own code and no hook (on the compressor itself) has to see it."""
+        t = type(self.compress)
+        return (isinstance(self.compress, KVCompressor) and t.forward is KVCompressor.forward
+                and t.compress_kv is KVCompressor.compress_kv and t._stacked is KVCompressor._stacked
+                and not layer_graphs._has_hooks(self.compress))
+
     def _qkv_gates(self, x_t: Tensor, pos_t: Tensor, tree: BallTree):
-        r"""``q, k, v [N_pad, H, D]``, ``kv [N_pad, 2, H, D]`` (k and v as one view) and the gate
-        logits ``[N_pad, H * B]``, from one projection of ``h``: the gate's rows are appended to
-        the qkv weight per call (one GEMM and one read of ``h`` instead of two; the parameters stay
-        as they are). All are views of the one output."""
+        r"""``q, k, v [N_pad, H, D]``, ``kv [N_pad, 2, H, D]`` (k and v as one view), the gate
+        logits ``[N_pad, H * B]`` and the compressor's parameters as ``KVCompressor._stacked`` gives
+        them (or ``None``), from one projection of ``h``: the gate's rows are appended to the qkv
+        weight per call (one GEMM and one read of ``h`` instead of two; the parameters stay as they
+        are). All are views of the one output."""
         h = self._features(x_t, pos_t, tree)
         c, ng = self.channels, self.gate.out_features
         if layer_graphs._has_hooks(self.qkv) or layer_graphs._has_hooks(self.gate):
             # a hook on a projection must see its call: the modules as written
             q, k, v = self.qkv(h).view(-1, 3, self.heads, self.head_dim).unbind(1)
-            return q, k, v, torch.stack([k, v], 1), self.gate(h)
-        # weights and biases in one concatenation and (under autocast) one cast, split as views
+            return q, k, v, torch.stack([k, v], 1), self.gate(h), None
+        # weights and biases (with the compression MLPs' when compress_kv runs them) in one
+        # concatenation and (under autocast) one cast, split as views
         parts = [self.qkv.weight, self.gate.weight, self.gate.bias]
         if self.qkv.bias is not None:
             parts.insert(2, self.qkv.bias)
-        flat = torch.cat([p.reshape(-1) for p in parts])
+        cmp_parts = self.compress._stack_parts() if (self._fast_compress() and self.compress.mode == "mlp") else []
+        flat = torch.cat([p.reshape(-1) for p in parts + cmp_parts])
         if torch.is_autocast_enabled(h.device.type) and flat.dtype == torch.float32:
             flat = flat.to(torch.get_autocast_dtype(h.device.type))  # what F.linear's autocast would do
         nw = (3 * c + ng) * self.qkv.in_features
-        weight, bias = flat.split([nw, flat.numel() - nw])
+        cmp_sizes = self.compress._stack_sizes() if cmp_parts else []
+        # one split (its gradient: one concatenation), the compressor's five pieces included
+        weight, bias, *cmp_pieces = flat.split([nw, flat.numel() - nw - sum(cmp_sizes)] + cmp_sizes)
         weight = weight.view(3 * c + ng, -1)
         if self.qkv.bias is not None:
             y = F.linear(h, weight, bias)
@@ -549,22 +595,20 @@ class BSAConv(_TreeAttentionConv):
             g = g + bias
         kv = kv.view(-1, 2, self.heads, self.head_dim)
         k, v = kv.unbind(1)
-        return q.view(-1, self.heads, self.head_dim), k, v, kv, g
+        stacked = self.compress._view_stacked(*cmp_pieces) if cmp_parts else None
+        return q.view(-1, self.heads, self.head_dim), k, v, kv, g, stacked
 
     def _forward_tree(self, x_t: Tensor, pos_t: Tensor, tree: BallTree) -> Tensor:
         if self.branches == "ball":
             _, q, k, v = self._qkv(x_t, pos_t, tree)
             o = ball_attention(q, k, v, pos_t, self.sigma, tree.mask, tree.ball_size, self.backend)
         else:
-            q, k, v, kv, g = self._qkv_gates(x_t, pos_t, tree)
+            q, k, v, kv, g, stacked = self._qkv_gates(x_t, pos_t, tree)
             gates, logits = None, g.view(-1, self.heads, self.cfg.num_branches)
             if self.drop_branches:  # the ablation squashes here; else the op does (in its combine kernel)
                 gates, logits = torch.sigmoid(logits) * self.branch_keep.to(logits.dtype), None
-            if (type(self.compress).forward is KVCompressor.forward
-                    and not layer_graphs._has_hooks(self.compress)):
-                # compress_kv bypasses the module's call: only when that call would run our forward
-                # and no hook (on the compressor itself) has to see it
-                k_cmp, v_cmp, cmp_mask = self.compress.compress_kv(kv, tree)
+            if self._fast_compress():  # compress_kv bypasses the module's call (see there)
+                k_cmp, v_cmp, cmp_mask = self.compress.compress_kv(kv, tree, stacked)
             else:
                 k_cmp, v_cmp, cmp_mask = self.compress(k, v, tree)
             o = bsa_attention(q, k, v, pos_t, tree, self.cfg, sigma=self.sigma, gates=gates, gate_logits=logits,
