@@ -154,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BSA ablation (repeatable): hold this branch's gate at 0 (still computed: same time, "
                         "same FLOPs count)")
     g.add_argument("--gate-bias", type=float, nargs=3, default=None, metavar=("BALL", "CMP", "SLC"),
-                   help="BSA: initial bias of each branch's gate logit (BSAConv(gate_bias=...); default: nn.Linear's "
-                        "own init, gates near sigmoid(0) = 0.5); e.g. 0 0 -4 starts the selection branch near 0.02")
+                   help="BSA: initial bias of each branch's gate logit (BSAConv(gate_bias=...)); default: BSAConv's, "
+                        "the selection gate's logits at -4 (near 0.02) and nn.Linear's own init for the others "
+                        "(gates near sigmoid(0) = 0.5)")
     g.add_argument("--rotate", action="store_true", help="alternate layers use a rotated ball tree")
     g.add_argument("--backend", default="auto", choices=("auto", "torch", "cpu", "triton"),
                    help="BSA/ball attention backend; 'auto' probes the Triton kernels on CUDA and "

@@ -16,7 +16,7 @@ MODULES = (ball, combine, compressed, selected, topk)  # importing them register
 
 FACTS = {"ball_fwd": dict(m=256, d=64, dtype=torch.bfloat16), "ball_bwd": dict(m=256, d=64, dtype=torch.bfloat16),
          "cmp_fwd": {}, "cmp_dq": {}, "cmp_dkdv": {}, "slc_fwd": dict(dtype=torch.bfloat16),
-         "slc_dq": dict(dtype=torch.bfloat16), "slc_dkdv": dict(d=64), "topk": dict(qpg=8, n_g=4096),
+         "slc_dq": dict(dtype=torch.bfloat16), "slc_dkdv": {}, "topk": dict(qpg=8, n_g=4096),
          "combine": dict(qu=1, d=64), "pool": dict(hd=512, block=8)}
 
 
@@ -42,12 +42,6 @@ def test_every_kernel_has_a_rule_and_interpreter_tiles():
     ("slc_fwd", dict(dtype=torch.bfloat16), dict(keys=128, num_warps=4, num_stages=2)),
     ("slc_dq", dict(dtype=torch.float32), dict(keys=64, num_warps=4, num_stages=2)),
     ("slc_dkdv", {}, dict(rows=64, steps=4, num_warps=4, num_stages=2)),
-    # small heads (dots of 16: the paper model's head dim 8; sweep_small_heads.py, benchmarks.md)
-    ("ball_fwd", dict(m=256, d=16, dtype=torch.bfloat16), dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3)),
-    ("ball_bwd", dict(m=256, d=16, dtype=torch.bfloat16),
-     dict(BLOCK=64, BLOCK_M1=64, BLOCK_N2=32, MERGED=True, num_warps=4, num_stages=3)),
-    ("slc_dkdv", dict(d=16), dict(rows=32, steps=4, num_warps=4, num_stages=2)),
-    ("slc_dkdv", dict(d=64), dict(rows=64, steps=4, num_warps=4, num_stages=2)),
     ("topk", dict(qpg=8, n_g=4096), dict(BLOCK_G=8, BLOCK_N=128, num_warps=4, num_stages=2)),
     ("topk", dict(qpg=1, n_g=100), dict(BLOCK_G=16, BLOCK_N=128, num_warps=4, num_stages=2)),
     ("combine", dict(qu=8, d=64), dict(BG=8, num_warps=4)),

@@ -305,9 +305,8 @@ def _ball_bwd_merged_kernel(Q, K, V, O, DO, POS, SIGMA, MASK, LSE,
 def _fwd_rule(m: int, d: int, dtype: torch.dtype) -> dict:
     if dtype == torch.float32:
         return dict(BLOCK_M=min(64, m), BLOCK_N=min(32, m), num_warps=4, num_stages=2)
-    # head dims up to 16 in the dots (the paper model's 8): key steps of 32 (benchmarks.md, "Small heads")
-    return dict(BLOCK_M=min(128, m) if d <= 64 else min(64, m), BLOCK_N=min(32 if d <= 16 else 64, m),
-                num_warps=4 if d <= 64 else 8, num_stages=3)
+    return dict(BLOCK_M=min(128, m) if d <= 64 else min(64, m), BLOCK_N=min(64, m), num_warps=4 if d <= 64 else 8,
+                num_stages=3)
 
 
 @launch_rule("ball_bwd")
@@ -318,10 +317,8 @@ def _bwd_rule(m: int, d: int, dtype: torch.dtype) -> dict:
     if dtype == torch.float32 or d > 64:
         return dict(BLOCK=min(64, m), BLOCK_M1=min(32, m), BLOCK_N2=min(32, m), MERGED=False, num_warps=4,
                     num_stages=2)
-    # one-loop backward, tiles of 64 (why: docs/perf-notes.md, "Ball kernel"); head dims up to 16 in
-    # the dots step over the ball 64 rows at a time (benchmarks.md, "Small heads")
-    return dict(BLOCK=min(64, m), BLOCK_M1=min(64 if d <= 16 else 32, m), BLOCK_N2=min(32, m), MERGED=True,
-                num_warps=4, num_stages=3)
+    # one-loop backward, tiles of 64 (why: docs/perf-notes.md, "Ball kernel")
+    return dict(BLOCK=min(64, m), BLOCK_M1=min(32, m), BLOCK_N2=min(32, m), MERGED=True, num_warps=4, num_stages=3)
 
 
 def _upcast(dtype: torch.dtype) -> bool:

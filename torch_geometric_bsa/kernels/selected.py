@@ -268,9 +268,8 @@ def _dq_rule(dtype: torch.dtype) -> dict:
 
 
 @launch_rule("slc_dkdv")
-def _dkdv_rule(d: int = 64) -> dict:
-    # head dims up to 16 in the dots (the paper model's 8): 32 rows a step (benchmarks.md, "Small heads")
-    return dict(rows=32 if d <= 16 else 64, steps=4, num_warps=4, num_stages=2)
+def _dkdv_rule() -> dict:
+    return dict(rows=64, steps=4, num_warps=4, num_stages=2)
 
 
 def _tiles(keys: int, ls: int, topk: int, g: int):
@@ -346,7 +345,7 @@ def _dkdv(q, k, v, do, mask_i8, idx, lse, delta, dk, dv, g, ls, scale, prec):
     nlists = h * nblk if per_head else nblk
     bptr, bgrp, sorted_ids = _invert(idx, nlists)
     g_p2 = next_pow2(g)
-    cfg = config_for("slc_dkdv", d=dot_dim(d))
+    cfg = config_for("slc_dkdv")
     gb = max(1, cfg.pop("rows") // g_p2)
     chunk = gb * cfg.pop("steps")
     # a scratch row per chunk that is not its list's last one, at row cdiv(chunk start, chunk) (at
