@@ -37,7 +37,8 @@ PRESETS: Dict[str, List[Tuple[str, List[str]]]] = {
     "ball": [(f"ball{n}", ["--ball-size", str(n)]) for n in (128, 256)],
     "selection": [("shared", []), ("per-head", ["--selection", "per_head"])],
     # the selection gate's starting value (the selection branch hurt at short budgets: results.md)
-    "gate-init": [("slc-init-2", ["--gate-bias", "0", "0", "-2"]), ("slc-init-4", ["--gate-bias", "0", "0", "-4"])],
+    "gate-init": [("slc-init-2", ["--gate-bias", "0", "0", "-2"]), ("slc-init-4", ["--gate-bias", "0", "0", "-4"]),
+                  ("linear-gates", ["--linear-gates"])],
 }
 
 

@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BSA: initial bias of each branch's gate logit (BSAConv(gate_bias=...)); default: BSAConv's, "
                         "the selection gate's logits at -4 (near 0.02) and nn.Linear's own init for the others "
                         "(gates near sigmoid(0) = 0.5)")
+    g.add_argument("--linear-gates", action="store_true",
+                   help="BSA: every gate's bias from nn.Linear's init (BSAConv(gate_bias={})): all three gates "
+                        "start near 0.5, the default before the selection gate's low start")
     g.add_argument("--rotate", action="store_true", help="alternate layers use a rotated ball tree")
     g.add_argument("--backend", default="auto", choices=("auto", "torch", "cpu", "triton"),
                    help="BSA/ball attention backend; 'auto' probes the Triton kernels on CUDA and "
@@ -271,6 +274,11 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             bad("--gate-bias", f"applies to --model bsa, not {args.model!r}")
         if not all(math.isfinite(b) for b in args.gate_bias):
             bad("--gate-bias", f"expected three finite numbers, got {args.gate_bias}")
+    if getattr(args, "linear_gates", False):
+        if args.model != "bsa":
+            bad("--linear-gates", f"applies to --model bsa, not {args.model!r}")
+        if args.gate_bias is not None:
+            bad("--linear-gates", "is the start --gate-bias would replace: give one of the two")
     if len(set(args.drop_branch)) == 3:
         bad("--drop-branch", "dropping ball, cmp and slc leaves no branch")
 
@@ -515,6 +523,8 @@ def build_model(args, in_channels: int, out_channels: int, dim: int, backend: Op
                       selection=args.selection, drop_branches=tuple(args.drop_branch))
             if getattr(args, "gate_bias", None) is not None:
                 kw["gate_bias"] = dict(zip(("ball", "cmp", "slc"), args.gate_bias))
+            elif getattr(args, "linear_gates", False):
+                kw["gate_bias"] = {}
         return BSATransformer(in_channels, out_channels, args.hidden, args.layers, args.heads,
                               attention=args.model, mlp_ratio=args.mlp_ratio, rotate=args.rotate, dim=dim,
                               ball_size=args.ball_size, bucket_slots=getattr(args, "bucket_slots", None), **kw)
@@ -621,7 +631,7 @@ RESUME_MAY_CHANGE = ("resume", "stop_after", "max_time", "no_plots", "no_progres
 # Flags added after checkpoints recorded their run configuration, with the value every earlier run
 # had: a checkpoint that lacks one is compared as if it recorded that value (so older runs resume,
 # and a run with another value is refused).
-ADDED_FLAGS = {"selection": "shared", "gate_bias": None}
+ADDED_FLAGS = {"selection": "shared", "gate_bias": None, "linear_gates": False}
 
 
 def run_config(args) -> Dict:

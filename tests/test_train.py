@@ -607,11 +607,19 @@ def test_gate_bias_flag(capsys):
     for m in convs:
         b = m.gate.bias.detach().view(m.heads, -1)[:, :3]
         assert torch.equal(b, torch.tensor([0.5, -1.0, -4.0]).expand_as(b))
+    # the default: the selection gate's logit starts at -4 (BSAConv's default), the others as
+    # nn.Linear's; --linear-gates: all three as nn.Linear's
+    slc_at = lambda model, v: [torch.equal(m.gate.bias.view(m.heads, -1)[:, 2], torch.full((m.heads,), v))  # noqa: E731
+                               for m in model.modules() if hasattr(m, "gate")]
     plain = train.build_model(train.parse_args(TINY + ["--model", "bsa"]), 1, 1, 3)
-    assert not any(torch.equal(m.gate.bias.view(m.heads, -1)[:, 2], torch.full((m.heads,), -4.0))
-                   for m in plain.modules() if hasattr(m, "gate"))
+    assert all(slc_at(plain, -4.0)) and not any(slc_at(plain, 0.0))
+    linear = train.build_model(train.parse_args(TINY + ["--model", "bsa", "--linear-gates"]), 1, 1, 3)
+    assert not any(slc_at(linear, -4.0))
+    assert all(m.gate.bias.abs().max() <= m.gate.in_features ** -0.5 for m in linear.modules() if hasattr(m, "gate"))
     for flags, match in ((["--model", "full", "--gate-bias", "0", "0", "-4"], "applies to --model bsa"),
-                         (["--model", "bsa", "--gate-bias", "0", "nan", "0"], "three finite numbers")):
+                         (["--model", "bsa", "--gate-bias", "0", "nan", "0"], "three finite numbers"),
+                         (["--model", "full", "--linear-gates"], "applies to --model bsa"),
+                         (["--model", "bsa", "--linear-gates", "--gate-bias", "0", "0", "-4"], "give one of the two")):
         with pytest.raises(SystemExit):
             train.parse_args(TINY + flags)
         assert match in capsys.readouterr().err
