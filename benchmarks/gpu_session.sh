@@ -4,7 +4,7 @@
 #          tree's tests (BSA_SHARE_TREES=1), bench_model.py plain and with the shared tree, and the
 #          selection backward's op benchmark;
 #   GPU 1: issue 12's long-range study (multibody), resumable (run the same call again, machine warm).
-# Usage: OUT=... bash benchmarks/gpu_session.sh   (LIMIT_S, default 560: the whole call's seconds)
+# Usage: OUT=... bash benchmarks/gpu_session.sh   (LIMIT_S, default 560: the whole call's seconds; STAGES below)
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_session_out}"; mkdir -p "$OUT/perf"
@@ -13,26 +13,51 @@ LIMIT_S=${LIMIT_S:-560}
 PYTEST="python -m pytest -q -p no:cacheprovider -rfE --tb=short"
 BENCH="--models paper --sizes 8x3586,1x16384 --infer-sizes 2x3586 --attn bsa,full --modes eager,graph --reps 5 --warmup 3"
 left() { echo $(( LIMIT_S - SECONDS - 10 )); }
+# STAGES (default all but tiles): tests (the CUDA test files, T_TESTS seconds, default 200), shared
+# (the shared tree's tests with BSA_SHARE_TREES=1), tiles (sweep_small_heads.py, then the model with its
+# winners), bench (bench_model.py without and with the shared tree), bsa (bench_bsa.py at 65k, 262k)
+STAGES=${STAGES:-tests shared bench bsa}
+T_TESTS=${T_TESTS:-200}
+TEST_FILES=${TEST_FILES:-tests/kernels/test_bsa_triton.py tests/test_host_free.py tests/test_layer_graphs.py \
+  tests/test_launch_count.py tests/kernels/test_compile.py tests/kernels/test_combine.py tests/kernels/test_selected.py \
+  tests/test_conv.py}
+
+has() { case " $STAGES " in *" $1 "*) return 0 ;; esac; return 1; }
 
 perf() {
   export CUDA_VISIBLE_DEVICES=0
-  echo "=== cuda tests ($(date +%T))"
-  BSA_AUTOTUNE=0 timeout 200 $PYTEST -x tests/kernels/test_bsa_triton.py tests/test_host_free.py \
-    tests/test_layer_graphs.py tests/test_launch_count.py tests/kernels/test_compile.py tests/kernels/test_combine.py \
-    tests/kernels/test_selected.py tests/test_conv.py > "$OUT/perf/tests.log" 2>&1
-  tail -n 8 "$OUT/perf/tests.log"
-  echo "=== shared static tree tests ($(date +%T))"
-  BSA_SHARE_TREES=1 BSA_AUTOTUNE=0 timeout 60 $PYTEST -x tests/test_layer_graphs.py > "$OUT/perf/tests_shared.log" 2>&1
-  tail -n 4 "$OUT/perf/tests_shared.log"
+  if has tests; then
+    echo "=== cuda tests (at most ${T_TESTS}s, $(date +%T))"
+    BSA_AUTOTUNE=0 timeout "$T_TESTS" $PYTEST $TEST_FILES > "$OUT/perf/tests.log" 2>&1
+    tail -n 8 "$OUT/perf/tests.log"
+  fi
+  if has shared; then
+    echo "=== shared static tree tests ($(date +%T))"
+    BSA_SHARE_TREES=1 BSA_AUTOTUNE=0 timeout 60 $PYTEST -x tests/test_layer_graphs.py > "$OUT/perf/tests_shared.log" 2>&1
+    tail -n 4 "$OUT/perf/tests_shared.log"
+  fi
   local t
+  if has tiles; then  # small-head tiles: the sweep (GPU-busy times), then the model with its winners
+    echo "=== sweep_small_heads ($(date +%T))"
+    OUT="$OUT/perf" timeout 200 python benchmarks/sweep_small_heads.py --time-limit 170 --best "$OUT/perf/best.json" \
+      > "$OUT/perf/sweep.log" 2>&1
+    grep -E "^best|against" "$OUT/perf/sweep.log"
+    for lc in "" "--launch-config $OUT/perf/best.json"; do
+      [ -n "$lc" ] && [ ! -s "$OUT/perf/best.json" ] && break
+      echo "=== bench_model ${lc:-(rules)} ($(date +%T))"
+      timeout 100 python benchmarks/bench_model.py --models paper --sizes 8x3586 --infer-sizes 2x3586 \
+        --attn bsa --modes eager --reps 7 --warmup 3 $lc --json "$OUT/perf/tiles${lc:+_best}.json" 2>&1 | grep "^| paper"
+    done
+  fi
   for share in 0 1; do
+    has bench || break
     t=$(( ($(left) - 60) / (2 - share) )); [ "$t" -gt 30 ] || { echo "no time left for bench_model"; break; }
     echo "=== bench_model BSA_SHARE_TREES=$share (at most ${t}s, $(date +%T))"
     BSA_SHARE_TREES=$share timeout "$t" python benchmarks/bench_model.py $BENCH \
       --json "$OUT/perf/bench_model_share$share.json" > "$OUT/perf/bench_model_share$share.log" 2>&1
     grep -v '^{' "$OUT/perf/bench_model_share$share.log" | grep -v Warning | grep -v '^  ' | tail -n 14
   done
-  t=$(left); if [ "$t" -gt 30 ]; then
+  t=$(left); if has bsa && [ "$t" -gt 30 ]; then
     echo "=== bench_bsa selection backward (at most ${t}s)"
     OUT="$OUT/perf" timeout "$t" python benchmarks/bench_bsa.py --sizes 65536,262144 --no-flex --rep 20 \
       > "$OUT/perf/bench_bsa.log" 2>&1  # writes bench_bsa.json and .png to $OUT

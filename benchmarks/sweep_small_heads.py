@@ -4,12 +4,14 @@ The kernels' launch rules were tuned at head dim 64 (``bench_bsa.py``). The pape
 C=64 over 8 heads, so head dim 8 (16 in the kernels' dots): the tiles and warps that suit one may not
 suit the other. This times, at one layer of that model on ``--clouds`` x ``--points`` (bf16):
 
-- the ball kernel's forward, and its forward + backward, over (BLOCK_M, BLOCK_N, warps, stages) and
-  (BLOCK, BLOCK_B, warps, stages) of the one-loop backward;
+- the ball kernel's forward, and its forward + backward (sigma taking a gradient, as in the model),
+  over (BLOCK_M, BLOCK_N, warps) and (BLOCK, BLOCK_M1, warps) of the one-loop backward;
 - the selected attention's forward, and forward + backward, over warps and stages of the forward
   and dQ kernels and (rows, steps, warps) of the dK/dV kernel.
 
-Every candidate's output and gradients are compared with the default tiles' (same inputs; bf16
+Times are GPU-busy milliseconds (the kernels' summed device time, ``torch.profiler``), not wall time:
+at this size the host paces a lone layer's calls. Every candidate's output and gradients are
+compared with the default tiles' (same inputs; bf16
 tolerance 2e-2) so that a faster tiling that computes something else cannot win. It prints a table,
 writes ``sweep_small_heads.json`` (every row, and ``best``: kernel -> forced entries) to $OUT, and the
 ``best`` part alone to ``--best FILE``, for ``bench_model.py --launch-config FILE``.
@@ -28,7 +30,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench_gpu, env_info, format_table, out_dir, write_json  # noqa: E402
+from common import env_info, format_table, out_dir, write_json  # noqa: E402
 
 
 def make_layer(clouds, points, heads, dim, cfg, seed=0):
@@ -41,7 +43,7 @@ def make_layer(clouds, points, heads, dim, cfg, seed=0):
     rnd = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
     return dict(tree=tree, pos=tree.to_tree(pos).to(torch.bfloat16), q=rnd(n, heads, dim), k=rnd(n, heads, dim),
                 v=rnd(n, heads, dim), do=rnd(n, heads, dim),
-                sigma=torch.full((heads,), -1.0, device="cuda", dtype=torch.bfloat16))
+                sigma=torch.full((heads,), -1.0, device="cuda", dtype=torch.bfloat16, requires_grad=True))
 
 
 def selection(c, cfg):
@@ -53,8 +55,22 @@ def selection(c, cfg):
     return T.select_topk_triton(q_cmp, kc, lse, cm, sel[0], ranges[:2], sel[1], sel[2])
 
 
-def _bench(fn):
-    return bench_gpu(fn, warmup=5, rep=40)
+def _bench(fn, reps: int = 20):
+    r"""GPU milliseconds a call of ``fn``: the summed device time of the kernels it launches
+    (``torch.profiler``), averaged over ``reps`` calls after a warm-up. Not ``do_bench``'s wall time
+    between events: at one layer of 3,586-point clouds each kernel runs for tens of microseconds and
+    the host's launches pace the calls, so wall time measures the host (the first version of this
+    sweep did; perf-notes, "Small-head tiles")."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    busy = sum(e.device_time_total for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return busy / 1e3 / reps
 
 
 def sweep(name, fwd, candidates, contexts, rows, tol=2e-2):
@@ -111,7 +127,7 @@ def main():
 
     def ball():
         return ball_attention_triton(q, k, v, c["pos"], c["sigma"], mask, cfg.ball_size)
-    ball.inputs, ball.do = (q, k, v), c["do"]
+    ball.inputs, ball.do = (q, k, v, c["sigma"]), c["do"]
     fwd_c = [dict(ball_fwd=dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w))
              for bm, bn, w in itertools.product((64, 128), (32, 64, 128), (2, 4, 8))]
     # the one-loop backward: BLOCK keys and queries a program, steps of BLOCK_M1 (its BLOCK_B)
