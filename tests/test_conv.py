@@ -185,8 +185,9 @@ def test_float64_layer_under_cpu_autocast():
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("autocast", [False, True])
-@pytest.mark.parametrize("sizes", [[45, 30], [300, 260]], ids=["small", "split_weight_grad"])
-def test_concatenated_weights_match_the_modules_as_written(bias, autocast, sizes):
+@pytest.mark.parametrize("sizes,kw", [([45, 30], {}), ([300, 260], {}), ([45, 30], dict(cmp_stride=2))],
+                         ids=["small", "split_weight_grad", "strided_blocks"])
+def test_concatenated_weights_match_the_modules_as_written(bias, autocast, sizes, kw):
     # the layer concatenates the qkv and gate weights and the compressor's nine tensors and casts
     # them once; a no-op hook on a projection or an MLP makes it run the modules as written instead.
     # Same output and the same gradient for every parameter, in float64 exactly up to rounding, and
@@ -194,8 +195,9 @@ def test_concatenated_weights_match_the_modules_as_written(bias, autocast, sizes
     # weight gradient is split along its 576 block rows (_weight_grad: 2 chunks)
     pos, batch = random_batch(sizes, seed=7, dtype=torch.float64 if not autocast else torch.float32)
     x = torch.randn(sum(sizes), 16, dtype=pos.dtype)
-    fast = _conv(bias=bias, backend="torch").to(pos.dtype)
-    plain = _conv(bias=bias, backend="torch").to(pos.dtype)
+    # strided blocks (cmp_stride < cmp_block): the compressor runs as written, only qkv and gate fused
+    fast = _conv(bias=bias, backend="torch", **kw).to(pos.dtype)
+    plain = _conv(bias=bias, backend="torch", **kw).to(pos.dtype)
     plain.load_state_dict(fast.state_dict())
     for m in (plain.qkv, plain.compress.phi_k):
         m.register_forward_hook(lambda *_: None)

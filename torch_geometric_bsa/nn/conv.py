@@ -586,7 +586,9 @@ class BSAConv(_TreeAttentionConv):
         parts = [self.qkv.weight, self.gate.weight, self.gate.bias]
         if self.qkv.bias is not None:
             parts.insert(2, self.qkv.bias)
-        cmp_parts = self.compress._stack_parts() if (self._fast_compress() and self.compress.mode == "mlp") else []
+        cm = self.compress
+        fused_mlp = self._fast_compress() and cm.mode == "mlp" and cm.cmp_block == cm.cmp_stride  # compress_kv's case
+        cmp_parts = cm._stack_parts() if fused_mlp else []
         flat = torch.cat([p.reshape(-1) for p in parts + cmp_parts])
         if torch.is_autocast_enabled(h.device.type) and flat.dtype == torch.float32:
             flat = flat.to(torch.get_autocast_dtype(h.device.type))  # what F.linear's autocast would do
