@@ -11,6 +11,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from conftest import random_batch, requires_cuda
 from torch_geometric_bsa import build_ball_tree, layer_graphs
@@ -631,3 +632,27 @@ def test_shared_tree_in_inference_mode(emulate):
             torch.testing.assert_close(graphed(x, pos, batch), plain(x, pos, batch), rtol=0, atol=0)
     assert all(b._graphs.captures == 2 and all(e.shared is not None for e in b._graphs._entries.values())
                for b in graphed.blocks)
+
+
+def test_walk_matches_parameters_buffers_and_hooks():
+    # the layer call's one walk over the submodules gives what parameters(), buffers() and
+    # _has_hooks give: same order, shared tensors once, None entries skipped; hooks anywhere (and
+    # global ones) and lazy parameters make the call run as written
+    from torch_geometric_bsa.nn.conv import BSAConv
+    block = nn.Sequential(BSAConv(8, 8, heads=2, ball_size=16), nn.Linear(8, 8), nn.BatchNorm1d(8))
+    block.append(block[1])  # a shared module: its parameters once
+    block[1].register_parameter("unused", None)
+    params, buffers, eager = layer_graphs._walk(block)
+    assert [id(p) for p in params] == [id(p) for p in block.parameters()]
+    assert [id(b) for b in buffers] == [id(b) for b in block.buffers()] and len(buffers) >= 3
+    assert not eager and not layer_graphs._has_hooks(block)
+    h = block[0].gate.register_forward_hook(lambda *_: None)
+    assert layer_graphs._walk(block)[2] and layer_graphs._has_hooks(block)
+    h.remove()
+    g = nn.modules.module.register_module_forward_pre_hook(lambda *_: None)
+    try:
+        assert layer_graphs._walk(block)[2]
+    finally:
+        g.remove()
+    assert not layer_graphs._walk(block)[2]
+    assert layer_graphs._walk(nn.Sequential(nn.LazyLinear(4)))[2]

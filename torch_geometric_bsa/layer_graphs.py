@@ -449,6 +449,28 @@ def _has_hooks(module: nn.Module) -> bool:
                for m in module.modules())
 
 
+def _walk(module: nn.Module):
+    r"""``(params, buffers, eager)`` of ``module`` in one pass over its submodules: the tuples
+    ``module.parameters()`` and ``module.buffers()`` give (same order, shared tensors once), and
+    whether the call must run as written (``_has_hooks(module)``, or a lazy parameter). A layer call reads all three; four separate walks cost ~85 us a block
+    on the host (perf-notes, "Host time of a layer call")."""
+    from torch.nn.modules import module as _m
+    hooked = bool(_m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks)
+    params, buffers, seen = [], [], set()
+    for m in module.modules():
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            hooked = True
+        for t in m._parameters.values():
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                params.append(t)
+        for t in m._buffers.values():
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                buffers.append(t)
+    return tuple(params), tuple(buffers), hooked or any(nn.parameter.is_lazy(p) for p in params)
+
+
 class _KeyedGraphs:
     r"""Graphs per key: a key's first ``warmup`` sightings run eagerly, the next captures; the
     ``max_graphs`` most recently used are kept, each in its own memory pool."""
@@ -505,8 +527,8 @@ class LayerGraphs(_KeyedGraphs):
         self.__init__(**state)
 
     def __call__(self, module: nn.Module, fn: Callable, x: Tensor, pos: Tensor, tree: BallTree) -> Tensor:
-        params = tuple(module.parameters())
-        if any(nn.parameter.is_lazy(p) for p in params) or _has_hooks(module):
+        params, buffers, eager = _walk(module)
+        if eager:
             return fn(x, pos, tree)
         grad = torch.is_grad_enabled() and (x.requires_grad or pos.requires_grad or
                                             any(p.requires_grad for p in params))
@@ -520,7 +542,7 @@ class LayerGraphs(_KeyedGraphs):
                tree.num_points if reads_points else None, tree.num_slots, tree.num_clouds, tree.max_slots,
                tree.ball_size,
                tuple((p.data_ptr(), p.requires_grad) for p in params),
-               tuple(b.data_ptr() for b in module.buffers()),
+               tuple(b.data_ptr() for b in buffers),
                module.graph_state() if hasattr(module, "graph_state") else None)
         entry = self._lookup(key, lambda: self._capture(module, fn, x, pos, tree, params, grad, reads_points))
         if entry is None:
