@@ -466,7 +466,8 @@ class BSAConv(_TreeAttentionConv):
             setting measured (car and multibody, CPU and H200, 200 to 1,500 steps, 3 seeds each) a
             selection branch weighted like the others from the start cost 15-30% of test MSE
             against this start (docs/results.md, "The selection gate's starting value").
-            ``{}``: ``nn.Linear``'s initialisation for every branch (as before v0.2).
+            ``{}``: ``nn.Linear``'s initialisation for every branch (every gate near 0.5, as the
+            paper's code starts them).
         dim (int): coordinate dimension, 2 or 3.
         backend (str): ``"auto"`` (Triton on CUDA, the fast CPU path elsewhere), ``"torch"`` (the
             reference), ``"cpu"`` or ``"triton"``.
