@@ -15,7 +15,8 @@ BENCH="--models paper --sizes 8x3586,1x16384 --infer-sizes 2x3586 --attn bsa,ful
 left() { echo $(( LIMIT_S - SECONDS - 10 )); }
 # STAGES (default all but tiles): tests (the CUDA test files, T_TESTS seconds, default 200), shared
 # (the shared tree's tests with BSA_SHARE_TREES=1), tiles (sweep_small_heads.py, then the model with its
-# winners), bench (bench_model.py without and with the shared tree), bsa (bench_bsa.py at 65k, 262k)
+# winners), infer (eager inference of bsa and full, alternating, 20 reps), bench (bench_model.py without
+# and with the shared tree), bsa (bench_bsa.py at 65k, 262k)
 STAGES=${STAGES:-tests shared bench bsa}
 T_TESTS=${T_TESTS:-200}
 TEST_FILES=${TEST_FILES:-tests/kernels/test_bsa_triton.py tests/test_host_free.py tests/test_layer_graphs.py \
@@ -48,6 +49,11 @@ perf() {
       timeout 100 python benchmarks/bench_model.py --models paper --sizes 8x3586 --infer-sizes 2x3586 \
         --attn bsa --modes eager --reps 7 --warmup 3 $lc --json "$OUT/perf/tiles${lc:+_best}.json" 2>&1 | grep "^| paper"
     done
+  fi
+  if has infer; then  # eager inference, host-paced: each model twice, alternating, 20 reps each
+    echo "=== eager inference, alternating ($(date +%T))"
+    timeout 150 python benchmarks/bench_model.py --models paper --kinds infer --infer-sizes 2x3586 \
+      --attn bsa,full,bsa,full --modes eager,graph --reps 20 --warmup 5 --json "$OUT/perf/infer.json" 2>&1 | grep "^| paper"
   fi
   for share in 0 1; do
     has bench || break
