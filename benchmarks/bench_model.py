@@ -231,8 +231,6 @@ def main(argv=None):
     t_start = time.time()
     forced = contextlib.ExitStack()
     if args.launch_config:
-        import torch_geometric_bsa.kernels.ball  # noqa: F401  (the modules register their rules)
-        import torch_geometric_bsa.kernels.selected  # noqa: F401
         from torch_geometric_bsa.kernels._common import launch_config
         with open(args.launch_config) as f:
             args.forced = json.load(f)  # recorded in the JSON's args

@@ -159,8 +159,6 @@ def main():
         print(f"{name}: best {win['tiles']} {win[key]:.4f} ms against the default's {default[key]:.4f} ms")
         if win[key] < 0.97 * default[key]:  # 3%: under that, within the sweep's noise
             best.update(win["forced"])
-    if "slc_fwd" in best:  # dQ's entries were swept with the forward's
-        best.setdefault("slc_dq", best["slc_fwd"])
     write_json(os.path.join(out_dir(), "sweep_small_heads.json"), dict(env=info, args=vars(args), rows=rows,
                                                                         best=best))
     if args.best:

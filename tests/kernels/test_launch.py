@@ -101,3 +101,16 @@ def test_config_for_returns_a_fresh_dict():
     cfg = common.config_for("slc_fwd", dtype=torch.float32)
     cfg.pop("keys")
     assert "keys" in common.config_for("slc_fwd", dtype=torch.float32)
+
+
+def test_launch_config_finds_rules_of_modules_not_yet_imported():
+    # launch_config on a kernel whose module nobody imported yet (bench_model.py --launch-config is
+    # the first user in its process): the kernel modules are imported, not "no launch rule"
+    import subprocess
+    import sys
+    code = ("from torch_geometric_bsa.kernels._common import launch_config, config_for\n"
+            "with launch_config('topk', BLOCK_N=64), launch_config('ball_bwd', BLOCK_M1=16):\n"
+            "    assert config_for('topk', qpg=8, n_g=4096)['BLOCK_N'] == 64\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

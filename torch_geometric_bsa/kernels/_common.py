@@ -81,6 +81,7 @@ def shared_rows(*ts: Tensor) -> tuple:
 AUTOTUNE = os.environ.get("BSA_AUTOTUNE", "1") != "0"
 
 _RULES: Dict[str, Callable[..., dict]] = {}
+_RULE_MODULES = ("ball", "combine", "compressed", "selected", "topk")  # the modules that register rules
 _TUNE: Dict[str, List[dict]] = {}
 _FORCED: Dict[str, dict] = {}
 
@@ -136,6 +137,10 @@ def launch_config(kernel: str, **cfg):
     edge cases), e.g. ``launch_config("ball_fwd", BLOCK_M=16, BLOCK_N=32)``; nest one per kernel.
     An autotuned kernel then runs untuned with its rule's config updated by these entries. Names
     the config does not have raise ``KeyError`` at the launch."""
+    if kernel not in _RULES:  # the kernel modules register their rules when imported
+        import importlib
+        for name in _RULE_MODULES:
+            importlib.import_module(f"{__package__}.{name}")
     if kernel not in _RULES:
         raise KeyError(f"no launch rule for kernel {kernel!r}; known: {sorted(_RULES)}")
     old = _FORCED.get(kernel)

@@ -158,6 +158,9 @@ def config_from_kwargs(config: Optional[BSAConfig], **fields) -> BSAConfig:
     return config
 
 
+_MIN_CHUNK_ROWS, _MAX_SPLITS = 256, 64
+
+
 def _weight_grad(dy: Tensor, x: Tensor) -> Tensor:
     r"""``dy.mT @ x`` per batch (``dy [B, M, N]``, ``x [B, M, K]`` -> ``[B, N, K]``), split along
     ``M`` when ``M`` is long. The compression MLP's weight gradient has a tiny output (``N x K``,
@@ -173,9 +176,6 @@ def _weight_grad(dy: Tensor, x: Tensor) -> Tensor:
         return torch.bmm(dy.mT, x)
     part = torch.bmm(dy.reshape(b * s, m // s, n).mT, x.reshape(b * s, m // s, x.size(2)))
     return part.view(b, s, n, -1).sum(1)
-
-
-_MIN_CHUNK_ROWS, _MAX_SPLITS = 256, 64
 
 
 #: ``BSAConv``'s default ``gate_bias``: the selection branch's gate logits start at -4
@@ -570,12 +570,13 @@ class BSAConv(_TreeAttentionConv):
                 and t.compress_kv is KVCompressor.compress_kv and t._stacked is KVCompressor._stacked
                 and not layer_graphs._has_hooks(self.compress))
 
-    def _qkv_gates(self, x_t: Tensor, pos_t: Tensor, tree: BallTree):
+    def _qkv_gates(self, x_t: Tensor, pos_t: Tensor, tree: BallTree, fast_compress: bool):
         r"""``q, k, v [N_pad, H, D]``, ``kv [N_pad, 2, H, D]`` (k and v as one view), the gate
         logits ``[N_pad, H * B]`` and the compressor's parameters as ``KVCompressor._stacked`` gives
-        them (or ``None``), from one projection of ``h``: the gate's rows are appended to the qkv
-        weight per call (one GEMM and one read of ``h`` instead of two; the parameters stay as they
-        are). All are views of the one output."""
+        them (or ``None``; with ``fast_compress``, ``_fast_compress()``'s answer), from one
+        projection of ``h``: the gate's rows are appended to the qkv weight per call (one GEMM and
+        one read of ``h`` instead of two; the parameters stay as they are). All are views of the
+        one output."""
         h = self._features(x_t, pos_t, tree)
         c, ng = self.channels, self.gate.out_features
         if layer_graphs._has_hooks(self.qkv) or layer_graphs._has_hooks(self.gate):
@@ -588,13 +589,13 @@ class BSAConv(_TreeAttentionConv):
         if self.qkv.bias is not None:
             parts.insert(2, self.qkv.bias)
         cm = self.compress
-        fused_mlp = self._fast_compress() and cm.mode == "mlp" and cm.cmp_block == cm.cmp_stride  # compress_kv's case
+        fused_mlp = fast_compress and cm.mode == "mlp" and cm.cmp_block == cm.cmp_stride  # compress_kv's case
         cmp_parts = cm._stack_parts() if fused_mlp else []
         flat = torch.cat([p.reshape(-1) for p in parts + cmp_parts])
         if torch.is_autocast_enabled(h.device.type) and flat.dtype == torch.float32:
             flat = flat.to(torch.get_autocast_dtype(h.device.type))  # what F.linear's autocast would do
         nw = (3 * c + ng) * self.qkv.in_features
-        cmp_sizes = self.compress._stack_sizes() if cmp_parts else []
+        cmp_sizes = cm._stack_sizes() if cmp_parts else []
         # one split (its gradient: one concatenation), the compressor's five pieces included
         weight, bias, *cmp_pieces = flat.split([nw, flat.numel() - nw - sum(cmp_sizes)] + cmp_sizes)
         weight = weight.view(3 * c + ng, -1)
@@ -607,7 +608,7 @@ class BSAConv(_TreeAttentionConv):
             g = g + bias
         kv = kv.view(-1, 2, self.heads, self.head_dim)
         k, v = kv.unbind(1)
-        stacked = self.compress._view_stacked(*cmp_pieces) if cmp_parts else None
+        stacked = cm._view_stacked(*cmp_pieces) if cmp_parts else None
         return q.view(-1, self.heads, self.head_dim), k, v, kv, g, stacked
 
     def _forward_tree(self, x_t: Tensor, pos_t: Tensor, tree: BallTree) -> Tensor:
@@ -615,11 +616,12 @@ class BSAConv(_TreeAttentionConv):
             _, q, k, v = self._qkv(x_t, pos_t, tree)
             o = ball_attention(q, k, v, pos_t, self.sigma, tree.mask, tree.ball_size, self.backend)
         else:
-            q, k, v, kv, g, stacked = self._qkv_gates(x_t, pos_t, tree)
+            fast_compress = self._fast_compress()
+            q, k, v, kv, g, stacked = self._qkv_gates(x_t, pos_t, tree, fast_compress)
             gates, logits = None, g.view(-1, self.heads, self.cfg.num_branches)
             if self.drop_branches:  # the ablation squashes here; else the op does (in its combine kernel)
                 gates, logits = torch.sigmoid(logits) * self.branch_keep.to(logits.dtype), None
-            if self._fast_compress():  # compress_kv bypasses the module's call (see there)
+            if fast_compress:  # compress_kv bypasses the module's call (see _fast_compress)
                 k_cmp, v_cmp, cmp_mask = self.compress.compress_kv(kv, tree, stacked)
             else:
                 k_cmp, v_cmp, cmp_mask = self.compress(k, v, tree)
