@@ -32,6 +32,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=65536)
     ap.add_argument("--configs", default="paper,fast")
+    ap.add_argument("--kernels", default="topk,slc", help="which sweeps: topk, slc")
     args = ap.parse_args()
     from torch_geometric_bsa import BSAConfig
     from torch_geometric_bsa.kernels import selected as S
@@ -51,9 +52,11 @@ def main():
         sel = selection_plan(tree, cfg.group_size, cfg.slc_block, cfg.topk, cfg.cmp_window)
         topk = lambda: T.select_topk_triton(q_cmp, kc, lse, cm, sel[0], ranges[:2], sel[1], sel[2])  # noqa: E731
         base_idx = topk()
-        rows.append(dict(config=name, kernel="topk", tiles="default *", ms=bench_gpu(topk)))
+        kernels = args.kernels.split(",")
+        if "topk" in kernels:
+            rows.append(dict(config=name, kernel="topk", tiles="default *", ms=bench_gpu(topk)))
         qpg = cfg.group_size if not cfg.group_compression else 1
-        for bg, bn, nw in itertools.product((4, 8, 16, 32), (64, 128), (4, 8)):
+        for bg, bn, nw in itertools.product((4, 8, 16, 32), (64, 128), (4, 8)) if "topk" in kernels else ():
             if bg * qpg < 16 or bg * qpg > 256:
                 continue
             try:
@@ -75,12 +78,14 @@ def main():
         rows.append(dict(config=name, kernel="slc", tiles="default *", fwd_ms=bench_gpu(slc_fwd),
                          ms=bench_gpu(slc_fb)))
         print(rows[-1], flush=True)
-        grid = [(keys, ws, 64) for keys, ws in itertools.product((64, 128, 256), ((4, 2), (4, 3), (8, 2)))]
-        for keys, (w, st), dk_rows in grid + [(128, (4, 2), 32), (128, (4, 2), 128)]:
-            tiles = f"keys={keys} w={w} st={st} dkdv_rows={dk_rows}"
+        # rows 8: one group a program (the layout before group tiles)
+        grid = [(r, keys, ws, 64) for r, keys, ws in itertools.product((8, 32, 64, 128), (128, 256), ((4, 2), (8, 2)))]
+        grid += [(64, 256, (8, 2), 32), (64, 256, (8, 2), 128)]
+        for r, keys, (w, st), dk_rows in grid if "slc" in kernels else ():
+            tiles = f"rows={r} keys={keys} w={w} st={st} dkdv_rows={dk_rows}"
             try:
-                with launch_config("slc_fwd", keys=keys, num_warps=w, num_stages=st), \
-                        launch_config("slc_dq", keys=keys, num_warps=w, num_stages=st), \
+                with launch_config("slc_fwd", rows=r, keys=keys, num_warps=w, num_stages=st), \
+                        launch_config("slc_dq", rows=r, keys=keys, num_warps=w, num_stages=st), \
                         launch_config("slc_dkdv", rows=dk_rows, num_warps=w, num_stages=st):
                     rows.append(dict(config=name, kernel="slc", tiles=tiles, fwd_ms=bench_gpu(slc_fwd),
                                      ms=bench_gpu(slc_fb)))

@@ -104,6 +104,7 @@ def main():
     ap.add_argument("--dim", type=int, default=8)
     ap.add_argument("--topk", type=int, default=4)
     ap.add_argument("--time-limit", type=float, default=240.0, help="seconds for both sweeps")
+    ap.add_argument("--kernels", default="ball,slc", help="which sweeps: ball, slc")
     ap.add_argument("--best", default=None, help="also write the winners here (bench_model.py --launch-config)")
     args = ap.parse_args()
     import contextlib
@@ -134,26 +135,32 @@ def main():
     bwd_c = [dict(ball_bwd=dict(BLOCK=b, BLOCK_M1=bb, num_warps=w, MERGED=True))
              for b, bb, w in itertools.product((32, 64, 128), (16, 32, 64), (2, 4, 8))]
     half = t0 + args.time_limit / 2
-    sweep("ball_fwd", ball, fwd_c, lambda f: contexts(f) if time.time() < half else _skip(), rows)
-    sweep("ball_bwd", ball, bwd_c, lambda f: contexts(f) if time.time() < half + args.time_limit / 4 else _skip(),
-          rows)
+    kernels = args.kernels.split(",")
+    if "ball" in kernels:
+        sweep("ball_fwd", ball, fwd_c, lambda f: contexts(f) if time.time() < half else _skip(), rows)
+        sweep("ball_bwd", ball, bwd_c, lambda f: contexts(f) if time.time() < half + args.time_limit / 4 else _skip(),
+              rows)
 
     idx = selection(c, cfg)
 
     def slc():
         return S.selected_attention_triton(q, k, v, idx, mask, cfg.group_size, cfg.slc_block)
     slc.inputs, slc.do = (q, k, v), c["do"]
-    fq = [dict(slc_fwd=dict(num_warps=w, num_stages=st), slc_dq=dict(num_warps=w, num_stages=st))
-          for w, st in itertools.product((1, 2, 4), (1, 2, 3))]
+    # rows 8: one group a program (the layout before group tiles: its 8 rows padded to 16)
+    fq = [dict(slc_fwd=dict(rows=r, keys=kk, num_warps=w), slc_dq=dict(rows=r, keys=kk, num_warps=w))
+          for r, kk, w in itertools.product((8, 32, 64, 128), (128, 256), (4, 8))]
     dkdv = [dict(slc_dkdv=dict(rows=r, steps=s, num_warps=w))
             for r, s, w in itertools.product((32, 64, 128), (2, 4, 8), (2, 4))]
     end = t0 + args.time_limit
-    sweep("slc_fwd_dq", slc, fq, lambda f: contexts(f) if time.time() < end else _skip(), rows)
-    sweep("slc_dkdv", slc, dkdv, lambda f: contexts(f) if time.time() < end else _skip(), rows)
+    if "slc" in kernels:
+        sweep("slc_fwd_dq", slc, fq, lambda f: contexts(f) if time.time() < end else _skip(), rows)
+        sweep("slc_dkdv", slc, dkdv, lambda f: contexts(f) if time.time() < end else _skip(), rows)
 
     best = {}
     for name, key in (("ball_fwd", "fwd_ms"), ("ball_bwd", "ms"), ("slc_fwd_dq", "fwd_ms"), ("slc_dkdv", "ms")):
         good = [r for r in rows if r["kernel"] == name and r.get("ok")]
+        if not good:
+            continue
         win = min(good, key=lambda r: r[key])
         default = next(r for r in good if r["tiles"] == "default *")
         print(f"{name}: best {win['tiles']} {win[key]:.4f} ms against the default's {default[key]:.4f} ms")

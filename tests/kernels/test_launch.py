@@ -39,8 +39,8 @@ def test_every_kernel_has_a_rule_and_interpreter_tiles():
     ("ball_bwd", dict(m=256, d=128, dtype=torch.bfloat16),
      dict(BLOCK=64, BLOCK_M1=32, BLOCK_N2=32, MERGED=False, num_warps=4, num_stages=2)),
     ("cmp_fwd", {}, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)),
-    ("slc_fwd", dict(dtype=torch.bfloat16), dict(keys=128, num_warps=4, num_stages=2)),
-    ("slc_dq", dict(dtype=torch.float32), dict(keys=64, num_warps=4, num_stages=2)),
+    ("slc_fwd", dict(dtype=torch.bfloat16), dict(rows=64, keys=256, num_warps=8, num_stages=2)),
+    ("slc_dq", dict(dtype=torch.float32), dict(rows=64, keys=128, num_warps=8, num_stages=2)),
     ("slc_dkdv", {}, dict(rows=64, steps=4, num_warps=4, num_stages=2)),
     ("topk", dict(qpg=8, n_g=4096), dict(BLOCK_G=8, BLOCK_N=128, num_warps=4, num_stages=2)),
     ("topk", dict(qpg=1, n_g=100), dict(BLOCK_G=16, BLOCK_N=128, num_warps=4, num_stages=2)),
@@ -70,7 +70,7 @@ def test_interpreter_tiles_replace_the_rules():
     assert common.config_for("ball_fwd", m=256, d=64, dtype=torch.bfloat16) == dict(
         BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
     assert common.config_for("ball_bwd", m=256, d=64, dtype=torch.bfloat16)["MERGED"] is False
-    assert common.config_for("slc_fwd", dtype=torch.bfloat16)["keys"] == 16
+    assert common.config_for("slc_fwd", dtype=torch.bfloat16)["keys"] == 64
     assert common.config_for("topk", qpg=8, n_g=4096)["BLOCK_G"] == 2
 
 

@@ -97,6 +97,26 @@ def test_selected_hot_blocks(dtype):
     check([50, 90, 20], cfg, h=2, d=16, dtype=dtype, hot=True, seed=4)
 
 
+@pytest.mark.parametrize("rows", [4, 128], ids=["one_group_a_tile", "tile_past_the_last_group"])
+def test_selected_group_tiles(rows):
+    # forward and dQ take several groups per program (rows / group size); 4 rows: one group of 4
+    # padded to 16 rows (GT = 1); 128: 32 groups a tile, more than the 48 groups fill in whole
+    # tiles (the last tile's groups past the end load nothing and write nothing)
+    cfg = BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4)
+    assert slc._tiles(rows, 32, 4, 3, 4)[2:] == ((16, 1) if rows == 4 else (4, 32))
+    with common.launch_config("slc_fwd", rows=rows, keys=32), common.launch_config("slc_dq", rows=rows, keys=32):
+        check([50, 90, 20], cfg, h=2, d=16, dtype=torch.float32, seed=7)
+
+
+def test_group_tiles_shapes():
+    # (LS_P2, CB, GM, GT): rows split into groups, keys into blocks per group, >= 16 of each
+    assert slc._tiles(64, 256, 8, 4, 8) == (8, 4, 8, 8)    # the model's shape: 8 groups x 4 blocks of 8
+    assert slc._tiles(64, 256, 8, 16, 8) == (8, 4, 8, 8)   # top-k 16: four steps of 4 blocks
+    assert slc._tiles(16, 32, 4, 3, 4) == (4, 2, 4, 4)
+    assert slc._tiles(16, 32, 4, 3, 32) == (4, 4, 32, 1)   # a group larger than the tile: one, unpadded
+    assert slc._tiles(8, 16, 8, 5, 2) == (8, 1, 4, 4)      # a lone small group padded to 16 rows
+
+
 def test_selected_odd_shapes():
     # group of 2 (padded to the 16-row tile), blocks of 8, top-k 5 (not a power of two), D = 24
     cfg = BSAConfig(ball_size=16, cmp_block=8, slc_block=8, topk=5, group_size=2)

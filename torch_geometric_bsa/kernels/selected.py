@@ -26,66 +26,90 @@ __all__ = ["selected_attention_triton", "SelectedAttention", "invert_selection"]
 
 
 @triton.jit
-def _slc_fwd_kernel(Q, K, V, MASK, IDX, O, LSE, stride_n, stride_o,
+def _group_tile(IDX, MASK, pid, ngrp, c, G: tl.constexpr, H: tl.constexpr, h, LS: tl.constexpr,
+                LS_P2: tl.constexpr, TOPK: tl.constexpr, CB: tl.constexpr, GM: tl.constexpr, GT: tl.constexpr,
+                PER_HEAD: tl.constexpr):
+    # the keys of step ``c`` for a tile of GT groups: GT x CB blocks of LS_P2 slots, group-major.
+    # Returns (slot, kin, kv, same): key slots (int64), in range, valid, and [rows, keys] whether a
+    # row's group selected the key (rows: GT groups of GM padded rows, as ``_group_rows``)
+    j = tl.arange(0, GT * CB * LS_P2)
+    jg = j // (CB * LS_P2)
+    jgrp = pid * GT + jg
+    bsel = c + (j // LS_P2) % CB
+    if PER_HEAD:
+        irow = (jgrp * H + h) * TOPK
+    else:
+        irow = jgrp * TOPK
+    b = tl.load(IDX + irow + bsel, mask=(bsel < TOPK) & (jgrp < ngrp), other=-1)
+    slot = (b * LS + j % LS_P2).to(tl.int64)
+    kin = (b >= 0) & (j % LS_P2 < LS)
+    kv = kin & (tl.load(MASK + slot, mask=kin, other=0) != 0)
+    same = (tl.arange(0, GT * GM) // GM)[:, None] == jg[None, :]
+    return slot, kin, kv, same
+
+
+@triton.jit
+def _group_rows(MASK, pid, ngrp, G: tl.constexpr, GM: tl.constexpr, GT: tl.constexpr):
+    # a tile's query rows: GT consecutive groups of G queries, each padded to GM rows.
+    # Returns (rows int64, real: a row of a group, qm: real and a valid slot)
+    r = tl.arange(0, GT * GM)
+    grp = pid * GT + r // GM
+    real = (r % GM < G) & (grp < ngrp)
+    rows = (grp * G + r % GM).to(tl.int64)  # q/k/v rows may be 3 * H * D apart: int64 offsets
+    qm = real & (tl.load(MASK + rows, mask=real, other=0) != 0)
+    return rows, real, qm
+
+
+@triton.jit
+def _slc_fwd_kernel(Q, K, V, MASK, IDX, O, LSE, stride_n, stride_o, ngrp,
                     qk_scale, G: tl.constexpr, H: tl.constexpr, D: tl.constexpr, LS: tl.constexpr,
                     LS_P2: tl.constexpr, TOPK: tl.constexpr, CB: tl.constexpr, GM: tl.constexpr,
-                    BLOCK_D: tl.constexpr, PREC: tl.constexpr, PER_HEAD: tl.constexpr = False):
-    # grid: (groups, heads); rows = the group's G queries (padded to GM), keys = CB blocks per step;
-    # PER_HEAD: IDX is [groups, H, TOPK] (one selection per head), else [groups, TOPK]
-    grp = tl.program_id(0)
+                    BLOCK_D: tl.constexpr, PREC: tl.constexpr, GT: tl.constexpr = 1, PER_HEAD: tl.constexpr = False):
+    # grid: (cdiv(groups, GT), heads); rows = GT groups of G queries (each padded to GM); a step's
+    # keys are each group's next CB blocks, side by side: one tl.dot for the tile, a row's scores
+    # kept only on its own group's keys (``same``). PER_HEAD: IDX is [groups, H, TOPK] (one
+    # selection per head), else [groups, TOPK]
+    pid = tl.program_id(0)
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 when inductor launches the kernel
     h = tl.program_id(1)
-    r = tl.arange(0, GM)
-    rows = (grp * G + r).to(tl.int64)  # q/k/v rows may be 3 * H * D apart: int64 offsets
-    qm = (r < G)
-    qm = qm & (tl.load(MASK + rows, mask=qm, other=0) != 0)
+    rows, real, qm = _group_rows(MASK, pid, ngrp, G, GM, GT)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     q = tl.load(Q + rows[:, None] * stride_n + h * D + offs_d[None, :], mask=qm[:, None] & dmask[None, :],
                 other=0.0)
-    j = tl.arange(0, CB * LS_P2)
-    m_i = tl.full([GM], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([GM], dtype=tl.float32)
-    acc = tl.zeros([GM, BLOCK_D], dtype=tl.float32)
-    if PER_HEAD:
-        irow = (grp * H + h) * TOPK
-    else:
-        irow = grp * TOPK
+    m_i = tl.full([GT * GM], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([GT * GM], dtype=tl.float32)
+    acc = tl.zeros([GT * GM, BLOCK_D], dtype=tl.float32)
     for c in range(0, TOPK, CB):
-        bsel = c + j // LS_P2
-        b = tl.load(IDX + irow + bsel, mask=bsel < TOPK, other=-1)
-        slot = (b * LS + j % LS_P2).to(tl.int64)
-        kin = (b >= 0) & (j % LS_P2 < LS)
-        kv = kin & (tl.load(MASK + slot, mask=kin, other=0) != 0)
+        slot, kin, kv, same = _group_tile(IDX, MASK, pid, ngrp, c, G, H, h, LS, LS_P2, TOPK, CB, GM, GT, PER_HEAD)
         k = tl.load(K + slot[:, None] * stride_n + h * D + offs_d[None, :], mask=kin[:, None] & dmask[None, :],
                     other=0.0)
         v = tl.load(V + slot[:, None] * stride_n + h * D + offs_d[None, :], mask=kin[:, None] & dmask[None, :],
                     other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        s = tl.where(kv[None, :], s, float("-inf"))
+        s = tl.where(kv[None, :] & same, s, float("-inf"))
         m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, PREC, False)
     has = (l_i > 0) & qm
     o, lse = softmax_finish(acc, l_i, m_i, has)
     lse = tl.where(has, lse, 1.0e30)
     tl.store(O + rows[:, None] * stride_o + h * D + offs_d[None, :], o.to(O.dtype.element_ty),
-             mask=(r < G)[:, None] & dmask[None, :])
-    tl.store(LSE + rows * H + h, lse, mask=r < G)
+             mask=real[:, None] & dmask[None, :])
+    tl.store(LSE + rows * H + h, lse, mask=real)
 
 
 @triton.jit
-def _slc_bwd_dq_kernel(Q, K, V, DO, O, MASK, IDX, LSE, DELTA, DQ, stride_n, stride_o, qk_scale, sm_scale,
+def _slc_bwd_dq_kernel(Q, K, V, DO, O, MASK, IDX, LSE, DELTA, DQ, stride_n, stride_o, ngrp, qk_scale, sm_scale,
                        G: tl.constexpr, H: tl.constexpr, D: tl.constexpr, LS: tl.constexpr,
                        LS_P2: tl.constexpr, TOPK: tl.constexpr, CB: tl.constexpr, GM: tl.constexpr,
-                       BLOCK_D: tl.constexpr, PREC: tl.constexpr, PER_HEAD: tl.constexpr = False):
-    # grid: (groups, heads); dQ = scale * sum_j P (dP - delta) k_j over the group's selected keys
-    grp = tl.program_id(0)
+                       BLOCK_D: tl.constexpr, PREC: tl.constexpr, GT: tl.constexpr = 1,
+                       PER_HEAD: tl.constexpr = False):
+    # grid: (cdiv(groups, GT), heads), tiles as the forward's; dQ = scale * sum_j P (dP - delta) k_j
+    # over each group's selected keys
+    pid = tl.program_id(0)
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 when inductor launches the kernel
     sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 when inductor launches the kernel
     h = tl.program_id(1)
-    r = tl.arange(0, GM)
-    rows = (grp * G + r).to(tl.int64)
-    qm = (r < G)
-    qm = qm & (tl.load(MASK + rows, mask=qm, other=0) != 0)
+    rows, real, qm = _group_rows(MASK, pid, ngrp, G, GM, GT)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     qd_mask = qm[:, None] & dmask[None, :]
@@ -96,27 +120,18 @@ def _slc_bwd_dq_kernel(Q, K, V, DO, O, MASK, IDX, LSE, DELTA, DQ, stride_n, stri
     o = tl.load(O + rows[:, None] * stride_o + h * D + offs_d[None, :], mask=qd_mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + rows * H + h, delta, mask=qm)
-    j = tl.arange(0, CB * LS_P2)
-    dq = tl.zeros([GM, BLOCK_D], dtype=tl.float32)
-    if PER_HEAD:
-        irow = (grp * H + h) * TOPK
-    else:
-        irow = grp * TOPK
+    dq = tl.zeros([GT * GM, BLOCK_D], dtype=tl.float32)
     for c in range(0, TOPK, CB):
-        bsel = c + j // LS_P2
-        b = tl.load(IDX + irow + bsel, mask=bsel < TOPK, other=-1)
-        slot = (b * LS + j % LS_P2).to(tl.int64)
-        kin = (b >= 0) & (j % LS_P2 < LS)
-        kv = kin & (tl.load(MASK + slot, mask=kin, other=0) != 0)
+        slot, kin, kv, same = _group_tile(IDX, MASK, pid, ngrp, c, G, H, h, LS, LS_P2, TOPK, CB, GM, GT, PER_HEAD)
         k = tl.load(K + slot[:, None] * stride_n + h * D + offs_d[None, :], mask=kin[:, None] & dmask[None, :],
                     other=0.0)
         v = tl.load(V + slot[:, None] * stride_n + h * D + offs_d[None, :], mask=kin[:, None] & dmask[None, :],
                     other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        p = tl.where(kv[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+        p = tl.where(kv[None, :] & same, tl.math.exp2(s - lse[:, None]), 0.0)
         dq, _ = dq_step(dq, p, do, k, v, delta, PREC, False)
     tl.store(DQ + rows[:, None] * stride_o + h * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
-             mask=(r < G)[:, None] & dmask[None, :])
+             mask=real[:, None] & dmask[None, :])
 
 
 @triton.jit
@@ -255,16 +270,17 @@ def invert_selection(idx: Tensor, num_blocks: int):
 
 
 # Launch configs (_common's registry; tiles from benchmarks/sweep_bsa.py on the H100: benchmarks.md,
-# perf-notes.md). Forward and dQ: ``keys`` per step (CB blocks of LS_P2 slots); dK/dV: ``rows`` query
-# rows per step (GB groups) and ``steps`` steps per chunk of a block's list.
+# perf-notes.md). Forward and dQ: ``rows`` query rows per program (groups side by side) and ``keys``
+# keys per step (each group's next blocks); dK/dV: ``rows`` query rows per step (GB groups) and
+# ``steps`` steps per chunk of a block's list.
 @launch_rule("slc_fwd")
 def _fwd_rule(dtype: torch.dtype) -> dict:
-    return dict(keys=64 if dtype == torch.float32 else 128, num_warps=4, num_stages=2)
+    return dict(rows=64, keys=128 if dtype == torch.float32 else 256, num_warps=8, num_stages=2)
 
 
 @launch_rule("slc_dq")
 def _dq_rule(dtype: torch.dtype) -> dict:
-    return dict(keys=64 if dtype == torch.float32 else 128, num_warps=4, num_stages=2)
+    return dict(rows=64, keys=128 if dtype == torch.float32 else 256, num_warps=8, num_stages=2)
 
 
 @launch_rule("slc_dkdv")
@@ -272,14 +288,17 @@ def _dkdv_rule() -> dict:
     return dict(rows=64, steps=4, num_warps=4, num_stages=2)
 
 
-def _tiles(keys: int, ls: int, topk: int, g: int):
-    r"""``(LS_P2, CB, GM)``: a block's padded slots, blocks per step (``keys`` keys), padded group rows."""
+def _tiles(rows: int, keys: int, ls: int, topk: int, g: int):
+    r"""``(LS_P2, CB, GM, GT)`` of the forward and dQ tiles: a block's padded slots, blocks per group
+    and step, a group's padded rows, groups per program (about ``rows`` rows and ``keys`` keys a
+    step; at least 16 of each, as a compiled ``tl.dot`` needs)."""
     ls_p2 = next_pow2(ls)
-    cb = max(1, min(next_pow2(topk), keys // ls_p2))
-    # a key tile of at least 16 (K of P @ V in a compiled tl.dot); blocks past TOPK load masked
-    cb = max(cb, 16 // ls_p2)
-    gm = max(16, next_pow2(g))
-    return ls_p2, cb, gm
+    gm = next_pow2(g)
+    gt = max(1, rows // gm)
+    gm = max(gm, 16 // gt)  # a lone small group is padded to 16 rows
+    cb = max(1, min(next_pow2(topk), keys // (gt * ls_p2)))
+    cb = max(cb, 16 // (gt * ls_p2))  # blocks past TOPK load masked
+    return ls_p2, cb, gm, gt
 
 
 def _per_head_kw(idx: Tensor) -> dict:
@@ -299,10 +318,10 @@ class SelectedAttention(torch.autograd.Function):
         o = _common.new_empty(q.shape, q)
         lse = _common.new_empty((n, h), q, torch.float32)
         cfg = config_for("slc_fwd", dtype=q.dtype)
-        ls_p2, cb, gm = _tiles(cfg.pop("keys"), ls, topk, g)
-        _slc_fwd_kernel[(n // g, h)](
-            q, k, v, mask_i8, idx, o, lse, q.stride(0), o.stride(0), scale * LOG2E,
-            G=g, H=h, D=d, LS=ls, LS_P2=ls_p2, TOPK=topk, CB=cb, GM=gm, BLOCK_D=dot_dim(d),
+        ls_p2, cb, gm, gt = _tiles(cfg.pop("rows"), cfg.pop("keys"), ls, topk, g)
+        _slc_fwd_kernel[(cdiv(n // g, gt), h)](
+            q, k, v, mask_i8, idx, o, lse, q.stride(0), o.stride(0), n // g, scale * LOG2E,
+            G=g, H=h, D=d, LS=ls, LS_P2=ls_p2, TOPK=topk, CB=cb, GM=gm, GT=gt, BLOCK_D=dot_dim(d),
             PREC=dot_precision(q.dtype), **_per_head_kw(idx), **cfg)
         ctx.save_for_backward(q, k, v, o, lse, mask_i8, idx)
         ctx.g, ctx.ls, ctx.scale = g, ls, scale
@@ -318,11 +337,11 @@ class SelectedAttention(torch.autograd.Function):
         delta = _common.new_empty((n, h), q, torch.float32)  # written by the dQ kernel, read by dK/dV
         dq, dk, dv = (_common.new_empty(q.shape, q) for _ in range(3))  # contiguous: row stride o.stride(0)
         cfg = config_for("slc_dq", dtype=q.dtype)
-        ls_p2, cb, gm = _tiles(cfg.pop("keys"), ls, topk, g)
+        ls_p2, cb, gm, gt = _tiles(cfg.pop("rows"), cfg.pop("keys"), ls, topk, g)
         prec = dot_precision(q.dtype)
-        _slc_bwd_dq_kernel[(n // g, h)](
-            q, k, v, do, o, mask_i8, idx, lse, delta, dq, q.stride(0), do.stride(0), scale * LOG2E, scale,
-            G=g, H=h, D=d, LS=ls, LS_P2=ls_p2, TOPK=topk, CB=cb, GM=gm, BLOCK_D=dot_dim(d), PREC=prec,
+        _slc_bwd_dq_kernel[(cdiv(n // g, gt), h)](
+            q, k, v, do, o, mask_i8, idx, lse, delta, dq, q.stride(0), do.stride(0), n // g, scale * LOG2E, scale,
+            G=g, H=h, D=d, LS=ls, LS_P2=ls_p2, TOPK=topk, CB=cb, GM=gm, GT=gt, BLOCK_D=dot_dim(d), PREC=prec,
             **_per_head_kw(idx), **cfg)
         _dkdv(q, k, v, do, mask_i8, idx, lse, delta, dk, dv, g, ls, scale, prec)
         return dq, dk, dv, None, None, None, None, None
