@@ -11,12 +11,13 @@ OUT="${OUT:-gpu_session_out}"; mkdir -p "$OUT/perf"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 LIMIT_S=${LIMIT_S:-560}
 PYTEST="python -m pytest -q -p no:cacheprovider -rfE --tb=short"
-BENCH="--models paper --sizes 8x3586,1x16384 --infer-sizes 2x3586 --attn bsa,full --modes eager,graph --reps 5 --warmup 3"
+BENCH=${BENCH:-"--models paper --sizes 8x3586,1x16384 --infer-sizes 2x3586 --attn bsa,full --modes eager,graph --reps 5 --warmup 3"}
 left() { echo $(( LIMIT_S - SECONDS - 10 )); }
 # STAGES (default all but tiles): tests (the CUDA test files, T_TESTS seconds, default 200), shared
 # (the shared tree's tests with BSA_SHARE_TREES=1), tiles (sweep_small_heads.py, then the model with its
 # winners), infer (eager inference of bsa and full, alternating, 20 reps), bench (bench_model.py without
-# and with the shared tree), bsa (bench_bsa.py at 65k, 262k)
+# and with the shared tree; BENCH_SHARE, default "0 1", picks), bsa (bench_bsa.py at BSA_SIZES, default
+# 65536,262144), slc (the selection kernels' tile sweeps: the model's layer shape, then 65k points)
 STAGES=${STAGES:-tests shared bench bsa}
 T_TESTS=${T_TESTS:-200}
 TEST_FILES=${TEST_FILES:-tests/kernels/test_bsa_triton.py tests/test_host_free.py tests/test_layer_graphs.py \
@@ -50,14 +51,24 @@ perf() {
         --attn bsa --modes eager --reps 7 --warmup 3 $lc --json "$OUT/perf/tiles${lc:+_best}.json" 2>&1 | grep "^| paper"
     done
   fi
+  if has slc; then  # selection tiles: the paper model's layer (H 8, D 8, top-k 4), then 65k points (H 8, D 64)
+    echo "=== sweep_small_heads --kernels slc ($(date +%T))"
+    OUT="$OUT/perf" timeout 150 python benchmarks/sweep_small_heads.py --kernels slc --time-limit 120 \
+      > "$OUT/perf/sweep_slc_model.log" 2>&1
+    grep -E "^best|against|^\| slc" "$OUT/perf/sweep_slc_model.log" | head -n 40
+    echo "=== sweep_bsa --kernels slc --configs fast ($(date +%T))"
+    OUT="$OUT/perf" timeout 150 python benchmarks/sweep_bsa.py --kernels slc --configs fast \
+      > "$OUT/perf/sweep_slc_65k.log" 2>&1
+    grep -E "^\| fast" "$OUT/perf/sweep_slc_65k.log" | head -n 30
+  fi
   if has infer; then  # eager inference, host-paced: each model twice, alternating, 20 reps each
     echo "=== eager inference, alternating ($(date +%T))"
     timeout 150 python benchmarks/bench_model.py --models paper --kinds infer --infer-sizes 2x3586 \
       --attn bsa,full,bsa,full --modes eager,graph --reps 20 --warmup 5 --json "$OUT/perf/infer.json" 2>&1 | grep "^| paper"
   fi
-  for share in 0 1; do
+  for share in ${BENCH_SHARE:-0 1}; do
     has bench || break
-    t=$(( ($(left) - 60) / (2 - share) )); [ "$t" -gt 30 ] || { echo "no time left for bench_model"; break; }
+    t=$(( $(left) - ${BENCH_RESERVE:-60} )); [ "${BENCH_SHARE:-0 1}" = "0 1" ] && [ "$share" = 0 ] && t=$(( t / 2 )); [ "$t" -gt 30 ] || { echo "no time left for bench_model"; break; }
     echo "=== bench_model BSA_SHARE_TREES=$share (at most ${t}s, $(date +%T))"
     BSA_SHARE_TREES=$share timeout "$t" python benchmarks/bench_model.py $BENCH \
       --json "$OUT/perf/bench_model_share$share.json" > "$OUT/perf/bench_model_share$share.log" 2>&1
@@ -65,7 +76,7 @@ perf() {
   done
   t=$(left); if has bsa && [ "$t" -gt 30 ]; then
     echo "=== bench_bsa selection backward (at most ${t}s)"
-    OUT="$OUT/perf" timeout "$t" python benchmarks/bench_bsa.py --sizes 65536,262144 --no-flex --rep 20 \
+    OUT="$OUT/perf" timeout "$t" python benchmarks/bench_bsa.py --sizes "${BSA_SIZES:-65536,262144}" --no-flex --rep 20 \
       > "$OUT/perf/bench_bsa.log" 2>&1  # writes bench_bsa.json and .png to $OUT
     tail -n 20 "$OUT/perf/bench_bsa.log"
   fi
