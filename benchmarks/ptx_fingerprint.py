@@ -73,11 +73,11 @@ def variants():
                                        (torch.bfloat16, 64, 8, 8, 16, True), (torch.float16, 8, 4, 4, 2, False)):
         ex = dict(PER_HEAD=True) if per_head else {}
         for fn, kind in ((selected._slc_fwd_kernel, "slc_fwd"), (selected._slc_bwd_dq_kernel, "slc_dq")):
-            cfg = rule[kind](dtype=dt)
+            cfg = rule[kind](dtype=dt, d=d)
             ls_p2, cb, gm, gt = selected._tiles(cfg.pop("rows"), cfg.pop("keys"), ls, tk, g)
             add(fn, dt, dict(G=g, H=8, D=d, LS=ls, LS_P2=ls_p2, TOPK=tk, CB=cb, GM=gm, GT=gt, BLOCK_D=dot_dim(d),
                              PREC=dot_precision(dt), **ex), cfg)
-        cfg = rule["slc_dkdv"]()
+        cfg = rule["slc_dkdv"](d=d)
         gb = max(1, cfg.pop("rows") // next_pow2(g))
         chunk = gb * cfg.pop("steps")
         for partial in (True, False):

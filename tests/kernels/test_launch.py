@@ -15,8 +15,8 @@ from torch_geometric_bsa.kernels import ball, combine, compressed, selected, top
 MODULES = (ball, combine, compressed, selected, topk)  # importing them registers their launch rules
 
 FACTS = {"ball_fwd": dict(m=256, d=64, dtype=torch.bfloat16), "ball_bwd": dict(m=256, d=64, dtype=torch.bfloat16),
-         "cmp_fwd": {}, "cmp_dq": {}, "cmp_dkdv": {}, "slc_fwd": dict(dtype=torch.bfloat16),
-         "slc_dq": dict(dtype=torch.bfloat16), "slc_dkdv": {}, "topk": dict(qpg=8, n_g=4096),
+         "cmp_fwd": {}, "cmp_dq": {}, "cmp_dkdv": {}, "slc_fwd": dict(dtype=torch.bfloat16, d=64),
+         "slc_dq": dict(dtype=torch.bfloat16, d=8), "slc_dkdv": dict(d=64), "topk": dict(qpg=8, n_g=4096),
          "combine": dict(qu=1, d=64), "pool": dict(hd=512, block=8)}
 
 
@@ -39,9 +39,11 @@ def test_every_kernel_has_a_rule_and_interpreter_tiles():
     ("ball_bwd", dict(m=256, d=128, dtype=torch.bfloat16),
      dict(BLOCK=64, BLOCK_M1=32, BLOCK_N2=32, MERGED=False, num_warps=4, num_stages=2)),
     ("cmp_fwd", {}, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)),
-    ("slc_fwd", dict(dtype=torch.bfloat16), dict(rows=64, keys=256, num_warps=8, num_stages=2)),
-    ("slc_dq", dict(dtype=torch.float32), dict(rows=64, keys=128, num_warps=8, num_stages=2)),
-    ("slc_dkdv", {}, dict(rows=64, steps=4, num_warps=4, num_stages=2)),
+    ("slc_fwd", dict(dtype=torch.bfloat16, d=64), dict(rows=1, keys=128, num_warps=4, num_stages=2)),
+    ("slc_fwd", dict(dtype=torch.bfloat16, d=8), dict(rows=64, keys=128, num_warps=4, num_stages=2)),
+    ("slc_dq", dict(dtype=torch.float32, d=64), dict(rows=1, keys=64, num_warps=4, num_stages=2)),
+    ("slc_dkdv", dict(d=64), dict(rows=64, steps=4, num_warps=4, num_stages=2)),
+    ("slc_dkdv", dict(d=8), dict(rows=32, steps=4, num_warps=2, num_stages=2)),
     ("topk", dict(qpg=8, n_g=4096), dict(BLOCK_G=8, BLOCK_N=128, num_warps=4, num_stages=2)),
     ("topk", dict(qpg=1, n_g=100), dict(BLOCK_G=16, BLOCK_N=128, num_warps=4, num_stages=2)),
     ("combine", dict(qu=8, d=64), dict(BG=8, num_warps=4)),
@@ -70,7 +72,7 @@ def test_interpreter_tiles_replace_the_rules():
     assert common.config_for("ball_fwd", m=256, d=64, dtype=torch.bfloat16) == dict(
         BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
     assert common.config_for("ball_bwd", m=256, d=64, dtype=torch.bfloat16)["MERGED"] is False
-    assert common.config_for("slc_fwd", dtype=torch.bfloat16)["keys"] == 64
+    assert common.config_for("slc_fwd", dtype=torch.bfloat16, d=64)["keys"] == 64
     assert common.config_for("topk", qpg=8, n_g=4096)["BLOCK_G"] == 2
 
 
@@ -98,9 +100,9 @@ def test_launch_config_rejects_unknown_names():
 
 
 def test_config_for_returns_a_fresh_dict():
-    cfg = common.config_for("slc_fwd", dtype=torch.float32)
+    cfg = common.config_for("slc_fwd", dtype=torch.float32, d=64)
     cfg.pop("keys")
-    assert "keys" in common.config_for("slc_fwd", dtype=torch.float32)
+    assert "keys" in common.config_for("slc_fwd", dtype=torch.float32, d=64)
 
 
 def test_launch_config_finds_rules_of_modules_not_yet_imported():

@@ -273,18 +273,25 @@ def invert_selection(idx: Tensor, num_blocks: int):
 # perf-notes.md). Forward and dQ: ``rows`` query rows per program (groups side by side) and ``keys``
 # keys per step (each group's next blocks); dK/dV: ``rows`` query rows per step (GB groups) and
 # ``steps`` steps per chunk of a block's list.
+# Small heads (d <= 16, the paper model's 8) take 8 groups a program: its one-group tile did 8 real
+# rows of 16 and a 16 x 32 x 16 dot. At d = 64 one group a program stays faster: a group's keys fill
+# the tile (top-k 16 x 8 = 128) and the block-diagonal tile's wasted products count (sweeps:
+# perf-notes, eighth session).
 @launch_rule("slc_fwd")
-def _fwd_rule(dtype: torch.dtype) -> dict:
-    return dict(rows=64, keys=128 if dtype == torch.float32 else 256, num_warps=8, num_stages=2)
+def _fwd_rule(dtype: torch.dtype, d: int) -> dict:
+    return dict(rows=64 if d <= 16 else 1, keys=64 if dtype == torch.float32 and d > 16 else 128, num_warps=4,
+                num_stages=2)
 
 
 @launch_rule("slc_dq")
-def _dq_rule(dtype: torch.dtype) -> dict:
-    return dict(rows=64, keys=128 if dtype == torch.float32 else 256, num_warps=8, num_stages=2)
+def _dq_rule(dtype: torch.dtype, d: int) -> dict:
+    return _fwd_rule(dtype, d)
 
 
 @launch_rule("slc_dkdv")
-def _dkdv_rule() -> dict:
+def _dkdv_rule(d: int) -> dict:
+    if d <= 16:
+        return dict(rows=32, steps=4, num_warps=2, num_stages=2)
     return dict(rows=64, steps=4, num_warps=4, num_stages=2)
 
 
@@ -317,7 +324,7 @@ class SelectedAttention(torch.autograd.Function):
         topk = idx.size(-1)
         o = _common.new_empty(q.shape, q)
         lse = _common.new_empty((n, h), q, torch.float32)
-        cfg = config_for("slc_fwd", dtype=q.dtype)
+        cfg = config_for("slc_fwd", dtype=q.dtype, d=d)
         ls_p2, cb, gm, gt = _tiles(cfg.pop("rows"), cfg.pop("keys"), ls, topk, g)
         _slc_fwd_kernel[(cdiv(n // g, gt), h)](
             q, k, v, mask_i8, idx, o, lse, q.stride(0), o.stride(0), n // g, scale * LOG2E,
@@ -336,7 +343,7 @@ class SelectedAttention(torch.autograd.Function):
         do = do.contiguous()  # o's layout: one stride for both
         delta = _common.new_empty((n, h), q, torch.float32)  # written by the dQ kernel, read by dK/dV
         dq, dk, dv = (_common.new_empty(q.shape, q) for _ in range(3))  # contiguous: row stride o.stride(0)
-        cfg = config_for("slc_dq", dtype=q.dtype)
+        cfg = config_for("slc_dq", dtype=q.dtype, d=d)
         ls_p2, cb, gm, gt = _tiles(cfg.pop("rows"), cfg.pop("keys"), ls, topk, g)
         prec = dot_precision(q.dtype)
         _slc_bwd_dq_kernel[(cdiv(n // g, gt), h)](
@@ -364,7 +371,7 @@ def _dkdv(q, k, v, do, mask_i8, idx, lse, delta, dk, dv, g, ls, scale, prec):
     nlists = h * nblk if per_head else nblk
     bptr, bgrp, sorted_ids = _invert(idx, nlists)
     g_p2 = next_pow2(g)
-    cfg = config_for("slc_dkdv")
+    cfg = config_for("slc_dkdv", d=d)
     gb = max(1, cfg.pop("rows") // g_p2)
     chunk = gb * cfg.pop("steps")
     # a scratch row per chunk that is not its list's last one, at row cdiv(chunk start, chunk) (at
