@@ -1,8 +1,9 @@
 """Selection branch: each query group attends to the ``k * l'`` keys of its selected blocks.
 
 Must equal ``torch_geometric_bsa.reference.selected_attention``. Forward and dQ run one program
-per (group, head): the group's ``g`` queries are the M side of the tile (padded to 16 for
-``tl.dot``), so each selected KV block is loaded once for the whole group. dK/dV run one program per
+per (``GT`` groups, head): the groups' queries are the M side of the tile (one group alone is padded
+to 16 rows for ``tl.dot``), a step gathers each group's next blocks side by side and a row keeps only
+its own group's keys, so each selected KV block is loaded once per group and head. dK/dV run one program per
 (selection block, head) over an inverted index block -> groups that selected it (a stable sort of the
 ``[groups * k]`` indices, CSR offsets by a lower-bound kernel): no atomics, no scatter, and every block
 writes its gradient exactly once (zero when nobody selected it). Long lists (a block picked by many
