@@ -13,11 +13,14 @@ normal:
 * ``local``: the position relative to the point's own body centre (everything an isolated body
   shows; no layout);
 * ``absolute``: the absolute position, scaled as ``train.py`` scales it (training-set statistics);
-* ``both``: the two together.
+* ``both``: the two together;
+* ``layout`` (an oracle): ``local`` plus where the other bodies' centres are, seen from the point's
+  own body: what a model with global reach could learn to use.
 
-If ``absolute`` or ``both`` score far below ``local`` (whose floor is the interaction's variance,
-about 0.11: the error of a predictor that knows every body's isolated pressure exactly), absolute
-position carries the layout. ``--offset`` regenerates the data with another group offset (a
+The interaction's variance (about 0.11) is the error of a predictor that knows every body's isolated
+pressure exactly. What ``local`` explains of it a local model can learn (the layout-averaged
+interaction at each place on a body); if ``absolute`` or ``both`` go below ``local``, absolute
+position carries the layout; what ``layout`` explains beyond ``local`` needs global reach. ``--offset`` regenerates the data with another group offset (a
 translation leaves potential flow unchanged, so only the cue changes).
 
     python examples/multibody_position_cue.py --num-train 128 --num-test 32 --epochs 20 \
@@ -37,6 +40,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from torch_geometric_bsa.datasets import MultiBodyFlow  # noqa: E402
 
 
+MAX_OTHERS = 2  # MultiBodyFlow's default groups have 2-3 bodies
+
+
 def features(data, pos_center, pos_scale):
     r"""``{name: [N, 6]}`` per input set and the target ``[N]`` (interaction / y_std) of one cloud."""
     body = data.body.long()
@@ -47,8 +53,18 @@ def features(data, pos_center, pos_scale):
     cp = data.y.view(-1) * data.y_std + data.y_mean
     target = (cp - data.cp_isolated.view(-1)) / data.y_std
     n = data.x
+    # the layout oracle: where the other bodies' centres are, seen from this body's centre (nearest
+    # first, zero rows and a 0 flag where a group has fewer bodies), as a model with global reach could
+    rel = (cen[None, :, :] - cen[:, None, :]) / pos_scale  # [own body, other body, 3]
+    dist = rel.norm(dim=-1) + torch.eye(nb) * 1e9  # own body last
+    order = dist.argsort(1)[:, :-1]
+    others = torch.gather(rel, 1, order[..., None].expand(-1, -1, 3))  # [nb, nb - 1, 3]
+    slots = torch.zeros(nb, MAX_OTHERS, 4)
+    k = min(nb - 1, MAX_OTHERS)
+    slots[:, :k, :3], slots[:, :k, 3] = others[:, :k], 1.0
+    layout = slots.view(nb, -1)[body]
     return dict(local=torch.cat([n, local], 1), absolute=torch.cat([n, absolute], 1),
-                both=torch.cat([n, local, absolute], 1)), target
+                both=torch.cat([n, local, absolute], 1), layout=torch.cat([n, local, layout], 1)), target
 
 
 def fit(x_tr, y_tr, x_te, y_te, epochs: int, seed: int, hidden: int = 128) -> float:
@@ -108,7 +124,7 @@ def main():
     result = dict(args=vars(args), interaction_var_test=float(y_te.var()), mse={})
     print(f"interaction term / y_std: test variance {result['interaction_var_test']:.4f} "
           "(the error of an exact isolated-body predictor)", flush=True)
-    for name in ("local", "absolute", "both"):
+    for name in ("local", "absolute", "both", "layout"):
         scores = [fit(sets["train"][0][name], y_tr, sets["test"][0][name], y_te, args.epochs, s, args.hidden) for s in args.seeds]
         result["mse"][name] = scores
         mean = sum(scores) / len(scores)

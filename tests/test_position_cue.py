@@ -32,7 +32,11 @@ def test_features_local_positions_are_centred_and_target_is_the_interaction():
     for b in (0, 1):  # relative to the body's own centre: mean zero per body
         assert feats["local"][data.body == b, 3:].mean(0).abs().max() < 1e-5
     assert torch.allclose(feats["absolute"][:, 3:], data.pos / 2.0)
-    assert feats["both"].shape == (400, 9)
+    assert feats["both"].shape == (400, 9) and feats["layout"].shape == (400, 14)
+    other = feats["layout"][:, 6:9]  # body 0 sees body 1 at shift1 - shift0 (over the scale), and back
+    c0, c1 = (data.pos[data.body == b].mean(0) for b in (0, 1))
+    assert torch.allclose(other[data.body == 0], ((c1 - c0) / 2.0).expand(200, 3), atol=1e-5)
+    assert (feats["layout"][:, 9] == 1).all() and (feats["layout"][:, 10:] == 0).all()
 
 
 def test_probe_finds_an_absolute_position_cue_and_not_a_local_one():
