@@ -40,11 +40,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from torch_geometric_bsa.datasets import MultiBodyFlow  # noqa: E402
 
 
-MAX_OTHERS = 2  # MultiBodyFlow's default groups have 2-3 bodies
-
-
-def features(data, pos_center, pos_scale):
-    r"""``{name: [N, 6]}`` per input set and the target ``[N]`` (interaction / y_std) of one cloud."""
+def features(data, pos_center, pos_scale, max_others: int = 2):
+    r"""``{name: [N, F]}`` per input set and the target ``[N]`` (interaction / y_std) of one cloud;
+    ``max_others``: the other bodies the layout oracle describes (a group's bodies less one)."""
     body = data.body.long()
     nb = int(body.max()) + 1
     cen = torch.zeros(nb, 3).index_add_(0, body, data.pos) / torch.bincount(body, minlength=nb).clamp_min(1)[:, None]
@@ -59,8 +57,8 @@ def features(data, pos_center, pos_scale):
     dist = rel.norm(dim=-1) + torch.eye(nb) * 1e9  # own body last
     order = dist.argsort(1)[:, :-1]
     others = torch.gather(rel, 1, order[..., None].expand(-1, -1, 3))  # [nb, nb - 1, 3]
-    slots = torch.zeros(nb, MAX_OTHERS, 4)
-    k = min(nb - 1, MAX_OTHERS)
+    slots = torch.zeros(nb, max_others, 4)
+    k = min(nb - 1, max_others)
     slots[:, :k, :3], slots[:, :k, 3] = others[:, :k], 1.0
     layout = slots.view(nb, -1)[body]
     return dict(local=torch.cat([n, local], 1), absolute=torch.cat([n, absolute], 1),
@@ -100,6 +98,8 @@ def main():
     ap.add_argument("--num-test", type=int, default=32)
     ap.add_argument("--num-points", type=int, default=3586)
     ap.add_argument("--offset", type=float, default=5.0, help="half-width of the square of group centres (m)")
+    ap.add_argument("--gap", type=float, nargs=2, default=(0.5, 4.0), help="clearance range between bodies (m)")
+    ap.add_argument("--num-bodies", type=int, nargs=2, default=(2, 3), help="bodies per group (min, max)")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--hidden", type=int, default=128, help="width of the MLP's three hidden layers")
@@ -107,18 +107,19 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    kw = dict(num_train=args.num_train, num_test=args.num_test, num_points=args.num_points, offset=args.offset)
+    kw = dict(num_train=args.num_train, num_test=args.num_test, num_points=args.num_points, offset=args.offset,
+              gap=tuple(args.gap), num_bodies=tuple(args.num_bodies))
     t0 = time.time()
     train = MultiBodyFlow(args.root, "train", **kw)
     test = MultiBodyFlow(args.root, "test", **kw)
     print(f"data: {len(train)} train / {len(test)} test clouds of {args.num_points} points, offset "
-          f"{args.offset} m ({time.time() - t0:.0f} s)", flush=True)
+          f"{args.offset} m, gap {args.gap} m, {args.num_bodies} bodies ({time.time() - t0:.0f} s)", flush=True)
     pos = torch.cat([d.pos for d in train])
     pos_center = pos.mean(0)
     pos_scale = (pos - pos_center).square().sum(-1).mean().sqrt()
     sets = {}
     for split, ds in (("train", train), ("test", test)):
-        rows = [features(d, pos_center, pos_scale) for d in ds]
+        rows = [features(d, pos_center, pos_scale, args.num_bodies[1] - 1) for d in ds]
         sets[split] = ({k: torch.cat([r[0][k] for r in rows]) for k in rows[0][0]}, torch.cat([r[1] for r in rows]))
     y_tr, y_te = sets["train"][1], sets["test"][1]
     result = dict(args=vars(args), interaction_var_test=float(y_te.var()), mse={})
