@@ -92,16 +92,24 @@ def _fraction(s: str) -> float:
     return v
 
 
+def _scalar(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(v.lower(), v)
+
+
 def _key_value(s: str):
+    r"""``KEY=VALUE`` -> ``(key, value)``: an int, a float, a bool, a string, or with commas a tuple
+    of them (``gap=0.2,1.0`` -> ``("gap", (0.2, 1.0))``)."""
     if "=" not in s:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {s!r}")
     k, v = s.split("=", 1)
-    for cast in (int, float):
-        try:
-            return k, cast(v)
-        except ValueError:
-            pass
-    return k, {"true": True, "false": False}.get(v.lower(), v)
+    if "," in v:
+        return k, tuple(_scalar(x) for x in v.split(","))
+    return k, _scalar(v)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--snapshot", default=None, metavar="PATH",
                    help="read the splits from PATH if it exists, else build them and save them there")
     g.add_argument("--data-kw", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-                   help="extra keyword for get_dataset (repeatable), e.g. --data-kw n_length=30")
+                   help="extra keyword for get_dataset (repeatable), e.g. --data-kw n_length=30, "
+                        "--data-kw gap=0.2,1.0 (commas: a tuple)")
     g.add_argument("--data-workers", type=_nonneg_int, default=0,
                    help="processes that generate the 'car'/'multibody' dataset in parallel (0: in this process); "
                         "the data do not depend on it")

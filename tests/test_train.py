@@ -100,6 +100,16 @@ def test_sampler_shards_and_skips():
     assert sorted(s) == list(range(10)) and list(s) != full
 
 
+def test_data_kw_values():
+    assert train._key_value("n_length=30") == ("n_length", 30)
+    assert train._key_value("offset=2.5") == ("offset", 2.5)
+    assert train._key_value("isolated=false") == ("isolated", False)
+    assert train._key_value("gap=0.2,1.0") == ("gap", (0.2, 1.0))
+    assert train._key_value("num_bodies=3,4") == ("num_bodies", (3, 4))
+    with pytest.raises(Exception, match="KEY=VALUE"):
+        train._key_value("gap")
+
+
 def test_schedule_warmup_and_cosine():
     f = train.cosine_with_warmup(100, 0.1, 0.01)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
