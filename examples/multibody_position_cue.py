@@ -37,6 +37,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+from common import env_info  # noqa: E402
 from torch_geometric_bsa.datasets import MultiBodyFlow  # noqa: E402
 
 
@@ -122,7 +124,7 @@ def main():
         rows = [features(d, pos_center, pos_scale, args.num_bodies[1] - 1) for d in ds]
         sets[split] = ({k: torch.cat([r[0][k] for r in rows]) for k in rows[0][0]}, torch.cat([r[1] for r in rows]))
     y_tr, y_te = sets["train"][1], sets["test"][1]
-    result = dict(args=vars(args), interaction_var_test=float(y_te.var()), mse={})
+    result = dict(env=env_info(), args=vars(args), interaction_var_test=float(y_te.var()), mse={})
     print(f"interaction term / y_std: test variance {result['interaction_var_test']:.4f} "
           "(the error of an exact isolated-body predictor)", flush=True)
     for name in ("local", "absolute", "both", "layout"):
