@@ -1,6 +1,7 @@
 """The benchmark scripts' CPU-side parts: tables and plots from saved results (the timing runs need a GPU)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -83,3 +84,15 @@ def test_bench_cpu_layers_picks_cases(tmp_path, monkeypatch):
     assert set(k for k in row if k.endswith("_s")) == {"knn_graph_s", "knn_dense_s"}
     assert row["knn_speedup"] == pytest.approx(row["knn_dense_s"] / row["knn_graph_s"])
     assert "sdpa_over_bsa" not in row and "bsa_over_pt" not in row
+
+
+def test_host_glue_counts_launches_without_running_kernels():
+    # the op's glue with Triton stubbed (benchmarks/host_glue.py): it runs, counts the launches of
+    # the forward and backward (ball, pooling, compression, top-k, selection, combine) and the aten
+    # ops, in a subprocess (the stub replaces the interpreter's launch for the whole process)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "host_glue.py"), "--n", "1024", "--heads", "1",
+                        "--dim", "16", "--reps", "2"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = re.search(r"(\d+) Triton launches, (\d+) aten ops", r.stdout)
+    assert m and int(m.group(1)) >= 12 and int(m.group(2)) >= 1, r.stdout
