@@ -90,11 +90,11 @@ def _default_pair():
     return shapes, 0.5 * shapes[0].width + 0.5 * shapes[1].width
 
 
-def car_pair_convergence_rows():
-    """A side-by-side pair of default cars (gap 0.5 m, the closest the dataset places) under
-    panel refinement: integrals on body A converge."""
+def car_pair_convergence_rows(gap: float = 0.5):
+    """A side-by-side pair of default cars (``gap`` m apart; 0.5 is the closest the default dataset
+    places) under panel refinement: integrals on body A converge."""
     shapes, w = _default_pair()
-    placements = [multibody.Placement(), multibody.Placement(0.3, w + 0.5)]
+    placements = [multibody.Placement(), multibody.Placement(0.3, w + gap)]
     rows = []
     for nl, na in ((12, 10), (20, 16), (30, 28), (40, 36)):
         t = time.perf_counter()
