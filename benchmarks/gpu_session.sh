@@ -17,7 +17,8 @@ left() { echo $(( LIMIT_S - SECONDS - 10 )); }
 # (the shared tree's tests with BSA_SHARE_TREES=1), tiles (sweep_small_heads.py, then the model with its
 # winners), infer (eager inference of bsa and full, alternating, 20 reps), bench (bench_model.py without
 # and with the shared tree; BENCH_SHARE, default "0 1", picks), bsa (bench_bsa.py at BSA_SIZES, default
-# 65536,262144), slc (the selection kernels' tile sweeps: the model's layer shape, then 65k points)
+# 65536,262144), slc (the selection kernels' tile sweeps: the model's layer shape, then 65k points),
+# bias (benchmarks/ball_bias_cost.py: the ball kernels with and without the distance bias)
 STAGES=${STAGES:-tests shared bench bsa}
 T_TESTS=${T_TESTS:-200}
 TEST_FILES=${TEST_FILES:-tests/kernels/test_bsa_triton.py tests/test_host_free.py tests/test_layer_graphs.py \
@@ -60,6 +61,11 @@ perf() {
     OUT="$OUT/perf" timeout 150 python benchmarks/sweep_bsa.py --kernels slc --configs fast \
       > "$OUT/perf/sweep_slc_65k.log" 2>&1
     grep -E "^\| fast" "$OUT/perf/sweep_slc_65k.log" | head -n 30
+  fi
+  if has bias; then  # what the ball kernels' distance bias costs (sizes the square-root work: perf-notes)
+    echo "=== ball_bias_cost ($(date +%T))"
+    OUT="$OUT/perf" timeout 120 python benchmarks/ball_bias_cost.py > "$OUT/perf/ball_bias_cost.log" 2>&1
+    tail -n 4 "$OUT/perf/ball_bias_cost.log"
   fi
   if has infer; then  # eager inference, host-paced: each model twice, alternating, 20 reps each
     echo "=== eager inference, alternating ($(date +%T))"

@@ -170,3 +170,32 @@ def test_gpu_tree_batch():
     batch = torch.arange(16, device=DEVICE).repeat_interleave(3586)
     tree = build_ball_tree(torch.rand(batch.numel(), 3, device=DEVICE), batch, ball_size=256)
     check(tree.num_slots, 8, 64, 256, 3, torch.bfloat16, seed=7, mask=tree.mask)
+
+
+def test_bias_flag_of_the_bias_cost_benchmark():
+    # benchmarks/ball_bias_cost.py times the kernels with BIAS=False: they must then compute the
+    # bias-free attention, i.e. the kernels' own results at sigma = 0 (forward and one-loop backward)
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                    "benchmarks"))
+    try:
+        from ball_bias_cost import launch
+    finally:
+        sys.path.pop(0)
+    g = torch.Generator().manual_seed(3)
+    n, h, d, m = 64, 2, 16, 32
+    q, k, v, do = (torch.randn(n, h, d, generator=g).to(DEVICE) for _ in range(4))
+    pos = torch.rand(n, 3, generator=g).to(DEVICE)
+    mask = (torch.rand(n, generator=g) > 0.2).to(torch.uint8).to(DEVICE)
+    sigma = torch.full((h,), -2.0, device=DEVICE)
+    with launch_config("ball_bwd", MERGED=True):
+        free = launch(q, k, v, pos, sigma, mask, m, False, do)
+        zero = launch(q, k, v, pos, torch.zeros_like(sigma), mask, m, True, do)
+        biased = launch(q, k, v, pos, sigma, mask, m, True, do)
+    for a, b in zip(free, zero):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(free[0], biased[0], atol=1e-3)  # the bias does change the gradients
+    o_free = launch(q, k, v, pos, sigma, mask, m, False)
+    o_ref = ball_reference(q.double(), k.double(), v.double(), pos.double(), torch.zeros(h, dtype=torch.float64,
+                           device=DEVICE), mask.bool(), m)
+    assert torch.allclose(o_free.double(), o_ref, atol=1e-5)

@@ -67,9 +67,10 @@ def _ball_fwd_kernel(Q, K, V, POS, SIGMA, MASK, O, LSE,
                      N, H, stride_in, stride_tok, stride_pos, sm_scale,
                      M: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PDIM: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-                     UPCAST: tl.constexpr):
+                     UPCAST: tl.constexpr, BIAS: tl.constexpr = True):
     # grid: (N // BLOCK_M * H,): one program per (query tile, head), heads fastest; it loops over the
     # BLOCK_N key tiles of its ball (online softmax, FlashAttention-2 notation m_i, l_i, acc).
+    # BIAS=False (benchmarks/ball_bias_cost.py only) leaves the distance bias out: not BSA's function.
     pid = tl.program_id(0)
     h = pid % H
     q0 = (pid // H) * BLOCK_M
@@ -99,7 +100,8 @@ def _ball_fwd_kernel(Q, K, V, POS, SIGMA, MASK, O, LSE,
         kvalid = tl.load(MASK + cols) != 0
         xk, yk, zk = _load_pos(POS, cols, stride_pos, PDIM)
         s = dot(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
-        s += sig2 * _pair_dist(xq, yq, zq, xk, yk, zk, PDIM)
+        if BIAS:
+            s += sig2 * _pair_dist(xq, yq, zq, xk, yk, zk, PDIM)
         s = tl.where(kvalid[None, :], s, float("-inf"))
         m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, DOT_PREC, UPCAST)
 
@@ -220,7 +222,8 @@ def _ball_bwd_merged_kernel(Q, K, V, O, DO, POS, SIGMA, MASK, LSE,
                             M: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PDIM: tl.constexpr,
                             BLOCK: tl.constexpr, BLOCK_B: tl.constexpr,
                             SIGMA_GRAD: tl.constexpr, POS_GRAD: tl.constexpr, DOT_PREC: tl.constexpr,
-                            UPCAST: tl.constexpr):
+                            UPCAST: tl.constexpr, BIAS: tl.constexpr = True):
+    # BIAS=False (benchmarks only, with SIGMA_GRAD and POS_GRAD off): no distance bias, as the forward's.
     # grid: (N // BLOCK * H,). Same outputs as _ball_bwd_kernel, one loop: the tile's slots are keys
     # (dK, dV) and queries (dQ) of one ball, and the ball's other slots b are queries and keys to
     # them, so the distance tile |p_t - p_b| is computed once for both roles (3 MUFU ops a pair, not 4).
@@ -266,9 +269,12 @@ def _ball_bwd_merged_kernel(Q, K, V, O, DO, POS, SIGMA, MASK, LSE,
         delta_b = tl.sum(tl.load(O + b_off, mask=dmask, other=0.0).to(tl.float32) * do_b.to(tl.float32), 1)
         lse_b = tl.load(LSE + h * N + cols)
         bvalid = tl.load(MASK + cols) != 0
-        xb, yb, zb = _load_pos(POS, cols, stride_pos, PDIM)
-        dist = _pair_dist(xt, yt, zt, xb, yb, zb, PDIM)
-        bias = sig2 * dist
+        if BIAS:
+            xb, yb, zb = _load_pos(POS, cols, stride_pos, PDIM)
+            dist = _pair_dist(xt, yt, zt, xb, yb, zb, PDIM)
+            bias = sig2 * dist
+        else:
+            bias = 0.0
         # tile as keys, b as queries (transposed tiles)
         pT = tl.where(tvalid[:, None], tl.exp2(dot(k_t, tl.trans(q_b), DOT_PREC, UPCAST) * qk_scale + bias
                                                 - lse_b[None, :]), 0.0)
