@@ -31,12 +31,16 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import env_info, out_dir  # noqa: E402
 
-# the paper's model (DESIGN §1.2) and a wider, shallower one; both with group compression
+# the paper's model (DESIGN §1.2) and a wider, shallower one, both with group compression, and the
+# examples' study network
 MODELS = {
     "paper": dict(hidden_channels=64, num_layers=18, heads=8, ball_size=256, cmp_block=8, slc_block=8, topk=4,
                   group_size=8, group_compression=True),
     "small": dict(hidden_channels=128, num_layers=6, heads=4, ball_size=256, cmp_block=8, slc_block=8, topk=16,
                   group_size=8, group_compression=True),
+    # the examples' study network (examples/study_flags.sh): "small" with per-query compression
+    "study": dict(hidden_channels=128, num_layers=6, heads=4, ball_size=256, cmp_block=8, slc_block=8, topk=16,
+                  group_size=8, group_compression=False),
 }
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 
