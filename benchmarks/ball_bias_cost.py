@@ -27,29 +27,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def launch(q, k, v, pos, sigma, mask_u8, m, bias: bool, do=None):
-    r"""The ball forward (``do`` None: returns ``o``) or the one-loop backward (returns ``dq, dk, dv``),
-    launched as ``kernels/ball.py`` launches them, with the distance bias on or off."""
+    r"""The ball forward (``do`` None: returns ``o``) or forward and one-loop backward (returns ``dq,
+    dk, dv``), through ``kernels/ball.py``'s own launches, with the distance bias on or off."""
     from torch_geometric_bsa.kernels import ball as B
-    from torch_geometric_bsa.kernels._common import config_for, dot_dim, dot_precision
-    n, h, d = q.shape
-    scale = d ** -0.5
-    common = dict(M=m, D=d, BLOCK_D=dot_dim(d), PDIM=pos.size(1), DOT_PREC=dot_precision(q.dtype),
-                  UPCAST=B._upcast(q.dtype), BIAS=bias)
-    o = torch.empty_like(q)
-    lse = torch.empty((h, n), device=q.device, dtype=torch.float32)
-    cfg = config_for("ball_fwd", m=m, d=dot_dim(d), dtype=q.dtype)
-    B._ball_fwd_kernel[(n // cfg["BLOCK_M"] * h,)](q, k, v, pos, sigma, mask_u8, o, lse, n, h, q.stride(0), h * d,
-                                                    pos.stride(0), scale, **common, **cfg)
+    from torch_geometric_bsa.kernels._common import launch_config
+    scale = q.size(-1) ** -0.5
+    o, lse = B._forward(q, k, v, pos, sigma, mask_u8, m, scale, bias=bias)
     if do is None:
         return o
-    cfg = config_for("ball_bwd", m=m, d=dot_dim(d), dtype=q.dtype)
-    dq, dk, dv = (torch.empty_like(q) for _ in range(3))
-    dummy = torch.empty(1, device=q.device, dtype=torch.float32)
-    B._ball_bwd_merged_kernel[(n // cfg["BLOCK"] * h,)](
-        q, k, v, o, do, pos, sigma, mask_u8, lse, dq, dk, dv, dummy, dummy, n, h, q.stride(0), h * d, pos.stride(0),
-        scale, BLOCK=cfg["BLOCK"], BLOCK_B=cfg["BLOCK_M1"], SIGMA_GRAD=False, POS_GRAD=False,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
-    return dq, dk, dv
+    with launch_config("ball_bwd", MERGED=True):
+        return B._backward(do, q, k, v, o, lse, pos, sigma, mask_u8, m, scale, False, False, bias=bias)[:3]
 
 
 def main():

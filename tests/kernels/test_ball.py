@@ -188,10 +188,9 @@ def test_bias_flag_of_the_bias_cost_benchmark():
     pos = torch.rand(n, 3, generator=g).to(DEVICE)
     mask = (torch.rand(n, generator=g) > 0.2).to(torch.uint8).to(DEVICE)
     sigma = torch.full((h,), -2.0, device=DEVICE)
-    with launch_config("ball_bwd", MERGED=True):
-        free = launch(q, k, v, pos, sigma, mask, m, False, do)
-        zero = launch(q, k, v, pos, torch.zeros_like(sigma), mask, m, True, do)
-        biased = launch(q, k, v, pos, sigma, mask, m, True, do)
+    free = launch(q, k, v, pos, sigma, mask, m, False, do)
+    zero = launch(q, k, v, pos, torch.zeros_like(sigma), mask, m, True, do)
+    biased = launch(q, k, v, pos, sigma, mask, m, True, do)
     for a, b in zip(free, zero):
         assert torch.allclose(a, b, atol=1e-5)
     assert not torch.allclose(free[0], biased[0], atol=1e-3)  # the bias does change the gradients

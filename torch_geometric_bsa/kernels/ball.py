@@ -334,7 +334,8 @@ def _upcast(dtype: torch.dtype) -> bool:
 # ---------------------------------------------------------------------------------------------
 # autograd glue
 # ---------------------------------------------------------------------------------------------
-def _forward(q, k, v, pos, sigma, mask_u8, m, scale):
+def _forward(q, k, v, pos, sigma, mask_u8, m, scale, bias: bool = True):
+    # bias=False: without the distance bias (benchmarks/ball_bias_cost.py only; not BSA's function)
     n, h, d = q.shape
     o = _common.new_empty(q.shape, q)
     lse = _common.new_empty((h, n), q, torch.float32)
@@ -342,11 +343,12 @@ def _forward(q, k, v, pos, sigma, mask_u8, m, scale):
     _ball_fwd_kernel[(n // cfg["BLOCK_M"] * h,)](
         q, k, v, pos, sigma, mask_u8, o, lse, n, h, q.stride(0), h * d, pos.stride(0), scale,
         M=m, D=d, BLOCK_D=dot_dim(d), PDIM=pos.size(1), DOT_PREC=dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
-        **cfg)
+        **({} if bias else dict(BIAS=False)), **cfg)
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, pos, sigma, mask_u8, m, scale, sigma_grad, pos_grad):
+def _backward(do, q, k, v, o, lse, pos, sigma, mask_u8, m, scale, sigma_grad, pos_grad, bias: bool = True):
+    # bias=False (benchmarks only): the one-loop kernel without the distance bias, no sigma/pos gradients
     n, h, d = q.shape
     dq, dk, dv = (_common.new_empty(q.shape, q) for _ in range(3))  # contiguous, whatever q's row stride
     cfg = config_for("ball_bwd", m=m, d=dot_dim(d), dtype=q.dtype)
@@ -359,6 +361,10 @@ def _backward(do, q, k, v, o, lse, pos, sigma, mask_u8, m, scale, sigma_grad, po
     common = dict(M=m, D=d, BLOCK_D=dot_dim(d), PDIM=pos.size(1), SIGMA_GRAD=sigma_grad, POS_GRAD=pos_grad,
                   DOT_PREC=dot_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=cfg["num_warps"],
                   num_stages=cfg["num_stages"])
+    if not bias:
+        if not cfg["MERGED"] or sigma_grad or pos_grad:
+            raise ValueError("bias=False takes the one-loop backward (MERGED) without sigma and pos gradients")
+        common["BIAS"] = False
     if cfg["MERGED"]:
         _ball_bwd_merged_kernel[(grid,)](*args, BLOCK=blk, BLOCK_B=bm1, **common)
     else:

@@ -27,7 +27,7 @@ __all__ = ["selected_attention_triton", "SelectedAttention", "invert_selection"]
 
 
 @triton.jit
-def _group_tile(IDX, MASK, pid, ngrp, c, G: tl.constexpr, H: tl.constexpr, h, LS: tl.constexpr,
+def _group_tile(IDX, MASK, pid, ngrp, c, H: tl.constexpr, h, LS: tl.constexpr,
                 LS_P2: tl.constexpr, TOPK: tl.constexpr, CB: tl.constexpr, GM: tl.constexpr, GT: tl.constexpr,
                 PER_HEAD: tl.constexpr):
     # the keys of step ``c`` for a tile of GT groups: GT x CB blocks of LS_P2 slots, group-major.
@@ -82,7 +82,7 @@ def _slc_fwd_kernel(Q, K, V, MASK, IDX, O, LSE, stride_n, stride_o, ngrp,
     l_i = tl.zeros([GT * GM], dtype=tl.float32)
     acc = tl.zeros([GT * GM, BLOCK_D], dtype=tl.float32)
     for c in range(0, TOPK, CB):
-        slot, kin, kv, same = _group_tile(IDX, MASK, pid, ngrp, c, G, H, h, LS, LS_P2, TOPK, CB, GM, GT, PER_HEAD)
+        slot, kin, kv, same = _group_tile(IDX, MASK, pid, ngrp, c, H, h, LS, LS_P2, TOPK, CB, GM, GT, PER_HEAD)
         k = tl.load(K + slot[:, None] * stride_n + h * D + offs_d[None, :], mask=kin[:, None] & dmask[None, :],
                     other=0.0)
         v = tl.load(V + slot[:, None] * stride_n + h * D + offs_d[None, :], mask=kin[:, None] & dmask[None, :],
@@ -123,7 +123,7 @@ def _slc_bwd_dq_kernel(Q, K, V, DO, O, MASK, IDX, LSE, DELTA, DQ, stride_n, stri
     tl.store(DELTA + rows * H + h, delta, mask=qm)
     dq = tl.zeros([GT * GM, BLOCK_D], dtype=tl.float32)
     for c in range(0, TOPK, CB):
-        slot, kin, kv, same = _group_tile(IDX, MASK, pid, ngrp, c, G, H, h, LS, LS_P2, TOPK, CB, GM, GT, PER_HEAD)
+        slot, kin, kv, same = _group_tile(IDX, MASK, pid, ngrp, c, H, h, LS, LS_P2, TOPK, CB, GM, GT, PER_HEAD)
         k = tl.load(K + slot[:, None] * stride_n + h * D + offs_d[None, :], mask=kin[:, None] & dmask[None, :],
                     other=0.0)
         v = tl.load(V + slot[:, None] * stride_n + h * D + offs_d[None, :], mask=kin[:, None] & dmask[None, :],
