@@ -18,7 +18,8 @@ left() { echo $(( LIMIT_S - SECONDS - 10 )); }
 # winners), infer (eager inference of bsa and full, alternating, 20 reps), bench (bench_model.py without
 # and with the shared tree; BENCH_SHARE, default "0 1", picks), bsa (bench_bsa.py at BSA_SIZES, default
 # 65536,262144), slc (the selection kernels' tile sweeps: the model's layer shape, then 65k points),
-# bias (benchmarks/ball_bias_cost.py: the ball kernels with and without the distance bias)
+# bias (benchmarks/ball_bias_cost.py: the ball kernels with and without the distance bias), breakdown
+# (the examples' study network, bsa and full, 8 x 3,586, eager, kernels by GPU time)
 STAGES=${STAGES:-tests shared bench bsa}
 T_TESTS=${T_TESTS:-200}
 TEST_FILES=${TEST_FILES:-tests/kernels/test_bsa_triton.py tests/test_host_free.py tests/test_layer_graphs.py \
@@ -66,6 +67,12 @@ perf() {
     echo "=== ball_bias_cost ($(date +%T))"
     OUT="$OUT/perf" timeout 120 python benchmarks/ball_bias_cost.py > "$OUT/perf/ball_bias_cost.log" 2>&1
     tail -n 4 "$OUT/perf/ball_bias_cost.log"
+  fi
+  if has breakdown; then  # the examples' study network: where BSA's step goes against full's
+    echo "=== bench_model --models study --breakdown ($(date +%T))"
+    timeout 150 python benchmarks/bench_model.py --models study --sizes 8x3586 --kinds train --attn bsa,full \
+      --modes eager --reps 5 --warmup 3 --breakdown --json "$OUT/perf/study.json" > "$OUT/perf/study_breakdown.log" 2>&1
+    grep "^| study" "$OUT/perf/study_breakdown.log"
   fi
   if has infer; then  # eager inference, host-paced: each model twice, alternating, 20 reps each
     echo "=== eager inference, alternating ($(date +%T))"
