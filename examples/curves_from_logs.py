@@ -148,7 +148,7 @@ def plot(data: Dict[str, Dict[int, Dict]], path: str, title: str, time_path: str
                 hi.append(max(v))
         if not xs:
             continue
-        line, = ax.plot(xs, mean, marker="o", ms=3, label=f"{model} ({len(seeds)} seeds)")
+        line, = ax.plot(xs, mean, marker="o", ms=3, label=f"{model} ({len(seeds)} seed{'' if len(seeds) == 1 else 's'})")
         ax.fill_between(xs, lo, hi, alpha=0.2, color=line.get_color())
     ax.set_yscale("log")
     ax.set_xlabel("optimiser step")
@@ -167,7 +167,7 @@ def plot(data: Dict[str, Dict[int, Dict]], path: str, title: str, time_path: str
             for j, run in enumerate(seeds.values()):
                 pts = [(_time(run, c), c[1]) for c in run["curve"]]
                 ax.plot([t for t, _ in pts], [v for _, v in pts], color=color, marker="o", ms=2, lw=1,
-                        label=f"{model} ({len(seeds)} seeds)" if j == 0 else None)
+                        label=f"{model} ({len(seeds)} seed{'' if len(seeds) == 1 else 's'})" if j == 0 else None)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("training time (s)")
