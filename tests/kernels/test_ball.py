@@ -94,55 +94,16 @@ def test_matches_reference(dtype, n, h, d, m, pd):
 
 def test_small_tiles_many_per_ball():
     # several query and key tiles per ball: offsets inside a ball, the online-softmax rescaling
-    with launch_config("ball_fwd", BLOCK_M=16, BLOCK_N=32, HEADS=False, num_warps=4, num_stages=1), \
-            launch_config("ball_bwd", BLOCK=32, BLOCK_M1=16, BLOCK_N2=32, MERGED=False, HEADS=False, num_warps=4,
-                          num_stages=1):
+    with launch_config("ball_fwd", BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1), \
+            launch_config("ball_bwd", BLOCK=32, BLOCK_M1=16, BLOCK_N2=32, MERGED=False, num_warps=4, num_stages=1):
         check(128, 1, 16, 64, 3, torch.float32, seed=1)
 
 
 def test_merged_backward():
     # the one-loop backward variant (distance tile shared by the dK/dV and dQ roles)
-    with launch_config("ball_bwd", BLOCK=32, BLOCK_M1=32, BLOCK_N2=32, MERGED=True, HEADS=False, num_warps=4,
-                       num_stages=1):
-        check(128, 2, 16, 64, 3, torch.float32, seed=6, pos_grad=False)
+    with launch_config("ball_bwd", BLOCK=32, BLOCK_M1=32, BLOCK_N2=32, MERGED=True, num_warps=4, num_stages=1):
+        check(128, 2, 16, 64, 3, torch.float32, seed=6)
         check(128, 1, 24, 64, 2, torch.bfloat16, seed=7)
-
-
-class _Spy:
-    r"""Stands in for a ``@triton.jit`` kernel and counts its launches (``kernel[grid](...)``)."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
-
-
-@pytest.mark.parametrize("dtype,h,d,m,pd,rows", [
-    (torch.float32, 2, 8, 64, 3, None),     # the paper model's head dim (padded to 16 in-kernel)
-    (torch.bfloat16, 3, 16, 32, 2, None),   # odd head count, 2-D positions
-    (torch.float32, 2, 8, 64, 3, 16),       # the GPU's 16-row programs: 4 per ball
-    (torch.float16, 1, 4, 128, 3, 32),
-])
-def test_every_head_kernels(monkeypatch, dtype, h, d, m, pd, rows):
-    # head dims <= 16 and balls <= 256: one program per row tile for every head, the distance tile
-    # computed once; the dQ, dK, dV and dsigma they write, against the reference (no position
-    # gradient: that takes the per-head kernels)
-    fwd, bwd = _Spy(ball._ball_fwd_heads_kernel), _Spy(ball._ball_bwd_heads_kernel)
-    monkeypatch.setattr(ball, "_ball_fwd_heads_kernel", fwd)
-    monkeypatch.setattr(ball, "_ball_bwd_heads_kernel", bwd)
-    forced = {} if rows is None else dict(HEADS_ROWS=rows)
-    with launch_config("ball_fwd", **forced), launch_config("ball_bwd", **forced):
-        check(128, h, d, m, pd, dtype, seed=h + d + m, pos_grad=False)
-    assert (fwd.launches, bwd.launches) == (1, 1)
-
-
-def test_every_head_kernels_leave_position_gradients_to_the_per_head_ones(monkeypatch):
-    bwd = _Spy(ball._ball_bwd_heads_kernel)
-    monkeypatch.setattr(ball, "_ball_bwd_heads_kernel", bwd)
-    check(128, 2, 8, 64, 3, torch.float32, seed=9, pos_grad=True)
-    assert bwd.launches == 0
 
 
 def test_no_pos_grad_and_inference():
@@ -200,18 +161,6 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_gpu_realistic(dtype, n, h, d, m):
     mask = torch.rand(n) > 0.05
     check(n, h, d, m, 3, dtype, seed=n + h + d + m, mask=mask)
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("dtype,n,h,d,m", [
-    (torch.bfloat16, 30720, 8, 8, 256),   # the paper model's layer: 8 clouds of 3,586 points
-    (torch.float32, 16384, 4, 16, 128),
-    (torch.float16, 8192, 2, 12, 256),
-])
-def test_gpu_every_head_kernels(dtype, n, h, d, m):
-    mask = torch.rand(n) > 0.05
-    check(n, h, d, m, 3, dtype, seed=n + h + d + m, mask=mask, pos_grad=False)
 
 
 @pytest.mark.gpu

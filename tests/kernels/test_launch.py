@@ -31,18 +31,13 @@ def test_every_kernel_has_a_rule_and_interpreter_tiles():
 
 @pytest.mark.parametrize("kernel,facts,expected", [
     # (docs/perf-notes.md: "Ball kernel", the top-k and selection sweeps)
-    ("ball_fwd", dict(m=256, d=64, dtype=torch.bfloat16), dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, HEADS=False, HEADS_ROWS=16, HEADS_WARPS=4)),
-    ("ball_fwd", dict(m=256, d=128, dtype=torch.float16), dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3, HEADS=False, HEADS_ROWS=16, HEADS_WARPS=4)),
-    ("ball_fwd", dict(m=16, d=32, dtype=torch.float32), dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2, HEADS=False, HEADS_ROWS=16, HEADS_WARPS=4)),
-    # head dims up to 16 (the paper model's 8): the every-head kernels
-    ("ball_fwd", dict(m=256, d=16, dtype=torch.bfloat16),
-     dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, HEADS=True, HEADS_ROWS=16, HEADS_WARPS=4)),
-    ("ball_bwd", dict(m=256, d=16, dtype=torch.bfloat16), dict(BLOCK=64, BLOCK_M1=32, BLOCK_N2=32, MERGED=True,
-     num_warps=4, num_stages=3, HEADS=True, HEADS_ROWS=16, HEADS_WARPS=4)),
+    ("ball_fwd", dict(m=256, d=64, dtype=torch.bfloat16), dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)),
+    ("ball_fwd", dict(m=256, d=128, dtype=torch.float16), dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3)),
+    ("ball_fwd", dict(m=16, d=32, dtype=torch.float32), dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)),
     ("ball_bwd", dict(m=256, d=64, dtype=torch.bfloat16),
-     dict(BLOCK=64, BLOCK_M1=32, BLOCK_N2=32, MERGED=True, num_warps=4, num_stages=3, HEADS=False, HEADS_ROWS=16, HEADS_WARPS=4)),
+     dict(BLOCK=64, BLOCK_M1=32, BLOCK_N2=32, MERGED=True, num_warps=4, num_stages=3)),
     ("ball_bwd", dict(m=256, d=128, dtype=torch.bfloat16),
-     dict(BLOCK=64, BLOCK_M1=32, BLOCK_N2=32, MERGED=False, num_warps=4, num_stages=2, HEADS=False, HEADS_ROWS=16, HEADS_WARPS=4)),
+     dict(BLOCK=64, BLOCK_M1=32, BLOCK_N2=32, MERGED=False, num_warps=4, num_stages=2)),
     ("cmp_fwd", {}, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)),
     ("slc_fwd", dict(dtype=torch.bfloat16, d=64), dict(rows=1, keys=128, num_warps=4, num_stages=2)),
     ("slc_fwd", dict(dtype=torch.bfloat16, d=8), dict(rows=64, keys=128, num_warps=4, num_stages=2)),
@@ -75,7 +70,7 @@ def test_compression_candidates():
 @pytest.mark.skipif(not common.is_interpreter(), reason="interpreter tiles")
 def test_interpreter_tiles_replace_the_rules():
     assert common.config_for("ball_fwd", m=256, d=64, dtype=torch.bfloat16) == dict(
-        BLOCK_M=64, BLOCK_N=64, HEADS=False, HEADS_ROWS=64, HEADS_WARPS=4, num_warps=4, num_stages=1)
+        BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
     assert common.config_for("ball_bwd", m=256, d=64, dtype=torch.bfloat16)["MERGED"] is False
     assert common.config_for("slc_fwd", dtype=torch.bfloat16, d=64)["keys"] == 64
     assert common.config_for("topk", qpg=8, n_g=4096)["BLOCK_G"] == 2

@@ -89,10 +89,9 @@ _FORCED: Dict[str, dict] = {}
 # number of numpy steps, and so that the tests still run several tiles per ball, cloud or block
 # list; they override the GPU rule's entries of the same name (warps and stages mean nothing there).
 _INTERPRETER_TILES: Dict[str, Callable[..., dict]] = {
-    "ball_fwd": lambda m, **_: dict(BLOCK_M=min(64, m), BLOCK_N=min(64, m), HEADS_ROWS=min(64, m), num_warps=4,
-                                    num_stages=1),
+    "ball_fwd": lambda m, **_: dict(BLOCK_M=min(64, m), BLOCK_N=min(64, m), num_warps=4, num_stages=1),
     "ball_bwd": lambda m, **_: dict(BLOCK=min(64, m), BLOCK_M1=min(64, m), BLOCK_N2=min(64, m), MERGED=False,
-                                    HEADS_ROWS=min(64, m), num_warps=4, num_stages=1),
+                                    num_warps=4, num_stages=1),
     "cmp_fwd": lambda **_: dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
     "cmp_dq": lambda **_: dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
     "cmp_dkdv": lambda **_: dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),

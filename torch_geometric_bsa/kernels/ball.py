@@ -303,132 +303,16 @@ def _ball_bwd_merged_kernel(Q, K, V, O, DO, POS, SIGMA, MASK, LSE,
             tl.store(prow + 2, sigma * gz)
 
 
-@triton.jit
-def _ball_fwd_heads_kernel(Q, K, V, POS, SIGMA, MASK, O, LSE,
-                           N, stride_in, stride_tok, stride_pos, sm_scale,
-                           H: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                           PDIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    # Small heads (D <= 16, M <= 256). grid: (N // BLOCK_M,): one program per query tile and every
-    # head. The distance tile [BLOCK_M, M] of the tile's rows to its whole ball is computed once
-    # (one square root per pair, not per pair and head); each head then scores the whole ball in
-    # one dot and takes its softmax in one pass (the whole row is in registers).
-    pid = tl.program_id(0)
-    q0 = pid * BLOCK_M
-    ball0 = (q0 // M) * M
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d[None, :] < D
-    rows = (q0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = (ball0 + tl.arange(0, M)).to(tl.int64)
-    qvalid = tl.load(MASK + rows) != 0
-    kvalid = tl.load(MASK + cols) != 0
-    xq, yq, zq = _load_pos(POS, rows, stride_pos, PDIM)
-    xk, yk, zk = _load_pos(POS, cols, stride_pos, PDIM)
-    dist = _pair_dist(xq, yq, zq, xk, yk, zk, PDIM)
-    # fp32 scalars: inductor hands Python floats to user kernels as fp64
-    sm_scale = tl.cast(sm_scale, tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
-    for h in tl.static_range(H):
-        sig2 = tl.load(SIGMA + h).to(tl.float32) * 1.4426950408889634
-        q = tl.load(Q + rows[:, None] * stride_in + h * D + offs_d[None, :], mask=dmask, other=0.0)
-        kv_off = cols[:, None] * stride_in + h * D + offs_d[None, :]
-        k = tl.load(K + kv_off, mask=dmask, other=0.0)
-        v = tl.load(V + kv_off, mask=dmask, other=0.0)
-        s = dot(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale + sig2 * dist
-        s = tl.where(kvalid[None, :], s, float("-inf"))
-        # finite floor: a row whose keys are all padded gets l = 0 instead of NaN
-        m = tl.maximum(tl.max(s, 1), -1.0e30)
-        p = tl.math.exp2(s - m[:, None])
-        l = tl.sum(p, 1)
-        acc = dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
-        has = qvalid & (l > 0)
-        l_safe = tl.where(has, l, 1.0)
-        out = tl.where(has[:, None], acc / l_safe[:, None], 0.0)
-        tl.store(O + rows[:, None] * stride_tok + h * D + offs_d[None, :], out.to(O.dtype.element_ty), mask=dmask)
-        # +inf marks "no probability mass": the backward then recomputes P = 0 for that row
-        tl.store(LSE + h * N + rows, tl.where(has, m + tl.math.log2(l_safe), float("inf")))
-
-
-@triton.jit
-def _ball_bwd_heads_kernel(Q, K, V, O, DO, POS, SIGMA, MASK, LSE, DQ, DK, DV, DSIG,
-                           N, stride_in, stride_tok, stride_pos, sm_scale,
-                           H: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                           PDIM: tl.constexpr, BLOCK: tl.constexpr, SIGMA_GRAD: tl.constexpr,
-                           DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    # Small heads, the backward of _ball_fwd_heads_kernel (no position gradient: that takes the
-    # per-head kernels). grid: (N // BLOCK,): program t, for every head, computes dQ of its BLOCK rows
-    # (rows as queries, the whole ball as keys) and dK, dV of the same rows (rows as keys, the ball as
-    # queries). The distance is symmetric, so one tile |p_t - p_b| [BLOCK, M], computed once, serves
-    # both roles and every head.
-    pid = tl.program_id(0)
-    t0 = pid * BLOCK
-    ball0 = (t0 // M) * M
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d[None, :] < D
-    rows = (t0 + tl.arange(0, BLOCK)).to(tl.int64)
-    cols = (ball0 + tl.arange(0, M)).to(tl.int64)
-    tvalid = tl.load(MASK + rows) != 0
-    bvalid = tl.load(MASK + cols) != 0
-    xt, yt, zt = _load_pos(POS, rows, stride_pos, PDIM)
-    xb, yb, zb = _load_pos(POS, cols, stride_pos, PDIM)
-    dist = _pair_dist(xt, yt, zt, xb, yb, zb, PDIM)
-    sm_scale = tl.cast(sm_scale, tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
-    for h in tl.static_range(H):
-        sig2 = tl.load(SIGMA + h).to(tl.float32) * 1.4426950408889634
-        t_in = rows[:, None] * stride_in + h * D + offs_d[None, :]
-        t_off = rows[:, None] * stride_tok + h * D + offs_d[None, :]
-        b_in = cols[:, None] * stride_in + h * D + offs_d[None, :]
-        b_off = cols[:, None] * stride_tok + h * D + offs_d[None, :]
-        q_t = tl.load(Q + t_in, mask=dmask, other=0.0)
-        k_t = tl.load(K + t_in, mask=dmask, other=0.0)
-        v_t = tl.load(V + t_in, mask=dmask, other=0.0)
-        do_t = tl.load(DO + t_off, mask=dmask, other=0.0)
-        delta_t = tl.sum(tl.load(O + t_off, mask=dmask, other=0.0).to(tl.float32) * do_t.to(tl.float32), 1)
-        lse_t = tl.load(LSE + h * N + rows)
-        q_b = tl.load(Q + b_in, mask=dmask, other=0.0)
-        k_b = tl.load(K + b_in, mask=dmask, other=0.0)
-        v_b = tl.load(V + b_in, mask=dmask, other=0.0)
-        do_b = tl.load(DO + b_off, mask=dmask, other=0.0)
-        delta_b = tl.sum(tl.load(O + b_off, mask=dmask, other=0.0).to(tl.float32) * do_b.to(tl.float32), 1)
-        lse_b = tl.load(LSE + h * N + cols)
-        bias = sig2 * dist
-        # rows as queries, the ball as keys: dQ (and dsigma, whose pairs every program covers once)
-        p = tl.where(bvalid[None, :], tl.math.exp2(dot(q_t, tl.trans(k_b), DOT_PREC, UPCAST) * qk_scale + bias
-                                                   - lse_t[:, None]), 0.0)
-        dq, ds = dq_step(tl.zeros([BLOCK, BLOCK_D], tl.float32), p, do_t, k_b, v_b, delta_t, DOT_PREC, UPCAST)
-        tl.store(DQ + t_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=dmask)
-        if SIGMA_GRAD:
-            tl.store(DSIG + pid * H + h, tl.sum(tl.sum(ds * dist, 1), 0))
-        # rows as keys, the ball as queries (transposed tiles): dK, dV
-        pT = tl.where(tvalid[:, None], tl.math.exp2(dot(k_t, tl.trans(q_b), DOT_PREC, UPCAST) * qk_scale + bias
-                                                    - lse_b[None, :]), 0.0)
-        dk, dv, dsT = dkdv_step_t(tl.zeros([BLOCK, BLOCK_D], tl.float32), tl.zeros([BLOCK, BLOCK_D], tl.float32),
-                                  pT, q_b, do_b, v_t, delta_b, DOT_PREC, UPCAST)
-        tl.store(DK + t_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=dmask)
-        tl.store(DV + t_off, dv.to(DV.dtype.element_ty), mask=dmask)
-
-
 # ---------------------------------------------------------------------------------------------
 # Launch configuration (tuned on an H100, see docs/perf-notes.md "Ball kernel"); facts: ball size m,
 # padded head dim d, dtype. Interpreter tiles: _common._INTERPRETER_TILES.
 # ---------------------------------------------------------------------------------------------
-def _heads(m: int, d: int) -> bool:
-    # the every-head kernels hold a [16, m] fp32 tile per score: balls up to 256 slots, heads up to 16 wide
-    return d <= 16 and m <= 256
-
-
-def _heads_cfg(m: int, d: int) -> dict:
-    # HEADS: the every-head kernel, HEADS_ROWS rows a program, HEADS_WARPS warps; the other entries
-    # are the per-head kernel's (positions with a gradient, benchmarks, HEADS=False)
-    return dict(HEADS=_heads(m, d), HEADS_ROWS=16, HEADS_WARPS=4)
-
-
 @launch_rule("ball_fwd")
 def _fwd_rule(m: int, d: int, dtype: torch.dtype) -> dict:
     if dtype == torch.float32:
-        return dict(BLOCK_M=min(64, m), BLOCK_N=min(32, m), num_warps=4, num_stages=2, **_heads_cfg(m, d))
+        return dict(BLOCK_M=min(64, m), BLOCK_N=min(32, m), num_warps=4, num_stages=2)
     return dict(BLOCK_M=min(128, m) if d <= 64 else min(64, m), BLOCK_N=min(64, m), num_warps=4 if d <= 64 else 8,
-                num_stages=3, **_heads_cfg(m, d))
+                num_stages=3)
 
 
 @launch_rule("ball_bwd")
@@ -436,13 +320,11 @@ def _bwd_rule(m: int, d: int, dtype: torch.dtype) -> dict:
     # BLOCK: the program's tile of keys (dK, dV) and queries (dQ); the two-loop kernel steps over the
     # ball's queries in BLOCK_M1 and its keys in BLOCK_N2; MERGED picks the one-loop kernel, which
     # steps over the ball in BLOCK_M1 (its BLOCK_B)
-    # HEADS (_heads_cfg): the every-head kernel, unless positions take a gradient
     if dtype == torch.float32 or d > 64:
         return dict(BLOCK=min(64, m), BLOCK_M1=min(32, m), BLOCK_N2=min(32, m), MERGED=False, num_warps=4,
-                    num_stages=2, **_heads_cfg(m, d))
+                    num_stages=2)
     # one-loop backward, tiles of 64 (why: docs/perf-notes.md, "Ball kernel")
-    return dict(BLOCK=min(64, m), BLOCK_M1=min(32, m), BLOCK_N2=min(32, m), MERGED=True, num_warps=4, num_stages=3,
-                **_heads_cfg(m, d))
+    return dict(BLOCK=min(64, m), BLOCK_M1=min(32, m), BLOCK_N2=min(32, m), MERGED=True, num_warps=4, num_stages=3)
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -458,17 +340,10 @@ def _forward(q, k, v, pos, sigma, mask_u8, m, scale, bias: bool = True):
     o = _common.new_empty(q.shape, q)
     lse = _common.new_empty((h, n), q, torch.float32)
     cfg = config_for("ball_fwd", m=m, d=dot_dim(d), dtype=q.dtype)
-    common = dict(M=m, D=d, BLOCK_D=dot_dim(d), PDIM=pos.size(1), DOT_PREC=dot_precision(q.dtype),
-                  UPCAST=_upcast(q.dtype))
-    heads, rows, warps = cfg.pop("HEADS"), cfg.pop("HEADS_ROWS"), cfg.pop("HEADS_WARPS")
-    if heads and bias:
-        _ball_fwd_heads_kernel[(n // rows,)](
-            q, k, v, pos, sigma, mask_u8, o, lse, n, q.stride(0), h * d, pos.stride(0), scale, H=h, BLOCK_M=rows,
-            num_warps=warps, num_stages=1, **common)
-        return o, lse
     _ball_fwd_kernel[(n // cfg["BLOCK_M"] * h,)](
         q, k, v, pos, sigma, mask_u8, o, lse, n, h, q.stride(0), h * d, pos.stride(0), scale,
-        **common, **({} if bias else dict(BIAS=False)), **cfg)
+        M=m, D=d, BLOCK_D=dot_dim(d), PDIM=pos.size(1), DOT_PREC=dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
+        **({} if bias else dict(BIAS=False)), **cfg)
     return o, lse
 
 
@@ -478,14 +353,6 @@ def _backward(do, q, k, v, o, lse, pos, sigma, mask_u8, m, scale, sigma_grad, po
     dq, dk, dv = (_common.new_empty(q.shape, q) for _ in range(3))  # contiguous, whatever q's row stride
     cfg = config_for("ball_bwd", m=m, d=dot_dim(d), dtype=q.dtype)
     blk, bm1, bn2 = cfg["BLOCK"], cfg["BLOCK_M1"], cfg["BLOCK_N2"]
-    if cfg["HEADS"] and bias and not pos_grad:  # one program per row tile and every head
-        rows = cfg["HEADS_ROWS"]
-        dsig = _common.new_empty((n // rows * h if sigma_grad else 1,), q, torch.float32)
-        _ball_bwd_heads_kernel[(n // rows,)](
-            q, k, v, o, do, pos, sigma, mask_u8, lse, dq, dk, dv, dsig, n, q.stride(0), h * d, pos.stride(0), scale,
-            H=h, M=m, D=d, BLOCK_D=dot_dim(d), PDIM=pos.size(1), BLOCK=rows, SIGMA_GRAD=sigma_grad,
-            DOT_PREC=dot_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=cfg["HEADS_WARPS"], num_stages=1)
-        return dq, dk, dv, None, (dsig.view(-1, h).sum(0) if sigma_grad else None)
     grid = n // blk * h
     dsig = _common.new_empty((grid if sigma_grad else 1,), q, torch.float32)
     dpos = _common.new_empty((n, h, pos.size(1)) if pos_grad else (1,), q, torch.float32)
