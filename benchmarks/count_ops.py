@@ -167,13 +167,20 @@ def _varlen_stubbed():
         conv._varlen_ok, conv._varlen_attn = saved
 
 
+# the examples' study network (examples/study_flags.sh): 4 heads of 32, top-k 16, per-query compression
+STUDY = dict(channels=128, heads=4, topk=16, group_compression=False)
+
+
 def block_counts(attention: str, ball: int = 64, points: int = 300, clouds: int = 2, channels: int = 64,
-                 heads: int = 8, dtype=torch.float16, seed: int = 0, where: bool = False):
-    r"""``(forward, backward, first_layer_extra)`` op counters of one steady-state block."""
+                 heads: int = 8, dtype=torch.float16, seed: int = 0, where: bool = False, topk: int = 4,
+                 group_compression: bool = True):
+    r"""``(forward, backward, first_layer_extra)`` op counters of one steady-state block (the paper
+    model's block by default; ``**STUDY`` for the examples' study network's)."""
     from torch_geometric_bsa import BSATransformer
     from torch_geometric_bsa.balltree import build_ball_tree
     torch.manual_seed(seed)
-    kw = dict(cmp_block=8, slc_block=8, topk=4, group_size=8, group_compression=True, backend="triton")
+    kw = dict(cmp_block=8, slc_block=8, topk=topk, group_size=8, group_compression=group_compression,
+              backend="triton")
     model = BSATransformer(3, 1, hidden_channels=channels, num_layers=2, heads=heads, attention=attention,
                            ball_size=ball, cuda_graphs=False, **(kw if attention == "bsa" else {}))
     g = torch.Generator().manual_seed(seed)
@@ -302,10 +309,13 @@ def main():
     p.add_argument("--by-op", action="store_true", help="print the op -> count table")
     p.add_argument("--where", action="store_true", help="print each op with the lines that issued it")
     p.add_argument("--attn", default="bsa,full")
+    p.add_argument("--study", action="store_true",
+                   help="the examples' study network's block (C 128, 4 heads, top-k 16, per-query compression)")
     p.add_argument("--graphs", type=int, default=0, metavar="L",
                    help="also count L blocks replayed from layer graphs (emulated), per tree or shared")
     args = p.parse_args()
-    res = {a: block_counts(a, args.ball, args.points, args.clouds, where=args.where) for a in args.attn.split(",")}
+    res = {a: block_counts(a, args.ball, args.points, args.clouds, where=args.where, **(STUDY if args.study else {}))
+           for a in args.attn.split(",")}
     if args.by_op:
         names = sorted(set().union(*(set(c) for r in res.values() for c in r[:2])))
         print(f"{'op':34s}" + "".join(f" {a + ' fwd':>9s} {a + ' bwd':>9s}" for a in res))
