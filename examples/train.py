@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-kw", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="extra keyword for get_dataset (repeatable), e.g. --data-kw n_length=30, "
                         "--data-kw gap=0.2,1.0 (commas: a tuple)")
+    g.add_argument("--local-geometry", type=_nonneg_int, default=0, metavar="K",
+                   help="append local-geometry features of the K nearest points to every point's input "
+                        "(spacing and the offset to their centroid: where points are missing; "
+                        "torch_geometric_bsa.transforms.LocalGeometry); 0: off")
     g.add_argument("--data-workers", type=_nonneg_int, default=0,
                    help="processes that generate the 'car'/'multibody' dataset in parallel (0: in this process); "
                         "the data do not depend on it")
@@ -429,6 +433,16 @@ def load_splits(args) -> tuple:
     return train, test, stats
 
 
+def with_local_geometry(ds, k: int) -> list:
+    r"""``ds``'s samples with :class:`~torch_geometric_bsa.transforms.LocalGeometry` features appended to
+    ``x`` (computed once here, not per step)."""
+    from tqdm.auto import tqdm
+    from torch_geometric_bsa.transforms import LocalGeometry
+    t = LocalGeometry(k)
+    return [t(ds[i].clone()) for i in tqdm(range(len(ds)), desc=f"local geometry (k={k})", leave=False,
+                                          disable=len(ds) < 64)]
+
+
 def _dataset_stats(ds) -> Dict:
     r"""A dataset that stores normalised targets says how to undo it (``y_mean``/``y_std``)."""
     for a, b in (("y_mean", "y_std"), ("mean", "std")):
@@ -640,7 +654,7 @@ RESUME_MAY_CHANGE = ("resume", "stop_after", "max_time", "no_plots", "no_progres
 # Flags added after checkpoints recorded their run configuration, with the value every earlier run
 # had: a checkpoint that lacks one is compared as if it recorded that value (so older runs resume,
 # and a run with another value is refused).
-ADDED_FLAGS = {"selection": "shared", "gate_bias": None, "linear_gates": False}
+ADDED_FLAGS = {"selection": "shared", "gate_bias": None, "linear_gates": False, "local_geometry": 0}
 
 
 def run_config(args) -> Dict:
@@ -868,6 +882,8 @@ def _run(args, dd: Dist) -> Dict:
     dd.barrier()
     if not dd.main:
         train, test, stats = load_splits(args)
+    if args.local_geometry and not args.prepare_data:
+        train, test = with_local_geometry(train, args.local_geometry), with_local_geometry(test, args.local_geometry)
     data_s = time.perf_counter() - t0
     if len(train) == 0 or len(test) == 0:
         raise ValueError(f"dataset {args.dataset!r} has {len(train)} training and {len(test)} test samples")

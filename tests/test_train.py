@@ -651,3 +651,17 @@ def test_gate_stats_reads_trained_gates(tmp_path, capsys):
     train.main(TINY + ["--model", "full", "--steps", "1", "--no-plots", "--out", other])
     with pytest.raises(ValueError, match="gates exist only in --model bsa"):
         stats.gate_means(other)
+
+
+def test_local_geometry_flag(tmp_path):
+    # --local-geometry K appends d + 1 features to every point's input (the first layer grows by that
+    # many input columns); a resume with another K is refused, naming the flag
+    base = TINY + ["--model", "bsa", "--steps", "2", "--log-every", "1", "--no-plots", "--ckpt-every", "1"]
+    plain = train.main(base + ["--out", str(tmp_path / "p")])
+    out = str(tmp_path / "g")
+    geo = train.main(base + ["--local-geometry", "4", "--out", out])
+    assert geo["steps"] == 2 and geo["test_mse"] == geo["test_mse"]
+    dim = train.load_splits(train.parse_args(TINY))[0][0].pos.size(1)
+    assert geo["parameters"] - plain["parameters"] == (dim + 1) * 16  # the input projection's new columns
+    with pytest.raises(train.RunError, match="local_geometry"):
+        train.main(base + ["--local-geometry", "8", "--out", out, "--steps", "3", "--resume"])

@@ -1,4 +1,4 @@
-"""PyG transforms: cache a ball tree on `Data` when positions are static."""
+"""PyG transforms: cache a ball tree on `Data` when positions are static; local-geometry input features."""
 from __future__ import annotations
 
 from typing import Optional
@@ -10,7 +10,7 @@ from torch_geometric.transforms import BaseTransform
 
 from .balltree import BallTree, build_ball_tree
 
-__all__ = ["CacheBallTree", "get_ball_tree", "pos_fingerprint"]
+__all__ = ["CacheBallTree", "LocalGeometry", "get_ball_tree", "local_geometry", "pos_fingerprint"]
 
 
 def pos_fingerprint(pos: Tensor, batch: Optional[Tensor] = None) -> Tensor:
@@ -66,3 +66,69 @@ def get_ball_tree(data: Data, ball_size: int) -> BallTree:
                 and bool(torch.allclose(key.to(fresh.device), fresh, rtol=1e-12, atol=0.0))):
             return trees[0] if len(trees) == 1 else BallTree.cat(trees)
     return build_ball_tree(data.pos, batch, ball_size)
+
+
+def local_geometry(pos: Tensor, k: int = 16, chunk: int = 4096) -> Tensor:
+    r"""Per-point features of the neighbourhood of one cloud: ``[N, d + 1]``.
+
+    Column 0 is the mean distance to the ``k`` nearest other points (the local spacing; a refined
+    mesh around a hole shows as small spacing). Columns ``1..d`` are the offset from the point to the
+    centroid of those neighbours, divided by that mean distance: about 0 inside the material, and of
+    length up to about 1, pointing into the material, on a boundary or beside a hole, where the
+    neighbourhood is one-sided.
+
+    Args:
+        pos (Tensor): ``[N, d]`` positions of one cloud (``N >= 2``).
+        k (int): neighbours (fewer when the cloud has fewer other points).
+        chunk (int): query rows per distance block (memory ``chunk x N``).
+    """
+    if pos.dim() != 2 or pos.size(0) < 2:
+        raise ValueError(f"local_geometry needs positions [N >= 2, d], got {list(pos.shape)}")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    k = min(k, pos.size(0) - 1)
+    p = pos.float()
+    feats = []
+    for start in range(0, p.size(0), chunk):
+        rows = p[start:start + chunk]
+        dist = torch.cdist(rows, p)
+        # the point itself is at distance 0: take k + 1 and drop the nearest, which is itself
+        # (or a duplicate point, equally at 0)
+        d, idx = dist.topk(k + 1, dim=1, largest=False)
+        d, idx = d[:, 1:], idx[:, 1:]
+        spacing = d.mean(1, keepdim=True)
+        offset = (p[idx].mean(1) - rows) / spacing.clamp_min(torch.finfo(p.dtype).tiny)
+        feats.append(torch.cat([spacing, offset], 1))
+    return torch.cat(feats).to(pos.dtype)
+
+
+class LocalGeometry(BaseTransform):
+    r"""Appends :func:`local_geometry` features (``d + 1`` columns) to ``data.x``, or makes them
+    ``data.x`` when it is missing.
+
+    Attention over points sees where points are, but not directly where they are missing; a kNN
+    message-passing model reads that from its edges. These features hand it to any model. Run it
+    once, as a ``pre_transform`` or over a list of samples: it costs an ``N x N`` distance scan per
+    cloud, in blocks.
+
+    Args:
+        k (int): neighbours per point.
+    """
+
+    def __init__(self, k: int = 16):
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        self.k = k
+
+    def forward(self, data: Data) -> Data:
+        if getattr(data, "pos", None) is None:
+            raise ValueError("LocalGeometry needs data.pos")
+        if getattr(data, "batch", None) is not None and data.batch.numel() and int(data.batch.max()) > 0:
+            raise ValueError("LocalGeometry takes one cloud (a Data), not a Batch of several")
+        f = local_geometry(data.pos, self.k)
+        x = getattr(data, "x", None)
+        data.x = f if x is None else torch.cat([x, f.to(x.dtype)], 1)
+        return data
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(k={self.k})"
