@@ -30,6 +30,18 @@ def test_spacing_and_inward_offset_on_a_grid():
     assert (outward > -1e-6).all() and (outward > 0.3).float().mean() > 0.7
 
 
+def test_far_from_the_origin_and_duplicates():
+    # the same cloud shifted far from the origin gives the same features (fp32 positions)
+    pos = torch.rand(400, 3, generator=torch.Generator().manual_seed(2))
+    shift = torch.tensor([1000.0, -2000.0, 500.0])
+    # (tolerance: fp32 rounds the shifted input by 2.4e-4, against a spacing of ~0.1; the matmul
+    # form of the distances is off by ~0.3 here and fails)
+    assert torch.allclose(local_geometry(pos + shift, k=8), local_geometry(pos, k=8), atol=5e-3, rtol=0)
+    # a duplicated point has its twin at distance 0, not itself
+    f = local_geometry(torch.cat([pos, pos[:1]]), k=1)
+    assert f[0, 0] == 0 and f[-1, 0] == 0
+
+
 def test_chunks_and_dtype():
     pos = torch.rand(301, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     a = local_geometry(pos, k=5)

@@ -87,15 +87,15 @@ def local_geometry(pos: Tensor, k: int = 16, chunk: int = 4096) -> Tensor:
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     k = min(k, pos.size(0) - 1)
-    p = pos.float()
+    p = pos.to(torch.promote_types(pos.dtype, torch.float32))  # 16-bit positions computed in fp32
     feats = []
     for start in range(0, p.size(0), chunk):
         rows = p[start:start + chunk]
-        dist = torch.cdist(rows, p)
-        # the point itself is at distance 0: take k + 1 and drop the nearest, which is itself
-        # (or a duplicate point, equally at 0)
-        d, idx = dist.topk(k + 1, dim=1, largest=False)
-        d, idx = d[:, 1:], idx[:, 1:]
+        # exact differences (the matmul form loses the spacing to cancellation far from the origin)
+        dist = torch.cdist(rows, p, compute_mode="donot_use_mm_for_euclid_dist")
+        own = torch.arange(rows.size(0), device=p.device)
+        dist[own, own + start] = float("inf")  # a point is not its own neighbour
+        d, idx = dist.topk(k, dim=1, largest=False)
         spacing = d.mean(1, keepdim=True)
         offset = (p[idx].mean(1) - rows) / spacing.clamp_min(torch.finfo(p.dtype).tiny)
         feats.append(torch.cat([spacing, offset], 1))

@@ -343,7 +343,7 @@ def _forward(q, k, v, pos, sigma, mask_u8, m, scale, bias: bool = True):
     _ball_fwd_kernel[(n // cfg["BLOCK_M"] * h,)](
         q, k, v, pos, sigma, mask_u8, o, lse, n, h, q.stride(0), h * d, pos.stride(0), scale,
         M=m, D=d, BLOCK_D=dot_dim(d), PDIM=pos.size(1), DOT_PREC=dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
-        **({} if bias else dict(BIAS=False)), **cfg)
+        BIAS=bias, **cfg)
     return o, lse
 
 
