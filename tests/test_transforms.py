@@ -35,7 +35,7 @@ def test_far_from_the_origin_and_duplicates():
     pos = torch.rand(400, 3, generator=torch.Generator().manual_seed(2))
     shift = torch.tensor([1000.0, -2000.0, 500.0])
     # (tolerance: fp32 rounds the shifted input by 2.4e-4, against a spacing of ~0.1; the matmul
-    # form of the distances is off by ~0.3 here and fails)
+    # form of the distances loses them to cancellation here: the features blow up, and the test fails)
     assert torch.allclose(local_geometry(pos + shift, k=8), local_geometry(pos, k=8), atol=5e-3, rtol=0)
     # a duplicated point has its twin at distance 0, not itself
     f = local_geometry(torch.cat([pos, pos[:1]]), k=1)
