@@ -200,6 +200,8 @@ def main():
                     "(it compiles anew per shape)")
     ap.add_argument("--configs", default="paper,fast")
     ap.add_argument("--plot-only", metavar="JSON", help="redraw bench_bsa.png from a saved bench_bsa.json")
+    ap.add_argument("--launch-config", default=None, metavar="FILE|JSON",
+                    help="{kernel: {entry: value}} forced on the launch rules, e.g. '{\"cmp_flash\": {\"FLASH\": false}}'")
     args = ap.parse_args()
     if args.plot_only:
         import json
@@ -219,6 +221,8 @@ def main():
     torch._dynamo.config.cache_size_limit = 64  # flex recompiles per shape; never fall back to eager
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = 64
+    from common import forced_launch_configs
+    _stack, args.forced = forced_launch_configs(args.launch_config)  # open for the whole run; args record it
     flex_sizes = {int(x) for x in args.flex_sizes.split(",") if x}
     cfgs = {k_: cfgs[k_] for k_ in args.configs.split(",")}
     rows, info = [], env_info()

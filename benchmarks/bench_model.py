@@ -17,7 +17,6 @@ Runs on CUDA only (the CPU figures live in bench_cpu.py).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -223,8 +222,8 @@ def main(argv=None):
     p.add_argument("--time-limit", type=float, default=float("inf"), help="seconds; skip the remaining cases")
     p.add_argument("--json", default=None)
     p.add_argument("--breakdown", action="store_true", help="print kernels by count and host ops by time")
-    p.add_argument("--launch-config", default=None, metavar="FILE",
-                   help="JSON {kernel: {entry: value}} forced on the kernels' launch rules for the whole run "
+    p.add_argument("--launch-config", default=None, metavar="FILE|JSON",
+                   help="JSON {kernel: {entry: value}} (a file, or inline) forced on the kernels' launch rules for the whole run "
                         "(sweep_small_heads.py --best writes one)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -233,14 +232,8 @@ def main(argv=None):
     BREAKDOWN = args.breakdown
     rows: List[Dict] = []
     t_start = time.time()
-    forced = contextlib.ExitStack()
-    if args.launch_config:
-        from torch_geometric_bsa.kernels._common import launch_config
-        with open(args.launch_config) as f:
-            args.forced = json.load(f)  # recorded in the JSON's args
-        for kernel, entries in args.forced.items():
-            forced.enter_context(launch_config(kernel, **entries))
-        print("launch configs forced:", json.dumps(args.forced), flush=True)
+    from common import forced_launch_configs
+    forced, args.forced = forced_launch_configs(args.launch_config)  # recorded in the JSON's args
     for kind in args.kinds.split(","):
         sizes = args.sizes if kind == "train" else args.infer_sizes
         for model_name in args.models.split(","):

@@ -100,3 +100,24 @@ def markdown_table(rows: Sequence[Dict], cols: Sequence[str], fmt: Optional[Dict
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(cell(r, c) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def forced_launch_configs(spec: Optional[str]):
+    r"""``--launch-config``: a JSON file or inline JSON ``{kernel: {entry: value}}`` forced on the
+    kernels' launch rules (``_common.launch_config``) while the returned ``ExitStack`` is open.
+    Returns ``(stack, forced dict or None)``; the dict belongs in the run's saved args."""
+    import contextlib
+    import json
+    stack = contextlib.ExitStack()
+    if not spec:
+        return stack, None
+    if spec.lstrip().startswith("{"):
+        forced = json.loads(spec)
+    else:
+        with open(spec) as f:
+            forced = json.load(f)
+    from torch_geometric_bsa.kernels._common import launch_config
+    for kernel, entries in forced.items():
+        stack.enter_context(launch_config(kernel, **entries))
+    print("launch configs forced:", json.dumps(forced), flush=True)
+    return stack, forced
