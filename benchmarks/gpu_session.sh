@@ -78,6 +78,12 @@ perf() {
         --launch-config "{\"cmp_flash\": {\"FLASH\": $fl}}" > "$OUT/perf/bsa_flash_$fl.log" 2>&1
       tail -n 6 "$OUT/perf/bsa_flash_$fl.log"
     done
+    for fl in true false; do  # the models' steps at 8 x 3,586 (the rule leaves them on Triton): does forcing pay?
+      echo "=== bench_model study,paper 8x3586, cmp_flash FLASH=$fl ($(date +%T))"
+      timeout 100 python benchmarks/bench_model.py --models study,paper --sizes 8x3586 --kinds train --attn bsa \
+        --modes eager --reps 5 --warmup 3 --launch-config "{\"cmp_flash\": {\"FLASH\": $fl}}" \
+        --json "$OUT/perf/model_flash_$fl.json" 2>&1 | grep "^| "
+    done
   fi
   if has bias; then  # what the ball kernels' distance bias costs (sizes the square-root work: perf-notes)
     echo "=== ball_bias_cost ($(date +%T))"
