@@ -656,3 +656,68 @@ def test_walk_matches_parameters_buffers_and_hooks():
         g.remove()
     assert not layer_graphs._walk(block)[2]
     assert layer_graphs._walk(nn.Sequential(nn.LazyLinear(4)))[2]
+
+
+def test_captures_run_with_the_garbage_collector_paused(monkeypatch):
+    # a collection inside a capture can free an evicted graph, which invalidates the capture on a
+    # GPU (seen with ragged plates: cudaErrorStreamCaptureInvalidated); both capture paths pause it
+    import gc
+    seen = []
+
+    class FakeGraph:
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", FakeGraph)
+    assert gc.isenabled()
+    layer_graphs._CudaGraph().capture(lambda: seen.append(gc.isenabled()), pool=None)
+    assert seen == [False] and gc.isenabled()
+    with pytest.raises(RuntimeError):  # re-enabled after a failed capture too
+        layer_graphs._CudaGraph().capture(lambda: (_ for _ in ()).throw(RuntimeError("capture failed")), pool=None)
+    assert gc.isenabled()
+    gc.disable()  # and left off when it was off
+    try:
+        layer_graphs._CudaGraph().capture(lambda: None, pool=None)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+@requires_cuda
+def test_cuda_ragged_layouts_evict_graphs_safely():
+    # ragged batches (the plates' 1,000-1,060 points a cloud) give a new layout often; graphs are
+    # captured and evicted (two kept per layer) in training and in evaluation, with the garbage
+    # collector set to run at nearly every allocation: a collection inside a capture that freed an
+    # evicted graph invalidated the capture (cudaErrorStreamCaptureInvalidated) before no_gc
+    import gc
+    torch.manual_seed(0)
+    cfg = {**SMALL, "hidden_channels": 32, "ball_size": 64, "cmp_block": 8, "slc_block": 8, "group_size": 8}
+    model = BSATransformer(3, 1, **cfg).cuda()
+    plain = BSATransformer(3, 1, cuda_graphs=False, **cfg).cuda()
+    plain.load_state_dict(model.state_dict())
+    old = gc.get_threshold()
+    gc.set_threshold(1, 1, 1)
+    try:
+        for i in range(20):  # each layout twice (a layout is captured when seen the second time)
+            j, train = i // 2, (i // 2) % 2 == 0
+            sizes = [130 + 70 * j, 190 - 5 * j, 150 + (j % 3) * 40]
+            pos, batch = random_batch(sizes, seed=i, device="cuda")
+            x = torch.randn(pos.size(0), 3, device="cuda")
+            model.train(train), plain.train(train)
+            with torch.set_grad_enabled(train):
+                out = model(x, pos, batch)
+                ref = plain(x, pos, batch)
+                if train:
+                    out.square().mean().backward()
+            torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-4)
+    finally:
+        gc.set_threshold(*old)
+    torch.cuda.synchronize()
+    assert sum(b._graphs.captures for b in model.blocks) >= 10  # captures (and evictions) happened

@@ -29,6 +29,7 @@ gradients are copied out of the graph's buffers, never handed out as views of th
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import threading
 import types
@@ -289,13 +290,29 @@ def _shared_tree(tree: BallTree, pos: Tensor, reads_points: bool, graph_cls) -> 
     return s
 
 
+@contextlib.contextmanager
+def no_gc():
+    r"""Python's cyclic garbage collector paused (for a CUDA graph capture).
+
+    A collection that runs inside a capture may free another CUDA graph (an evicted layer graph
+    held in a reference cycle); destroying a graph while a stream captures invalidates the capture
+    (``cudaErrorStreamCaptureInvalidated``). Seen when ragged batches evicted graphs often."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 class _CudaGraph:
     def __init__(self):
         self.graph = torch.cuda.CUDAGraph()
 
     def capture(self, fn: Callable, pool):
         # thread_local: a DataLoader's pin-memory thread may call CUDA while a layer captures
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+        with no_gc(), torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             return fn()
 
     def replay(self) -> None:
