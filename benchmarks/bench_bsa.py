@@ -201,7 +201,7 @@ def main():
     ap.add_argument("--configs", default="paper,fast")
     ap.add_argument("--plot-only", metavar="JSON", help="redraw bench_bsa.png from a saved bench_bsa.json")
     ap.add_argument("--launch-config", default=None, metavar="FILE|JSON",
-                    help="{kernel: {entry: value}} forced on the launch rules, e.g. '{\"cmp_flash\": {\"FLASH\": false}}'")
+                    help="{kernel: {entry: value}} forced on the launch rules, e.g. '{\"topk\": {\"BLOCK_N\": 64}}'")
     args = ap.parse_args()
     if args.plot_only:
         import json

@@ -19,8 +19,7 @@ left() { echo $(( LIMIT_S - SECONDS - 10 )); }
 # and with the shared tree; BENCH_SHARE, default "0 1", picks), bsa (bench_bsa.py at BSA_SIZES, default
 # 65536,262144), slc (the selection kernels' tile sweeps: the model's layer shape, then 65k points),
 # bias (benchmarks/ball_bias_cost.py: the ball kernels with and without the distance bias), breakdown
-# (the examples' study network, bsa and full, 8 x 3,586, eager, kernels by GPU time), cmpflash (the
-# compression branch through FlashAttention: its tests, bench_cmp_flash.py, bench_bsa.py at 65k with and without)
+# (the examples' study network, bsa and full, 8 x 3,586, eager, kernels by GPU time)
 STAGES=${STAGES:-tests shared bench bsa}
 T_TESTS=${T_TESTS:-200}
 TEST_FILES=${TEST_FILES:-tests/kernels/test_bsa_triton.py tests/test_host_free.py tests/test_layer_graphs.py \
@@ -63,27 +62,6 @@ perf() {
     OUT="$OUT/perf" timeout 150 python benchmarks/sweep_bsa.py --kernels slc --configs fast \
       > "$OUT/perf/sweep_slc_65k.log" 2>&1
     grep -E "^\| fast" "$OUT/perf/sweep_slc_65k.log" | head -n 30
-  fi
-  if has cmpflash; then  # the compression branch through FlashAttention: tests, the branch alone, the op at 65k
-    echo "=== compressed tests ($(date +%T))"
-    BSA_AUTOTUNE=0 timeout 120 $PYTEST tests/kernels/test_compressed.py > "$OUT/perf/tests_cmp.log" 2>&1
-    tail -n 4 "$OUT/perf/tests_cmp.log"
-    echo "=== bench_cmp_flash ($(date +%T))"
-    OUT="$OUT/perf" timeout 200 python benchmarks/bench_cmp_flash.py --rep 40 > "$OUT/perf/cmp_flash.log" 2>&1
-    tail -n 13 "$OUT/perf/cmp_flash.log"
-    for fl in true false; do
-      echo "=== bench_bsa 65k, cmp_flash FLASH=$fl ($(date +%T))"
-      mkdir -p "$OUT/perf/bsa_flash_$fl"
-      OUT="$OUT/perf/bsa_flash_$fl" timeout 120 python benchmarks/bench_bsa.py --sizes 65536 --no-flex --rep 20 \
-        --launch-config "{\"cmp_flash\": {\"FLASH\": $fl}}" > "$OUT/perf/bsa_flash_$fl.log" 2>&1
-      tail -n 6 "$OUT/perf/bsa_flash_$fl.log"
-    done
-    for fl in true false; do  # the models' steps at 8 x 3,586 (the rule leaves them on Triton): does forcing pay?
-      echo "=== bench_model study,paper 8x3586, cmp_flash FLASH=$fl ($(date +%T))"
-      timeout 100 python benchmarks/bench_model.py --models study,paper --sizes 8x3586 --kinds train --attn bsa \
-        --modes eager --reps 5 --warmup 3 --launch-config "{\"cmp_flash\": {\"FLASH\": $fl}}" \
-        --json "$OUT/perf/model_flash_$fl.json" 2>&1 | grep "^| "
-    done
   fi
   if has bias; then  # what the ball kernels' distance bias costs (sizes the square-root work: perf-notes)
     echo "=== ball_bias_cost ($(date +%T))"

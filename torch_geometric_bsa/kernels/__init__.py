@@ -117,15 +117,12 @@ def bsa_triton(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tree, cfg, *, sigma
 
 def _compression(q_cmp, q_unit, k_cmp, v_cmp, cmp_mask, tree, cfg):
     # the compression attention and what the selection reuses: (o_c, lse, cmp_mask as int8, ranges)
-    from .compressed import compressed_attention_flash, compressed_attention_triton, use_flash
-    from .plan import as_int8, compressed_ranges, compressed_varlen
+    from .compressed import compressed_attention_triton
+    from .plan import compressed_ranges
+    from .plan import as_int8
     s = cfg.cmp_stride
-    mask_in, cmp_mask = cmp_mask, as_int8(cmp_mask)  # a bool mask's own bytes (a view): no kernel
+    cmp_mask = as_int8(cmp_mask)  # a bool mask's own bytes (a view): no kernel
     ranges = compressed_ranges(tree, q_unit, s, window=cfg.cmp_window)
-    if cfg.cmp_window is None and use_flash(q_cmp, k_cmp, tree.max_slots // s):
-        # large clouds: FlashAttention over each cloud's valid compressed keys (same o and lse)
-        o_c, lse = compressed_attention_flash(q_cmp, k_cmp, v_cmp, compressed_varlen(tree, q_unit, s, mask_in))
-        return o_c, lse, cmp_mask, ranges
     # rows see different key ranges with several clouds or windows (a Python int: no host sync)
     ragged = tree.num_clouds > 1 or cfg.cmp_window is not None
     o_c, lse = compressed_attention_triton(q_cmp, k_cmp, v_cmp, cmp_mask, ranges, ragged=ragged)

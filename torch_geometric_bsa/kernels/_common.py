@@ -95,7 +95,6 @@ _INTERPRETER_TILES: Dict[str, Callable[..., dict]] = {
     "cmp_fwd": lambda **_: dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
     "cmp_dq": lambda **_: dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
     "cmp_dkdv": lambda **_: dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
-    "cmp_flash": lambda **_: {},
     "slc_fwd": lambda **_: dict(rows=32, keys=64),
     "slc_dq": lambda **_: dict(rows=32, keys=64),
     "slc_dkdv": lambda **_: dict(rows=16, steps=1),

@@ -14,12 +14,11 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _common
-from ._common import (EMPTY_LSE as _EMPTY, LOG2E, autotune, cdiv, config_for, dkdv_step, dot_dim, dot_precision,
-                      dq_step, launch_rule, launch_tuned, next_pow2, softmax_finish, softmax_step)
+from ._common import (EMPTY_LSE as _EMPTY, LOG2E, autotune, cdiv, dkdv_step, dot_dim, dot_precision, dq_step,
+                      launch_rule, launch_tuned, next_pow2, softmax_finish, softmax_step)
 from .plan import as_int8
 
-__all__ = ["compressed_attention_triton", "CompressedAttention", "compressed_attention_flash", "CompressedFlash",
-           "use_flash"]
+__all__ = ["compressed_attention_triton", "CompressedAttention"]
 
 EMPTY_LSE = tl.constexpr(_EMPTY)
 
@@ -257,88 +256,3 @@ def compressed_attention_triton(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, kmask: 
         from . import ops
         return ops.compressed(q, k_cmp, v_cmp, as_int8(kmask), *ranges, float(scale), bool(ragged))
     return CompressedAttention.apply(q, k_cmp, v_cmp, as_int8(kmask), *ranges, scale, bool(ragged))
-
-
-# ------------------------------------------------------------------------------------------------
-# The same function through PyTorch's FlashAttention (packed sequences), for large clouds
-# ------------------------------------------------------------------------------------------------
-# Per-query compression is plain attention over the cloud's compressed keys, so at large sizes
-# FlashAttention's tuned kernels compute it; what it cannot do is skip masked keys inside a sequence,
-# hence the key reordering of ``plan.compressed_varlen``. The rule picks it by the branch's work
-# (heads x query rows x keys of the largest cloud); ``launch_config("cmp_flash", FLASH=...)`` forces it.
-FLASH_MIN_WORK = 1 << 28
-
-
-@launch_rule("cmp_flash")
-def _flash_rule(work: int = 0, **_) -> dict:
-    return dict(FLASH=work >= FLASH_MIN_WORK)
-
-
-def _flash_forward(*args, **kwargs):  # one name, so a CPU test can stand in for the CUDA kernels
-    return torch.ops.aten._flash_attention_forward(*args, **kwargs)
-
-
-def _flash_backward(*args, **kwargs):
-    return torch.ops.aten._flash_attention_backward(*args, **kwargs)
-
-
-def flash_supported(q: Tensor, k_cmp: Tensor) -> bool:
-    r"""Whether ``aten._flash_attention_forward`` takes these operands: CUDA, fp16/bf16, one dtype,
-    head dim a multiple of 8 up to 256; not under ``torch.compile`` (the Triton ops are its graph's)."""
-    d = q.size(-1)
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k_cmp.dtype == q.dtype
-            and d % 8 == 0 and d <= 256 and not torch.compiler.is_compiling())
-
-
-def use_flash(q: Tensor, k_cmp: Tensor, max_k: int) -> bool:
-    r"""The ``cmp_flash`` rule for this call (only where :func:`flash_supported`)."""
-    if not flash_supported(q, k_cmp):
-        return False
-    return bool(config_for("cmp_flash", work=q.size(0) * q.size(1) * max_k)["FLASH"])
-
-
-class CompressedFlash(torch.autograd.Function):
-    r"""``CompressedAttention`` through ``aten._flash_attention_forward`` / ``_backward``:
-    same ``(o, lse)`` (``lse [Q, H]`` float32, log2 units, ``EMPTY_LSE`` and zero output on empty
-    rows). Its dQ sums are FlashAttention's: bitwise reproducible only under
-    ``torch.use_deterministic_algorithms(True)``."""
-
-    @staticmethod
-    def forward(ctx, q, k_cmp, v_cmp, src, dest, kinvalid, cu_q, cu_k, max_q, max_k, empty, scale):
-        nq, h, _ = q.shape
-        q = q if q.stride(-1) == 1 else q.contiguous()
-        kc, vc = k_cmp.index_select(0, src), v_cmp.index_select(0, src)  # each cloud's valid keys, packed
-        out, lse_e, rng, unused, _ = _flash_forward(
-            q, kc, vc, cu_q, cu_k, max_q, max_k, 0.0, False, False, scale=scale)
-        lse = _common.new_empty((nq, h), q, torch.float32)
-        torch.mul(lse_e.t() if lse_e.shape == (h, nq) else lse_e, LOG2E, out=lse)
-        lse.masked_fill_(empty[:, None], _EMPTY)
-        # rows without keys: zero (the backward zeroes their gradient, so the saved output may change)
-        out.masked_fill_(empty[:, None, None], 0.0)
-        ctx.save_for_backward(q, kc, vc, out, lse_e, rng, unused, dest, kinvalid, cu_q, cu_k, empty)
-        ctx.sizes = (max_q, max_k, scale)
-        ctx.mark_non_differentiable(lse)
-        ctx.set_materialize_grads(False)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, do, _dlse):
-        if do is None:
-            return (None,) * 12
-        q, kc, vc, out, lse_e, rng, unused, dest, kinvalid, cu_q, cu_k, empty = ctx.saved_tensors
-        max_q, max_k, scale = ctx.sizes
-        do = do.masked_fill(empty[:, None, None], 0.0)  # those rows' output is the constant 0
-        dq, dkc, dvc = _flash_backward(
-            do, q, kc, vc, out, lse_e, cu_q, cu_k, max_q, max_k, 0.0, False, rng, unused, scale=scale)
-        # back to the caller's key order; keys no sequence read get zero (their rows are not written)
-        dk = dkc.index_select(0, dest).masked_fill_(kinvalid[:, None, None], 0.0)
-        dv = dvc.index_select(0, dest).masked_fill_(kinvalid[:, None, None], 0.0)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
-
-
-def compressed_attention_flash(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, plan, scale: Optional[float] = None):
-    r"""``compressed_attention_triton`` through FlashAttention: ``plan`` is
-    ``plan.compressed_varlen(tree, q_unit, stride, kmask)``. Same ``(o [Q, H, D], lse [Q, H])``."""
-    scale = q.size(-1) ** -0.5 if scale is None else scale
-    src, dest, kinvalid, cu_q, cu_k, max_q, max_k, empty = plan
-    return CompressedFlash.apply(q, k_cmp, v_cmp, src, dest, kinvalid, cu_q, cu_k, max_q, max_k, empty, scale)

@@ -12,8 +12,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["cloud_ranges", "compressed_ranges", "compressed_varlen", "group_ranges", "block_valid_i8", "as_int8",
-           "selection_plan"]
+__all__ = ["cloud_ranges", "compressed_ranges", "group_ranges", "block_valid_i8", "as_int8", "selection_plan"]
 
 
 def cloud_ranges(tree, unit_rows: int, unit_cols: int) -> Tuple[Tensor, Tensor]:
@@ -63,45 +62,6 @@ def compressed_ranges(tree, q_unit: int, cmp_stride: int, window: Optional[int] 
         kend = torch.where(qvalid, kend, kstart).contiguous()
         return kstart, kend, qstart, qend
     return tree.cached(("compressed_ranges", q_unit, cmp_stride, window), compute)
-
-
-def compressed_varlen(tree, q_unit: int, cmp_stride: int, kmask: Tensor):
-    r"""What a packed-sequence ("varlen") attention kernel needs for the compression branch:
-    ``(src, dest, kinvalid, cu_q, cu_k, max_q, max_k, empty)``.
-
-    Query rows (``q_unit`` slots each) are already packed cloud after cloud: cloud ``c`` holds rows
-    ``cu_q[c]:cu_q[c+1]``. The compressed keys are packed too, but a cloud's invalid keys (``kmask``
-    zero: blocks of padding, or masked by the caller) must not count, so the keys are reordered:
-    ``k_cmp[src]`` holds each cloud's valid keys at ``cu_k[c]:cu_k[c+1]`` and every invalid key after
-    ``cu_k[-1]``, where no sequence reads it. ``dest`` is the inverse permutation (a gradient in
-    packed order goes back with ``index_select(0, dest)``), ``kinvalid [K]`` bool marks the keys
-    whose gradient is zero. ``max_q``, ``max_k`` are Python ints (bounds from the tree's layout: no
-    host read). ``empty [Q]`` bool marks rows with no valid slot or no valid key: zero output,
-    ``EMPTY_LSE``.
-
-    Derived on the device without a host read, and memoised on the tree while ``kmask`` is the same
-    tensor (a caller's own mask, new each call, is derived again each call).
-    """
-    def compute():
-        nk = tree.num_slots // cmp_stride
-        dev = kmask.device
-        valid = kmask[:nk] != 0
-        cloud = tree.slot_batch[::cmp_stride][:nk]
-        per_cloud = torch.zeros(tree.num_clouds, dtype=torch.int32, device=dev).index_add_(
-            0, cloud, valid.to(torch.int32))
-        cu_k = torch.zeros(tree.num_clouds + 1, dtype=torch.int32, device=dev)
-        cu_k[1:] = torch.cumsum(per_cloud, 0)
-        # valid keys keep their order (so each cloud's stay contiguous), invalid ones follow them all
-        rank_valid = torch.cumsum(valid, 0) - 1
-        rank_invalid = torch.cumsum(~valid, 0) - 1
-        dest = torch.where(valid, rank_valid, cu_k[-1].long() + rank_invalid)
-        src = torch.empty_like(dest).scatter_(0, dest, torch.arange(nk, device=dev))
-        cu_q = torch.div(tree.ptr, q_unit, rounding_mode="floor").to(torch.int32)
-        kstart, kend = compressed_ranges(tree, q_unit, cmp_stride)[:2]
-        row_cloud = tree.slot_batch[::q_unit][:tree.num_slots // q_unit]
-        empty = (kend <= kstart) | (per_cloud[row_cloud] == 0)
-        return (kmask, src, dest, ~valid, cu_q, cu_k, tree.max_slots // q_unit, tree.max_slots // cmp_stride, empty)
-    return tree.cached(("compressed_varlen", q_unit, cmp_stride), compute, valid=lambda hit: hit[0] is kmask)[1:]
 
 
 def group_ranges(tree, group_size: int, slc_block: int, window: Optional[int] = None):
