@@ -721,3 +721,44 @@ def test_cuda_ragged_layouts_evict_graphs_safely():
         gc.set_threshold(*old)
     torch.cuda.synchronize()
     assert sum(b._graphs.captures for b in model.blocks) >= 10  # captures (and evictions) happened
+
+
+def test_a_failed_capture_runs_eagerly_and_three_turn_graphs_off(emulate, monkeypatch):
+    # a capture that fails (on a GPU: cudaErrorStreamCaptureInvalidated) must cost speed, not the
+    # training run: the call runs plainly with the same result, a warning says so, and after
+    # MAX_CAPTURE_FAILURES the process runs without graphs; other errors still propagate
+    monkeypatch.setattr(layer_graphs, "_failures", 0)
+    calls = {"n": 0}
+    capture = layer_graphs._EagerGraph.capture
+
+    def failing(self, fn, pool):
+        calls["n"] += 1
+        raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+    torch.manual_seed(0)
+    plain = BSATransformer(3, 1, cuda_graphs=False, **SMALL)
+    graphed = copy.deepcopy(plain)
+    graphed.cuda_graphs = "auto"
+    for b in graphed.blocks:
+        b.cuda_graphs = "auto"
+    monkeypatch.setattr(layer_graphs._EagerGraph, "capture", failing)
+    x, pos, batch = _inputs([40, 30], seed=3, channels=3)
+    ref = plain(x, pos, batch)
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        for _ in range(4):  # first call warms up; the next ones try to capture, fail and run plainly
+            torch.testing.assert_close(graphed(x, pos, batch), ref)
+    assert layer_graphs.graphs_failed() and calls["n"] == layer_graphs.MAX_CAPTURE_FAILURES
+    n = calls["n"]
+    torch.testing.assert_close(graphed(x, pos, batch), ref)  # graphs off: no more capture attempts
+    assert calls["n"] == n
+    # an error that is not a capture's propagates
+    monkeypatch.setattr(layer_graphs, "_failures", 0)
+    monkeypatch.setattr(layer_graphs._EagerGraph, "capture",
+                        lambda self, fn, pool: (_ for _ in ()).throw(RuntimeError("index out of range")))
+    other = copy.deepcopy(plain)
+    other.cuda_graphs = "auto"
+    for b in other.blocks:
+        b.cuda_graphs = "auto"
+    with pytest.raises(RuntimeError, match="index out of range"):
+        for _ in range(2):  # (the tree build's graph for this layout is due already)
+            other(x, pos, batch)
+    monkeypatch.setattr(layer_graphs._EagerGraph, "capture", capture)

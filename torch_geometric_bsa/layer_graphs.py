@@ -33,6 +33,7 @@ import gc
 import os
 import threading
 import types
+import warnings
 import weakref
 from collections import OrderedDict
 from typing import Callable, List, Optional, Union
@@ -59,6 +60,30 @@ _state = threading.local()
 _EMULATE = False
 
 
+#: after this many failed captures in a process, layers and tree builds run without graphs
+MAX_CAPTURE_FAILURES = 3
+_failures = 0
+
+
+def _capture_failed(err: Exception) -> None:
+    r"""A capture that failed (e.g. ``cudaErrorStreamCaptureInvalidated``) costs speed, not the run:
+    the call runs eagerly, from the caller's own tree and inputs (a failed capture stores nothing),
+    and after ``MAX_CAPTURE_FAILURES`` graphs are off for the process. An error that outlives the
+    capture (a sticky CUDA error) surfaces at the synchronisation below, loudly."""
+    global _failures
+    _failures += 1
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    off = _failures >= MAX_CAPTURE_FAILURES
+    warnings.warn(f"a CUDA graph capture failed ({str(err).splitlines()[0][:200]}); this call runs without "
+                  "graphs" + ("; graphs are now off for this process" if off else ""), RuntimeWarning, stacklevel=3)
+
+
+def graphs_failed() -> bool:
+    r"""Whether captures failed ``MAX_CAPTURE_FAILURES`` times in this process (graphs are then off)."""
+    return _failures >= MAX_CAPTURE_FAILURES
+
+
 def _inside() -> bool:
     return getattr(_state, "depth", 0) > 0
 
@@ -81,7 +106,7 @@ def check_mode(mode) -> None:
 
 def wanted(mode: Union[str, bool], x: Tensor, tree: BallTree) -> bool:
     r"""Whether a layer call with features ``x`` on ``tree`` should go through its graphs."""
-    if mode is False or torch.compiler.is_compiling() or _inside():
+    if mode is False or torch.compiler.is_compiling() or _inside() or graphs_failed():
         return False
     if not x.is_cuda:
         return _EMULATE
@@ -519,7 +544,14 @@ class _KeyedGraphs:
             self._seen.popitem(last=False)
         if seen <= self.warmup:
             return None
-        entry = self._entries[key] = capture()
+        try:
+            entry = capture()
+        except RuntimeError as err:  # torch.AcceleratorError and Triton's launch errors are RuntimeErrors
+            if "captur" not in str(err).lower():
+                raise
+            _capture_failed(err)
+            return None
+        self._entries[key] = entry
         self.captures += 1
         while len(self._entries) > self.max_graphs:
             self._entries.popitem(last=False)
@@ -711,7 +743,7 @@ _TREE_BUILDS = TreeGraphs()
 
 def tree_graphs_wanted(pos: Tensor) -> bool:
     r"""Whether an eager ``build_ball_tree`` call should go through ``TreeGraphs``."""
-    if not TREE_GRAPHS or torch.compiler.is_compiling() or _inside():
+    if not TREE_GRAPHS or torch.compiler.is_compiling() or _inside() or graphs_failed():
         return False
     if not pos.is_cuda:
         return _EMULATE
