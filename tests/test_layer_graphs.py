@@ -659,8 +659,8 @@ def test_walk_matches_parameters_buffers_and_hooks():
 
 
 def test_captures_run_with_the_garbage_collector_paused(monkeypatch):
-    # a collection inside a capture can free an evicted graph, which invalidates the capture on a
-    # GPU (seen with ragged plates: cudaErrorStreamCaptureInvalidated); both capture paths pause it
+    # a collection inside a capture can free another graph, which invalidates the capture on a GPU
+    # (the likely cause of cudaErrorStreamCaptureInvalidated with ragged plates); captures pause it
     import gc
     seen = []
 
@@ -694,8 +694,8 @@ def test_captures_run_with_the_garbage_collector_paused(monkeypatch):
 def test_cuda_ragged_layouts_evict_graphs_safely():
     # ragged batches (the plates' 1,000-1,060 points a cloud) give a new layout often; graphs are
     # captured and evicted (two kept per layer) in training and in evaluation, with the garbage
-    # collector set to run at nearly every allocation: a collection inside a capture that freed an
-    # evicted graph invalidated the capture (cudaErrorStreamCaptureInvalidated) before no_gc
+    # collector set to run at nearly every allocation (a collection inside a capture that frees a
+    # graph invalidates it: cudaErrorStreamCaptureInvalidated); a failed capture's warning is an error
     import gc
     torch.manual_seed(0)
     cfg = {**SMALL, "hidden_channels": 32, "ball_size": 64, "cmp_block": 8, "slc_block": 8, "group_size": 8}

@@ -319,9 +319,10 @@ def _shared_tree(tree: BallTree, pos: Tensor, reads_points: bool, graph_cls) -> 
 def no_gc():
     r"""Python's cyclic garbage collector paused (for a CUDA graph capture).
 
-    A collection that runs inside a capture may free another CUDA graph (an evicted layer graph
-    held in a reference cycle); destroying a graph while a stream captures invalidates the capture
-    (``cudaErrorStreamCaptureInvalidated``). Seen when ragged batches evicted graphs often."""
+    A collection that runs inside a capture may free another CUDA graph held in cyclic garbage;
+    destroying a graph while a stream captures invalidates the capture
+    (``cudaErrorStreamCaptureInvalidated``): the likely cause of such a failure seen with ragged
+    batches, whose new layouts capture graphs and evict old ones often."""
     was = gc.isenabled()
     gc.disable()
     try:
