@@ -676,12 +676,16 @@ def test_captures_run_with_the_garbage_collector_paused(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
     monkeypatch.setattr(torch.cuda, "graph", FakeGraph)
+    streams = []  # the current stream is read before and set back after each capture
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: "the caller's stream")
+    monkeypatch.setattr(torch.cuda, "set_stream", streams.append)
     assert gc.isenabled()
     layer_graphs._CudaGraph().capture(lambda: seen.append(gc.isenabled()), pool=None)
     assert seen == [False] and gc.isenabled()
     with pytest.raises(RuntimeError):  # re-enabled after a failed capture too
         layer_graphs._CudaGraph().capture(lambda: (_ for _ in ()).throw(RuntimeError("capture failed")), pool=None)
     assert gc.isenabled()
+    assert streams == ["the caller's stream"] * 2  # after the failed capture too
     gc.disable()  # and left off when it was off
     try:
         layer_graphs._CudaGraph().capture(lambda: None, pool=None)

@@ -138,7 +138,7 @@ class GraphedStep:
         if self.training:
             self.optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-        with layer_graphs.no_gc(), torch.cuda.graph(g.graph):
+        with layer_graphs.no_gc(), layer_graphs.current_stream_kept(), torch.cuda.graph(g.graph):
             g.result = self._step(g.inputs["x"], g.inputs["pos"], g.inputs["batch"], g.tree, g.inputs["target"],
                                   layout)
         self.captures += 1

@@ -332,13 +332,25 @@ def no_gc():
             gc.enable()
 
 
+@contextlib.contextmanager
+def current_stream_kept():
+    r"""The current CUDA stream restored on exit: ``torch.cuda.graph`` leaves its capture stream
+    current when its capture fails at the end (its exit raises before it restores the stream)."""
+    stream = torch.cuda.current_stream()
+    try:
+        yield
+    finally:
+        torch.cuda.set_stream(stream)
+
+
 class _CudaGraph:
     def __init__(self):
         self.graph = torch.cuda.CUDAGraph()
 
     def capture(self, fn: Callable, pool):
         # thread_local: a DataLoader's pin-memory thread may call CUDA while a layer captures
-        with no_gc(), torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+        with no_gc(), current_stream_kept(), torch.cuda.graph(self.graph, pool=pool,
+                                                              capture_error_mode="thread_local"):
             return fn()
 
     def replay(self) -> None:
