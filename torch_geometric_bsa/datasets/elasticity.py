@@ -100,8 +100,8 @@ class Elasticity(CachedSplitDataset):
 
     def build(self) -> Dict[str, List[Data]]:
         xy_path, s_path = self.raw_paths
-        xy = np.load(xy_path, mmap_mode="r")
-        sigma = np.load(s_path, mmap_mode="r")
+        xy = np.load(xy_path, mmap_mode="r", allow_pickle=False)
+        sigma = np.load(s_path, mmap_mode="r", allow_pickle=False)
         need = self.num_train + self.num_test
         if xy.ndim != 3 or xy.shape[:2] != (self.num_points, 2) or xy.shape[2] < need:
             raise ValueError(
