@@ -19,7 +19,8 @@ left() { echo $(( LIMIT_S - SECONDS - 10 )); }
 # and with the shared tree; BENCH_SHARE, default "0 1", picks), bsa (bench_bsa.py at BSA_SIZES, default
 # 65536,262144), slc (the selection kernels' tile sweeps: the model's layer shape, then 65k points),
 # bias (benchmarks/ball_bias_cost.py: the ball kernels with and without the distance bias), breakdown
-# (the examples' study network, bsa and full, 8 x 3,586, eager, kernels by GPU time)
+# (the examples' study network, bsa and full, 8 x 3,586, eager, kernels by GPU time), ragged (the layer
+# graphs on ragged layouts: the CUDA test, then the same test with the garbage collector left on)
 STAGES=${STAGES:-tests shared bench bsa}
 T_TESTS=${T_TESTS:-200}
 TEST_FILES=${TEST_FILES:-tests/kernels/test_bsa_triton.py tests/test_host_free.py tests/test_layer_graphs.py \
@@ -62,6 +63,22 @@ perf() {
     OUT="$OUT/perf" timeout 150 python benchmarks/sweep_bsa.py --kernels slc --configs fast \
       > "$OUT/perf/sweep_slc_65k.log" 2>&1
     grep -E "^\| fast" "$OUT/perf/sweep_slc_65k.log" | head -n 30
+  fi
+  if has ragged; then  # the capture fixes on ragged layouts: the CUDA test, then the same without no_gc
+    echo "=== ragged layouts, layer graphs ($(date +%T))"
+    BSA_AUTOTUNE=0 timeout 150 $PYTEST tests/test_layer_graphs.py -k "ragged_layouts or cuda" \
+      > "$OUT/perf/tests_ragged.log" 2>&1
+    tail -n 4 "$OUT/perf/tests_ragged.log"
+    echo "=== the same test without the collector paused (does the test catch the bug?)"
+    (cd tests && BSA_AUTOTUNE=0 timeout 90 python -W "error::RuntimeWarning" -c "
+import contextlib, torch_geometric_bsa.layer_graphs as L
+L.no_gc = contextlib.nullcontext
+import test_layer_graphs as T
+try:
+    T.test_cuda_ragged_layouts_evict_graphs_safely(); print('without no_gc: passed')
+except Exception as e:
+    print('without no_gc: failed:', type(e).__name__, str(e)[:200])
+") 2>&1 | grep "without no_gc"
   fi
   if has bias; then  # what the ball kernels' distance bias costs (sizes the square-root work: perf-notes)
     echo "=== ball_bias_cost ($(date +%T))"
