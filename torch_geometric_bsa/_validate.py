@@ -21,6 +21,12 @@ __all__ = ["value_checks_enabled", "positions_fingerprint", "check_tree_matches"
 _PHI = 0.618033988749
 
 
+def check_positive_int(name: str, value) -> None:
+    r"""Raises ``ValueError`` unless ``value`` is an int >= 1 (sizes, counts, neighbours)."""
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def value_checks_enabled() -> bool:
     r"""Whether checks that read tensor values back to the host (finite inputs, sorted batch) run:
     not while a CUDA graph is being captured (a sync is an error there), nor while torch.compile

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._validate import positions_fingerprint
+from ._validate import check_positive_int, positions_fingerprint
 
 __all__ = ["BallTree", "build_ball_tree", "random_rotation", "tree_layout"]
 
@@ -183,8 +183,7 @@ def _check_inputs(pos: Tensor, batch: Optional[Tensor], ball_size: int) -> Tenso
         raise ValueError(f"pos must be a floating-point tensor, got {pos.dtype}")
     if values and not bool(torch.isfinite(pos).all()):
         raise ValueError("pos contains NaN or Inf values")
-    if not isinstance(ball_size, int) or ball_size < 1:
-        raise ValueError(f"ball_size must be a positive int, got {ball_size!r}")
+    check_positive_int("ball_size", ball_size)
     n = pos.size(0)
     if batch is None:
         return torch.zeros(n, dtype=torch.long, device=pos.device)

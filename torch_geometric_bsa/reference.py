@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .compose import Branches, compose
+from ._validate import check_positive_int
 from .balltree import BallTree
 
 __all__ = [
@@ -68,9 +69,7 @@ class BSAConfig:
 
     def __post_init__(self):
         for name in ("ball_size", "cmp_block", "slc_block", "topk", "group_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            check_positive_int(name, getattr(self, name))
         s = self.cmp_block if self.cmp_stride is None else self.cmp_stride
         if not isinstance(s, int) or s < 1 or s > self.cmp_block or self.cmp_block % s:
             raise ValueError(f"cmp_stride must be a positive divisor of cmp_block={self.cmp_block}, got {s!r}")

@@ -8,6 +8,7 @@ from torch import Tensor
 from torch_geometric.data import Data
 from torch_geometric.transforms import BaseTransform
 
+from ._validate import check_positive_int
 from .balltree import BallTree, build_ball_tree
 
 __all__ = ["CacheBallTree", "LocalGeometry", "get_ball_tree", "local_geometry", "pos_fingerprint"]
@@ -40,8 +41,7 @@ class CacheBallTree(BaseTransform):
     """
 
     def __init__(self, ball_size: int = 256):
-        if not isinstance(ball_size, int) or ball_size < 1:
-            raise ValueError(f"ball_size must be a positive int, got {ball_size!r}")
+        check_positive_int("ball_size", ball_size)
         self.ball_size = ball_size
 
     def forward(self, data: Data) -> Data:
@@ -84,8 +84,7 @@ def local_geometry(pos: Tensor, k: int = 16, chunk: int = 4096) -> Tensor:
     """
     if pos.dim() != 2 or pos.size(0) < 2:
         raise ValueError(f"local_geometry needs positions [N >= 2, d], got {list(pos.shape)}")
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+    check_positive_int("k", k)
     k = min(k, pos.size(0) - 1)
     p = pos.to(torch.promote_types(pos.dtype, torch.float32))  # 16-bit positions computed in fp32
     feats = []
@@ -116,8 +115,7 @@ class LocalGeometry(BaseTransform):
     """
 
     def __init__(self, k: int = 16):
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive int, got {k!r}")
+        check_positive_int("k", k)
         self.k = k
 
     def forward(self, data: Data) -> Data:
