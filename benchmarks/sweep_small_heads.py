@@ -7,7 +7,12 @@ suit the other. This times, at one layer of that model on ``--clouds`` x ``--poi
 - the ball kernel's forward, and its forward + backward (sigma taking a gradient, as in the model),
   over (BLOCK_M, BLOCK_N, warps) and (BLOCK, BLOCK_M1, warps) of the one-loop backward;
 - the selected attention's forward, and forward + backward, over warps and stages of the forward
-  and dQ kernels and (rows, steps, warps) of the dK/dV kernel.
+  and dQ kernels and (rows, steps, warps) of the dK/dV kernel;
+- the compression branch's forward + backward over (BLOCK_M, BLOCK_N, warps, stages) of its dK/dV
+  kernel (``--kernels cmp``; ``--per-query`` for one compression query per point, the examples'
+  study network, instead of one per group). Its grid is (key tiles, heads): at a layer of 8 clouds
+  the default tiles give a few hundred programs for 132 multiprocessors, so smaller key tiles are
+  among the candidates.
 
 Times are GPU-busy milliseconds (the kernels' summed device time, ``torch.profiler``), not wall time:
 at this size the host paces a lone layer's calls. Every candidate's output and gradients are
@@ -104,7 +109,9 @@ def main():
     ap.add_argument("--dim", type=int, default=8)
     ap.add_argument("--topk", type=int, default=4)
     ap.add_argument("--time-limit", type=float, default=240.0, help="seconds for both sweeps")
-    ap.add_argument("--kernels", default="ball,slc", help="which sweeps: ball, slc")
+    ap.add_argument("--kernels", default="ball,slc", help="which sweeps: ball, slc, cmp")
+    ap.add_argument("--per-query", action="store_true",
+                    help="per-query compression (the study network) instead of group compression")
     ap.add_argument("--best", default=None, help="also write the winners here (bench_model.py --launch-config)")
     args = ap.parse_args()
     import contextlib
@@ -119,7 +126,8 @@ def main():
             stack.enter_context(launch_config(kernel, **entries))
         return stack
 
-    cfg = BSAConfig(ball_size=256, cmp_block=8, slc_block=8, topk=args.topk, group_size=8, group_compression=True)
+    cfg = BSAConfig(ball_size=256, cmp_block=8, slc_block=8, topk=args.topk, group_size=8,
+                    group_compression=not args.per_query)
     info, rows, t0 = env_info(), [], time.time()
     print(info, flush=True)
     c = make_layer(args.clouds, args.points, args.heads, args.dim, cfg)
@@ -156,8 +164,23 @@ def main():
         sweep("slc_fwd_dq", slc, fq, lambda f: contexts(f) if time.time() < end else _skip(), rows)
         sweep("slc_dkdv", slc, dkdv, lambda f: contexts(f) if time.time() < end else _skip(), rows)
 
+    def cmp():
+        from torch_geometric_bsa.kernels import compression_branch
+        return compression_branch(q, k, v, c["tree"], cfg)[0]
+    cmp.inputs = (q, k, v)
+    with torch.no_grad():  # [N_pad / q_unit, H, D]: one row per pooled query with group compression
+        cmp.do = torch.randn_like(cmp())
+    # (BLOCK_M query rows streamed, BLOCK_N keys resident, warps, stages); the first two are tuning
+    # candidates already, the rest have key tiles of 16 or 32: 2-4x the programs
+    cmp_c = [dict(cmp_dkdv=dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st))
+             for m, n, w, st in ((64, 64, 4, 3), (64, 128, 8, 2), (64, 32, 4, 3), (128, 32, 4, 2), (32, 32, 2, 3),
+                                 (64, 16, 4, 3), (64, 16, 2, 3), (128, 16, 4, 2), (32, 16, 2, 4))]
+    if "cmp" in kernels:
+        sweep("cmp_dkdv", cmp, cmp_c, lambda f: contexts(f) if time.time() < end else _skip(), rows)
+
     best = {}
-    for name, key in (("ball_fwd", "fwd_ms"), ("ball_bwd", "ms"), ("slc_fwd_dq", "fwd_ms"), ("slc_dkdv", "ms")):
+    for name, key in (("ball_fwd", "fwd_ms"), ("ball_bwd", "ms"), ("slc_fwd_dq", "fwd_ms"), ("slc_dkdv", "ms"),
+                      ("cmp_dkdv", "ms")):
         good = [r for r in rows if r["kernel"] == name and r.get("ok")]
         if not good:
             continue
