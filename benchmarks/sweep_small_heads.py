@@ -8,11 +8,11 @@ suit the other. This times, at one layer of that model on ``--clouds`` x ``--poi
   over (BLOCK_M, BLOCK_N, warps) and (BLOCK, BLOCK_M1, warps) of the one-loop backward;
 - the selected attention's forward, and forward + backward, over warps and stages of the forward
   and dQ kernels and (rows, steps, warps) of the dK/dV kernel;
-- the compression branch's forward + backward over (BLOCK_M, BLOCK_N, warps, stages) of its dK/dV
-  kernel (``--kernels cmp``; ``--per-query`` for one compression query per point, the examples'
+- the compression branch's forward + backward over the split of its dK/dV kernel's query stream and
+  (BLOCK_M, BLOCK_N, warps, stages) of that kernel (``--kernels cmp``; ``--per-query`` for one compression query per point, the examples'
   study network, instead of one per group). Its grid is (key tiles, heads): at a layer of 8 clouds
-  the default tiles give a few hundred programs for 132 multiprocessors, so smaller key tiles are
-  among the candidates.
+  the default tiles give a few hundred programs for 132 multiprocessors, so splits and smaller key
+  tiles are among the candidates.
 
 Times are GPU-busy milliseconds (the kernels' summed device time, ``torch.profiler``), not wall time:
 at this size the host paces a lone layer's calls. Every candidate's output and gradients are
@@ -170,11 +170,12 @@ def main():
     cmp.inputs = (q, k, v)
     with torch.no_grad():  # [N_pad / q_unit, H, D]: one row per pooled query with group compression
         cmp.do = torch.randn_like(cmp())
-    # (BLOCK_M query rows streamed, BLOCK_N keys resident, warps, stages); the first two are tuning
-    # candidates already, the rest have key tiles of 16 or 32: 2-4x the programs
-    cmp_c = [dict(cmp_dkdv=dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st))
-             for m, n, w, st in ((64, 64, 4, 3), (64, 128, 8, 2), (64, 32, 4, 3), (128, 32, 4, 2), (32, 32, 2, 3),
-                                 (64, 16, 4, 3), (64, 16, 2, 3), (128, 16, 4, 2), (32, 16, 2, 4))]
+    # the query stream's split (cmp_split: 1 = none), then (BLOCK_M query rows streamed, BLOCK_N keys
+    # resident, warps, stages) without a split: key tiles of 16 or 32 give 2-4x the programs too
+    cmp_c = [dict(cmp_split=dict(SPLIT=sp)) for sp in (1, 2, 4, 8)]
+    cmp_c += [dict(cmp_split=dict(SPLIT=sp), cmp_dkdv=dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st))
+              for sp, m, n, w, st in ((4, 64, 64, 4, 3), (2, 64, 128, 8, 2), (1, 64, 64, 4, 3), (1, 128, 32, 4, 2),
+                                      (1, 64, 16, 2, 3))]
     if "cmp" in kernels:
         sweep("cmp_dkdv", cmp, cmp_c, lambda f: contexts(f) if time.time() < end else _skip(), rows)
 

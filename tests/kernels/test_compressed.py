@@ -133,3 +133,37 @@ def test_compressed_keys_masked_inside_clouds(q_unit):
     # padded tail; some clouds of 9 points may lose every key (empty rows: zero output, EMPTY_LSE)
     run_case([50, 90, 20, 9], ball_size=16, h=2, d=16, block=4, q_unit=q_unit, dtype=torch.float32, drop=0.3,
              seed=11)
+
+
+class _LaunchSpy:
+    r"""Wraps a Triton kernel: records the grids it is launched with."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("split", [2, 3])
+@pytest.mark.parametrize("q_unit", [1, 4])
+def test_compressed_split_query_stream(monkeypatch, split, q_unit):
+    # the dK/dV kernel's query stream cut into `split` slices, float32 partial sums added in order by
+    # a second kernel: what a layer of a few thousand points a cloud gets on a GPU (_split_rule).
+    # Several query tiles per slice, uneven slices (3), keys masked inside clouds, an empty cloud.
+    spy = _LaunchSpy(cmp._sum_split_kernel)
+    monkeypatch.setattr(cmp, "_sum_split_kernel", spy)
+    with common.launch_config("cmp_split", SPLIT=split):
+        run_case([50, 90, 20, 9], ball_size=16, h=2, d=16, block=4, q_unit=q_unit, dtype=torch.float32, drop=0.3,
+                 seed=13)
+    assert len(spy.grids) == 1  # the partial path ran (one summing launch for dK and dV)
+
+
+def test_compressed_split_rule():
+    # about four programs a multiprocessor; no split where the grid is already full, or off CUDA
+    assert cmp._split_rule(key_tiles=60, heads=4, sms=132) == dict(SPLIT=4)  # 8 x 3,586 points, H 4
+    assert cmp._split_rule(key_tiles=60, heads=8, sms=132) == dict(SPLIT=2)
+    assert cmp._split_rule(key_tiles=128, heads=8, sms=132) == dict(SPLIT=1)  # 65k points, H 8
+    assert cmp._split_rule(key_tiles=1, heads=1, sms=132) == dict(SPLIT=8)
+    assert cmp._split_rule(key_tiles=60, heads=4, sms=None) == dict(SPLIT=1)

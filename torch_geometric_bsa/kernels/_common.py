@@ -45,6 +45,19 @@ def cdiv(a: int, b: int) -> int:
     return triton.cdiv(a, b)
 
 
+_SMS: Dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> Optional[int]:
+    r"""The multiprocessors of a CUDA ``device`` (read once per device), ``None`` off CUDA."""
+    if device.type != "cuda":
+        return None
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SMS:
+        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SMS[i]
+
+
 def rows_ok(t: Tensor) -> bool:
     r"""Whether ``t [N, H, D]`` can be read as rows: each row's ``H x D`` block contiguous, rows any
     stride apart (q, k, v as views of one fused ``[N, 3, H, D]`` projection are)."""
@@ -95,6 +108,7 @@ _INTERPRETER_TILES: Dict[str, Callable[..., dict]] = {
     "cmp_fwd": lambda **_: dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
     "cmp_dq": lambda **_: dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
     "cmp_dkdv": lambda **_: dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
+    "cmp_split": lambda **_: dict(SPLIT=1),  # CPU tensors: no multiprocessors; tests force a split
     "slc_fwd": lambda **_: dict(rows=32, keys=64),
     "slc_dq": lambda **_: dict(rows=32, keys=64),
     "slc_dkdv": lambda **_: dict(rows=16, steps=1),

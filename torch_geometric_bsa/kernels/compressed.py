@@ -14,8 +14,9 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _common
-from ._common import (EMPTY_LSE as _EMPTY, LOG2E, autotune, cdiv, dkdv_step, dot_dim, dot_precision, dq_step,
-                      launch_rule, launch_tuned, next_pow2, softmax_finish, softmax_step)
+from ._common import (EMPTY_LSE as _EMPTY, LOG2E, autotune, cdiv, config_for, dkdv_step, dot_dim, dot_precision,
+                      dq_step, launch_rule, launch_tuned, next_pow2, sm_count as _sm_count, softmax_finish,
+                      softmax_step)
 from .plan import as_int8
 
 __all__ = ["compressed_attention_triton", "CompressedAttention"]
@@ -71,11 +72,15 @@ def _cmp_fwd_kernel(Q, K, V, KMASK, KSTART, KEND, O, LSE, n_q,
 
 @triton.jit
 def _cmp_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KSTART, KEND, QSTART, QEND, DK, DV, n_k,
-                         stride_qn, stride_kn, stride_don, qk_scale, sm_scale, QB, KB,
+                         stride_qn, stride_kn, stride_don, qk_scale, sm_scale, QB, KB, n_split,
                          H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_D: tl.constexpr, PREC: tl.constexpr, RAGGED: tl.constexpr):
-    # grid: (key tiles, heads); streams over the query rows of the key tile's cloud(s)
+                         BLOCK_D: tl.constexpr, PREC: tl.constexpr, RAGGED: tl.constexpr,
+                         PARTIAL: tl.constexpr = False):
+    # grid: (key tiles, heads, n_split); streams over the query rows of the key tile's cloud(s),
+    # program ``s`` over the s-th of n_split equal slices of them. PARTIAL: DK, DV are float32
+    # [n_split, n_k, H, D] partial sums (unscaled), added in order by _sum_split_kernel
     pid = tl.program_id(0)
+    sid = tl.program_id(2)
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 when inductor launches the kernel
     sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 when inductor launches the kernel
     h = tl.program_id(1)
@@ -87,6 +92,9 @@ def _cmp_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KSTART, KEND, QSTART, Q
     qe = tl.load(QEND + cols, mask=cmask, other=0)
     lo = tl.min(qs, axis=0)
     hi = tl.max(qe, axis=0)
+    span = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), n_split), BLOCK_M) * BLOCK_M
+    lo = lo + sid * span
+    hi = tl.minimum(hi, lo + span)
     kv = tl.load(KMASK + cols, mask=cmask, other=0) != 0
     kd_mask = cmask[:, None] & dmask[None, :]
     k = tl.load(K + cols[:, None] * stride_kn + h * D + offs_d[None, :], mask=kd_mask, other=0.0)
@@ -110,9 +118,29 @@ def _cmp_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KMASK, KSTART, KEND, QSTART, Q
         else:  # empty rows carry lse = 1e30, so their P is exactly 0
             p = tl.math.exp2(s - lse[:, None] + tl.where(kv, 0.0, float("-inf"))[None, :])
         dk, dv = dkdv_step(dk, dv, p, q, do, v, delta, PREC)
-    tl.store(DK + cols[:, None] * stride_kn + h * D + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
-             mask=kd_mask)
-    tl.store(DV + cols[:, None] * stride_kn + h * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kd_mask)
+    if PARTIAL:
+        part = (sid * n_k + cols[:, None]).to(tl.int64) * (H * D) + h * D + offs_d[None, :]
+        tl.store(DK + part, dk, mask=kd_mask)
+        tl.store(DV + part, dv, mask=kd_mask)
+    else:
+        tl.store(DK + cols[:, None] * stride_kn + h * D + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+                 mask=kd_mask)
+        tl.store(DV + cols[:, None] * stride_kn + h * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kd_mask)
+
+
+@triton.jit
+def _sum_split_kernel(DKP, DVP, DK, DV, numel, n_split, sm_scale, BLOCK: tl.constexpr):
+    # dK = sm_scale * sum_s DKP[s], dV = sum_s DVP[s], s in order (deterministic); DK, DV contiguous
+    sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 when inductor launches the kernel
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < numel
+    dk = tl.zeros([BLOCK], dtype=tl.float32)
+    dv = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(n_split):
+        dk += tl.load(DKP + s * numel + offs, mask=m, other=0.0)
+        dv += tl.load(DVP + s * numel + offs, mask=m, other=0.0)
+    tl.store(DK + offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=m)
+    tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -180,6 +208,20 @@ launch_rule("cmp_dkdv", tune=_candidates((64, 128, 8, 2), (32, 128, 4, 3), (64, 
                                          (32, 64, 4, 4)))(_pinned)
 launch_rule("cmp_dq", tune=_candidates((128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4),
                                        (128, 128, 8, 2)))(_pinned)
+
+
+@launch_rule("cmp_split")
+def _split_rule(key_tiles: int, heads: int, sms: Optional[int]) -> dict:
+    # the dK/dV grid is (key tiles, heads): a layer of a few thousand points a cloud gives a few
+    # hundred programs, each streaming a whole cloud's queries, for 132 multiprocessors on an H200
+    # (latency-bound: perf-notes, "Eleventh session"). Split the query stream until there are about
+    # four programs a multiprocessor; never at 65k points and above, where the grid is full.
+    programs = key_tiles * heads
+    if not sms or programs >= 4 * sms:
+        return dict(SPLIT=1)
+    return dict(SPLIT=min(8, next_pow2(cdiv(4 * sms, programs))))
+
+
 _KEY = ["D", "PREC", "RAGGED", "QB", "KB"]
 _cmp_fwd = autotune("cmp_fwd", _KEY)(_cmp_fwd_kernel)
 _cmp_dkdv = autotune("cmp_dkdv", _KEY)(_cmp_bwd_dkdv_kernel)
@@ -225,11 +267,21 @@ class CompressedAttention(torch.autograd.Function):
             q, k_cmp, v_cmp, do, o, lse, delta, kmask, kstart, kend, dq, nq,
             q.stride(0), k_cmp.stride(0), do.stride(0), scale * LOG2E, scale, next_pow2(nq), next_pow2(nk),
             H=h, D=d, BLOCK_D=dot_dim(d), PREC=prec, RAGGED=ragged)
+        # tiles of 64 keys (the rule's) decide the split; the tuner may pick other key tiles
+        split = config_for("cmp_split", key_tiles=cdiv(nk, 64), heads=h, sms=_sm_count(q.device))["SPLIT"]
+        if split > 1:
+            dkp = _common.new_empty((split, nk, h, d), q, torch.float32)
+            dvp = _common.new_empty((split, nk, h, d), q, torch.float32)
+        else:
+            dkp, dvp = dk, dv
         launch_tuned(
-            _cmp_dkdv, "cmp_dkdv", lambda meta: (cdiv(nk, meta["BLOCK_N"]), h),
-            q, k_cmp, v_cmp, do, lse, delta, kmask, kstart, kend, qstart, qend, dk, dv, nk,
-            q.stride(0), k_cmp.stride(0), do.stride(0), scale * LOG2E, scale, next_pow2(nq), next_pow2(nk),
-            H=h, D=d, BLOCK_D=dot_dim(d), PREC=prec, RAGGED=ragged)
+            _cmp_dkdv, "cmp_dkdv", lambda meta: (cdiv(nk, meta["BLOCK_N"]), h, split),
+            q, k_cmp, v_cmp, do, lse, delta, kmask, kstart, kend, qstart, qend, dkp, dvp, nk,
+            q.stride(0), k_cmp.stride(0), do.stride(0), scale * LOG2E, scale, next_pow2(nq), next_pow2(nk), split,
+            H=h, D=d, BLOCK_D=dot_dim(d), PREC=prec, RAGGED=ragged, PARTIAL=split > 1)
+        if split > 1:
+            numel = nk * h * d
+            _sum_split_kernel[(cdiv(numel, 1024),)](dkp, dvp, dk, dv, numel, split, scale, BLOCK=1024, num_warps=4)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
