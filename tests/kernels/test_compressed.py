@@ -160,10 +160,20 @@ def test_compressed_split_query_stream(monkeypatch, split, q_unit):
     assert len(spy.grids) == 1  # the partial path ran (one summing launch for dK and dV)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_compressed_gpu_split(dtype):
+    # compiled, at a layer's size with few heads (the rule's case), and forced at 8 slices
+    run_case([3586] * 4, ball_size=256, h=4, d=32, block=8, q_unit=1, dtype=dtype, seed=2)
+    with common.launch_config("cmp_split", SPLIT=8):
+        run_case([5000, 11000, 300], ball_size=256, h=8, d=64, block=8, q_unit=1, dtype=dtype, drop=0.2)
+
+
 def test_compressed_split_rule():
-    # about four programs a multiprocessor; no split where the grid is already full, or off CUDA
+    # below two programs a multiprocessor, split into about four; none from two on, or off CUDA
     assert cmp._split_rule(key_tiles=60, heads=4, sms=132) == dict(SPLIT=4)  # 8 x 3,586 points, H 4
-    assert cmp._split_rule(key_tiles=60, heads=8, sms=132) == dict(SPLIT=2)
+    assert cmp._split_rule(key_tiles=60, heads=8, sms=132) == dict(SPLIT=1)  # the same, H 8
     assert cmp._split_rule(key_tiles=128, heads=8, sms=132) == dict(SPLIT=1)  # 65k points, H 8
     assert cmp._split_rule(key_tiles=1, heads=1, sms=132) == dict(SPLIT=8)
     assert cmp._split_rule(key_tiles=60, heads=4, sms=None) == dict(SPLIT=1)

@@ -212,12 +212,13 @@ launch_rule("cmp_dq", tune=_candidates((128, 64, 8, 2), (128, 32, 4, 3), (64, 64
 
 @launch_rule("cmp_split")
 def _split_rule(key_tiles: int, heads: int, sms: Optional[int]) -> dict:
-    # the dK/dV grid is (key tiles, heads): a layer of a few thousand points a cloud gives a few
-    # hundred programs, each streaming a whole cloud's queries, for 132 multiprocessors on an H200
-    # (latency-bound: perf-notes, "Eleventh session"). Split the query stream until there are about
-    # four programs a multiprocessor; never at 65k points and above, where the grid is full.
+    # the dK/dV grid is (key tiles, heads): a layer of a few thousand points a cloud and few heads
+    # gives fewer programs than two a multiprocessor, each streaming a whole cloud's queries
+    # (latency-bound: perf-notes, "Eleventh session"). Then split the query stream into about four
+    # programs a multiprocessor. From two a multiprocessor on (the paper model's layer, 65k points)
+    # a split measured no gain and costs a launch.
     programs = key_tiles * heads
-    if not sms or programs >= 4 * sms:
+    if not sms or programs >= 2 * sms:
         return dict(SPLIT=1)
     return dict(SPLIT=min(8, next_pow2(cdiv(4 * sms, programs))))
 
