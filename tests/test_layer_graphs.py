@@ -766,3 +766,55 @@ def test_a_failed_capture_runs_eagerly_and_three_turn_graphs_off(emulate, monkey
         for _ in range(2):  # (the tree build's graph for this layout is due already)
             other(x, pos, batch)
     monkeypatch.setattr(layer_graphs._EagerGraph, "capture", capture)
+
+
+# five layouts (slots per cloud, ball 16) taken in turn: with two graphs kept, every call after the
+# first round captures (least recently used eviction), as ragged plates did on the H200
+_ROUND_ROBIN = ([40, 23], [70], [20, 20, 20], [100, 5], [33])
+
+
+def test_ragged_layouts_pause_captures(emulate, monkeypatch):
+    monkeypatch.setattr(layer_graphs, "_pause_warned", False)
+    plain, graphed = _pair(**CONV)
+    with torch.no_grad(), pytest.warns(layer_graphs.GraphsPausedWarning, match="bucket_slots"):
+        for i in range(40):
+            x, pos, batch = _inputs(_ROUND_ROBIN[i % 5], i)
+            torch.testing.assert_close(graphed(x, pos, batch), plain(x, pos, batch), rtol=0, atol=0)
+    g = graphed._graphs
+    assert g.paused and g.captures == layer_graphs.PAUSE_CAPTURES  # not one capture more once paused
+    # the kept graphs still replay; clear() resumes capturing
+    replays = [k for k in g._entries]
+    assert len(replays) == 2
+    g.clear()
+    assert not g.paused and not g._entries
+    # the same sequence without the guard: captures never stop
+    monkeypatch.setattr(layer_graphs, "PAUSE_CAPTURES", None)
+    _, unguarded = _pair(**CONV)
+    with torch.no_grad():
+        for i in range(40):
+            unguarded(*_inputs(_ROUND_ROBIN[i % 5], i))
+    assert not unguarded._graphs.paused and unguarded._graphs.captures >= 30
+
+
+def test_few_layouts_do_not_pause(emulate, monkeypatch):
+    # two layouts in turn in training, then an evaluation on one of them: three captures (one a
+    # key), then replays only
+    monkeypatch.setattr(layer_graphs, "_pause_warned", False)
+    plain, graphed = _pair(**CONV)
+    for i in range(40):
+        x, pos, batch = _inputs(_ROUND_ROBIN[i % 2 if i < 30 else 0], i)
+        with torch.set_grad_enabled(i < 30):
+            torch.testing.assert_close(graphed(x, pos, batch), plain(x, pos, batch), rtol=0, atol=0)
+    assert not graphed._graphs.paused and graphed._graphs.captures == 3
+
+
+def test_bucketed_round_robin_does_not_pause(emulate, monkeypatch):
+    # the remedy the warning names: buckets of slots turn the five layouts into one or two keys
+    monkeypatch.setattr(layer_graphs, "_pause_warned", False)
+    torch.manual_seed(0)
+    model = BSATransformer(3, 1, bucket_slots=128, **SMALL)
+    ragged = ([40, 23], [70, 10], [20, 35], [60, 5], [33, 33])  # batches of two clouds, five layouts
+    for i in range(20):
+        x, pos, batch = _inputs(ragged[i % 5], i, channels=3)
+        model(x, pos, batch).square().mean().backward()
+    assert all(not b._graphs.paused and b._graphs.captures == 1 for b in model.blocks)

@@ -35,7 +35,7 @@ import threading
 import types
 import warnings
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Callable, List, Optional, Union
 
 import torch
@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from .balltree import BallTree
 
-__all__ = ["LayerGraphs", "disabled", "MAX_SLOTS"]
+__all__ = ["LayerGraphs", "disabled", "MAX_SLOTS", "GraphsPausedWarning"]
 
 # "auto" graphs layers up to this many tree slots, where the host paces a step; above it the GPU
 # does, and a block's graph pool would only keep that size's activations reserved (the measurements
@@ -529,20 +529,54 @@ def _walk(module: nn.Module):
     return tuple(params), tuple(buffers), hooked or any(nn.parameter.is_lazy(p) for p in params)
 
 
+class GraphsPausedWarning(UserWarning):
+    r"""A layer's (or the tree builds') CUDA graphs stopped capturing new shapes: they were captured
+    more often than replayed (ragged batches; ``_KeyedGraphs``)."""
+
+
+#: a ``_KeyedGraphs`` stops capturing new keys once ``PAUSE_CAPTURES`` of its last ``PAUSE_WINDOW``
+#: calls captured (``None``: never). Ragged batches bring a new layout every few steps; with two
+#: graphs kept a layer captures at most steps (the plates: 679 captures in 800 steps, perf-notes,
+#: "Eleventh session"), and a capture costs more than the eager call it replaces.
+PAUSE_CAPTURES: Optional[int] = 8
+PAUSE_WINDOW = 32
+_pause_warned = False
+
+
 class _KeyedGraphs:
     r"""Graphs per key: a key's first ``warmup`` sightings run eagerly, the next captures; the
-    ``max_graphs`` most recently used are kept, each in its own memory pool."""
+    ``max_graphs`` most recently used are kept, each in its own memory pool. When captures come too
+    often (``PAUSE_CAPTURES`` of the last ``PAUSE_WINDOW`` calls) new keys run eagerly from then on
+    (``paused``); the kept graphs still replay. ``clear()`` resumes."""
 
     def __init__(self, warmup: int = 1, max_graphs: int = 2):
         self.warmup, self.max_graphs = warmup, max_graphs
         self._entries: OrderedDict = OrderedDict()
         self._seen: "OrderedDict[tuple, int]" = OrderedDict()
+        self._recent: "deque[bool]" = deque(maxlen=PAUSE_WINDOW)  # whether each recent call captured
         self.captures = 0
+        self.paused = False
 
     def clear(self) -> None:
-        r"""Drops every graph (and frees their memory pools)."""
+        r"""Drops every graph (and frees their memory pools), and resumes capturing."""
         self._entries.clear()
         self._seen.clear()
+        self._recent.clear()
+        self.paused = False
+
+    def _pause_if_thrashing(self) -> None:
+        global _pause_warned
+        if PAUSE_CAPTURES is None or sum(self._recent) < PAUSE_CAPTURES:
+            return
+        self.paused = True
+        if not _pause_warned:
+            _pause_warned = True
+            warnings.warn(
+                f"CUDA graphs paused: {sum(self._recent)} of the last {len(self._recent)} calls of a layer (or of "
+                f"the tree build) captured a new graph, which costs more than replays save. Ragged batches give a "
+                f"new layout every few steps; new layouts now run without graphs. To keep graphs on ragged "
+                f"batches, pad them to buckets: BSATransformer(bucket_slots=...), e.g. 8 balls "
+                f"(examples/train.py --bucket-slots).", GraphsPausedWarning, stacklevel=4)
 
     def _lookup(self, key: tuple, capture: Callable):
         r"""The entry for ``key``, captured by ``capture()`` when its time has come; ``None``: run
@@ -550,12 +584,16 @@ class _KeyedGraphs:
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
+            self._recent.append(False)
             return entry
+        if self.paused:
+            return None
         seen = self._seen.pop(key, 0) + 1
         self._seen[key] = seen
         while len(self._seen) > 64:
             self._seen.popitem(last=False)
         if seen <= self.warmup:
+            self._recent.append(False)
             return None
         try:
             entry = capture()
@@ -566,8 +604,10 @@ class _KeyedGraphs:
             return None
         self._entries[key] = entry
         self.captures += 1
+        self._recent.append(True)
         while len(self._entries) > self.max_graphs:
             self._entries.popitem(last=False)
+        self._pause_if_thrashing()
         return entry
 
 
