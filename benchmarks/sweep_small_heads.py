@@ -109,7 +109,7 @@ def main():
     ap.add_argument("--dim", type=int, default=8)
     ap.add_argument("--topk", type=int, default=4)
     ap.add_argument("--time-limit", type=float, default=240.0, help="seconds for both sweeps")
-    ap.add_argument("--kernels", default="ball,slc", help="which sweeps: ball, slc, cmp")
+    ap.add_argument("--kernels", default="ball,slc", help="which sweeps: ball, slc, cmp, topk")
     ap.add_argument("--per-query", action="store_true",
                     help="per-query compression (the study network) instead of group compression")
     ap.add_argument("--best", default=None, help="also write the winners here (bench_model.py --launch-config)")
@@ -179,9 +179,37 @@ def main():
     if "cmp" in kernels:
         sweep("cmp_dkdv", cmp, cmp_c, lambda f: contexts(f) if time.time() < end else _skip(), rows)
 
+    # the streamed top-k alone (no gradient): groups a program, key tiles, warps; every candidate's
+    # indices must equal the default's exactly
+    if "topk" in kernels:
+        from torch_geometric_bsa.kernels import compression_branch
+        from torch_geometric_bsa.kernels import topk as T
+        from torch_geometric_bsa.kernels.plan import selection_plan
+        with torch.no_grad():
+            _, lse, q_cmp, _, kc, _, cm, ranges = compression_branch(q, k, v, c["tree"], cfg)
+        sel = selection_plan(c["tree"], cfg.group_size, cfg.slc_block, cfg.topk, cfg.cmp_window)
+
+        def topk():
+            return T.select_topk_triton(q_cmp, kc, lse, cm, sel[0], ranges[:2], sel[1], sel[2])
+        want = topk()
+        rows.append(dict(kernel="topk", tiles="default *", fwd_ms=_bench(topk), ok=True, forced={}))
+        print(rows[-1], flush=True)
+        for bg, bn, w in itertools.product((1, 2, 4, 8, 16), (32, 64, 128), (4, 8)):
+            forced = dict(topk=dict(BLOCK_G=bg, BLOCK_N=bn, num_warps=w))
+            tiles = f"topk:BLOCK_G={bg},BLOCK_N={bn},num_warps={w}"
+            if time.time() > end:
+                break
+            try:
+                with contexts(forced):
+                    ok = bool(torch.equal(topk(), want))
+                    rows.append(dict(kernel="topk", tiles=tiles, fwd_ms=_bench(topk), ok=ok, forced=forced))
+            except Exception as e:  # noqa: BLE001
+                rows.append(dict(kernel="topk", tiles=tiles, err=f"{type(e).__name__}: {e}"[:160], forced=forced))
+            print(rows[-1], flush=True)
+
     best = {}
     for name, key in (("ball_fwd", "fwd_ms"), ("ball_bwd", "ms"), ("slc_fwd_dq", "fwd_ms"), ("slc_dkdv", "ms"),
-                      ("cmp_dkdv", "ms")):
+                      ("cmp_dkdv", "ms"), ("topk", "fwd_ms")):
         good = [r for r in rows if r["kernel"] == name and r.get("ok")]
         if not good:
             continue
