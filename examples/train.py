@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bucket-slots", type=int, default=None,
                    help="attention models on CUDA: pad each batch with a dummy cloud to a multiple of this many "
                         "tree slots so that ragged batches replay the same per-block CUDA graphs "
-                        "(BSATransformer(bucket_slots=...)); a multiple of --ball-size, e.g. 2048")
+                        "(BSATransformer(bucket_slots=...)); a multiple of --ball-size, e.g. 2048. Default: "
+                        "'auto' (buckets of 8 balls once ragged batches pause the graphs); 0: never")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
@@ -533,6 +534,12 @@ class ShardSampler(torch.utils.data.Sampler):
 # --------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------
+def _bucket_slots(args):
+    # --bucket-slots: unset -> "auto" (the model's default), 0 -> never pad, N -> buckets of N slots
+    n = getattr(args, "bucket_slots", None)
+    return "auto" if n is None else (n or None)
+
+
 def build_model(args, in_channels: int, out_channels: int, dim: int, backend: Optional[str] = None) -> nn.Module:
     if args.model in ATTENTION_MODELS:
         from torch_geometric_bsa.nn import BSATransformer
@@ -550,7 +557,7 @@ def build_model(args, in_channels: int, out_channels: int, dim: int, backend: Op
                 kw["gate_bias"] = {}
         return BSATransformer(in_channels, out_channels, args.hidden, args.layers, args.heads,
                               attention=args.model, mlp_ratio=args.mlp_ratio, rotate=args.rotate, dim=dim,
-                              ball_size=args.ball_size, bucket_slots=getattr(args, "bucket_slots", None), **kw)
+                              ball_size=args.ball_size, bucket_slots=_bucket_slots(args), **kw)
     from torch_geometric_bsa.nn.baselines import KNNGNN, PointNet, PointTransformerNet
     if args.model == "pointnet":
         return PointNet(in_channels, out_channels, args.hidden, num_layers=args.layers, dim=dim)

@@ -776,7 +776,7 @@ _ROUND_ROBIN = ([40, 23], [70], [20, 20, 20], [100, 5], [33])
 def test_ragged_layouts_pause_captures(emulate, monkeypatch):
     monkeypatch.setattr(layer_graphs, "_pause_warned", False)
     plain, graphed = _pair(**CONV)
-    with torch.no_grad(), pytest.warns(layer_graphs.GraphsPausedWarning, match="bucket_slots"):
+    with torch.no_grad(), pytest.warns(layer_graphs.GraphsPausedWarning, match="pad_to_bucket"):
         for i in range(40):
             x, pos, batch = _inputs(_ROUND_ROBIN[i % 5], i)
             torch.testing.assert_close(graphed(x, pos, batch), plain(x, pos, batch), rtol=0, atol=0)
@@ -818,3 +818,45 @@ def test_bucketed_round_robin_does_not_pause(emulate, monkeypatch):
         x, pos, batch = _inputs(ragged[i % 5], i, channels=3)
         model(x, pos, batch).square().mean().backward()
     assert all(not b._graphs.paused and b._graphs.captures == 1 for b in model.blocks)
+
+
+def test_auto_buckets_after_ragged_batches_pause_the_blocks(emulate, monkeypatch):
+    # BSATransformer's default (bucket_slots="auto"): ragged batches pause the blocks' graphs, the
+    # model then pads its batches to buckets of 8 balls and the blocks capture again; outputs and
+    # gradients stay those of the model without graphs
+    from torch_geometric_bsa.nn import transformer as T
+    monkeypatch.setattr(layer_graphs, "_pause_warned", False)
+    torch.manual_seed(0)
+    plain = BSATransformer(3, 1, cuda_graphs=False, **SMALL)
+    model = BSATransformer(3, 1, **SMALL)
+    model.load_state_dict(plain.state_dict())
+    assert model.bucket_slots == "auto" and model._bucket() is None
+    ragged = [[20 * j] for j in range(1, 9)]  # eight layouts (ball 16), the blocks keep four
+    with pytest.warns(layer_graphs.GraphsPausedWarning):
+        for i in range(60):
+            x, pos, batch = _inputs(ragged[i % len(ragged)], i, channels=3)
+            for m in (plain, model):
+                m.zero_grad()
+                out = m(x, pos, batch)
+                out.square().mean().backward()
+                if m is plain:
+                    ref, ref_grads = out.detach(), _grads(plain)
+            torch.testing.assert_close(out.detach(), ref, rtol=1e-5, atol=1e-6)
+            for ga, gb in zip(ref_grads, _grads(model)):
+                torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-6)
+    assert model._auto_bucket == T.AUTO_BUCKET_BALLS * model.ball_size
+    blocks = [b._graphs for b in model.blocks]
+    # bucketed: up to three layouts, captured once each after the pause's eight, then replays only
+    assert all(not g.paused and len(g._entries) <= 3 and g.captures <= layer_graphs.PAUSE_CAPTURES + 3
+               for g in blocks)
+    before = [g.captures for g in blocks]
+    for i in range(16):
+        model(*_inputs(ragged[i % len(ragged)], 100 + i, channels=3)).sum().backward()
+    assert [g.captures for g in blocks] == before
+    # uniform batches never switch; bucket_slots=None never pads
+    for kw in ({}, {"bucket_slots": None}):
+        other = BSATransformer(3, 1, **SMALL, **kw)
+        for i in range(12):
+            sizes = [40, 23] if not kw else ragged[i % len(ragged)]
+            other(*_inputs(sizes, i, channels=3))
+        assert other._auto_bucket is None and other._bucket() is None

@@ -574,9 +574,10 @@ class _KeyedGraphs:
             warnings.warn(
                 f"CUDA graphs paused: {sum(self._recent)} of the last {len(self._recent)} calls of a layer (or of "
                 f"the tree build) captured a new graph, which costs more than replays save. Ragged batches give a "
-                f"new layout every few steps; new layouts now run without graphs. To keep graphs on ragged "
-                f"batches, pad them to buckets: BSATransformer(bucket_slots=...), e.g. 8 balls "
-                f"(examples/train.py --bucket-slots).", GraphsPausedWarning, stacklevel=4)
+                f"new layout every few steps; new layouts now run without graphs. BSATransformer (bucket_slots="
+                f"'auto', the default) now pads its batches to buckets of 8 balls and captures again; in your own "
+                f"models pad batches to buckets (torch_geometric_bsa.nn.transformer.pad_to_bucket).",
+                GraphsPausedWarning, stacklevel=4)
 
     def _lookup(self, key: tuple, capture: Callable):
         r"""The entry for ``key``, captured by ``capture()`` when its time has come; ``None``: run

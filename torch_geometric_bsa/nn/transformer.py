@@ -85,6 +85,11 @@ class _Block(nn.Module):
         return h + self.mlp(self.norm2(h))
 
 
+#: ``BSATransformer(bucket_slots="auto")``: the bucket, in balls, once ragged batches paused its graphs
+#: (the generated plates: 38 layouts without buckets, 3 with buckets of 8 balls, for 11% more slots)
+AUTO_BUCKET_BALLS = 8
+
+
 def pad_to_bucket(x: Tensor, pos: Tensor, batch: Optional[Tensor], ball_size: int, bucket_slots: int):
     r"""Appends one dummy cloud to a batch so that its ball tree has a multiple of ``bucket_slots``
     slots: ``(x, pos, batch, num_clouds, max_slots)`` with the real clouds first, the dummy cloud's
@@ -129,13 +134,16 @@ class BSATransformer(nn.Module):
         cuda_graphs (str or bool): on CUDA, each block's forward and backward replay as CUDA graphs
             captured per batch shape (``"auto"``: up to ``layer_graphs.MAX_SLOTS`` tree slots;
             ``True``; ``False``), as in ``BSAConv``; for every ``attention``.
-        bucket_slots (int, optional): for ragged batches on CUDA: pad every batch with one
+        bucket_slots (int, str or None): for ragged batches on CUDA: pad every batch with one
             dummy cloud (zero features, coincident points, its outputs dropped) so that its tree has
             a multiple of ``bucket_slots`` slots and a largest cloud rounded up to one, so that
             batches of similar size replay the same block graphs (each block keeps 4 shapes).
             A multiple of ``ball_size``; costs up to ``bucket_slots + ball_size`` extra slots of
             work. Clouds never attend to each other, so the real points' outputs are unchanged.
-            Not applied when a tree is passed in, nor off CUDA.
+            ``"auto"`` (default): no padding until a block's graphs pause because new layouts keep
+            coming (``layer_graphs.GraphsPausedWarning``: ragged batches), then buckets of
+            ``AUTO_BUCKET_BALLS`` (8) balls from that call on, and the blocks capture again.
+            ``None``: never pad. Not applied when a tree is passed in, nor off CUDA.
         **bsa_kwargs: passed to ``BSAConv`` (cmp_block, cmp_stride, slc_block, topk, group_size,
             group_compression, cmp_window, selection, compression, backend, bias); an unknown key raises a
             TypeError that lists the valid ones.
@@ -151,7 +159,7 @@ class BSATransformer(nn.Module):
                  heads: int = 4, attention: str = "bsa", mlp_ratio: float = 4.0, rotate: bool = False,
                  dim: int = 3, ball_size: int = 256, pool: Optional[str] = None,
                  config: Optional[BSAConfig] = None, cuda_graphs: Union[str, bool] = "auto",
-                 bucket_slots: Optional[int] = None, **bsa_kwargs):
+                 bucket_slots: Union[int, str, None] = "auto", **bsa_kwargs):
         super().__init__()
         unknown = sorted(set(bsa_kwargs) - set(BSA_KWARGS))
         if unknown:
@@ -174,10 +182,13 @@ class BSATransformer(nn.Module):
         self.in_channels, self.out_channels, self.hidden_channels = in_channels, out_channels, hidden_channels
         self.num_layers, self.heads, self.attention, self.dim = num_layers, heads, attention, dim
         self.ball_size, self.rotate, self.pool = ball_size, rotate, pool
-        if bucket_slots is not None and (isinstance(bucket_slots, bool) or not isinstance(bucket_slots, int)
-                                         or bucket_slots < 1 or bucket_slots % ball_size):
-            raise ValueError(f"bucket_slots must be a positive multiple of ball_size={ball_size}, got {bucket_slots!r}")
+        if bucket_slots is not None and bucket_slots != "auto" and (
+                isinstance(bucket_slots, bool) or not isinstance(bucket_slots, int) or bucket_slots < 1
+                or bucket_slots % ball_size):
+            raise ValueError(f"bucket_slots must be 'auto', None or a positive multiple of ball_size={ball_size}, "
+                             f"got {bucket_slots!r}")
         self.bucket_slots = bucket_slots
+        self._auto_bucket: Optional[int] = None  # "auto": the bucket in force once ragged batches showed
         first = (LazyLinear(-1, hidden_channels) if in_channels == -1
                  else nn.Linear(in_channels + dim, hidden_channels))
         self.embed = nn.Sequential(first, nn.GELU(), nn.Linear(hidden_channels, hidden_channels))
@@ -211,11 +222,11 @@ class BSATransformer(nn.Module):
             self.embed[0].in_channels - self.dim if self.embed[0].in_channels > 0 else None)
         check_point_inputs(x, pos, batch, expected, self.dim, self.head.weight.dtype, self.head.weight.device)
         n_real, num_clouds = pos.size(0), None
-        bucket = self.bucket_slots is not None and tree is None and (pos.is_cuda or layer_graphs._EMULATE)
+        bucket_slots = self._bucket()
+        bucket = bucket_slots is not None and tree is None and (pos.is_cuda or layer_graphs._EMULATE)
         sizes = None
         if bucket:
-            x, pos, batch, num_clouds, max_slots, sizes = pad_to_bucket(x, pos, batch, self.ball_size,
-                                                                       self.bucket_slots)
+            x, pos, batch, num_clouds, max_slots, sizes = pad_to_bucket(x, pos, batch, self.ball_size, bucket_slots)
 
         def build(rotation=None):
             if sizes is not None and layer_graphs.tree_graphs_wanted(pos):  # sizes known: not read again
@@ -242,6 +253,18 @@ class BSATransformer(nn.Module):
         if self.pool is not None:  # one row per cloud: [B, C]
             h = _POOLS[self.pool](h, batch, size=num_clouds if bucket else last.num_clouds)
         return self.head(h)
+
+    def _bucket(self) -> Optional[int]:
+        r"""The bucket of slots in force: ``bucket_slots``, or with ``"auto"`` none until a block's
+        graphs have paused (ragged batches), then ``AUTO_BUCKET_BALLS`` balls (and the blocks'
+        graphs are cleared, so that they capture the bucketed layouts)."""
+        if self.bucket_slots != "auto":
+            return self.bucket_slots
+        if self._auto_bucket is None and any(b._graphs.paused for b in self.blocks):
+            self._auto_bucket = AUTO_BUCKET_BALLS * self.ball_size
+            for b in self.blocks:
+                b._graphs.clear()
+        return self._auto_bucket
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, "
