@@ -535,9 +535,9 @@ class GraphsPausedWarning(UserWarning):
 
 
 #: a ``_KeyedGraphs`` stops capturing new keys once ``PAUSE_CAPTURES`` of its last ``PAUSE_WINDOW``
-#: calls captured (``None``: never). Ragged batches bring a new layout every few steps; with two
-#: graphs kept a layer captures at most steps (the plates: 679 captures in 800 steps, perf-notes,
-#: "Eleventh session"), and a capture costs more than the eager call it replaces.
+#: calls captured (``None``: never). Ragged batches bring a new layout every few steps, so a layer
+#: that keeps a few graphs would capture at most steps, and a capture costs more than the eager call
+#: it replaces (docs/perf-notes.md, "Eleventh session").
 PAUSE_CAPTURES: Optional[int] = 8
 PAUSE_WINDOW = 32
 _pause_warned = False

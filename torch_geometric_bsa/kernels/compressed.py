@@ -214,9 +214,9 @@ launch_rule("cmp_dq", tune=_candidates((128, 64, 8, 2), (128, 32, 4, 3), (64, 64
 def _split_rule(key_tiles: int, heads: int, sms: Optional[int]) -> dict:
     # the dK/dV grid is (key tiles, heads): a layer of a few thousand points a cloud and few heads
     # gives fewer programs than two a multiprocessor, each streaming a whole cloud's queries
-    # (latency-bound: perf-notes, "Eleventh session"). Then split the query stream into about four
-    # programs a multiprocessor. From two a multiprocessor on (the paper model's layer, 65k points)
-    # a split measured no gain and costs a launch.
+    # (latency-bound). Then split the query stream into about four programs a multiprocessor; from
+    # two a multiprocessor on a split does not pay for its extra launch (docs/perf-notes.md,
+    # "Eleventh session")
     programs = key_tiles * heads
     if not sms or programs >= 2 * sms:
         return dict(SPLIT=1)

@@ -153,6 +153,6 @@ def _rule(qpg: int, n_g: int) -> dict:
     # tiles of 128, 4 warps (the sweep behind it: docs/perf-notes.md, "Session of 2026-11-25
     # (afternoon)", top-k tiles); qpg: query rows per group, n_g: groups
     bg = max(16 // qpg if qpg < 16 else 1, min(64 // qpg, next_pow2(max(1, n_g // 264))))
-    # MERGE_SORT: the bitonic merge instead of the insertion loop (not yet timed on a GPU; the
-    # loop is the measured default: perf-notes, "Eleventh session")
+    # MERGE_SORT: the bitonic merge instead of the insertion loop (docs/perf-notes.md, "Eleventh
+    # session": the loop stays the default until the merge is timed)
     return dict(BLOCK_G=bg, BLOCK_N=128, num_warps=4, num_stages=2, MERGE_SORT=False)

@@ -86,7 +86,7 @@ class _Block(nn.Module):
 
 
 #: ``BSATransformer(bucket_slots="auto")``: the bucket, in balls, once ragged batches paused its graphs
-#: (the generated plates: 38 layouts without buckets, 3 with buckets of 8 balls, for 11% more slots)
+#: (few recurring layouts for a few percent more slots: docs/perf-notes.md, "Eleventh session")
 AUTO_BUCKET_BALLS = 8
 
 
