@@ -96,3 +96,25 @@ def test_host_glue_counts_launches_without_running_kernels():
     assert r.returncode == 0, r.stderr[-2000:]
     m = re.search(r"(\d+) Triton launches, (\d+) aten ops", r.stdout)
     assert m and int(m.group(1)) >= 12 and int(m.group(2)) >= 1, r.stdout
+
+
+def test_selection_overlap_on_a_tiny_checkpoint(tmp_path, monkeypatch):
+    # the agreement of a ball's groups on their selected blocks, from an examples/train.py checkpoint
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "examples"))
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import train
+    import selection_overlap
+    train.main(["--dataset", "toy", "--num-train", "4", "--num-test", "3", "--batch-size", "2", "--hidden", "16",
+                "--layers", "2", "--heads", "2", "--ball-size", "32", "--cmp-block", "4", "--slc-block", "4",
+                "--topk", "2", "--group-size", "4", "--steps", "2", "--no-progress", "--threads", "1",
+                "--out", str(tmp_path / "run")])
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["selection_overlap.py", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"),
+                                      "--clouds", "3"])
+    selection_overlap.main()
+    saved = json.load(open(tmp_path / "selection_overlap.json"))
+    assert [r["layer"] for r in saved["rows"]] == [0, 1]
+    for r in saved["rows"]:
+        # at least one distinct block a ball and at most one per entry; 8 groups of 4 in a ball of 32
+        assert 1 / 16 <= r["distinct_over_entries"] <= 1.0 and 0.0 <= r["own_ball_share"] <= 1.0
+    assert saved["model"]["ball_size"] == 32 and saved["trained_steps"] == 2
