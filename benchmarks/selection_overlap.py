@@ -30,6 +30,8 @@ def main():
     ap.add_argument("--checkpoint", required=True, help="an examples/train.py checkpoint of a BSA model")
     ap.add_argument("--clouds", type=int, default=8, help="test clouds to run")
     ap.add_argument("--untrained", action="store_true", help="the same model at its initialisation instead")
+    ap.add_argument("--tile-groups", type=int, default=8,
+                    help="also the distinct share over tiles of this many groups (the union walk's GT)")
     args = ap.parse_args()
     import train as T
     import torch_geometric_bsa.compose as C
@@ -64,7 +66,8 @@ def main():
     REF.compose = spy
     m, g, ls = targs.ball_size, targs.group_size, targs.slc_block
     gpb, bpb = m // g, m // ls  # groups and selection blocks a ball
-    agree, own = collections.defaultdict(list), collections.defaultdict(list)
+    agree, own, tile = (collections.defaultdict(list) for _ in range(3))
+    tg = min(args.tile_groups, gpb)
     with torch.no_grad():
         for data in DataLoader(list(test)[:args.clouds], batch_size=4):
             x, pos, batch, _ = T._to_input(data, norm, torch.device("cpu"))
@@ -77,13 +80,18 @@ def main():
                         if sel.numel():
                             agree[layer].append(sel.unique().numel() / sel.numel())
                             own[layer].append(((sel >= j * bpb) & (sel < (j + 1) * bpb)).float().mean().item())
+                    for j in range(idx.size(1) // tg):  # the selection kernel's union walk: tiles of tg groups
+                        sel = idx[b, j * tg:(j + 1) * tg][valid[b, j * tg:(j + 1) * tg]]
+                        if sel.numel():
+                            tile[layer].append(sel.unique().numel() / sel.numel())
     REF.compose = compose
     rows = []
     for layer in sorted(agree):
         a = torch.tensor(agree[layer])
         rows.append(dict(layer=layer, balls=len(a), distinct_over_entries=round(a.mean().item(), 3),
                          median=round(a.median().item(), 3), min=round(a.min().item(), 3),
-                         max=round(a.max().item(), 3), own_ball_share=round(sum(own[layer]) / len(own[layer]), 3)))
+                         max=round(a.max().item(), 3), own_ball_share=round(sum(own[layer]) / len(own[layer]), 3),
+                         **{f"distinct_{tg}_groups": round(sum(tile[layer]) / len(tile[layer]), 3)}))
     print(format_table(rows, list(rows[0])))
     print(f"groups a ball {gpb}, top-k {targs.topk}, blocks of {ls}: all groups agreeing would read {1 / gpb:.3f}")
     write_json(os.path.join(out_dir(), "selection_overlap.json"),

@@ -108,6 +108,32 @@ def test_selected_group_tiles(rows):
         check([50, 90, 20], cfg, h=2, d=16, dtype=torch.float32, seed=7)
 
 
+@pytest.mark.parametrize("hot", [False, True], ids=["random", "hot"])
+@pytest.mark.parametrize("rows,keys", [(16, 16), (32, 64), (128, 32)], ids=["4_groups", "8_groups", "16_groups"])
+def test_selected_union_walk(rows, keys, hot):
+    # union=True: a program of GT groups loads each distinct selected block once (``_union_kernel``'s
+    # list, several steps of CB blocks), a row keeping the blocks its group picked; random picks
+    # (few shared), hot picks (every group of a cloud the same blocks: a tile's list is one group's),
+    # 128 rows: 32 groups asked, 16 taken (one bit each), the last tile past the last group
+    cfg = BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4)
+    assert slc._union_tiles(rows, keys, 4, 3, 4)[3] == min(16, rows // 4)
+    with common.launch_config("slc_fwd", rows=rows, keys=keys, union=True):
+        check([50, 90, 20], cfg, h=2, d=16, dtype=torch.float32, seed=11, hot=hot)
+
+
+def test_union_kernel_lists_distinct_blocks():
+    # the tile's distinct blocks in order of first appearance, each with the bits of the groups
+    # that picked it; -1 entries and groups past the end take no part
+    idx = torch.tensor([[3, 5, -1], [5, 7, 3], [-1, -1, -1], [9, 3, 5], [2, 8, 1]], dtype=torch.int32, device=DEVICE)
+    (_, cb, _, gt), kw = slc._walk(16, 16, True, idx, 4, 4)
+    assert gt == 4 and kw["NE"] == 16
+    cnt = kw["UCNT"].cpu().tolist()
+    assert cnt == [4, 3]
+    u, bits = kw["U"].cpu(), kw["UBITS"].cpu()
+    assert u[0, :4].tolist() == [3, 5, 7, 9] and bits[0, :4].tolist() == [0b1011, 0b1011, 0b10, 0b1000]
+    assert u[1, :3].tolist() == [2, 8, 1] and bits[1, :3].tolist() == [1, 1, 1]
+
+
 def test_group_tiles_shapes():
     # (LS_P2, CB, GM, GT): rows split into groups, keys into blocks per group, >= 16 of each
     assert slc._tiles(64, 256, 8, 4, 8) == (8, 4, 8, 8)    # the model's shape: 8 groups x 4 blocks of 8
@@ -165,3 +191,15 @@ def test_selected_gpu_real_size(dtype):
 def test_selected_per_head_gpu_real_size(dtype, hot):
     cfg = BSAConfig(ball_size=256, cmp_block=8, slc_block=8, topk=16, group_size=8, selection="per_head")
     check([6000, 9000, 500], cfg, h=8, d=64, dtype=dtype, hot=hot, per_head=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("hot", [False, True], ids=["random", "hot"])
+@pytest.mark.parametrize("d,topk", [(8, 4), (32, 16), (64, 16)], ids=["paper_layer", "study_layer", "op"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_selected_union_gpu_real_size(dtype, d, topk, hot):
+    # the union walk compiled at the model layers' tiles (64 rows, 128 keys)
+    cfg = BSAConfig(ball_size=256, cmp_block=8, slc_block=8, topk=topk, group_size=8)
+    with common.launch_config("slc_fwd", rows=64, keys=128, union=True):
+        check([6000, 9000, 500], cfg, h=4, d=d, dtype=dtype, hot=hot)

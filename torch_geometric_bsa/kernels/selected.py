@@ -62,14 +62,54 @@ def _group_rows(MASK, pid, ngrp, G: tl.constexpr, GM: tl.constexpr, GT: tl.const
 
 
 @triton.jit
+def _union_kernel(IDX, U, UBITS, UCNT, ngrp, TOPK: tl.constexpr, GT: tl.constexpr, NE: tl.constexpr):
+    # grid: (tiles of GT groups,). The tile's distinct selected blocks, in order of first appearance
+    # (group-major): U[tile, :UCNT[tile]] block ids, UBITS the tile's groups that selected each one
+    # (bit j = the tile's group j). An NE x NE comparison of the tile's GT * TOPK entries: no sort.
+    pid = tl.program_id(0)
+    e = tl.arange(0, NE)
+    live = (e < GT * TOPK) & (pid * GT + e // TOPK < ngrp)
+    b = tl.load(IDX + pid * (GT * TOPK) + e, mask=live, other=-1)
+    ok = b >= 0
+    eq = (b[:, None] == b[None, :]) & ok[:, None] & ok[None, :]
+    before = e[None, :] < e[:, None]
+    first = ok & (tl.max((eq & before).to(tl.int32), axis=1) == 0)
+    bits = tl.sum(tl.where(eq, (1 << (e // TOPK))[None, :], 0), axis=1)  # a group holds a block once: sum = or
+    at = tl.cumsum(first.to(tl.int32), axis=0) - 1
+    tl.store(U + pid * NE + at, b, mask=first)
+    tl.store(UBITS + pid * NE + at, bits, mask=first)
+    tl.store(UCNT + pid, tl.sum(first.to(tl.int32), axis=0))
+
+
+@triton.jit
+def _union_tile(U, UBITS, MASK, pid, cnt, c, LS: tl.constexpr, LS_P2: tl.constexpr, CB: tl.constexpr,
+                GM: tl.constexpr, GT: tl.constexpr, NE: tl.constexpr):
+    # the keys of step ``c`` of the union walk: the tile's distinct blocks c .. c + CB - 1, each loaded
+    # once for all GT groups. Returns (slot, kin, kv, same) as ``_group_tile``; ``same``: the row's
+    # group selected the key's block
+    j = tl.arange(0, CB * LS_P2)
+    u = c + j // LS_P2
+    b = tl.load(U + pid * NE + u, mask=u < cnt, other=-1)
+    bits = tl.load(UBITS + pid * NE + u, mask=u < cnt, other=0)
+    slot = (b * LS + j % LS_P2).to(tl.int64)
+    kin = (b >= 0) & (j % LS_P2 < LS)
+    kv = kin & (tl.load(MASK + slot, mask=kin, other=0) != 0)
+    same = ((bits[None, :] >> (tl.arange(0, GT * GM) // GM)[:, None]) & 1) != 0
+    return slot, kin, kv, same
+
+
+@triton.jit
 def _slc_fwd_kernel(Q, K, V, MASK, IDX, O, LSE, stride_n, stride_o, ngrp,
                     qk_scale, G: tl.constexpr, H: tl.constexpr, D: tl.constexpr, LS: tl.constexpr,
                     LS_P2: tl.constexpr, TOPK: tl.constexpr, CB: tl.constexpr, GM: tl.constexpr,
-                    BLOCK_D: tl.constexpr, PREC: tl.constexpr, GT: tl.constexpr = 1, PER_HEAD: tl.constexpr = False):
+                    BLOCK_D: tl.constexpr, PREC: tl.constexpr, GT: tl.constexpr = 1, PER_HEAD: tl.constexpr = False,
+                    U=None, UBITS=None, UCNT=None, UNION: tl.constexpr = False,
+                    NE: tl.constexpr = 1):
     # grid: (cdiv(groups, GT), heads); rows = GT groups of G queries (each padded to GM); a step's
     # keys are each group's next CB blocks, side by side: one tl.dot for the tile, a row's scores
     # kept only on its own group's keys (``same``). PER_HEAD: IDX is [groups, H, TOPK] (one
-    # selection per head), else [groups, TOPK]
+    # selection per head), else [groups, TOPK]. UNION: a step's keys are instead CB of the tile's
+    # distinct blocks (``_union_kernel``), a block picked by several of its groups loaded once
     pid = tl.program_id(0)
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 when inductor launches the kernel
     h = tl.program_id(1)
@@ -81,8 +121,15 @@ def _slc_fwd_kernel(Q, K, V, MASK, IDX, O, LSE, stride_n, stride_o, ngrp,
     m_i = tl.full([GT * GM], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([GT * GM], dtype=tl.float32)
     acc = tl.zeros([GT * GM, BLOCK_D], dtype=tl.float32)
-    for c in range(0, TOPK, CB):
-        slot, kin, kv, same = _group_tile(IDX, MASK, pid, ngrp, c, H, h, LS, LS_P2, TOPK, CB, GM, GT, PER_HEAD)
+    if UNION:
+        hi = tl.load(UCNT + pid)
+    else:
+        hi = TOPK
+    for c in range(0, hi, CB):
+        if UNION:
+            slot, kin, kv, same = _union_tile(U, UBITS, MASK, pid, hi, c, LS, LS_P2, CB, GM, GT, NE)
+        else:
+            slot, kin, kv, same = _group_tile(IDX, MASK, pid, ngrp, c, H, h, LS, LS_P2, TOPK, CB, GM, GT, PER_HEAD)
         k = tl.load(K + slot[:, None] * stride_n + h * D + offs_d[None, :], mask=kin[:, None] & dmask[None, :],
                     other=0.0)
         v = tl.load(V + slot[:, None] * stride_n + h * D + offs_d[None, :], mask=kin[:, None] & dmask[None, :],
@@ -103,9 +150,10 @@ def _slc_bwd_dq_kernel(Q, K, V, DO, O, MASK, IDX, LSE, DELTA, DQ, stride_n, stri
                        G: tl.constexpr, H: tl.constexpr, D: tl.constexpr, LS: tl.constexpr,
                        LS_P2: tl.constexpr, TOPK: tl.constexpr, CB: tl.constexpr, GM: tl.constexpr,
                        BLOCK_D: tl.constexpr, PREC: tl.constexpr, GT: tl.constexpr = 1,
-                       PER_HEAD: tl.constexpr = False):
-    # grid: (cdiv(groups, GT), heads), tiles as the forward's; dQ = scale * sum_j P (dP - delta) k_j
-    # over each group's selected keys
+                       PER_HEAD: tl.constexpr = False, U=None, UBITS=None, UCNT=None, UNION: tl.constexpr = False,
+                       NE: tl.constexpr = 1):
+    # grid: (cdiv(groups, GT), heads), tiles (and UNION) as the forward's; dQ = scale * sum_j P (dP -
+    # delta) k_j over each group's selected keys
     pid = tl.program_id(0)
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 when inductor launches the kernel
     sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 when inductor launches the kernel
@@ -122,8 +170,15 @@ def _slc_bwd_dq_kernel(Q, K, V, DO, O, MASK, IDX, LSE, DELTA, DQ, stride_n, stri
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + rows * H + h, delta, mask=qm)
     dq = tl.zeros([GT * GM, BLOCK_D], dtype=tl.float32)
-    for c in range(0, TOPK, CB):
-        slot, kin, kv, same = _group_tile(IDX, MASK, pid, ngrp, c, H, h, LS, LS_P2, TOPK, CB, GM, GT, PER_HEAD)
+    if UNION:
+        hi = tl.load(UCNT + pid)
+    else:
+        hi = TOPK
+    for c in range(0, hi, CB):
+        if UNION:
+            slot, kin, kv, same = _union_tile(U, UBITS, MASK, pid, hi, c, LS, LS_P2, CB, GM, GT, NE)
+        else:
+            slot, kin, kv, same = _group_tile(IDX, MASK, pid, ngrp, c, H, h, LS, LS_P2, TOPK, CB, GM, GT, PER_HEAD)
         k = tl.load(K + slot[:, None] * stride_n + h * D + offs_d[None, :], mask=kin[:, None] & dmask[None, :],
                     other=0.0)
         v = tl.load(V + slot[:, None] * stride_n + h * D + offs_d[None, :], mask=kin[:, None] & dmask[None, :],
@@ -281,7 +336,7 @@ def invert_selection(idx: Tensor, num_blocks: int):
 @launch_rule("slc_fwd")
 def _fwd_rule(dtype: torch.dtype, d: int) -> dict:
     return dict(rows=64 if d <= 16 else 1, keys=64 if dtype == torch.float32 and d > 16 else 128, num_warps=4,
-                num_stages=2)
+                num_stages=2, union=False)
 
 
 @launch_rule("slc_dq")
@@ -309,6 +364,40 @@ def _tiles(rows: int, keys: int, ls: int, topk: int, g: int):
     return ls_p2, cb, gm, gt
 
 
+def _union_tiles(rows: int, keys: int, ls: int, topk: int, g: int):
+    r"""``(LS_P2, CB, GM, GT, NE)`` of the union walk: groups per program and their padded rows as
+    ``_tiles`` (at most 16 groups: one bit each in an int32), ``CB`` distinct blocks a step (about
+    ``keys`` keys, at least 16), ``NE`` the tile's padded entry count (``GT * topk``)."""
+    ls_p2, _, gm, gt = _tiles(rows, keys, ls, topk, g)
+    if gt > 16:
+        gt = 16
+    ne = next_pow2(gt * topk)
+    cb = min(max(1, keys // ls_p2), ne)
+    cb = max(cb, cdiv(16, ls_p2))
+    return ls_p2, cb, gm, gt, ne
+
+
+def _tile_entries(cfg: dict):
+    r"""Pops a forward or dQ launch config's tile entries: ``(rows, keys, union)``."""
+    return cfg.pop("rows"), cfg.pop("keys"), cfg.pop("union", False)
+
+
+def _walk(rows: int, keys: int, union: bool, idx: Tensor, ls: int, g: int):
+    r"""The forward and dQ tiles ``(LS_P2, CB, GM, GT)`` and the kernels' union kwargs: with
+    ``union`` and a shared selection, the tile's distinct blocks and their groups (one
+    ``_union_kernel`` launch), else none."""
+    topk = idx.size(-1)
+    if not union or idx.dim() != 2:
+        return _tiles(rows, keys, ls, topk, g), {}
+    ls_p2, cb, gm, gt, ne = _union_tiles(rows, keys, ls, topk, g)
+    ngrp = idx.size(0)
+    tiles = cdiv(ngrp, gt)
+    u, bits = (_common.new_empty((tiles, ne), idx, torch.int32) for _ in range(2))
+    cnt = _common.new_empty((tiles,), idx, torch.int32)
+    _union_kernel[(tiles,)](idx, u, bits, cnt, ngrp, TOPK=topk, GT=gt, NE=ne, num_warps=4)
+    return (ls_p2, cb, gm, gt), dict(U=u, UBITS=bits, UCNT=cnt, UNION=True, NE=ne)
+
+
 def _per_head_kw(idx: Tensor) -> dict:
     # the shared (default) launch passes nothing new: its kernels compile and run as before
     return dict(PER_HEAD=True) if idx.dim() == 3 else {}
@@ -326,13 +415,15 @@ class SelectedAttention(torch.autograd.Function):
         o = _common.new_empty(q.shape, q)
         lse = _common.new_empty((n, h), q, torch.float32)
         cfg = config_for("slc_fwd", dtype=q.dtype, d=d)
-        ls_p2, cb, gm, gt = _tiles(cfg.pop("rows"), cfg.pop("keys"), ls, topk, g)
+        tiles, union = _walk(*_tile_entries(cfg), idx, ls, g)
+        ls_p2, cb, gm, gt = tiles
         _slc_fwd_kernel[(cdiv(n // g, gt), h)](
             q, k, v, mask_i8, idx, o, lse, q.stride(0), o.stride(0), n // g, scale * LOG2E,
             G=g, H=h, D=d, LS=ls, LS_P2=ls_p2, TOPK=topk, CB=cb, GM=gm, GT=gt, BLOCK_D=dot_dim(d),
-            PREC=dot_precision(q.dtype), **_per_head_kw(idx), **cfg)
+            PREC=dot_precision(q.dtype), **_per_head_kw(idx), **union, **cfg)
         ctx.save_for_backward(q, k, v, o, lse, mask_i8, idx)
         ctx.g, ctx.ls, ctx.scale = g, ls, scale
+        ctx.walk = (tiles, union)  # the dQ pass walks the same tiles (a compiled graph's backward recomputes it)
         return o
 
     @staticmethod
@@ -345,12 +436,19 @@ class SelectedAttention(torch.autograd.Function):
         delta = _common.new_empty((n, h), q, torch.float32)  # written by the dQ kernel, read by dK/dV
         dq, dk, dv = (_common.new_empty(q.shape, q) for _ in range(3))  # contiguous: row stride o.stride(0)
         cfg = config_for("slc_dq", dtype=q.dtype, d=d)
-        ls_p2, cb, gm, gt = _tiles(cfg.pop("rows"), cfg.pop("keys"), ls, topk, g)
+        own = _tile_entries(cfg)
+        walk = getattr(ctx, "walk", None)
+        if walk is None:  # the custom op's backward (kernels/ops.py) has no forward ctx: walk again
+            fwd = _tile_entries(config_for("slc_fwd", dtype=q.dtype, d=d))
+            walk = _walk(*(fwd if fwd[2] else own), idx, ls, g)
+        elif not walk[1]:  # no union walk: the dQ pass takes its own tiles
+            walk = _walk(*own, idx, ls, g)
+        (ls_p2, cb, gm, gt), union = walk
         prec = dot_precision(q.dtype)
         _slc_bwd_dq_kernel[(cdiv(n // g, gt), h)](
             q, k, v, do, o, mask_i8, idx, lse, delta, dq, q.stride(0), do.stride(0), n // g, scale * LOG2E, scale,
             G=g, H=h, D=d, LS=ls, LS_P2=ls_p2, TOPK=topk, CB=cb, GM=gm, GT=gt, BLOCK_D=dot_dim(d), PREC=prec,
-            **_per_head_kw(idx), **cfg)
+            **_per_head_kw(idx), **union, **cfg)
         _dkdv(q, k, v, do, mask_i8, idx, lse, delta, dk, dv, g, ls, scale, prec)
         return dq, dk, dv, None, None, None, None, None
 
