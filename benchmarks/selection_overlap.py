@@ -46,6 +46,8 @@ def main():
     if targs.model != "bsa":
         raise SystemExit(f"{args.checkpoint}: a {targs.model!r} model, not bsa")
     train, test, stats = T.load_splits(targs)
+    if getattr(targs, "local_geometry", 0):  # the inputs the checkpoint was trained on
+        test = T.with_local_geometry(list(test)[:args.clouds], targs.local_geometry)
     sample = test[0]
     in_channels = sample.x.size(-1) if getattr(sample, "x", None) is not None else 0
     model = T.build_model(targs, in_channels, sample.y.view(sample.pos.size(0), -1).size(-1), sample.pos.size(-1),

@@ -98,8 +98,10 @@ def test_host_glue_counts_launches_without_running_kernels():
     assert m and int(m.group(1)) >= 12 and int(m.group(2)) >= 1, r.stdout
 
 
-def test_selection_overlap_on_a_tiny_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("local_geometry", [0, 4], ids=["plain", "local_geometry"])
+def test_selection_overlap_on_a_tiny_checkpoint(tmp_path, monkeypatch, local_geometry):
     # the agreement of a ball's groups on their selected blocks, from an examples/train.py checkpoint
+    # (one trained with --local-geometry takes the extra input features: the plates study's flags)
     monkeypatch.syspath_prepend(os.path.join(ROOT, "examples"))
     monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
     import train
@@ -107,7 +109,7 @@ def test_selection_overlap_on_a_tiny_checkpoint(tmp_path, monkeypatch):
     train.main(["--dataset", "toy", "--num-train", "4", "--num-test", "3", "--batch-size", "2", "--hidden", "16",
                 "--layers", "2", "--heads", "2", "--ball-size", "32", "--cmp-block", "4", "--slc-block", "4",
                 "--topk", "2", "--group-size", "4", "--steps", "2", "--no-progress", "--threads", "1",
-                "--out", str(tmp_path / "run")])
+                "--local-geometry", str(local_geometry), "--out", str(tmp_path / "run")])
     monkeypatch.setenv("OUT", str(tmp_path))
     monkeypatch.setattr(sys, "argv", ["selection_overlap.py", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"),
                                       "--clouds", "3"])
