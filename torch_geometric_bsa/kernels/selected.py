@@ -99,26 +99,21 @@ def _union_tile(U, UBITS, MASK, pid, cnt, c, LS: tl.constexpr, LS_P2: tl.constex
 
 
 @triton.jit
-def _keys(IDX, U, UBITS, MASK, tile, ngrp, c, hi, H: tl.constexpr, h, LS: tl.constexpr, LS_P2: tl.constexpr,
-          TOPK: tl.constexpr, CB: tl.constexpr, GM: tl.constexpr, GT: tl.constexpr, PER_HEAD: tl.constexpr,
-          UNION: tl.constexpr, NE: tl.constexpr):
-    # a step's keys: (slot, kin, kv, same) of the union walk or of each group's own blocks
-    if UNION:
-        keys = _union_tile(U, UBITS, MASK, tile, hi, c, LS, LS_P2, CB, GM, GT, NE)
-    else:
-        keys = _group_tile(IDX, MASK, tile, ngrp, c, H, h, LS, LS_P2, TOPK, CB, GM, GT, PER_HEAD)
-    return keys
-
-
-@triton.jit
-def _slc_fwd_tile(Q, K, V, MASK, IDX, O, LSE, U, UBITS, stride_n, stride_o, ngrp, qk_scale, h, tile, hi,
-                  G: tl.constexpr, H: tl.constexpr, D: tl.constexpr, LS: tl.constexpr, LS_P2: tl.constexpr,
-                  TOPK: tl.constexpr, CB: tl.constexpr, GM: tl.constexpr, GT: tl.constexpr, BLOCK_D: tl.constexpr,
-                  PREC: tl.constexpr, PER_HEAD: tl.constexpr, UNION: tl.constexpr, NE: tl.constexpr):
-    # one tile of GT groups of G queries (each padded to GM rows): a step's keys are each group's
-    # next CB blocks side by side (a row keeps its own group's: ``same``), or with UNION the tile's
-    # next CB distinct blocks (``hi`` of them), each loaded once for the GT groups
-    rows, real, qm = _group_rows(MASK, tile, ngrp, G, GM, GT)
+def _slc_fwd_kernel(Q, K, V, MASK, IDX, O, LSE, stride_n, stride_o, ngrp,
+                    qk_scale, G: tl.constexpr, H: tl.constexpr, D: tl.constexpr, LS: tl.constexpr,
+                    LS_P2: tl.constexpr, TOPK: tl.constexpr, CB: tl.constexpr, GM: tl.constexpr,
+                    BLOCK_D: tl.constexpr, PREC: tl.constexpr, GT: tl.constexpr = 1, PER_HEAD: tl.constexpr = False,
+                    U=None, UBITS=None, UCNT=None, UNION: tl.constexpr = False,
+                    NE: tl.constexpr = 1):
+    # grid: (cdiv(groups, GT), heads); rows = GT groups of G queries (each padded to GM); a step's
+    # keys are each group's next CB blocks, side by side: one tl.dot for the tile, a row's scores
+    # kept only on its own group's keys (``same``). PER_HEAD: IDX is [groups, H, TOPK] (one
+    # selection per head), else [groups, TOPK]. UNION: a step's keys are instead CB of the tile's
+    # distinct blocks (``_union_kernel``), a block picked by several of its groups loaded once
+    pid = tl.program_id(0)
+    qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 when inductor launches the kernel
+    h = tl.program_id(1)
+    rows, real, qm = _group_rows(MASK, pid, ngrp, G, GM, GT)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     q = tl.load(Q + rows[:, None] * stride_n + h * D + offs_d[None, :], mask=qm[:, None] & dmask[None, :],
@@ -126,9 +121,15 @@ def _slc_fwd_tile(Q, K, V, MASK, IDX, O, LSE, U, UBITS, stride_n, stride_o, ngrp
     m_i = tl.full([GT * GM], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([GT * GM], dtype=tl.float32)
     acc = tl.zeros([GT * GM, BLOCK_D], dtype=tl.float32)
+    if UNION:
+        hi = tl.load(UCNT + pid)
+    else:
+        hi = TOPK
     for c in range(0, hi, CB):
-        slot, kin, kv, same = _keys(IDX, U, UBITS, MASK, tile, ngrp, c, hi, H, h, LS, LS_P2, TOPK, CB, GM, GT,
-                                    PER_HEAD, UNION, NE)
+        if UNION:
+            slot, kin, kv, same = _union_tile(U, UBITS, MASK, pid, hi, c, LS, LS_P2, CB, GM, GT, NE)
+        else:
+            slot, kin, kv, same = _group_tile(IDX, MASK, pid, ngrp, c, H, h, LS, LS_P2, TOPK, CB, GM, GT, PER_HEAD)
         k = tl.load(K + slot[:, None] * stride_n + h * D + offs_d[None, :], mask=kin[:, None] & dmask[None, :],
                     other=0.0)
         v = tl.load(V + slot[:, None] * stride_n + h * D + offs_d[None, :], mask=kin[:, None] & dmask[None, :],
@@ -145,42 +146,19 @@ def _slc_fwd_tile(Q, K, V, MASK, IDX, O, LSE, U, UBITS, stride_n, stride_o, ngrp
 
 
 @triton.jit
-def _slc_fwd_kernel(Q, K, V, MASK, IDX, O, LSE, stride_n, stride_o, ngrp,
-                    qk_scale, G: tl.constexpr, H: tl.constexpr, D: tl.constexpr, LS: tl.constexpr,
-                    LS_P2: tl.constexpr, TOPK: tl.constexpr, CB: tl.constexpr, GM: tl.constexpr,
-                    BLOCK_D: tl.constexpr, PREC: tl.constexpr, GT: tl.constexpr = 1, PER_HEAD: tl.constexpr = False,
-                    U=None, UBITS=None, UCNT=None, UNION: tl.constexpr = False, NE: tl.constexpr = 1,
-                    FGT: tl.constexpr = 1, FGM: tl.constexpr = 16, FCB: tl.constexpr = 1):
-    # grid: (cdiv(groups, GT), heads). PER_HEAD: IDX is [groups, H, TOPK] (one selection per head),
-    # else [groups, TOPK]. UNION: the tile's distinct blocks (``_union_kernel``), walked when they
-    # are at most half its entries; a tile whose groups agree less runs as GT / FGT tiles of FGT
-    # groups (FGM rows each, FCB blocks a group a step) over their own blocks
+def _slc_bwd_dq_kernel(Q, K, V, DO, O, MASK, IDX, LSE, DELTA, DQ, stride_n, stride_o, ngrp, qk_scale, sm_scale,
+                       G: tl.constexpr, H: tl.constexpr, D: tl.constexpr, LS: tl.constexpr,
+                       LS_P2: tl.constexpr, TOPK: tl.constexpr, CB: tl.constexpr, GM: tl.constexpr,
+                       BLOCK_D: tl.constexpr, PREC: tl.constexpr, GT: tl.constexpr = 1,
+                       PER_HEAD: tl.constexpr = False, U=None, UBITS=None, UCNT=None, UNION: tl.constexpr = False,
+                       NE: tl.constexpr = 1):
+    # grid: (cdiv(groups, GT), heads), tiles (and UNION) as the forward's; dQ = scale * sum_j P (dP -
+    # delta) k_j over each group's selected keys
     pid = tl.program_id(0)
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 when inductor launches the kernel
+    sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 when inductor launches the kernel
     h = tl.program_id(1)
-    if UNION:
-        cnt = tl.load(UCNT + pid)
-        if cnt * 2 <= GT * TOPK:
-            _slc_fwd_tile(Q, K, V, MASK, IDX, O, LSE, U, UBITS, stride_n, stride_o, ngrp, qk_scale, h, pid, cnt,
-                          G, H, D, LS, LS_P2, TOPK, CB, GM, GT, BLOCK_D, PREC, PER_HEAD, True, NE)
-        else:
-            for j in range(GT // FGT):
-                _slc_fwd_tile(Q, K, V, MASK, IDX, O, LSE, U, UBITS, stride_n, stride_o, ngrp, qk_scale, h,
-                              pid * (GT // FGT) + j, TOPK, G, H, D, LS, LS_P2, TOPK, FCB, FGM, FGT, BLOCK_D, PREC,
-                              PER_HEAD, False, NE)
-    else:
-        _slc_fwd_tile(Q, K, V, MASK, IDX, O, LSE, U, UBITS, stride_n, stride_o, ngrp, qk_scale, h, pid, TOPK,
-                      G, H, D, LS, LS_P2, TOPK, CB, GM, GT, BLOCK_D, PREC, PER_HEAD, False, NE)
-
-
-@triton.jit
-def _slc_dq_tile(Q, K, V, DO, O, MASK, IDX, LSE, DELTA, DQ, U, UBITS, stride_n, stride_o, ngrp, qk_scale, sm_scale,
-                 h, tile, hi, G: tl.constexpr, H: tl.constexpr, D: tl.constexpr, LS: tl.constexpr,
-                 LS_P2: tl.constexpr, TOPK: tl.constexpr, CB: tl.constexpr, GM: tl.constexpr, GT: tl.constexpr,
-                 BLOCK_D: tl.constexpr, PREC: tl.constexpr, PER_HEAD: tl.constexpr, UNION: tl.constexpr,
-                 NE: tl.constexpr):
-    # the forward's tile; dQ = scale * sum_j P (dP - delta) k_j over each group's selected keys
-    rows, real, qm = _group_rows(MASK, tile, ngrp, G, GM, GT)
+    rows, real, qm = _group_rows(MASK, pid, ngrp, G, GM, GT)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     qd_mask = qm[:, None] & dmask[None, :]
@@ -192,9 +170,15 @@ def _slc_dq_tile(Q, K, V, DO, O, MASK, IDX, LSE, DELTA, DQ, U, UBITS, stride_n, 
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + rows * H + h, delta, mask=qm)
     dq = tl.zeros([GT * GM, BLOCK_D], dtype=tl.float32)
+    if UNION:
+        hi = tl.load(UCNT + pid)
+    else:
+        hi = TOPK
     for c in range(0, hi, CB):
-        slot, kin, kv, same = _keys(IDX, U, UBITS, MASK, tile, ngrp, c, hi, H, h, LS, LS_P2, TOPK, CB, GM, GT,
-                                    PER_HEAD, UNION, NE)
+        if UNION:
+            slot, kin, kv, same = _union_tile(U, UBITS, MASK, pid, hi, c, LS, LS_P2, CB, GM, GT, NE)
+        else:
+            slot, kin, kv, same = _group_tile(IDX, MASK, pid, ngrp, c, H, h, LS, LS_P2, TOPK, CB, GM, GT, PER_HEAD)
         k = tl.load(K + slot[:, None] * stride_n + h * D + offs_d[None, :], mask=kin[:, None] & dmask[None, :],
                     other=0.0)
         v = tl.load(V + slot[:, None] * stride_n + h * D + offs_d[None, :], mask=kin[:, None] & dmask[None, :],
@@ -204,34 +188,6 @@ def _slc_dq_tile(Q, K, V, DO, O, MASK, IDX, LSE, DELTA, DQ, U, UBITS, stride_n, 
         dq, _ = dq_step(dq, p, do, k, v, delta, PREC, False)
     tl.store(DQ + rows[:, None] * stride_o + h * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=real[:, None] & dmask[None, :])
-
-
-@triton.jit
-def _slc_bwd_dq_kernel(Q, K, V, DO, O, MASK, IDX, LSE, DELTA, DQ, stride_n, stride_o, ngrp, qk_scale, sm_scale,
-                       G: tl.constexpr, H: tl.constexpr, D: tl.constexpr, LS: tl.constexpr,
-                       LS_P2: tl.constexpr, TOPK: tl.constexpr, CB: tl.constexpr, GM: tl.constexpr,
-                       BLOCK_D: tl.constexpr, PREC: tl.constexpr, GT: tl.constexpr = 1,
-                       PER_HEAD: tl.constexpr = False, U=None, UBITS=None, UCNT=None, UNION: tl.constexpr = False,
-                       NE: tl.constexpr = 1, FGT: tl.constexpr = 1, FGM: tl.constexpr = 16, FCB: tl.constexpr = 1):
-    # grid and tiles (UNION and its fallback) as the forward's
-    pid = tl.program_id(0)
-    qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 when inductor launches the kernel
-    sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 when inductor launches the kernel
-    h = tl.program_id(1)
-    if UNION:
-        cnt = tl.load(UCNT + pid)
-        if cnt * 2 <= GT * TOPK:
-            _slc_dq_tile(Q, K, V, DO, O, MASK, IDX, LSE, DELTA, DQ, U, UBITS, stride_n, stride_o, ngrp, qk_scale,
-                         sm_scale, h, pid, cnt, G, H, D, LS, LS_P2, TOPK, CB, GM, GT, BLOCK_D, PREC, PER_HEAD, True,
-                         NE)
-        else:
-            for j in range(GT // FGT):
-                _slc_dq_tile(Q, K, V, DO, O, MASK, IDX, LSE, DELTA, DQ, U, UBITS, stride_n, stride_o, ngrp,
-                             qk_scale, sm_scale, h, pid * (GT // FGT) + j, TOPK, G, H, D, LS, LS_P2, TOPK, FCB, FGM,
-                             FGT, BLOCK_D, PREC, PER_HEAD, False, NE)
-    else:
-        _slc_dq_tile(Q, K, V, DO, O, MASK, IDX, LSE, DELTA, DQ, U, UBITS, stride_n, stride_o, ngrp, qk_scale,
-                     sm_scale, h, pid, TOPK, G, H, D, LS, LS_P2, TOPK, CB, GM, GT, BLOCK_D, PREC, PER_HEAD, False, NE)
 
 
 @triton.jit
@@ -373,15 +329,16 @@ def invert_selection(idx: Tensor, num_blocks: int):
 # perf-notes.md). Forward and dQ: ``rows`` query rows per program (groups side by side) and ``keys``
 # keys per step (each group's next blocks); dK/dV: ``rows`` query rows per step (GB groups) and
 # ``steps`` steps per chunk of a block's list.
-# Forward and dQ walk the union of a tile's selected blocks (``union``): 64 rows (8 groups of 8) a
-# program, each distinct block loaded once for them. It beat the per-group tiles at both model
-# layers (perf-notes, twelfth session). A program whose groups agree on less than half their picks
-# (random inputs) runs its groups over their own blocks instead, ``fallback_rows`` at a time: small
-# heads (d <= 16) 8 groups, d = 64 one group (perf-notes, eighth session); ``union=False`` always does.
+# Up to d = 32 (both model layers) forward and dQ walk the union of a tile's selected blocks
+# (``union``): 64 rows (8 groups of 8) a program, each distinct block loaded once for them; it beat
+# the per-group tiles at both layers, where a tile's distinct blocks are ~a quarter of its entries
+# (perf-notes, twelfth session). At d = 64 one group a program: a group's keys fill the tile (top-k
+# 16 x 8 = 128), and on the op benchmark's random inputs (~94% distinct) the walk lost (perf-notes,
+# twelfth and eighth sessions).
 @launch_rule("slc_fwd")
 def _fwd_rule(dtype: torch.dtype, d: int) -> dict:
-    return dict(rows=64, keys=64 if dtype == torch.float32 and d > 16 else 128, num_warps=4, num_stages=2,
-                union=True, fallback_rows=64 if d <= 16 else 1)
+    return dict(rows=64 if d <= 32 else 1, keys=64 if dtype == torch.float32 and d > 16 else 128, num_warps=4,
+                num_stages=2, union=d <= 32)
 
 
 @launch_rule("slc_dq")
@@ -425,29 +382,24 @@ def _union_tiles(rows: int, keys: int, ls: int, topk: int, g: int):
 
 
 def _tile_entries(cfg: dict):
-    r"""Pops a forward or dQ launch config's tile entries: ``(rows, keys, union, fallback_rows)``."""
-    return cfg.pop("rows"), cfg.pop("keys"), cfg.pop("union", False), cfg.pop("fallback_rows", 1)
+    r"""Pops a forward or dQ launch config's tile entries: ``(rows, keys, union)``."""
+    return cfg.pop("rows"), cfg.pop("keys"), cfg.pop("union", False)
 
 
-def _walk(rows: int, keys: int, union: bool, fallback_rows: int, idx: Tensor, ls: int, g: int):
+def _walk(rows: int, keys: int, union: bool, idx: Tensor, ls: int, g: int):
     r"""The forward and dQ tiles ``(LS_P2, CB, GM, GT)`` and the kernels' union kwargs: with
     ``union`` and a shared selection, the tile's distinct blocks and their groups (one
-    ``_union_kernel`` launch) and the tiles of a program whose groups agree too little to walk
-    them (``fallback_rows`` rows each: ``FGT`` groups of ``FGM`` rows, ``FCB`` blocks a step), else
-    none."""
+    ``_union_kernel`` launch), else none."""
     topk = idx.size(-1)
     if not union or idx.dim() != 2:
         return _tiles(rows, keys, ls, topk, g), {}
     ls_p2, cb, gm, gt, ne = _union_tiles(rows, keys, ls, topk, g)
-    _, fcb, fgm, fgt = _tiles(fallback_rows, keys, ls, topk, g)
-    if fgt > gt or gt % fgt:
-        _, fcb, fgm, fgt = _tiles(1, keys, ls, topk, g)  # one group at a time
     ngrp = idx.size(0)
     tiles = cdiv(ngrp, gt)
     u, bits = (_common.new_empty((tiles, ne), idx, torch.int32) for _ in range(2))
     cnt = _common.new_empty((tiles,), idx, torch.int32)
     _union_kernel[(tiles,)](idx, u, bits, cnt, ngrp, TOPK=topk, GT=gt, NE=ne, num_warps=4)
-    return (ls_p2, cb, gm, gt), dict(U=u, UBITS=bits, UCNT=cnt, UNION=True, NE=ne, FGT=fgt, FGM=fgm, FCB=fcb)
+    return (ls_p2, cb, gm, gt), dict(U=u, UBITS=bits, UCNT=cnt, UNION=True, NE=ne)
 
 
 def _per_head_kw(idx: Tensor) -> dict:
@@ -492,9 +444,9 @@ class SelectedAttention(torch.autograd.Function):
         walk = getattr(ctx, "walk", None)
         if walk is None:  # the custom op's backward (kernels/ops.py) has no forward ctx: walk again
             fwd = _tile_entries(config_for("slc_fwd", dtype=q.dtype, d=d))
-            walk = _walk(*(fwd if fwd[2] else (own[0], own[1], False, own[3])), idx, ls, g)
+            walk = _walk(*(fwd if fwd[2] else own[:2] + (False,)), idx, ls, g)
         elif not walk[1]:  # the forward walked each group's blocks: the dQ pass too, in its own tiles
-            walk = _walk(own[0], own[1], False, own[3], idx, ls, g)
+            walk = _walk(*own[:2], False, idx, ls, g)
         (ls_p2, cb, gm, gt), union = walk
         prec = dot_precision(q.dtype)
         _slc_bwd_dq_kernel[(cdiv(n // g, gt), h)](
