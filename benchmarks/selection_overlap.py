@@ -5,7 +5,10 @@ ball pick mostly the same blocks, a kernel that loads a ball's distinct blocks o
 to its own group's picks) reads far fewer bytes. This measures that agreement on a trained
 ``examples/train.py`` checkpoint: for every layer and ball, the distinct selected blocks over the
 ball's selected entries (1.0: no two groups share a block; 1 / groups: all groups agree), and the
-share of entries inside the ball's own blocks. Runs the model with the reference backend
+share of entries inside the ball's own blocks. Also, per layer, the same share over tiles of
+``--tile-groups`` groups (what the selection kernels' union walk loads), and its mirror for the dK/dV
+pass: over tiles of that many consecutive blocks, the distinct groups among the (group, block)
+pairs that land in them. Runs the model with the reference backend
 (``backend="torch"``), whose selection is the kernels' (tests pin them to each other).
 
     python benchmarks/selection_overlap.py --checkpoint runs/bsa/checkpoint.pt --clouds 8 [--untrained]
@@ -68,7 +71,7 @@ def main():
     REF.compose = spy
     m, g, ls = targs.ball_size, targs.group_size, targs.slc_block
     gpb, bpb = m // g, m // ls  # groups and selection blocks a ball
-    agree, own, tile = (collections.defaultdict(list) for _ in range(3))
+    agree, own, tile, kv = (collections.defaultdict(list) for _ in range(4))
     tg = min(args.tile_groups, gpb)
     with torch.no_grad():
         for data in DataLoader(list(test)[:args.clouds], batch_size=4):
@@ -86,6 +89,13 @@ def main():
                         sel = idx[b, j * tg:(j + 1) * tg][valid[b, j * tg:(j + 1) * tg]]
                         if sel.numel():
                             tile[layer].append(sel.unique().numel() / sel.numel())
+                    # the dK/dV side: tiles of tg consecutive blocks, the distinct groups among the
+                    # (group, block) pairs that land in them (what a block-tile program would load)
+                    grp = torch.arange(idx.size(1)).unsqueeze(1).expand_as(idx[b])[valid[b]]
+                    blk = idx[b][valid[b]]
+                    for t in blk.div(tg, rounding_mode="floor").unique():
+                        pairs = grp[blk.div(tg, rounding_mode="floor") == t]
+                        kv[layer].append(pairs.unique().numel() / pairs.numel())
     REF.compose = compose
     rows = []
     for layer in sorted(agree):
@@ -93,7 +103,8 @@ def main():
         rows.append(dict(layer=layer, balls=len(a), distinct_over_entries=round(a.mean().item(), 3),
                          median=round(a.median().item(), 3), min=round(a.min().item(), 3),
                          max=round(a.max().item(), 3), own_ball_share=round(sum(own[layer]) / len(own[layer]), 3),
-                         **{f"distinct_{tg}_groups": round(sum(tile[layer]) / len(tile[layer]), 3)}))
+                         **{f"distinct_{tg}_groups": round(sum(tile[layer]) / len(tile[layer]), 3),
+                            f"distinct_groups_{tg}_blocks": round(sum(kv[layer]) / len(kv[layer]), 3)}))
     print(format_table(rows, list(rows[0])))
     print(f"groups a ball {gpb}, top-k {targs.topk}, blocks of {ls}: all groups agreeing would read {1 / gpb:.3f}")
     write_json(os.path.join(out_dir(), "selection_overlap.json"),
