@@ -159,8 +159,8 @@ def main():
           for r, kk, w in itertools.product((8, 32, 64, 128), (128, 256), (4, 8))]
     # the union walk: a tile's groups load each distinct selected block once (the forward's tiles
     # serve its dQ pass too)
-    fq += [dict(slc_fwd=dict(rows=r, keys=kk, union=True), slc_dq=dict(num_warps=w))
-           for r, kk, w in itertools.product((32, 64, 128), (64, 128), (4, 8))]
+    fq += [dict(slc_fwd=dict(rows=r, keys=kk, union=True, fallback_rows=fb), slc_dq=dict(num_warps=w))
+           for r, kk, w, fb in itertools.product((32, 64, 128), (64, 128), (4, 8), (0, 1))]
     dkdv = [dict(slc_dkdv=dict(rows=r, steps=s, num_warps=w))
             for r, s, w in itertools.product((32, 64, 128), (2, 4, 8), (2, 4))]
     end = t0 + args.time_limit

@@ -74,6 +74,7 @@ def check(sizes, cfg, h, d, dtype, seed=0, hot=False, per_head=False):
     if hot:  # the chunks' partials are added in a fixed order: bitwise the same gradients again
         again = torch.autograd.grad(slc.selected_attention_triton(q, k, v, idx, tree.mask, gs, ls), (q, k, v), do)
         assert all(torch.equal(a, b) for a, b in zip(grads, again))
+    return idx
 
 
 @pytest.mark.parametrize("hot", [False, True], ids=["random", "hot"])
@@ -113,23 +114,32 @@ def test_selected_group_tiles(rows):
 
 
 @pytest.mark.parametrize("hot", [False, True], ids=["random", "hot"])
-@pytest.mark.parametrize("rows,keys", [(16, 16), (32, 64), (128, 32)], ids=["4_groups", "8_groups", "16_groups"])
-def test_selected_union_walk(rows, keys, hot):
+@pytest.mark.parametrize("rows,keys,fallback", [(16, 16, 0), (32, 64, 0), (128, 32, 0), (32, 64, 4), (32, 64, 8)],
+                         ids=["4_groups", "8_groups", "16_groups", "8_groups_fallback_1", "8_groups_fallback_2"])
+def test_selected_union_walk(rows, keys, fallback, hot):
     # union=True: a program of GT groups loads each distinct selected block once (``_union_kernel``'s
     # list, several steps of CB blocks), a row keeping the blocks its group picked; random picks
     # (few shared), hot picks (every group of a cloud the same blocks: a tile's list is one group's),
-    # 128 rows: 32 groups asked, 16 taken (one bit each), the last tile past the last group
+    # 128 rows: 32 groups asked, 16 taken (one bit each), the last tile past the last group.
+    # fallback: the walk leaves out tiles that share less than half, and a second launch runs their
+    # groups over their own blocks, one or two groups a program; random picks take both launches
     cfg = BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4)
     assert slc._union_tiles(rows, keys, 4, 3, 4)[3] == min(16, rows // 4)
-    with common.launch_config("slc_fwd", rows=rows, keys=keys, union=True):
-        check([50, 90, 20], cfg, h=2, d=16, dtype=torch.float32, seed=11, hot=hot)
+    with common.launch_config("slc_fwd", rows=rows, keys=keys, union=True, fallback_rows=fallback):
+        idx = check([50, 90, 20], cfg, h=2, d=16, dtype=torch.float32, seed=11, hot=hot)
+    walk = slc._walk(rows, keys, True, fallback, idx, 4, 4)
+    assert len(walk) == (2 if fallback else 1)
+    if fallback:
+        gt = walk[0][0][3]
+        walked = walk[0][1]["UCNT"] * 2 <= gt * 3
+        assert bool(walked.all()) if hot else bool(walked.any() and (~walked).any())
 
 
 def test_union_kernel_lists_distinct_blocks():
     # the tile's distinct blocks in order of first appearance, each with the bits of the groups
     # that picked it; -1 entries and groups past the end take no part
     idx = torch.tensor([[3, 5, -1], [5, 7, 3], [-1, -1, -1], [9, 3, 5], [2, 8, 1]], dtype=torch.int32, device=DEVICE)
-    (_, cb, _, gt), kw = slc._walk(16, 16, True, idx, 4, 4)
+    [((_, cb, _, gt), kw)] = slc._walk(16, 16, True, 0, idx, 4, 4)
     assert gt == 4 and kw["NE"] == 16
     cnt = kw["UCNT"].cpu().tolist()
     assert cnt == [4, 3]
@@ -211,9 +221,11 @@ def test_selected_per_head_gpu_real_size(dtype, hot):
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("hot", [False, True], ids=["random", "hot"])
 @pytest.mark.parametrize("d,topk", [(8, 4), (32, 16), (64, 16)], ids=["paper_layer", "study_layer", "op"])
+@pytest.mark.parametrize("fallback", [0, 1], ids=["walk", "walk_and_fallback"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_selected_union_gpu_real_size(dtype, d, topk, hot):
-    # the union walk compiled at the model layers' tiles (64 rows, 128 keys)
+def test_selected_union_gpu_real_size(dtype, d, topk, hot, fallback):
+    # the union walk compiled at the model layers' tiles (64 rows, 128 keys); with the fallback
+    # launch, random picks (few shared) take it, one group a program
     cfg = BSAConfig(ball_size=256, cmp_block=8, slc_block=8, topk=topk, group_size=8)
-    with common.launch_config("slc_fwd", rows=64, keys=128, union=True):
+    with common.launch_config("slc_fwd", rows=64, keys=128, union=True, fallback_rows=fallback):
         check([6000, 9000, 500], cfg, h=4, d=d, dtype=dtype, hot=hot)

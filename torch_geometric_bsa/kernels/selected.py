@@ -99,12 +99,35 @@ def _union_tile(U, UBITS, MASK, pid, cnt, c, LS: tl.constexpr, LS_P2: tl.constex
 
 
 @triton.jit
+def _walk_bound(UCNT, pid, GT: tl.constexpr, TOPK: tl.constexpr, UNION: tl.constexpr, SKIP: tl.constexpr,
+                UGT: tl.constexpr):
+    # (the step loop's bound, whether the program writes its rows: None = always). SKIP 1: a union launch leaves out
+    # the tiles whose distinct blocks are more than half their entries; SKIP 2: the fallback launch
+    # (each group's own blocks) takes only those tiles (union tiles of UGT groups)
+    if UNION:
+        hi = tl.load(UCNT + pid)
+        if SKIP == 1:
+            keep = hi * 2 <= GT * TOPK
+            hi = tl.where(keep, hi, 0)
+        else:
+            keep = None
+    else:
+        if SKIP == 2:
+            keep = tl.load(UCNT + (pid * GT) // UGT) * 2 > UGT * TOPK
+            hi = tl.where(keep, TOPK, 0)
+        else:
+            hi = TOPK
+            keep = None
+    return hi, keep
+
+
+@triton.jit
 def _slc_fwd_kernel(Q, K, V, MASK, IDX, O, LSE, stride_n, stride_o, ngrp,
                     qk_scale, G: tl.constexpr, H: tl.constexpr, D: tl.constexpr, LS: tl.constexpr,
                     LS_P2: tl.constexpr, TOPK: tl.constexpr, CB: tl.constexpr, GM: tl.constexpr,
                     BLOCK_D: tl.constexpr, PREC: tl.constexpr, GT: tl.constexpr = 1, PER_HEAD: tl.constexpr = False,
                     U=None, UBITS=None, UCNT=None, UNION: tl.constexpr = False,
-                    NE: tl.constexpr = 1):
+                    NE: tl.constexpr = 1, SKIP: tl.constexpr = 0, UGT: tl.constexpr = 1):
     # grid: (cdiv(groups, GT), heads); rows = GT groups of G queries (each padded to GM); a step's
     # keys are each group's next CB blocks, side by side: one tl.dot for the tile, a row's scores
     # kept only on its own group's keys (``same``). PER_HEAD: IDX is [groups, H, TOPK] (one
@@ -121,10 +144,7 @@ def _slc_fwd_kernel(Q, K, V, MASK, IDX, O, LSE, stride_n, stride_o, ngrp,
     m_i = tl.full([GT * GM], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([GT * GM], dtype=tl.float32)
     acc = tl.zeros([GT * GM, BLOCK_D], dtype=tl.float32)
-    if UNION:
-        hi = tl.load(UCNT + pid)
-    else:
-        hi = TOPK
+    hi, keep = _walk_bound(UCNT, pid, GT, TOPK, UNION, SKIP, UGT)
     for c in range(0, hi, CB):
         if UNION:
             slot, kin, kv, same = _union_tile(U, UBITS, MASK, pid, hi, c, LS, LS_P2, CB, GM, GT, NE)
@@ -140,6 +160,8 @@ def _slc_fwd_kernel(Q, K, V, MASK, IDX, O, LSE, stride_n, stride_o, ngrp,
     has = (l_i > 0) & qm
     o, lse = softmax_finish(acc, l_i, m_i, has)
     lse = tl.where(has, lse, 1.0e30)
+    if SKIP != 0:  # a scalar flag broadcast to the rows (the interpreter takes no scalar in a mask)
+        real = real & ((rows * 0 + keep.to(tl.int32)) != 0)
     tl.store(O + rows[:, None] * stride_o + h * D + offs_d[None, :], o.to(O.dtype.element_ty),
              mask=real[:, None] & dmask[None, :])
     tl.store(LSE + rows * H + h, lse, mask=real)
@@ -151,7 +173,7 @@ def _slc_bwd_dq_kernel(Q, K, V, DO, O, MASK, IDX, LSE, DELTA, DQ, stride_n, stri
                        LS_P2: tl.constexpr, TOPK: tl.constexpr, CB: tl.constexpr, GM: tl.constexpr,
                        BLOCK_D: tl.constexpr, PREC: tl.constexpr, GT: tl.constexpr = 1,
                        PER_HEAD: tl.constexpr = False, U=None, UBITS=None, UCNT=None, UNION: tl.constexpr = False,
-                       NE: tl.constexpr = 1):
+                       NE: tl.constexpr = 1, SKIP: tl.constexpr = 0, UGT: tl.constexpr = 1):
     # grid: (cdiv(groups, GT), heads), tiles (and UNION) as the forward's; dQ = scale * sum_j P (dP -
     # delta) k_j over each group's selected keys
     pid = tl.program_id(0)
@@ -168,12 +190,13 @@ def _slc_bwd_dq_kernel(Q, K, V, DO, O, MASK, IDX, LSE, DELTA, DQ, stride_n, stri
     # delta_i = o_i . do_i, stored for the dK/dV kernel that runs next (padded rows: never read)
     o = tl.load(O + rows[:, None] * stride_o + h * D + offs_d[None, :], mask=qd_mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    hi, keep = _walk_bound(UCNT, pid, GT, TOPK, UNION, SKIP, UGT)
+    if SKIP != 0:  # a scalar flag broadcast to the rows (the interpreter takes no scalar in a mask)
+        keep = (rows * 0 + keep.to(tl.int32)) != 0
+        real = real & keep
+        qm = qm & keep
     tl.store(DELTA + rows * H + h, delta, mask=qm)
     dq = tl.zeros([GT * GM, BLOCK_D], dtype=tl.float32)
-    if UNION:
-        hi = tl.load(UCNT + pid)
-    else:
-        hi = TOPK
     for c in range(0, hi, CB):
         if UNION:
             slot, kin, kv, same = _union_tile(U, UBITS, MASK, pid, hi, c, LS, LS_P2, CB, GM, GT, NE)
@@ -338,7 +361,7 @@ def invert_selection(idx: Tensor, num_blocks: int):
 @launch_rule("slc_fwd")
 def _fwd_rule(dtype: torch.dtype, d: int) -> dict:
     return dict(rows=64 if d <= 32 else 1, keys=64 if dtype == torch.float32 and d > 16 else 128, num_warps=4,
-                num_stages=2, union=d <= 32)
+                num_stages=2, union=d <= 32, fallback_rows=0)
 
 
 @launch_rule("slc_dq")
@@ -382,24 +405,34 @@ def _union_tiles(rows: int, keys: int, ls: int, topk: int, g: int):
 
 
 def _tile_entries(cfg: dict):
-    r"""Pops a forward or dQ launch config's tile entries: ``(rows, keys, union)``."""
-    return cfg.pop("rows"), cfg.pop("keys"), cfg.pop("union", False)
+    r"""Pops a forward or dQ launch config's tile entries: ``(rows, keys, union, fallback_rows)``."""
+    return cfg.pop("rows"), cfg.pop("keys"), cfg.pop("union", False), cfg.pop("fallback_rows", 0)
 
 
-def _walk(rows: int, keys: int, union: bool, idx: Tensor, ls: int, g: int):
-    r"""The forward and dQ tiles ``(LS_P2, CB, GM, GT)`` and the kernels' union kwargs: with
-    ``union`` and a shared selection, the tile's distinct blocks and their groups (one
-    ``_union_kernel`` launch), else none."""
+def _walk(rows: int, keys: int, union: bool, fallback_rows: int, idx: Tensor, ls: int, g: int):
+    r"""The forward and dQ launches, ``[((LS_P2, CB, GM, GT), kwargs), ...]``: one over each group's
+    own blocks; or with ``union`` and a shared selection, the union walk over each tile's distinct
+    blocks and their groups (listed by one ``_union_kernel`` launch). With ``fallback_rows`` as well,
+    the walk leaves out the tiles whose distinct blocks are more than half their entries, and a
+    second launch runs those tiles' groups over their own blocks, ``fallback_rows`` rows a program
+    (each program of either launch decides from the list's count, on the device)."""
     topk = idx.size(-1)
     if not union or idx.dim() != 2:
-        return _tiles(rows, keys, ls, topk, g), {}
+        return [(_tiles(rows, keys, ls, topk, g), {})]
     ls_p2, cb, gm, gt, ne = _union_tiles(rows, keys, ls, topk, g)
     ngrp = idx.size(0)
     tiles = cdiv(ngrp, gt)
     u, bits = (_common.new_empty((tiles, ne), idx, torch.int32) for _ in range(2))
     cnt = _common.new_empty((tiles,), idx, torch.int32)
     _union_kernel[(tiles,)](idx, u, bits, cnt, ngrp, TOPK=topk, GT=gt, NE=ne, num_warps=4)
-    return (ls_p2, cb, gm, gt), dict(U=u, UBITS=bits, UCNT=cnt, UNION=True, NE=ne)
+    walk = [((ls_p2, cb, gm, gt), dict(U=u, UBITS=bits, UCNT=cnt, UNION=True, NE=ne))]
+    if fallback_rows:
+        fb = _tiles(fallback_rows, keys, ls, topk, g)
+        if fb[3] > gt or gt % fb[3]:
+            fb = _tiles(1, keys, ls, topk, g)  # one group a program
+        walk[0][1]["SKIP"] = 1
+        walk.append((fb, dict(UCNT=cnt, SKIP=2, UGT=gt)))
+    return walk
 
 
 def _per_head_kw(idx: Tensor) -> dict:
@@ -419,15 +452,15 @@ class SelectedAttention(torch.autograd.Function):
         o = _common.new_empty(q.shape, q)
         lse = _common.new_empty((n, h), q, torch.float32)
         cfg = config_for("slc_fwd", dtype=q.dtype, d=d)
-        tiles, union = _walk(*_tile_entries(cfg), idx, ls, g)
-        ls_p2, cb, gm, gt = tiles
-        _slc_fwd_kernel[(cdiv(n // g, gt), h)](
-            q, k, v, mask_i8, idx, o, lse, q.stride(0), o.stride(0), n // g, scale * LOG2E,
-            G=g, H=h, D=d, LS=ls, LS_P2=ls_p2, TOPK=topk, CB=cb, GM=gm, GT=gt, BLOCK_D=dot_dim(d),
-            PREC=dot_precision(q.dtype), **_per_head_kw(idx), **union, **cfg)
+        walk = _walk(*_tile_entries(cfg), idx, ls, g)
+        for (ls_p2, cb, gm, gt), kw in walk:
+            _slc_fwd_kernel[(cdiv(n // g, gt), h)](
+                q, k, v, mask_i8, idx, o, lse, q.stride(0), o.stride(0), n // g, scale * LOG2E,
+                G=g, H=h, D=d, LS=ls, LS_P2=ls_p2, TOPK=topk, CB=cb, GM=gm, GT=gt, BLOCK_D=dot_dim(d),
+                PREC=dot_precision(q.dtype), **_per_head_kw(idx), **kw, **cfg)
         ctx.save_for_backward(q, k, v, o, lse, mask_i8, idx)
         ctx.g, ctx.ls, ctx.scale = g, ls, scale
-        ctx.walk = (tiles, union)  # the dQ pass walks the same tiles (a compiled graph's backward recomputes it)
+        ctx.walk = walk  # the dQ pass walks the same tiles (a compiled graph's backward lists again)
         return o
 
     @staticmethod
@@ -444,15 +477,15 @@ class SelectedAttention(torch.autograd.Function):
         walk = getattr(ctx, "walk", None)
         if walk is None:  # the custom op's backward (kernels/ops.py) has no forward ctx: walk again
             fwd = _tile_entries(config_for("slc_fwd", dtype=q.dtype, d=d))
-            walk = _walk(*(fwd if fwd[2] else own[:2] + (False,)), idx, ls, g)
-        elif not walk[1]:  # the forward walked each group's blocks: the dQ pass too, in its own tiles
-            walk = _walk(*own[:2], False, idx, ls, g)
-        (ls_p2, cb, gm, gt), union = walk
+            walk = _walk(*(fwd if fwd[2] else own[:2] + (False, 0)), idx, ls, g)
+        elif not walk[0][1]:  # the forward walked each group's blocks: the dQ pass too, in its own tiles
+            walk = _walk(*own[:2], False, 0, idx, ls, g)
         prec = dot_precision(q.dtype)
-        _slc_bwd_dq_kernel[(cdiv(n // g, gt), h)](
-            q, k, v, do, o, mask_i8, idx, lse, delta, dq, q.stride(0), do.stride(0), n // g, scale * LOG2E, scale,
-            G=g, H=h, D=d, LS=ls, LS_P2=ls_p2, TOPK=topk, CB=cb, GM=gm, GT=gt, BLOCK_D=dot_dim(d), PREC=prec,
-            **_per_head_kw(idx), **union, **cfg)
+        for (ls_p2, cb, gm, gt), kw in walk:
+            _slc_bwd_dq_kernel[(cdiv(n // g, gt), h)](
+                q, k, v, do, o, mask_i8, idx, lse, delta, dq, q.stride(0), do.stride(0), n // g, scale * LOG2E,
+                scale, G=g, H=h, D=d, LS=ls, LS_P2=ls_p2, TOPK=topk, CB=cb, GM=gm, GT=gt, BLOCK_D=dot_dim(d),
+                PREC=prec, **_per_head_kw(idx), **kw, **cfg)
         _dkdv(q, k, v, do, mask_i8, idx, lse, delta, dk, dv, g, ls, scale, prec)
         return dq, dk, dv, None, None, None, None, None
 
