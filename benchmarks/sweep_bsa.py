@@ -86,8 +86,8 @@ def main():
         for r, keys, (w, st), dk_rows in grid if "slc" in kernels else ():
             tiles = f"rows={r} keys={keys} w={w} st={st} dkdv_rows={dk_rows}"
             try:
-                with launch_config("slc_fwd", rows=r, keys=keys, num_warps=w, num_stages=st), \
-                        launch_config("slc_dq", rows=r, keys=keys, num_warps=w, num_stages=st), \
+                with launch_config("slc_fwd", group_rows=r, keys=keys, num_warps=w, num_stages=st, union=False), \
+                        launch_config("slc_dq", group_rows=r, keys=keys, num_warps=w, num_stages=st), \
                         launch_config("slc_dkdv", rows=dk_rows, num_warps=w, num_stages=st):
                     rows.append(dict(config=name, kernel="slc", tiles=tiles, fwd_ms=bench_gpu(slc_fwd),
                                      ms=bench_gpu(slc_fb)))

@@ -155,12 +155,13 @@ def main():
         return S.selected_attention_triton(q, k, v, idx, mask, cfg.group_size, cfg.slc_block)
     slc.inputs, slc.do = (q, k, v), c["do"]
     # rows 8: one group a program (the layout before group tiles: its 8 rows padded to 16)
-    fq = [dict(slc_fwd=dict(rows=r, keys=kk, num_warps=w), slc_dq=dict(rows=r, keys=kk, num_warps=w))
+    fq = [dict(slc_fwd=dict(group_rows=r, keys=kk, num_warps=w, union=False),
+               slc_dq=dict(group_rows=r, keys=kk, num_warps=w))
           for r, kk, w in itertools.product((8, 32, 64, 128), (128, 256), (4, 8))]
     # the union walk: a tile's groups load each distinct selected block once (the forward's tiles
     # serve its dQ pass too)
-    fq += [dict(slc_fwd=dict(rows=r, keys=kk, union=True, fallback_rows=fb), slc_dq=dict(num_warps=w))
-           for r, kk, w, fb in itertools.product((32, 64, 128), (64, 128), (4, 8), (0, 1))]
+    fq += [dict(slc_fwd=dict(rows=r, keys=kk, union=True, fallback=fb), slc_dq=dict(num_warps=w))
+           for r, kk, w, fb in itertools.product((32, 64, 128), (64, 128), (4, 8), (False, True))]
     dkdv = [dict(slc_dkdv=dict(rows=r, steps=s, num_warps=w))
             for r, s, w in itertools.product((32, 64, 128), (2, 4, 8), (2, 4))]
     end = t0 + args.time_limit

@@ -108,8 +108,8 @@ def test_selected_group_tiles(rows):
     # tiles (the last tile's groups past the end load nothing and write nothing)
     cfg = BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4)
     assert slc._tiles(rows, 32, 4, 3, 4)[2:] == ((16, 1) if rows == 4 else (4, 32))
-    with common.launch_config("slc_fwd", rows=rows, keys=32, union=False), \
-            common.launch_config("slc_dq", rows=rows, keys=32):
+    with common.launch_config("slc_fwd", group_rows=rows, keys=32, union=False), \
+            common.launch_config("slc_dq", group_rows=rows, keys=32):
         check([50, 90, 20], cfg, h=2, d=16, dtype=torch.float32, seed=7)
 
 
@@ -121,13 +121,15 @@ def test_selected_union_walk(rows, keys, fallback, hot):
     # list, several steps of CB blocks), a row keeping the blocks its group picked; random picks
     # (few shared), hot picks (every group of a cloud the same blocks: a tile's list is one group's),
     # 128 rows: 32 groups asked, 16 taken (one bit each), the last tile past the last group.
-    # fallback: the walk leaves out tiles that share less than half, and a second launch runs their
-    # groups over their own blocks, one or two groups a program; random picks take both launches
+    # fallback (rows of its programs): the walk leaves out tiles that share less than half, and a
+    # second launch runs their groups over their own blocks, one or two groups a program; random
+    # picks take both launches
     cfg = BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4)
     assert slc._union_tiles(rows, keys, 4, 3, 4)[3] == min(16, rows // 4)
-    with common.launch_config("slc_fwd", rows=rows, keys=keys, union=True, fallback_rows=fallback):
+    with common.launch_config("slc_fwd", rows=rows, keys=keys, union=True, fallback=bool(fallback),
+                              group_rows=max(fallback, 1)):
         idx = check([50, 90, 20], cfg, h=2, d=16, dtype=torch.float32, seed=11, hot=hot)
-    walk = slc._walk(rows, keys, True, fallback, idx, 4, 4)
+    walk = slc._walk(rows, max(fallback, 1), keys, True, bool(fallback), idx, 4, 4)
     assert len(walk) == (2 if fallback else 1)
     if fallback:
         gt = walk[0][0][3]
@@ -139,7 +141,7 @@ def test_union_kernel_lists_distinct_blocks():
     # the tile's distinct blocks in order of first appearance, each with the bits of the groups
     # that picked it; -1 entries and groups past the end take no part
     idx = torch.tensor([[3, 5, -1], [5, 7, 3], [-1, -1, -1], [9, 3, 5], [2, 8, 1]], dtype=torch.int32, device=DEVICE)
-    [((_, cb, _, gt), kw)] = slc._walk(16, 16, True, 0, idx, 4, 4)
+    [((_, cb, _, gt), kw)] = slc._walk(16, 16, 16, True, False, idx, 4, 4)
     assert gt == 4 and kw["NE"] == 16
     cnt = kw["UCNT"].cpu().tolist()
     assert cnt == [4, 3]
@@ -227,5 +229,5 @@ def test_selected_union_gpu_real_size(dtype, d, topk, hot, fallback):
     # the union walk compiled at the model layers' tiles (64 rows, 128 keys); with the fallback
     # launch, random picks (few shared) take it, one group a program
     cfg = BSAConfig(ball_size=256, cmp_block=8, slc_block=8, topk=topk, group_size=8)
-    with common.launch_config("slc_fwd", rows=64, keys=128, union=True, fallback_rows=fallback):
+    with common.launch_config("slc_fwd", rows=64, keys=128, union=True, fallback=bool(fallback)):
         check([6000, 9000, 500], cfg, h=4, d=d, dtype=dtype, hot=hot)

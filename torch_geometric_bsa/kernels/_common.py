@@ -109,8 +109,8 @@ _INTERPRETER_TILES: Dict[str, Callable[..., dict]] = {
     "cmp_dq": lambda **_: dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
     "cmp_dkdv": lambda **_: dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
     "cmp_split": lambda **_: dict(SPLIT=1),  # CPU tensors: no multiprocessors; tests force a split
-    "slc_fwd": lambda **_: dict(rows=32, keys=64),
-    "slc_dq": lambda **_: dict(rows=32, keys=64),
+    "slc_fwd": lambda **_: dict(rows=32, group_rows=32, keys=64),
+    "slc_dq": lambda **_: dict(rows=32, group_rows=32, keys=64),
     "slc_dkdv": lambda **_: dict(rows=16, steps=1),
     "topk": lambda qpg, **_: dict(BLOCK_G=max(1, 16 // qpg), BLOCK_N=16, num_warps=4),
     "combine": lambda qu, **_: dict(BG=max(1, 64 // qu)),

@@ -101,9 +101,9 @@ def _union_tile(U, UBITS, MASK, pid, cnt, c, LS: tl.constexpr, LS_P2: tl.constex
 @triton.jit
 def _walk_bound(UCNT, pid, GT: tl.constexpr, TOPK: tl.constexpr, UNION: tl.constexpr, SKIP: tl.constexpr,
                 UGT: tl.constexpr):
-    # (the step loop's bound, whether the program writes its rows: None = always). SKIP 1: a union launch leaves out
-    # the tiles whose distinct blocks are more than half their entries; SKIP 2: the fallback launch
-    # (each group's own blocks) takes only those tiles (union tiles of UGT groups)
+    # (the step loop's bound, whether the program writes its rows: None = always). SKIP 1: a union
+    # launch leaves out the tiles whose distinct blocks are more than half their entries; SKIP 2: the
+    # fallback launch (each group's own blocks) takes only those tiles (union tiles of UGT groups)
     if UNION:
         hi = tl.load(UCNT + pid)
         if SKIP == 1:
@@ -352,16 +352,18 @@ def invert_selection(idx: Tensor, num_blocks: int):
 # perf-notes.md). Forward and dQ: ``rows`` query rows per program (groups side by side) and ``keys``
 # keys per step (each group's next blocks); dK/dV: ``rows`` query rows per step (GB groups) and
 # ``steps`` steps per chunk of a block's list.
-# Up to d = 32 (both model layers) forward and dQ walk the union of a tile's selected blocks
-# (``union``): 64 rows (8 groups of 8) a program, each distinct block loaded once for them; it beat
-# the per-group tiles at both layers, where a tile's distinct blocks are ~a quarter of its entries
-# (perf-notes, twelfth session). At d = 64 one group a program: a group's keys fill the tile (top-k
-# 16 x 8 = 128), and on the op benchmark's random inputs (~94% distinct) the walk lost (perf-notes,
-# twelfth and eighth sessions).
+# Forward and dQ: with ``union`` (up to d = 32, both model layers) they walk the union of a tile's
+# selected blocks, ``rows`` rows (8 groups of 8) a program, each distinct block loaded once for them;
+# it beat the per-group tiles at both layers, where a tile's distinct blocks are ~a quarter of its
+# entries (perf-notes, twelfth session). Otherwise (d = 64, per-head selection, or the optional
+# ``fallback`` launch for tiles that share less than half) each group reads its own blocks,
+# ``group_rows`` rows a program: small heads (d <= 16) 8 groups, d = 64 one group, whose keys fill
+# the tile (top-k 16 x 8 = 128); on the op benchmark's random inputs (~94% distinct) the walk lost
+# (perf-notes, eighth and twelfth sessions).
 @launch_rule("slc_fwd")
 def _fwd_rule(dtype: torch.dtype, d: int) -> dict:
-    return dict(rows=64 if d <= 32 else 1, keys=64 if dtype == torch.float32 and d > 16 else 128, num_warps=4,
-                num_stages=2, union=d <= 32, fallback_rows=0)
+    return dict(rows=64, group_rows=64 if d <= 16 else 1, keys=64 if dtype == torch.float32 and d > 16 else 128,
+                num_warps=4, num_stages=2, union=d <= 32, fallback=False)
 
 
 @launch_rule("slc_dq")
@@ -405,20 +407,21 @@ def _union_tiles(rows: int, keys: int, ls: int, topk: int, g: int):
 
 
 def _tile_entries(cfg: dict):
-    r"""Pops a forward or dQ launch config's tile entries: ``(rows, keys, union, fallback_rows)``."""
-    return cfg.pop("rows"), cfg.pop("keys"), cfg.pop("union", False), cfg.pop("fallback_rows", 0)
+    r"""Pops a forward or dQ launch config's tile entries: ``(rows, group_rows, keys, union, fallback)``."""
+    return cfg.pop("rows"), cfg.pop("group_rows"), cfg.pop("keys"), cfg.pop("union"), cfg.pop("fallback")
 
 
-def _walk(rows: int, keys: int, union: bool, fallback_rows: int, idx: Tensor, ls: int, g: int):
+def _walk(rows: int, group_rows: int, keys: int, union: bool, fallback: bool, idx: Tensor, ls: int, g: int):
     r"""The forward and dQ launches, ``[((LS_P2, CB, GM, GT), kwargs), ...]``: one over each group's
-    own blocks; or with ``union`` and a shared selection, the union walk over each tile's distinct
-    blocks and their groups (listed by one ``_union_kernel`` launch). With ``fallback_rows`` as well,
-    the walk leaves out the tiles whose distinct blocks are more than half their entries, and a
-    second launch runs those tiles' groups over their own blocks, ``fallback_rows`` rows a program
-    (each program of either launch decides from the list's count, on the device)."""
+    own blocks, ``group_rows`` rows a program; or with ``union`` and a shared selection, the union
+    walk over each tile's distinct blocks and their groups (listed by one ``_union_kernel`` launch),
+    ``rows`` rows a program. With ``fallback`` as well, the walk leaves out the tiles whose distinct
+    blocks are more than half their entries, and a second launch runs those tiles' groups over their
+    own blocks, ``group_rows`` rows a program (each program of either launch decides from the list's
+    count, on the device)."""
     topk = idx.size(-1)
     if not union or idx.dim() != 2:
-        return [(_tiles(rows, keys, ls, topk, g), {})]
+        return [(_tiles(group_rows, keys, ls, topk, g), {})]
     ls_p2, cb, gm, gt, ne = _union_tiles(rows, keys, ls, topk, g)
     ngrp = idx.size(0)
     tiles = cdiv(ngrp, gt)
@@ -426,8 +429,8 @@ def _walk(rows: int, keys: int, union: bool, fallback_rows: int, idx: Tensor, ls
     cnt = _common.new_empty((tiles,), idx, torch.int32)
     _union_kernel[(tiles,)](idx, u, bits, cnt, ngrp, TOPK=topk, GT=gt, NE=ne, num_warps=4)
     walk = [((ls_p2, cb, gm, gt), dict(U=u, UBITS=bits, UCNT=cnt, UNION=True, NE=ne))]
-    if fallback_rows:
-        fb = _tiles(fallback_rows, keys, ls, topk, g)
+    if fallback:
+        fb = _tiles(group_rows, keys, ls, topk, g)
         if fb[3] > gt or gt % fb[3]:
             fb = _tiles(1, keys, ls, topk, g)  # one group a program
         walk[0][1]["SKIP"] = 1
@@ -477,9 +480,9 @@ class SelectedAttention(torch.autograd.Function):
         walk = getattr(ctx, "walk", None)
         if walk is None:  # the custom op's backward (kernels/ops.py) has no forward ctx: walk again
             fwd = _tile_entries(config_for("slc_fwd", dtype=q.dtype, d=d))
-            walk = _walk(*(fwd if fwd[2] else own[:2] + (False, 0)), idx, ls, g)
-        elif not walk[0][1]:  # the forward walked each group's blocks: the dQ pass too, in its own tiles
-            walk = _walk(*own[:2], False, 0, idx, ls, g)
+            walk = _walk(*(fwd if fwd[3] else own[:3] + (False, False)), idx, ls, g)
+        elif not walk[0][1]:  # the forward read each group's blocks: the dQ pass too, in its own tiles
+            walk = _walk(*own[:3], False, False, idx, ls, g)
         prec = dot_precision(q.dtype)
         for (ls_p2, cb, gm, gt), kw in walk:
             _slc_bwd_dq_kernel[(cdiv(n // g, gt), h)](
