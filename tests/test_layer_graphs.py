@@ -820,10 +820,25 @@ def test_bucketed_round_robin_does_not_pause(emulate, monkeypatch):
     assert all(not b._graphs.paused and b._graphs.captures == 1 for b in model.blocks)
 
 
-def test_auto_buckets_after_ragged_batches_pause_the_blocks(emulate, monkeypatch):
-    # BSATransformer's default (bucket_slots="auto"): ragged batches pause the blocks' graphs, the
-    # model then pads its batches to buckets of 8 balls and the blocks capture again; outputs and
-    # gradients stay those of the model without graphs
+def _step_both(plain, model, sizes, seed):
+    # one training call of each model on the same batch: outputs and gradients must agree
+    x, pos, batch = _inputs(sizes, seed, channels=3)
+    for m in (plain, model):
+        m.zero_grad()
+        out = m(x, pos, batch)
+        out.square().mean().backward()
+        if m is plain:
+            ref, ref_grads = out.detach(), _grads(plain)
+    torch.testing.assert_close(out.detach(), ref, rtol=1e-5, atol=1e-6)
+    for ga, gb in zip(ref_grads, _grads(model)):
+        torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_buckets_once_layouts_outnumber_the_graphs(emulate, monkeypatch):
+    # BSATransformer's default (bucket_slots="auto"): the fifth distinct layout in a row of calls
+    # (a block keeps four graphs) switches the model to buckets of 8 balls before any capture, so
+    # nothing pauses and nothing warns; outputs and gradients stay those of the model without graphs
+    import warnings
     from torch_geometric_bsa.nn import transformer as T
     monkeypatch.setattr(layer_graphs, "_pause_warned", False)
     torch.manual_seed(0)
@@ -832,31 +847,49 @@ def test_auto_buckets_after_ragged_batches_pause_the_blocks(emulate, monkeypatch
     model.load_state_dict(plain.state_dict())
     assert model.bucket_slots == "auto" and model._bucket() is None
     ragged = [[20 * j] for j in range(1, 9)]  # eight layouts (ball 16), the blocks keep four
-    with pytest.warns(layer_graphs.GraphsPausedWarning):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", layer_graphs.GraphsPausedWarning)
         for i in range(60):
-            x, pos, batch = _inputs(ragged[i % len(ragged)], i, channels=3)
-            for m in (plain, model):
-                m.zero_grad()
-                out = m(x, pos, batch)
-                out.square().mean().backward()
-                if m is plain:
-                    ref, ref_grads = out.detach(), _grads(plain)
-            torch.testing.assert_close(out.detach(), ref, rtol=1e-5, atol=1e-6)
-            for ga, gb in zip(ref_grads, _grads(model)):
-                torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-6)
-    assert model._auto_bucket == T.AUTO_BUCKET_BALLS * model.ball_size
+            _step_both(plain, model, ragged[i % len(ragged)], i)
+            if i == 3:
+                assert model._auto_bucket is None  # four layouts: the graphs could hold them
+            if i == 4:
+                assert model._auto_bucket == T.AUTO_BUCKET_BALLS * model.ball_size
     blocks = [b._graphs for b in model.blocks]
-    # bucketed: up to three layouts, captured once each after the pause's eight, then replays only
-    assert all(not g.paused and len(g._entries) <= 3 and g.captures <= layer_graphs.PAUSE_CAPTURES + 3
-               for g in blocks)
+    # bucketed: up to three layouts, captured once each, then replays only
+    assert all(not g.paused and len(g._entries) <= 3 and g.captures <= 3 for g in blocks)
     before = [g.captures for g in blocks]
     for i in range(16):
         model(*_inputs(ragged[i % len(ragged)], 100 + i, channels=3)).sum().backward()
     assert [g.captures for g in blocks] == before
+
+
+def test_auto_buckets_after_ragged_batches_pause_the_blocks(emulate, monkeypatch):
+    # three layouts, each trained on and then evaluated: six graph keys in turn for a block that
+    # keeps four, so the blocks capture at every recurrence and pause (with one warning) although
+    # the layouts alone never outnumber the graphs; the model then switches to buckets
+    from torch_geometric_bsa.nn import transformer as T
+    monkeypatch.setattr(layer_graphs, "_pause_warned", False)
+    torch.manual_seed(0)
+    plain = BSATransformer(3, 1, cuda_graphs=False, **SMALL)
+    model = BSATransformer(3, 1, **SMALL)
+    model.load_state_dict(plain.state_dict())
+    three = [[20], [60], [100]]
+    with pytest.warns(layer_graphs.GraphsPausedWarning):
+        for i in range(48):
+            sizes = three[(i // 2) % 3]
+            if i % 2 == 0:
+                _step_both(plain, model, sizes, i)
+            else:
+                with torch.no_grad():
+                    x, pos, batch = _inputs(sizes, i, channels=3)
+                    torch.testing.assert_close(model(x, pos, batch), plain(x, pos, batch), rtol=1e-5, atol=1e-6)
+    assert model._auto_bucket == T.AUTO_BUCKET_BALLS * model.ball_size
+    assert all(not b._graphs.paused for b in model.blocks)  # cleared at the switch
     # uniform batches never switch; bucket_slots=None never pads
     for kw in ({}, {"bucket_slots": None}):
         other = BSATransformer(3, 1, **SMALL, **kw)
         for i in range(12):
-            sizes = [40, 23] if not kw else ragged[i % len(ragged)]
+            sizes = [40, 23] if not kw else [[20 * j] for j in range(1, 9)][i % 8]
             other(*_inputs(sizes, i, channels=3))
         assert other._auto_bucket is None and other._bucket() is None

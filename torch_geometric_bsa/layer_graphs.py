@@ -564,12 +564,16 @@ class _KeyedGraphs:
         self._recent.clear()
         self.paused = False
 
+    #: whether a pause warns (the user's remedy is buckets; a tree build keyed by exact cloud sizes
+    #: has none, so it pauses silently)
+    warn_on_pause = True
+
     def _pause_if_thrashing(self) -> None:
         global _pause_warned
         if PAUSE_CAPTURES is None or sum(self._recent) < PAUSE_CAPTURES:
             return
         self.paused = True
-        if not _pause_warned:
+        if self.warn_on_pause and not _pause_warned:
             _pause_warned = True
             warnings.warn(
                 f"CUDA graphs paused: {sum(self._recent)} of the last {len(self._recent)} calls of a layer (or of "
@@ -742,6 +746,8 @@ class TreeGraphs(_KeyedGraphs):
     captured at the layout's second build; the tree's tensors are copied out of the graph. Up to
     ``max_graphs`` layouts are kept (least recently used dropped first).
     """
+
+    warn_on_pause = False  # ragged batches, bucketed or not, bring new cloud sizes: nothing to advise
 
     def __init__(self, warmup: int = 1, max_graphs: int = 8):
         super().__init__(warmup, max_graphs)

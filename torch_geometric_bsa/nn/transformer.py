@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections import deque
 from typing import Optional, Union
 
 import torch
@@ -85,8 +86,8 @@ class _Block(nn.Module):
         return h + self.mlp(self.norm2(h))
 
 
-#: ``BSATransformer(bucket_slots="auto")``: the bucket, in balls, once ragged batches paused its graphs
-#: (few recurring layouts for a few percent more slots: docs/perf-notes.md, "Eleventh session")
+#: ``BSATransformer(bucket_slots="auto")``: the bucket, in balls, once ragged batches showed (few
+#: recurring layouts for a few percent more slots: docs/perf-notes.md, "Eleventh session")
 AUTO_BUCKET_BALLS = 8
 
 
@@ -140,9 +141,9 @@ class BSATransformer(nn.Module):
             batches of similar size replay the same block graphs (each block keeps 4 shapes).
             A multiple of ``ball_size``; costs up to ``bucket_slots + ball_size`` extra slots of
             work. Clouds never attend to each other, so the real points' outputs are unchanged.
-            ``"auto"`` (default): no padding until a block's graphs pause because new layouts keep
-            coming (``layer_graphs.GraphsPausedWarning``: ragged batches), then buckets of
-            ``AUTO_BUCKET_BALLS`` (8) balls from that call on, and the blocks capture again.
+            ``"auto"`` (default): no padding until ragged batches show (more distinct layouts in
+            the last calls than a block keeps graphs, or a block's graphs pause), then buckets of
+            ``AUTO_BUCKET_BALLS`` (8) balls from the next call on, and the blocks capture again.
             ``None``: never pad. Not applied when a tree is passed in, nor off CUDA.
         **bsa_kwargs: passed to ``BSAConv`` (cmp_block, cmp_stride, slc_block, topk, group_size,
             group_compression, cmp_window, selection, compression, backend, bias); an unknown key raises a
@@ -189,6 +190,7 @@ class BSATransformer(nn.Module):
                              f"got {bucket_slots!r}")
         self.bucket_slots = bucket_slots
         self._auto_bucket: Optional[int] = None  # "auto": the bucket in force once ragged batches showed
+        self._layouts: "deque[tuple]" = deque(maxlen=layer_graphs.PAUSE_WINDOW)  # "auto": recent layouts
         first = (LazyLinear(-1, hidden_channels) if in_channels == -1
                  else nn.Linear(in_channels + dim, hidden_channels))
         self.embed = nn.Sequential(first, nn.GELU(), nn.Linear(hidden_channels, hidden_channels))
@@ -234,6 +236,8 @@ class BSATransformer(nn.Module):
             return build_ball_tree(pos, batch, self.ball_size, rotation=rotation)
 
         trees = [build() if bucket else resolve_tree(tree, pos, batch, self.ball_size)]
+        if not bucket and tree is None and self.bucket_slots == "auto" and self._auto_bucket is None:
+            self._note_layout(pos, trees[0])
         if self.rotate and self.num_layers > 1:
             trees.append(build(self.rotation))
         if bucket:  # the largest cloud as the bucket's bound: the kernels take it as an upper bound
@@ -255,16 +259,33 @@ class BSATransformer(nn.Module):
         return self.head(h)
 
     def _bucket(self) -> Optional[int]:
-        r"""The bucket of slots in force: ``bucket_slots``, or with ``"auto"`` none until a block's
-        graphs have paused (ragged batches), then ``AUTO_BUCKET_BALLS`` balls (and the blocks'
-        graphs are cleared, so that they capture the bucketed layouts)."""
+        r"""The bucket of slots in force: ``bucket_slots``, or with ``"auto"`` none until ragged
+        batches show (more distinct layouts in the last calls than a block keeps graphs, or a
+        block's graphs paused), then ``AUTO_BUCKET_BALLS`` balls (and the blocks' graphs are
+        cleared, so that they capture the bucketed layouts)."""
         if self.bucket_slots != "auto":
             return self.bucket_slots
         if self._auto_bucket is None and any(b._graphs.paused for b in self.blocks):
-            self._auto_bucket = AUTO_BUCKET_BALLS * self.ball_size
-            for b in self.blocks:
-                b._graphs.clear()
+            self._switch_to_buckets()
         return self._auto_bucket
+
+    def _note_layout(self, pos: Tensor, tree: BallTree) -> None:
+        r"""``"auto"``: once the last calls brought more distinct layouts than a block keeps graphs,
+        they cannot all replay, so switch to buckets before the blocks capture and pause (a layout is
+        the blocks' key: slots, clouds, the largest cloud, and points for full attention)."""
+        block = self.blocks[0]
+        if not (block.attn.graphs_allowed() and layer_graphs.wanted(block.attn.cuda_graphs, pos, tree)):
+            return
+        self._layouts.append((tree.num_slots, tree.num_clouds, tree.max_slots,
+                              tree.num_points if self.attention == "full" else None))
+        if len(set(self._layouts)) > block._graphs.max_graphs:
+            self._switch_to_buckets()
+
+    def _switch_to_buckets(self) -> None:
+        # from the next call on: buckets of AUTO_BUCKET_BALLS balls, and the blocks capture afresh
+        self._auto_bucket = AUTO_BUCKET_BALLS * self.ball_size
+        for b in self.blocks:
+            b._graphs.clear()
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, "
