@@ -1,7 +1,7 @@
 """Tile sweeps of the top-k selection kernel and the selected-attention kernels at one size (GPU).
 
 For each configuration (``paper``: per-query compression, ``fast``: group compression) it times
-``select_topk_triton`` over its merge (``MERGE_SORT``) and ``(BLOCK_G, BLOCK_N, num_warps)`` and the selected attention's forward
+``select_topk_triton`` over ``(BLOCK_G, BLOCK_N, num_warps)`` and the selected attention's forward
 and backward over keys per step, warps/stages and dK/dV rows per step, all through the kernels'
 launch configs (``_common.launch_config``); the current defaults are the rows marked ``*``. bf16, heads 8, dim 64.
 
@@ -56,14 +56,13 @@ def main():
         if "topk" in kernels:
             rows.append(dict(config=name, kernel="topk", tiles="default *", ms=bench_gpu(topk)))
         qpg = cfg.group_size if not cfg.group_compression else 1
-        # the merge (the insertion loop or the bitonic one, MERGE_SORT), groups a program, key tiles, warps
-        for ms, bg, bn, nw in (itertools.product((False, True), (4, 8, 16, 32), (64, 128), (4, 8))
-                               if "topk" in kernels else ()):
+        # groups a program, key tiles, warps
+        for bg, bn, nw in (itertools.product((4, 8, 16, 32), (64, 128), (4, 8)) if "topk" in kernels else ()):
             if bg * qpg < 16 or bg * qpg > 256:
                 continue
-            tiles = f"{'sort' if ms else 'loop'} BG={bg} BN={bn} w={nw}"
+            tiles = f"BG={bg} BN={bn} w={nw}"
             try:
-                with launch_config("topk", BLOCK_G=bg, BLOCK_N=bn, num_warps=nw, MERGE_SORT=ms):
+                with launch_config("topk", BLOCK_G=bg, BLOCK_N=bn, num_warps=nw):
                     same = bool(torch.equal(topk(), base_idx))
                     rows.append(dict(config=name, kernel="topk", tiles=tiles, ms=bench_gpu(topk), same_idx=same))
             except Exception as e:  # noqa: BLE001

@@ -199,10 +199,9 @@ def main():
         want = topk()
         rows.append(dict(kernel="topk", tiles="default *", fwd_ms=_bench(topk), ok=True, forced={}))
         print(rows[-1], flush=True)
-        # the bitonic merge with the rule's tiles first, then (merge, warps, key tiles, groups)
-        combos = [dict(MERGE_SORT=True)] + [
-            dict(MERGE_SORT=ms, num_warps=w, BLOCK_N=bn, BLOCK_G=bg)
-            for ms, w, bn, bg in itertools.product((False, True), (8, 4), (64, 128, 32), (2, 4, 8, 16, 1))]
+        # (warps, key tiles, groups a program)
+        combos = [dict(num_warps=w, BLOCK_N=bn, BLOCK_G=bg)
+                  for w, bn, bg in itertools.product((8, 4), (64, 128, 32), (2, 4, 8, 16, 1))]
         for entries in combos:
             forced = dict(topk=entries)
             tiles = "topk:" + ",".join(f"{a}={b}" for a, b in entries.items())

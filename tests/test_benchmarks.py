@@ -119,4 +119,7 @@ def test_selection_overlap_on_a_tiny_checkpoint(tmp_path, monkeypatch, local_geo
     for r in saved["rows"]:
         # at least one distinct block a ball and at most one per entry; 8 groups of 4 in a ball of 32
         assert 1 / 16 <= r["distinct_over_entries"] <= 1.0 and 0.0 <= r["own_ball_share"] <= 1.0
+        # the union walk's tiles of 8 groups (here the whole ball) and the dK/dV mirror, 8 blocks a tile
+        assert r["distinct_8_groups"] == r["distinct_over_entries"]
+        assert 0.0 < r["distinct_groups_8_blocks"] <= 1.0
     assert saved["model"]["ball_size"] == 32 and saved["trained_steps"] == 2

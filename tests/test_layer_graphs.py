@@ -820,6 +820,16 @@ def test_bucketed_round_robin_does_not_pause(emulate, monkeypatch):
     assert all(not b._graphs.paused and b._graphs.captures == 1 for b in model.blocks)
 
 
+def _auto_pair(monkeypatch):
+    # a BSATransformer without graphs and one with the defaults (graphs, bucket_slots="auto"), same weights
+    monkeypatch.setattr(layer_graphs, "_pause_warned", False)
+    torch.manual_seed(0)
+    plain = BSATransformer(3, 1, cuda_graphs=False, **SMALL)
+    model = BSATransformer(3, 1, **SMALL)
+    model.load_state_dict(plain.state_dict())
+    return plain, model
+
+
 def _step_both(plain, model, sizes, seed):
     # one training call of each model on the same batch: outputs and gradients must agree
     x, pos, batch = _inputs(sizes, seed, channels=3)
@@ -840,11 +850,7 @@ def test_auto_buckets_once_layouts_outnumber_the_graphs(emulate, monkeypatch):
     # nothing pauses and nothing warns; outputs and gradients stay those of the model without graphs
     import warnings
     from torch_geometric_bsa.nn import transformer as T
-    monkeypatch.setattr(layer_graphs, "_pause_warned", False)
-    torch.manual_seed(0)
-    plain = BSATransformer(3, 1, cuda_graphs=False, **SMALL)
-    model = BSATransformer(3, 1, **SMALL)
-    model.load_state_dict(plain.state_dict())
+    plain, model = _auto_pair(monkeypatch)
     assert model.bucket_slots == "auto" and model._bucket() is None
     ragged = [[20 * j] for j in range(1, 9)]  # eight layouts (ball 16), the blocks keep four
     with warnings.catch_warnings():
@@ -869,11 +875,7 @@ def test_auto_buckets_after_ragged_batches_pause_the_blocks(emulate, monkeypatch
     # keeps four, so the blocks capture at every recurrence and pause (with one warning) although
     # the layouts alone never outnumber the graphs; the model then switches to buckets
     from torch_geometric_bsa.nn import transformer as T
-    monkeypatch.setattr(layer_graphs, "_pause_warned", False)
-    torch.manual_seed(0)
-    plain = BSATransformer(3, 1, cuda_graphs=False, **SMALL)
-    model = BSATransformer(3, 1, **SMALL)
-    model.load_state_dict(plain.state_dict())
+    plain, model = _auto_pair(monkeypatch)
     three = [[20], [60], [100]]
     with pytest.warns(layer_graphs.GraphsPausedWarning):
         for i in range(48):

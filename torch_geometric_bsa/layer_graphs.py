@@ -530,8 +530,8 @@ def _walk(module: nn.Module):
 
 
 class GraphsPausedWarning(UserWarning):
-    r"""A layer's (or the tree builds') CUDA graphs stopped capturing new shapes: they were captured
-    more often than replayed (ragged batches; ``_KeyedGraphs``)."""
+    r"""A layer's CUDA graphs stopped capturing new shapes: they were captured more often than
+    replayed (ragged batches; ``_KeyedGraphs``)."""
 
 
 #: a ``_KeyedGraphs`` stops capturing new keys once ``PAUSE_CAPTURES`` of its last ``PAUSE_WINDOW``
@@ -549,6 +549,10 @@ class _KeyedGraphs:
     often (``PAUSE_CAPTURES`` of the last ``PAUSE_WINDOW`` calls) new keys run eagerly from then on
     (``paused``); the kept graphs still replay. ``clear()`` resumes."""
 
+    #: whether a pause warns (the user's remedy is buckets; a tree build keyed by exact cloud sizes
+    #: has none, so it pauses silently)
+    warn_on_pause = True
+
     def __init__(self, warmup: int = 1, max_graphs: int = 2):
         self.warmup, self.max_graphs = warmup, max_graphs
         self._entries: OrderedDict = OrderedDict()
@@ -564,10 +568,6 @@ class _KeyedGraphs:
         self._recent.clear()
         self.paused = False
 
-    #: whether a pause warns (the user's remedy is buckets; a tree build keyed by exact cloud sizes
-    #: has none, so it pauses silently)
-    warn_on_pause = True
-
     def _pause_if_thrashing(self) -> None:
         global _pause_warned
         if PAUSE_CAPTURES is None or sum(self._recent) < PAUSE_CAPTURES:
@@ -576,11 +576,11 @@ class _KeyedGraphs:
         if self.warn_on_pause and not _pause_warned:
             _pause_warned = True
             warnings.warn(
-                f"CUDA graphs paused: {sum(self._recent)} of the last {len(self._recent)} calls of a layer (or of "
-                f"the tree build) captured a new graph, which costs more than replays save. Ragged batches give a "
-                f"new layout every few steps; new layouts now run without graphs. BSATransformer (bucket_slots="
-                f"'auto', the default) now pads its batches to buckets of 8 balls and captures again; in your own "
-                f"models pad batches to buckets (torch_geometric_bsa.nn.transformer.pad_to_bucket).",
+                f"CUDA graphs paused: {sum(self._recent)} of the last {len(self._recent)} calls of a layer captured "
+                f"a new graph, which costs more than replays save. Ragged batches give a new layout every few "
+                f"steps; new layouts now run without graphs. BSATransformer (bucket_slots='auto', the default) "
+                f"now pads its batches to buckets of 8 balls and captures again; in your own models pad batches "
+                f"to buckets (torch_geometric_bsa.nn.transformer.pad_to_bucket).",
                 GraphsPausedWarning, stacklevel=4)
 
     def _lookup(self, key: tuple, capture: Callable):

@@ -52,8 +52,8 @@ def test_every_kernel_has_a_rule_and_interpreter_tiles():
      dict(rows=64, group_rows=1, keys=64, num_warps=4, num_stages=2, union=False, fallback=False)),
     ("slc_dkdv", dict(d=64), dict(rows=64, steps=4, num_warps=4, num_stages=2)),
     ("slc_dkdv", dict(d=8), dict(rows=32, steps=4, num_warps=2, num_stages=2)),
-    ("topk", dict(qpg=8, n_g=4096), dict(BLOCK_G=8, BLOCK_N=128, num_warps=4, num_stages=2, MERGE_SORT=False)),
-    ("topk", dict(qpg=1, n_g=100), dict(BLOCK_G=16, BLOCK_N=128, num_warps=4, num_stages=2, MERGE_SORT=False)),
+    ("topk", dict(qpg=8, n_g=4096), dict(BLOCK_G=8, BLOCK_N=128, num_warps=4, num_stages=2)),
+    ("topk", dict(qpg=1, n_g=100), dict(BLOCK_G=16, BLOCK_N=128, num_warps=4, num_stages=2)),
     ("combine", dict(qu=8, d=64), dict(BG=8, num_warps=4)),
     ("pool", dict(hd=512, block=64), dict(BLOCK_B=32, BLOCK_C=256, UNROLL=8, num_warps=4)),
 ])

@@ -90,35 +90,26 @@ def check(sizes, cfg, h, d, seed=0, q_scale=1.0, tie_gap=1e-5):
     return idx
 
 
-@pytest.fixture(params=[False, True], ids=["loop", "sort"])
-def merge(request):
-    r"""Both merges of a tile into the running top-k: the insertion loop (the default) and the
-    bitonic one (``MERGE_SORT``)."""
-    with common.launch_config("topk", MERGE_SORT=request.param):
-        yield request.param
-
-
 @pytest.mark.parametrize("group_compression", [False, True])
-def test_topk_matches_reference(group_compression, merge):
+def test_topk_matches_reference(group_compression):
     cfg = BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=5, group_size=4,
                     group_compression=group_compression)
     check([50, 90, 20], cfg, h=2, d=16)
 
 
-def test_topk_not_power_of_two_and_more_than_blocks(merge):
+def test_topk_not_power_of_two_and_more_than_blocks():
     # topk=3 (not a power of two); a cloud of 16 slots has fewer blocks than a bigger cloud's k
     cfg = BSAConfig(ball_size=16, cmp_block=8, slc_block=8, topk=3, group_size=8)
     check([100, 10], cfg, h=2, d=16, seed=5)
 
 
-def test_topk_more_than_a_key_tile(merge):
-    # k = 20 selected of up to 30 blocks: more than the interpreter's 16-key tiles (the bitonic merge
-    # widens its tiles to the next power of two of k)
+def test_topk_more_than_a_key_tile():
+    # k = 20 selected of up to 30 blocks: more than the interpreter's 16-key tiles
     cfg = BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=20, group_size=4)
     check([120, 90], cfg, h=2, d=16, seed=9)
 
 
-def test_topk_ties_go_to_lower_index(merge):
+def test_topk_ties_go_to_lower_index():
     # q = 0: every valid block of a cloud gets the same score, so the first k valid blocks win
     cfg = BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4)
     idx = check([40, 33], cfg, h=2, d=16, q_scale=0.0, tie_gap=-1.0)
@@ -131,7 +122,7 @@ def test_topk_ties_go_to_lower_index(merge):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("group_compression", [False, True])
-def test_topk_gpu_real_size(group_compression, merge):
+def test_topk_gpu_real_size(group_compression):
     cfg = BSAConfig(ball_size=256, cmp_block=8, slc_block=8, topk=16, group_size=8,
                     group_compression=group_compression)
     check([3000, 9000, 700], cfg, h=8, d=64)

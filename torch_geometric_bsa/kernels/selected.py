@@ -394,8 +394,8 @@ def _tiles(rows: int, keys: int, ls: int, topk: int, g: int):
 def _union_tiles(rows: int, keys: int, ls: int, topk: int, g: int):
     r"""``(LS_P2, CB, GM, GT, NE)`` of the union walk: groups per program and their padded rows as
     ``_tiles`` (at most 16 groups, one bit each in an int32, and at most 128 entries a tile when
-    ``topk`` allows), ``CB`` distinct blocks a step (about
-    ``keys`` keys, at least 16), ``NE`` the tile's padded entry count (``GT * topk``)."""
+    ``topk`` allows), ``CB`` distinct blocks a step (about ``keys`` keys, at least 16), ``NE`` the
+    tile's padded entry count (``GT * topk``)."""
     ls_p2, _, gm, gt = _tiles(rows, keys, ls, topk, g)
     gt = min(gt, 16)
     while gt > 1 and gt * topk > 128:  # the list kernel compares NE x NE entries in registers

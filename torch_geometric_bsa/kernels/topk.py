@@ -31,7 +31,7 @@ def _score_topk_kernel(Q, K, LSE, KMASK, SVALID, KSTART, KEND, GSTART, GEND, IDX
                        stride_qn, stride_kn, qk_scale,
                        H: tl.constexpr, D: tl.constexpr, QPG: tl.constexpr, TOPK: tl.constexpr,
                        TOPK_P2: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr, PREC: tl.constexpr, MERGE_SORT: tl.constexpr = False):
+                       BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     # grid: (group tiles,); rows = BLOCK_G groups x QPG query rows each, all heads in one program
     pid = tl.program_id(0)
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 when inductor launches the kernel
@@ -49,11 +49,9 @@ def _score_topk_kernel(Q, K, LSE, KMASK, SVALID, KSTART, KEND, GSTART, GEND, IDX
     lo = tl.minimum(tl.min(ks, axis=0), tl.min(gs, axis=0))
     hi = tl.maximum(tl.max(ke, axis=0), tl.max(ge, axis=0))
     kcol = tl.arange(0, TOPK_P2)
-    if MERGE_SORT:  # running top-TOPK_P2 keys, sorted descending (-1: none yet)
-        cur = tl.full([BLOCK_G, TOPK_P2], -1, dtype=tl.int64)
-    else:  # running top-k as an unsorted set; columns >= TOPK parked at +max so they are never the min
-        cur = tl.where(kcol[None, :] < TOPK, -1, 9223372036854775807).to(tl.int64) + tl.zeros([BLOCK_G, TOPK_P2],
-                                                                                               dtype=tl.int64)
+    # running top-k as an unsorted set; columns >= TOPK are parked at +max so they are never the min
+    cur = tl.where(kcol[None, :] < TOPK, -1, 9223372036854775807).to(tl.int64) + tl.zeros([BLOCK_G, TOPK_P2],
+                                                                                           dtype=tl.int64)
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         cin = cols < hi
@@ -76,34 +74,23 @@ def _score_topk_kernel(Q, K, LSE, KMASK, SVALID, KSTART, KEND, GSTART, GEND, IDX
         sv = sv[None, :] & (cols[None, :] >= gs[:, None]) & (cols[None, :] < ge[:, None])
         bits = score.to(tl.int32, bitcast=True).to(tl.int64)
         cand = tl.where(sv, (bits << 32) | (2147483647 - cols[None, :]).to(tl.int64), -1)
+        # merge: while some group has a candidate above its current k-th key, swap it in
         thr = tl.min(cur, axis=1)
         best = tl.max(cand, axis=1)
-        if MERGE_SORT:
-            # a fixed-cost merge when some group has a candidate above its smallest kept key: the tile's
-            # best TOPK_P2 (bitonic top-k), side by side with the kept ones, and the best TOPK_P2 of both
-            if tl.max((best > thr).to(tl.int32), axis=0) > 0:
-                both = tl.reshape(tl.join(cur, tl.topk(cand, TOPK_P2)), (BLOCK_G, 2 * TOPK_P2))
-                cur = tl.topk(both, TOPK_P2)
-        else:
-            # merge: while some group has a candidate above its current k-th key, swap it in
-            while tl.max((best > thr).to(tl.int32), axis=0) > 0:
-                ins = best > thr
-                pos = tl.min(tl.where(cur == thr[:, None], kcol[None, :], TOPK_P2), axis=1)
-                cur = tl.where(ins[:, None] & (kcol[None, :] == pos[:, None]), best[:, None], cur)
-                cand = tl.where(cand == best[:, None], -1, cand)
-                thr = tl.min(cur, axis=1)
-                best = tl.max(cand, axis=1)
+        while tl.max((best > thr).to(tl.int32), axis=0) > 0:
+            ins = best > thr
+            pos = tl.min(tl.where(cur == thr[:, None], kcol[None, :], TOPK_P2), axis=1)
+            cur = tl.where(ins[:, None] & (kcol[None, :] == pos[:, None]), best[:, None], cur)
+            cand = tl.where(cand == best[:, None], -1, cand)
+            thr = tl.min(cur, axis=1)
+            best = tl.max(cand, axis=1)
     # emit in descending key order (score desc, index asc) like the reference's stable sort
-    if MERGE_SORT:  # already sorted: the first TOPK columns
-        idx = tl.where(cur >= 0, 2147483647 - (cur & 4294967295), -1).to(tl.int32)
-        tl.store(IDX + grp[:, None] * TOPK + kcol[None, :], idx, mask=gmask[:, None] & (kcol[None, :] < TOPK))
-    else:
-        cur = tl.where(kcol[None, :] < TOPK, cur, -2)
-        for j in tl.static_range(TOPK):
-            m = tl.max(cur, axis=1)
-            idx = tl.where(m >= 0, 2147483647 - (m & 4294967295), -1).to(tl.int32)
-            tl.store(IDX + grp * TOPK + j, idx, mask=gmask)
-            cur = tl.where(cur == m[:, None], -2, cur)
+    cur = tl.where(kcol[None, :] < TOPK, cur, -2)
+    for j in tl.static_range(TOPK):
+        m = tl.max(cur, axis=1)
+        idx = tl.where(m >= 0, 2147483647 - (m & 4294967295), -1).to(tl.int32)
+        tl.store(IDX + grp * TOPK + j, idx, mask=gmask)
+        cur = tl.where(cur == m[:, None], -2, cur)
 
 
 def select_topk_triton(q_cmp: Tensor, k_cmp: Tensor, lse: Tensor, kmask: Tensor, svalid: Tensor, kranges,
@@ -136,8 +123,6 @@ def select_topk_triton(q_cmp: Tensor, k_cmp: Tensor, lse: Tensor, kmask: Tensor,
     idx = _common.new_empty((n_g, topk), q_cmp, torch.int32)
     scale = d ** -0.5 if scale is None else scale
     cfg = config_for("topk", qpg=qpg, n_g=n_g)
-    if cfg["MERGE_SORT"] and cfg["BLOCK_N"] < next_pow2(topk):
-        cfg["BLOCK_N"] = next_pow2(topk)  # a tile's bitonic top-k takes at least TOPK_P2 keys
     q_cmp, k_cmp = _common.rows(q_cmp), _common.rows(k_cmp)
     _score_topk_kernel[(cdiv(n_g, cfg["BLOCK_G"]),)](
         q_cmp, k_cmp, lse, kmask, svalid, kstart, kend, gstart, gend, idx, n_q, n_g,
@@ -153,6 +138,4 @@ def _rule(qpg: int, n_g: int) -> dict:
     # tiles of 128, 4 warps (the sweep behind it: docs/perf-notes.md, "Session of 2026-11-25
     # (afternoon)", top-k tiles); qpg: query rows per group, n_g: groups
     bg = max(16 // qpg if qpg < 16 else 1, min(64 // qpg, next_pow2(max(1, n_g // 264))))
-    # MERGE_SORT: the bitonic merge instead of the insertion loop (docs/perf-notes.md, "Eleventh
-    # session": the loop stays the default until the merge is timed)
-    return dict(BLOCK_G=bg, BLOCK_N=128, num_warps=4, num_stages=2, MERGE_SORT=False)
+    return dict(BLOCK_G=bg, BLOCK_N=128, num_warps=4, num_stages=2)
