@@ -48,6 +48,20 @@ def test_bsa_block_launches_are_pinned(monkeypatch):
     assert bwd["sort"] == 1 and bwd["searchsorted"] == 0 and bwd["cumsum"] == 0
 
 
+def test_fused_bsa_block_launches_are_pinned(monkeypatch):
+    # balls of 64 take the fused forward (kernels/fused.py): the ball branch, the selected blocks and
+    # the gated sum in one launch, and in the backward the combine inside the selection's dQ launch
+    # and the ball's gradients added in its kernel; 132 ops a block at these shapes with the separate
+    # kernels (the pinned test's balls of 16 do not fuse)
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import count_ops
+    fwd, bwd, _ = count_ops.block_counts("bsa", **{**SMALL, "ball": 64, "points": 150})
+    triton = lambda c: sum(v for k, v in c.items() if k.startswith("triton:"))  # noqa: E731
+    assert fwd["triton:_bsa_fwd_kernel"] == 1 and triton(fwd) == 5, dict(fwd)  # pool, cmp, top-k, union list
+    assert "triton:_combine_bwd_kernel" not in bwd and triton(bwd) == 8, dict(bwd)
+    assert sum(fwd.values()) + sum(bwd.values()) <= 126, (dict(fwd), dict(bwd))
+
+
 def test_full_block_launches_are_pinned(monkeypatch):
     # the peer the ratio is taken against: a change that adds launches to both stays visible
     steady, memo, _, _ = _count(monkeypatch, "full")

@@ -64,6 +64,18 @@ class Branches:
         r"""``combine`` with the gates given as logits ``[N, H, 3]`` (``gates = sigmoid(logits)``)."""
         return self.combine(o_ball, o_c, o_slc, torch.sigmoid(logits), tree, q_unit)
 
+    def fuses(self, q: Tensor, tree: BallTree, cfg) -> bool:
+        r"""Whether this call takes ``fused`` for the ball branch, the selected blocks and the gated
+        sum. A backend that says yes takes ``selected=False`` in ``global_branches`` (which then
+        returns no selection branch, ``None``, and the selection as ``idx`` in its dict)."""
+        return False
+
+    def fused(self, q, k, v, pos, sigma, o_c, idx, gates, tree: BallTree, cfg, q_unit: int,
+              logits: bool) -> Tensor:
+        r"""``combine`` (``combine_logits`` with ``logits``) of the ball branch, ``o_c`` and the
+        selection branch over ``idx``, computed together."""
+        raise NotImplementedError
+
     def add_gated(self, out, gate, o, tree: BallTree, q_unit: int) -> Tensor:
         r"""``out + gate * o`` with ``o`` at query granularity ``q_unit``, ``gate [N, H, 1]``."""
         from .reference import per_slot
@@ -100,12 +112,18 @@ def compose(branches: Branches, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, tr
     """
     with branches.context(q):
         w = cfg.cmp_window
-        o_ball = branches.ball(q, k, v, pos, sigma, tree, cfg)
+        fuse = not return_branches and branches.fuses(q, tree, cfg)
+        o_ball = None if fuse else branches.ball(q, k, v, pos, sigma, tree, cfg)
         k_cmp, v_cmp, cmp_mask = compressed_keys(branches, k, v, tree, cfg, k_cmp, v_cmp, cmp_mask)
         q_unit = cfg.group_size if cfg.group_compression else 1
         q_cmp = branches.group_queries(q, tree, q_unit)
-        o_c, o_slc, selection = branches.global_branches(q, k, v, q_cmp, q_unit, k_cmp, v_cmp, cmp_mask, tree, cfg)
-        if gate_logits is None:
+        o_c, o_slc, selection = branches.global_branches(q, k, v, q_cmp, q_unit, k_cmp, v_cmp, cmp_mask, tree, cfg,
+                                                         **(dict(selected=False) if fuse else {}))
+        if fuse:
+            out = branches.fused(q, k, v, pos, sigma, o_c, selection["idx"],
+                                 gates[..., :3] if gate_logits is None else gate_logits[..., :3], tree, cfg, q_unit,
+                                 logits=gate_logits is not None)
+        elif gate_logits is None:
             out = branches.combine(o_ball, o_c, o_slc, gates[..., :3], tree, q_unit)
         else:
             out = branches.combine_logits(o_ball, o_c, o_slc, gate_logits[..., :3], tree, q_unit)

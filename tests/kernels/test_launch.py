@@ -10,15 +10,15 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 import torch_geometric_bsa.kernels._common as common  # noqa: E402
-from torch_geometric_bsa.kernels import ball, combine, compressed, selected, topk  # noqa: E402
+from torch_geometric_bsa.kernels import ball, combine, compressed, fused, selected, topk  # noqa: E402
 
-MODULES = (ball, combine, compressed, selected, topk)  # importing them registers their launch rules
+MODULES = (ball, combine, compressed, fused, selected, topk)  # importing them registers their launch rules
 
 FACTS = {"ball_fwd": dict(m=256, d=64, dtype=torch.bfloat16), "ball_bwd": dict(m=256, d=64, dtype=torch.bfloat16),
          "cmp_fwd": {}, "cmp_dq": {}, "cmp_dkdv": {}, "slc_fwd": dict(dtype=torch.bfloat16, d=64),
          "slc_dq": dict(dtype=torch.bfloat16, d=8), "slc_dkdv": dict(d=64), "topk": dict(qpg=8, n_g=4096),
          "combine": dict(qu=1, d=64), "pool": dict(hd=512, block=8),
-         "cmp_split": dict(key_tiles=60, heads=4, sms=132)}
+         "cmp_split": dict(key_tiles=60, heads=4, sms=132), "bsa_fwd": dict(m=256, d=16, dtype=torch.bfloat16)}
 # launch decisions that are not a kernel's tiles (no warps): the compression dK/dV's query split
 NOT_KERNELS = {"cmp_split"}
 
@@ -56,6 +56,8 @@ def test_every_kernel_has_a_rule_and_interpreter_tiles():
     ("topk", dict(qpg=1, n_g=100), dict(BLOCK_G=16, BLOCK_N=128, num_warps=4, num_stages=2)),
     ("combine", dict(qu=8, d=64), dict(BG=8, num_warps=4)),
     ("pool", dict(hd=512, block=64), dict(BLOCK_B=32, BLOCK_C=256, UNROLL=8, num_warps=4)),
+    ("bsa_fwd", dict(m=256, d=32, dtype=torch.bfloat16), dict(fused=True, BLOCK_N=64, num_warps=4, num_stages=2)),
+    ("bsa_fwd", dict(m=256, d=64, dtype=torch.bfloat16), dict(fused=False, BLOCK_N=64, num_warps=4, num_stages=2)),
 ])
 def test_gpu_configs_are_the_tuned_ones(kernel, facts, expected):
     assert common._RULES[kernel](**facts) == expected

@@ -2,7 +2,8 @@
 
 ``bsa_triton`` chains them: ball kernel (ball.py), mean pooling (PyTorch), compression attention
 (compressed.py, saves the LSE), streamed group top-k (topk.py), selected attention (selected.py), and
-the gated sum (combine.py, one pass). Nothing here knows about PyG.
+the gated sum (combine.py, one pass); where ``fused.fusable`` says so, the ball branch, the selected
+blocks and the gated sum run in one forward launch (fused.py). Nothing here knows about PyG.
 """
 from __future__ import annotations
 
@@ -63,7 +64,19 @@ class TritonBranches(Branches):
         from .combine import masked_block_mean
         return masked_block_mean(q, tree.mask_as(torch.uint8), q_unit)
 
-    def global_branches(self, q, k, v, q_cmp, q_unit, k_cmp, v_cmp, cmp_mask, tree, cfg):
+    def fuses(self, q, tree, cfg):
+        from .fused import fusable
+        # the compiled graph keeps the separate custom ops (kernels/ops.py)
+        return (cfg.selection == "shared" and not torch.compiler.is_compiling()
+                and fusable(cfg.ball_size, q.size(-1), q.dtype, cfg.group_size, cfg.slc_block,
+                            min(cfg.topk, tree.max_slots // cfg.slc_block)))  # the top-k's k
+
+    def fused(self, q, k, v, pos, sigma, o_c, idx, gates, tree, cfg, q_unit, logits):
+        from .fused import fused_local_combine
+        return fused_local_combine(q, k, v, pos, sigma, tree.mask_as(torch.uint8), o_c, idx, gates, cfg.ball_size,
+                                   cfg.group_size, cfg.slc_block, q_unit, logits)
+
+    def global_branches(self, q, k, v, q_cmp, q_unit, k_cmp, v_cmp, cmp_mask, tree, cfg, selected=True):
         from .selected import selected_attention_triton
         o_c, lse, cmp_mask, ranges = _compression(q_cmp, q_unit, k_cmp, v_cmp, cmp_mask, tree, cfg)
         g, ls = cfg.group_size, cfg.slc_block
@@ -76,7 +89,7 @@ class TritonBranches(Branches):
             else:
                 idx = _dense_selection(q_cmp.detach(), k_cmp.detach(), v_cmp.detach(), cmp_mask, tree, cfg, q_unit)
         # the kernels read masks as int8: converted once per tree, not per layer
-        o_slc = selected_attention_triton(q, k, v, idx, tree.mask_as(torch.int8), g, ls)
+        o_slc = selected_attention_triton(q, k, v, idx, tree.mask_as(torch.int8), g, ls) if selected else None
         return o_c, o_slc, dict(idx=idx)
 
     def coarse(self, q_cmp, k_crs, v_crs, crs_mask, tree, stride, q_unit):

@@ -41,6 +41,24 @@ def new_empty(shape, like: Tensor, dtype=None) -> Tensor:
     return torch.empty(shape, device=like.device, dtype=like.dtype if dtype is None else dtype)
 
 
+class SavedCtx:
+    r"""A stand-in autograd context: what the Functions' ``forward``/``backward`` read from and write
+    to one, so that other code (the custom ops, the fused forward's backward) can run their bodies."""
+
+    def __init__(self, saved: tuple = (), **attrs):
+        self.saved_tensors = saved
+        self.__dict__.update(attrs)
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+    def mark_non_differentiable(self, *args):
+        pass
+
+    def set_materialize_grads(self, value: bool):
+        pass
+
+
 def cdiv(a: int, b: int) -> int:
     return triton.cdiv(a, b)
 
@@ -94,7 +112,7 @@ def shared_rows(*ts: Tensor) -> tuple:
 AUTOTUNE = os.environ.get("BSA_AUTOTUNE", "1") != "0"
 
 _RULES: Dict[str, Callable[..., dict]] = {}
-_RULE_MODULES = ("ball", "combine", "compressed", "selected", "topk")  # the modules that register rules
+_RULE_MODULES = ("ball", "combine", "compressed", "fused", "selected", "topk")  # the modules that register rules
 _TUNE: Dict[str, List[dict]] = {}
 _FORCED: Dict[str, dict] = {}
 
@@ -114,6 +132,7 @@ _INTERPRETER_TILES: Dict[str, Callable[..., dict]] = {
     "slc_dkdv": lambda **_: dict(rows=16, steps=1),
     "topk": lambda qpg, **_: dict(BLOCK_G=max(1, 16 // qpg), BLOCK_N=16, num_warps=4),
     "combine": lambda qu, **_: dict(BG=max(1, 64 // qu)),
+    "bsa_fwd": lambda m, **_: dict(BLOCK_N=min(64, m)),
     "pool": lambda hd, **_: dict(BLOCK_B=16, BLOCK_C=min(64, next_pow2(hd))),
 }
 

@@ -63,6 +63,14 @@ def _pos_grad(g, dist, xa, ya, za, xb, yb, zb, PDIM: tl.constexpr):
 
 
 @triton.jit
+def _store_grad(PTR, off, g, mask, ACC: tl.constexpr):
+    # ACC: add to what the buffer holds (the selection's gradient, in the fused forward's backward)
+    if ACC:
+        g += tl.load(PTR + off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(PTR + off, g.to(PTR.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _ball_fwd_kernel(Q, K, V, POS, SIGMA, MASK, O, LSE,
                      N, H, stride_in, stride_tok, stride_pos, sm_scale,
                      M: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PDIM: tl.constexpr,
@@ -121,7 +129,7 @@ def _ball_bwd_kernel(Q, K, V, O, DO, POS, SIGMA, MASK, LSE,
                      M: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PDIM: tl.constexpr,
                      BLOCK: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N2: tl.constexpr,
                      SIGMA_GRAD: tl.constexpr, POS_GRAD: tl.constexpr, DOT_PREC: tl.constexpr,
-                     UPCAST: tl.constexpr):
+                     UPCAST: tl.constexpr, ACC: tl.constexpr = False):
     # grid: (N // BLOCK * H,): program (tile t, head h) computes dK, dV of the BLOCK keys of tile t
     # (looping over the ball's queries in BLOCK_M1 steps), then dQ of the BLOCK queries of tile t
     # (looping over the ball's keys in BLOCK_N2 steps); P is recomputed from the saved log-sum-exp
@@ -171,8 +179,8 @@ def _ball_bwd_kernel(Q, K, V, O, DO, POS, SIGMA, MASK, LSE,
             gxk += gx
             gyk += gy
             gzk += gz
-    tl.store(DK + tile_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=dmask)
-    tl.store(DV + tile_off, dv.to(DV.dtype.element_ty), mask=dmask)
+    _store_grad(DK, tile_off, dk * sm_scale, dmask, ACC)
+    _store_grad(DV, tile_off, dv, dmask, ACC)
 
     # ---- 2. dQ for the queries of this tile
     q = tl.load(Q + tile_in, mask=dmask, other=0.0)
@@ -203,7 +211,7 @@ def _ball_bwd_kernel(Q, K, V, O, DO, POS, SIGMA, MASK, LSE,
             gxq += gx
             gyq += gy
             gzq += gz
-    tl.store(DQ + tile_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=dmask)
+    _store_grad(DQ, tile_off, dq * sm_scale, dmask, ACC)
     if SIGMA_GRAD:
         tl.store(DSIG + pid, tl.sum(dsig, 0))
     if POS_GRAD:
@@ -222,7 +230,7 @@ def _ball_bwd_merged_kernel(Q, K, V, O, DO, POS, SIGMA, MASK, LSE,
                             M: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PDIM: tl.constexpr,
                             BLOCK: tl.constexpr, BLOCK_B: tl.constexpr,
                             SIGMA_GRAD: tl.constexpr, POS_GRAD: tl.constexpr, DOT_PREC: tl.constexpr,
-                            UPCAST: tl.constexpr, BIAS: tl.constexpr = True):
+                            UPCAST: tl.constexpr, BIAS: tl.constexpr = True, ACC: tl.constexpr = False):
     # BIAS=False (benchmarks only, with SIGMA_GRAD and POS_GRAD off): no distance bias, as the forward's.
     # grid: (N // BLOCK * H,). Same outputs as _ball_bwd_kernel, one loop: the tile's slots are keys
     # (dK, dV) and queries (dQ) of one ball, and the ball's other slots b are queries and keys to
@@ -290,9 +298,9 @@ def _ball_bwd_merged_kernel(Q, K, V, O, DO, POS, SIGMA, MASK, LSE,
             gx += ax
             gy += ay
             gz += az
-    tl.store(DQ + tile_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=dmask)
-    tl.store(DK + tile_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=dmask)
-    tl.store(DV + tile_off, dv.to(DV.dtype.element_ty), mask=dmask)
+    _store_grad(DQ, tile_off, dq * sm_scale, dmask, ACC)
+    _store_grad(DK, tile_off, dk * sm_scale, dmask, ACC)
+    _store_grad(DV, tile_off, dv, dmask, ACC)
     if SIGMA_GRAD:
         tl.store(DSIG + pid, tl.sum(dsig, 0))
     if POS_GRAD:
@@ -347,10 +355,15 @@ def _forward(q, k, v, pos, sigma, mask_u8, m, scale, bias: bool = True):
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, pos, sigma, mask_u8, m, scale, sigma_grad, pos_grad, bias: bool = True):
-    # bias=False (benchmarks only): the one-loop kernel without the distance bias, no sigma/pos gradients
+def _backward(do, q, k, v, o, lse, pos, sigma, mask_u8, m, scale, sigma_grad, pos_grad, bias: bool = True,
+              acc: Optional[tuple] = None):
+    # bias=False (benchmarks only): the one-loop kernel without the distance bias, no sigma/pos gradients.
+    # acc: contiguous (dq, dk, dv) that the kernel adds its gradients to (the fused forward's backward)
     n, h, d = q.shape
-    dq, dk, dv = (_common.new_empty(q.shape, q) for _ in range(3))  # contiguous, whatever q's row stride
+    if acc is None:
+        dq, dk, dv = (_common.new_empty(q.shape, q) for _ in range(3))  # contiguous, whatever q's row stride
+    else:
+        dq, dk, dv = acc
     cfg = config_for("ball_bwd", m=m, d=dot_dim(d), dtype=q.dtype)
     blk, bm1, bn2 = cfg["BLOCK"], cfg["BLOCK_M1"], cfg["BLOCK_N2"]
     grid = n // blk * h
@@ -360,7 +373,7 @@ def _backward(do, q, k, v, o, lse, pos, sigma, mask_u8, m, scale, sigma_grad, po
             pos.stride(0), scale)
     common = dict(M=m, D=d, BLOCK_D=dot_dim(d), PDIM=pos.size(1), SIGMA_GRAD=sigma_grad, POS_GRAD=pos_grad,
                   DOT_PREC=dot_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=cfg["num_warps"],
-                  num_stages=cfg["num_stages"])
+                  num_stages=cfg["num_stages"], **(dict(ACC=True) if acc is not None else {}))
     if not bias:
         if not cfg["MERGED"] or sigma_grad or pos_grad:
             raise ValueError("bias=False takes the one-loop backward (MERGED) without sigma and pos gradients")

@@ -20,23 +20,6 @@ from . import _common
 __all__ = ["ball", "compressed", "selected", "combine", "block_mean", "topk"]
 
 
-class _Ctx:
-    r"""What the Functions' ``forward``/``backward`` read from and write to an autograd context."""
-
-    def __init__(self, saved: tuple = (), **attrs):
-        self.saved_tensors = saved
-        self.__dict__.update(attrs)
-
-    def save_for_backward(self, *tensors):
-        self.saved_tensors = tensors
-
-    def mark_non_differentiable(self, *args):
-        pass
-
-    def set_materialize_grads(self, value: bool):
-        pass
-
-
 def _needs(ctx, i: int) -> bool:
     return bool(ctx.needs_input_grad[i])
 
@@ -49,7 +32,7 @@ def ball_fwd(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, sigma: Tensor, mask: 
              scale: float) -> Tuple[Tensor, Tensor]:
     from .ball import BallAttentionFunction
     q, k, v = _common.shared_rows(q, k, v)
-    ctx = _Ctx()
+    ctx = _common.SavedCtx()
     o = BallAttentionFunction.forward(ctx, q, k, v, pos.contiguous(), sigma.contiguous(), mask, ball_size, scale)
     return o, ctx.saved_tensors[4]  # the log-sum-exp the backward reads
 
@@ -66,7 +49,7 @@ def ball_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
              sigma_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     from .ball import BallAttentionFunction
     q, k, v = _common.shared_rows(q, k, v)
-    ctx = _Ctx((q, k, v, o, lse, pos.contiguous(), sigma.contiguous(), mask), ball_size=ball_size, scale=scale,
+    ctx = _common.SavedCtx((q, k, v, o, lse, pos.contiguous(), sigma.contiguous(), mask), ball_size=ball_size, scale=scale,
                needs_input_grad=(True, True, True, pos_grad, sigma_grad))
     dq, dk, dv, dpos, dsigma = BallAttentionFunction.backward(ctx, do)[:5]
     # a custom op returns tensors: zeros where no gradient was asked for (its autograd drops them)
@@ -107,7 +90,7 @@ def ball(q, k, v, pos, sigma, mask, ball_size: int, scale: float) -> Tensor:
 def compressed_fwd(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, kmask: Tensor, kstart: Tensor, kend: Tensor,
                    qstart: Tensor, qend: Tensor, scale: float, ragged: bool) -> Tuple[Tensor, Tensor]:
     from .compressed import CompressedAttention
-    return CompressedAttention.forward(_Ctx(), q, k_cmp, v_cmp, kmask, kstart, kend, qstart, qend, scale, ragged)
+    return CompressedAttention.forward(_common.SavedCtx(), q, k_cmp, v_cmp, kmask, kstart, kend, qstart, qend, scale, ragged)
 
 
 @compressed_fwd.register_fake
@@ -121,7 +104,7 @@ def compressed_bwd(do: Tensor, q: Tensor, k_cmp: Tensor, v_cmp: Tensor, o: Tenso
                    ragged: bool) -> Tuple[Tensor, Tensor, Tensor]:
     from .compressed import CompressedAttention
     saved = (_common.rows(q), k_cmp.contiguous(), v_cmp.contiguous(), o, lse, kmask, kstart, kend, qstart, qend)
-    return CompressedAttention.backward(_Ctx(saved, scale=scale, ragged=ragged), do, None)[:3]
+    return CompressedAttention.backward(_common.SavedCtx(saved, scale=scale, ragged=ragged), do, None)[:3]
 
 
 @compressed_bwd.register_fake
@@ -153,7 +136,7 @@ compressed = compressed_fwd  # the op itself: its outputs are the wrapper's
 def selected_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, idx: Tensor, group_size: int, slc_block: int,
                  scale: float) -> Tuple[Tensor, Tensor]:
     from .selected import SelectedAttention
-    ctx = _Ctx()
+    ctx = _common.SavedCtx()
     o = SelectedAttention.forward(ctx, q, k, v, mask, idx, group_size, slc_block, scale)
     return o, ctx.saved_tensors[4]  # the log-sum-exp the backward reads
 
@@ -168,7 +151,7 @@ def selected_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Te
                  group_size: int, slc_block: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     from .selected import SelectedAttention
     q, k, v = _common.shared_rows(q, k, v)
-    ctx = _Ctx((q, k, v, o, lse, mask, idx), g=group_size, ls=slc_block, scale=scale)
+    ctx = _common.SavedCtx((q, k, v, o, lse, mask, idx), g=group_size, ls=slc_block, scale=scale)
     return SelectedAttention.backward(ctx, do)[:3]
 
 
@@ -202,7 +185,7 @@ def selected(q, k, v, mask, idx, group_size: int, slc_block: int, scale: float) 
 def combine_fwd(o_ball: Tensor, o_c: Tensor, o_slc: Tensor, gates: Tensor, mask: Tensor, q_unit: int,
                 logits: bool = False) -> Tensor:
     from .combine import GatedCombine
-    return GatedCombine.forward(_Ctx(), o_ball, o_c, o_slc, gates, mask, q_unit, logits)
+    return GatedCombine.forward(_common.SavedCtx(), o_ball, o_c, o_slc, gates, mask, q_unit, logits)
 
 
 @combine_fwd.register_fake
@@ -215,7 +198,7 @@ def combine_bwd(do: Tensor, o_ball: Tensor, o_c: Tensor, o_slc: Tensor, gates: T
                 q_unit: int, logits: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     from .combine import GatedCombine
     saved = tuple(t.contiguous() for t in (o_ball, o_c, o_slc, gates)) + (mask,)
-    return GatedCombine.backward(_Ctx(saved, qu=q_unit, logits=logits), do)[:4]
+    return GatedCombine.backward(_common.SavedCtx(saved, qu=q_unit, logits=logits), do)[:4]
 
 
 @combine_bwd.register_fake
@@ -242,7 +225,7 @@ combine = combine_fwd  # the op itself: its outputs are the wrapper's
 @custom_op("torch_geometric_bsa::block_mean_fwd", mutates_args=())
 def block_mean_fwd(x: Tensor, mask: Tensor, block: int) -> Tensor:
     from .combine import MaskedBlockMean
-    return MaskedBlockMean.forward(_Ctx(), x, mask, block)
+    return MaskedBlockMean.forward(_common.SavedCtx(), x, mask, block)
 
 
 @block_mean_fwd.register_fake
@@ -254,7 +237,7 @@ def _(x, mask, block):
 @custom_op("torch_geometric_bsa::block_mean_bwd", mutates_args=())
 def block_mean_bwd(dout: Tensor, mask: Tensor, n: int, block: int) -> Tensor:
     from .combine import MaskedBlockMean
-    return MaskedBlockMean.backward(_Ctx((mask,), shape=(n,) + tuple(dout.shape[1:]), block=block), dout)[0]
+    return MaskedBlockMean.backward(_common.SavedCtx((mask,), shape=(n,) + tuple(dout.shape[1:]), block=block), dout)[0]
 
 
 @block_mean_bwd.register_fake

@@ -101,24 +101,29 @@ def _union_tile(U, UBITS, MASK, pid, cnt, c, LS: tl.constexpr, LS_P2: tl.constex
 @triton.jit
 def _walk_bound(UCNT, pid, GT: tl.constexpr, TOPK: tl.constexpr, UNION: tl.constexpr, SKIP: tl.constexpr,
                 UGT: tl.constexpr):
-    # (the step loop's bound, whether the program writes its rows: None = always). SKIP 1: a union
-    # launch leaves out the tiles whose distinct blocks are more than half their entries; SKIP 2: the
-    # fallback launch (each group's own blocks) takes only those tiles (union tiles of UGT groups)
+    # the step loop's bound. SKIP 1: a union launch leaves out the tiles whose distinct blocks are more
+    # than half their entries; SKIP 2: the fallback launch (each group's own blocks) takes only those
+    # tiles (union tiles of UGT groups). (A helper that returns None does not compile on a GPU.)
     if UNION:
         hi = tl.load(UCNT + pid)
         if SKIP == 1:
-            keep = hi * 2 <= GT * TOPK
-            hi = tl.where(keep, hi, 0)
-        else:
-            keep = None
+            hi = tl.where(_walk_keep(UCNT, pid, GT, TOPK, UNION, UGT), hi, 0)
     else:
         if SKIP == 2:
-            keep = tl.load(UCNT + (pid * GT) // UGT) * 2 > UGT * TOPK
-            hi = tl.where(keep, TOPK, 0)
+            hi = tl.where(_walk_keep(UCNT, pid, GT, TOPK, UNION, UGT), TOPK, 0)
         else:
             hi = TOPK
-            keep = None
-    return hi, keep
+    return hi
+
+
+@triton.jit
+def _walk_keep(UCNT, pid, GT: tl.constexpr, TOPK: tl.constexpr, UNION: tl.constexpr, UGT: tl.constexpr):
+    # with SKIP: whether the program writes its rows (see _walk_bound)
+    if UNION:
+        keep = tl.load(UCNT + pid) * 2 <= GT * TOPK
+    else:
+        keep = tl.load(UCNT + (pid * GT) // UGT) * 2 > UGT * TOPK
+    return keep
 
 
 @triton.jit
@@ -144,7 +149,7 @@ def _slc_fwd_kernel(Q, K, V, MASK, IDX, O, LSE, stride_n, stride_o, ngrp,
     m_i = tl.full([GT * GM], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([GT * GM], dtype=tl.float32)
     acc = tl.zeros([GT * GM, BLOCK_D], dtype=tl.float32)
-    hi, keep = _walk_bound(UCNT, pid, GT, TOPK, UNION, SKIP, UGT)
+    hi = _walk_bound(UCNT, pid, GT, TOPK, UNION, SKIP, UGT)
     for c in range(0, hi, CB):
         if UNION:
             slot, kin, kv, same = _union_tile(U, UBITS, MASK, pid, hi, c, LS, LS_P2, CB, GM, GT, NE)
@@ -161,7 +166,7 @@ def _slc_fwd_kernel(Q, K, V, MASK, IDX, O, LSE, stride_n, stride_o, ngrp,
     o, lse = softmax_finish(acc, l_i, m_i, has)
     lse = tl.where(has, lse, 1.0e30)
     if SKIP != 0:  # a scalar flag broadcast to the rows (the interpreter takes no scalar in a mask)
-        real = real & ((rows * 0 + keep.to(tl.int32)) != 0)
+        real = real & ((rows * 0 + _walk_keep(UCNT, pid, GT, TOPK, UNION, UGT).to(tl.int32)) != 0)
     tl.store(O + rows[:, None] * stride_o + h * D + offs_d[None, :], o.to(O.dtype.element_ty),
              mask=real[:, None] & dmask[None, :])
     tl.store(LSE + rows * H + h, lse, mask=real)
@@ -173,9 +178,13 @@ def _slc_bwd_dq_kernel(Q, K, V, DO, O, MASK, IDX, LSE, DELTA, DQ, stride_n, stri
                        LS_P2: tl.constexpr, TOPK: tl.constexpr, CB: tl.constexpr, GM: tl.constexpr,
                        BLOCK_D: tl.constexpr, PREC: tl.constexpr, GT: tl.constexpr = 1,
                        PER_HEAD: tl.constexpr = False, U=None, UBITS=None, UCNT=None, UNION: tl.constexpr = False,
-                       NE: tl.constexpr = 1, SKIP: tl.constexpr = 0, UGT: tl.constexpr = 1):
+                       NE: tl.constexpr = 1, SKIP: tl.constexpr = 0, UGT: tl.constexpr = 1,
+                       GATES=None, OB=None, OC=None, DOB=None, DOC=None, DOS=None, DG=None, stride_gn=0, stride_gh=0,
+                       COMBINE: tl.constexpr = False, QU: tl.constexpr = 1, LOGITS: tl.constexpr = False):
     # grid: (cdiv(groups, GT), heads), tiles (and UNION) as the forward's; dQ = scale * sum_j P (dP -
-    # delta) k_j over each group's selected keys
+    # delta) k_j over each group's selected keys. COMBINE (the fused forward's backward; whole groups
+    # a tile, GM == G): DO is the gradient of the gated sum, and the tile's rows first take the
+    # combine's backward (combine.py): DOB, DOS (then the selection's own dO), DOC and DG
     pid = tl.program_id(0)
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 when inductor launches the kernel
     sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 when inductor launches the kernel
@@ -185,14 +194,19 @@ def _slc_bwd_dq_kernel(Q, K, V, DO, O, MASK, IDX, LSE, DELTA, DQ, stride_n, stri
     dmask = offs_d < D
     qd_mask = qm[:, None] & dmask[None, :]
     q = tl.load(Q + rows[:, None] * stride_n + h * D + offs_d[None, :], mask=qd_mask, other=0.0)
-    do = tl.load(DO + rows[:, None] * stride_o + h * D + offs_d[None, :], mask=qd_mask, other=0.0)
+    if COMBINE:
+        do = _combine_rows(DO, GATES, OB, O, OC, DOB, DOC, DOS, DG, rows, real, qm, pid, h, stride_o, stride_gn,
+                           stride_gh, H, D, BLOCK_D, GT, GM, QU, LOGITS)
+        do = tl.where(qd_mask, do, 0.0)
+    else:
+        do = tl.load(DO + rows[:, None] * stride_o + h * D + offs_d[None, :], mask=qd_mask, other=0.0)
     lse = tl.load(LSE + rows * H + h, mask=qm, other=1.0e30)
     # delta_i = o_i . do_i, stored for the dK/dV kernel that runs next (padded rows: never read)
     o = tl.load(O + rows[:, None] * stride_o + h * D + offs_d[None, :], mask=qd_mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    hi, keep = _walk_bound(UCNT, pid, GT, TOPK, UNION, SKIP, UGT)
+    hi = _walk_bound(UCNT, pid, GT, TOPK, UNION, SKIP, UGT)
     if SKIP != 0:  # a scalar flag broadcast to the rows (the interpreter takes no scalar in a mask)
-        keep = (rows * 0 + keep.to(tl.int32)) != 0
+        keep = (rows * 0 + _walk_keep(UCNT, pid, GT, TOPK, UNION, UGT).to(tl.int32)) != 0
         real = real & keep
         qm = qm & keep
     tl.store(DELTA + rows * H + h, delta, mask=qm)
@@ -211,6 +225,58 @@ def _slc_bwd_dq_kernel(Q, K, V, DO, O, MASK, IDX, LSE, DELTA, DQ, stride_n, stri
         dq, _ = dq_step(dq, p, do, k, v, delta, PREC, False)
     tl.store(DQ + rows[:, None] * stride_o + h * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=real[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _combine_rows(DO, GATES, OB, OS, OC, DOB, DOC, DOS, DG, rows, real, valid, pid, h, stride_o, stride_gn, stride_gh,
+                  H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, GT: tl.constexpr, GM: tl.constexpr,
+                  QU: tl.constexpr, LOGITS: tl.constexpr):
+    # the gated sum's backward for a tile's rows (as combine.py's kernel): writes the ball's and the
+    # selection's dO (g * dO), the gates' gradients and o_c's (summed over a group's rows when QU > 1);
+    # returns the selection's dO as stored
+    offs_d = tl.arange(0, BLOCK_D)
+    m2 = real[:, None] & (offs_d < D)[None, :]
+    off = rows[:, None] * stride_o + h * D + offs_d[None, :]
+    grow = rows * stride_gn + h * stride_gh
+    g0 = tl.load(GATES + grow, mask=real, other=0.0).to(tl.float32)
+    g1 = tl.load(GATES + grow + 1, mask=real, other=0.0).to(tl.float32)
+    g2 = tl.load(GATES + grow + 2, mask=real, other=0.0).to(tl.float32)
+    if LOGITS:
+        g0 = tl.sigmoid(g0)
+        g1 = tl.sigmoid(g1)
+        g2 = tl.sigmoid(g2)
+    if QU > 1:
+        g1 = tl.where(valid, g1, 0.0)
+    do = tl.load(DO + off, mask=m2, other=0.0).to(tl.float32)
+    ob = tl.load(OB + off, mask=m2, other=0.0).to(tl.float32)
+    os_ = tl.load(OS + off, mask=m2, other=0.0).to(tl.float32)
+    oc = tl.load(OC + ((rows // QU) * H + h)[:, None] * D + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+    tl.store(DOB + off, (g0[:, None] * do).to(DOB.dtype.element_ty), mask=m2)
+    dos = (g2[:, None] * do).to(DOS.dtype.element_ty)
+    tl.store(DOS + off, dos, mask=m2)
+    dg0 = tl.sum(do * ob, 1)
+    dg1 = tl.sum(do * oc, 1)
+    dg2 = tl.sum(do * os_, 1)
+    if LOGITS:
+        dg0 = dg0 * g0 * (1.0 - g0)
+        dg1 = dg1 * g1 * (1.0 - g1)
+        dg2 = dg2 * g2 * (1.0 - g2)
+    if QU > 1:
+        dg1 = tl.where(valid, dg1, 0.0)
+    grow = (rows * H + h) * 3
+    tl.store(DG + grow, dg0.to(DG.dtype.element_ty), mask=real)
+    tl.store(DG + grow + 1, dg1.to(DG.dtype.element_ty), mask=real)
+    tl.store(DG + grow + 2, dg2.to(DG.dtype.element_ty), mask=real)
+    doc = g1[:, None] * do
+    if QU > 1:  # the tile's GT groups of QU == GM rows: each group's sum is its o_c row's gradient
+        doc = tl.sum(tl.reshape(doc, (GT, GM, BLOCK_D)), 1)
+        cr = pid * GT + tl.arange(0, GT)
+        crow_ok = tl.max(tl.reshape(real.to(tl.int32), (GT, GM)), 1) != 0
+        tl.store(DOC + (cr * H + h)[:, None] * D + offs_d[None, :], doc.to(DOC.dtype.element_ty),
+                 mask=crow_ok[:, None] & (offs_d < D)[None, :])
+    else:
+        tl.store(DOC + (rows * H + h)[:, None] * D + offs_d[None, :], doc.to(DOC.dtype.element_ty), mask=m2)
+    return dos
 
 
 @triton.jit
@@ -484,12 +550,15 @@ class SelectedAttention(torch.autograd.Function):
         elif not walk[0][1]:  # the forward read each group's blocks: the dQ pass too, in its own tiles
             walk = _walk(*own[:3], False, False, idx, ls, g)
         prec = dot_precision(q.dtype)
+        # the fused forward's backward (fused.py): ``do`` is the gated sum's gradient, the dQ launch (one
+        # union walk, whole groups a tile) runs the combine's backward first and writes this branch's dO
+        combine = getattr(ctx, "combine", None) or {}
         for (ls_p2, cb, gm, gt), kw in walk:
             _slc_bwd_dq_kernel[(cdiv(n // g, gt), h)](
                 q, k, v, do, o, mask_i8, idx, lse, delta, dq, q.stride(0), do.stride(0), n // g, scale * LOG2E,
                 scale, G=g, H=h, D=d, LS=ls, LS_P2=ls_p2, TOPK=topk, CB=cb, GM=gm, GT=gt, BLOCK_D=dot_dim(d),
-                PREC=prec, **_per_head_kw(idx), **kw, **cfg)
-        _dkdv(q, k, v, do, mask_i8, idx, lse, delta, dk, dv, g, ls, scale, prec)
+                PREC=prec, **_per_head_kw(idx), **kw, **combine, **cfg)
+        _dkdv(q, k, v, combine.get("DOS", do), mask_i8, idx, lse, delta, dk, dv, g, ls, scale, prec)
         return dq, dk, dv, None, None, None, None, None
 
 

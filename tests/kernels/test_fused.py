@@ -1,0 +1,185 @@
+"""The fused forward (kernels/fused.py: ball branch, selected blocks and gated sum in one launch).
+
+Against the float64 reference (fp32: output 1e-5, gradients 1e-4, as test_bsa_triton) and against
+the separate kernels it replaces (``launch_config("bsa_fwd", fused=False)``): fp32 output and
+gradients within 1e-6 (the same sums; only the order in which the branches' dQ, dK, dV add up
+differs), bf16 (fp16 under the interpreter) within its tolerance (1.5e-2 / 3e-2; 2e-3 / 5e-3). Every case checks that the fused launch ran.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+import torch_geometric_bsa.kernels as K  # noqa: E402
+import torch_geometric_bsa.kernels._common as common  # noqa: E402
+from torch_geometric_bsa import BSAConfig, build_ball_tree  # noqa: E402
+from torch_geometric_bsa import reference as R  # noqa: E402
+from torch_geometric_bsa.kernels import fused as F  # noqa: E402
+
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 5e-3), torch.bfloat16: (1.5e-2, 3e-2)}
+# the CPU interpreter mis-multiplies bf16 operands in the separate selection kernel: fp16 there
+LOW = torch.bfloat16 if CUDA else torch.float16
+PAPER = BSAConfig(ball_size=64, cmp_block=8, slc_block=8, topk=3, group_size=8)
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    # every buffer a kernel must write starts as NaN
+    def empty(shape, like, dtype=None):
+        dtype = like.dtype if dtype is None else dtype
+        return torch.full(shape, math.nan if dtype.is_floating_point else -7, device=like.device, dtype=dtype)
+    monkeypatch.setattr(common, "new_empty", empty)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    calls = []
+    apply = F.FusedLocalCombine.apply
+    monkeypatch.setattr(F.FusedLocalCombine, "apply", lambda *a: calls.append(1) or apply(*a))
+    return calls
+
+
+def rel(a, b):
+    assert torch.isfinite(a).all(), "non-finite values (unwritten or NaN)"
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def leaves(sizes, cfg, h, d, dtype, seed=0, logits=False):
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.rand(sum(sizes), 3, generator=g)
+    batch = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    tree = build_ball_tree(pos.to(DEVICE), batch.to(DEVICE), ball_size=cfg.ball_size)
+    n = tree.num_slots
+    x = dict(q=torch.randn(n, h, d, generator=g), k=torch.randn(n, h, d, generator=g),
+             v=torch.randn(n, h, d, generator=g), sigma=-torch.rand(h, generator=g),
+             pos=tree.to_tree(pos),
+             gates=4 * torch.rand(n, h, cfg.num_branches, generator=g) - 2 if logits
+             else torch.rand(n, h, cfg.num_branches, generator=g))
+    return tree, {k_: t.to(DEVICE, dtype).requires_grad_() for k_, t in x.items()}
+
+
+def run(fn, tree, cfg, x, logits=False, seed=5):
+    gate = dict(gate_logits=x["gates"]) if logits else dict(gates=x["gates"])
+    out = fn(x["q"], x["k"], x["v"], x["pos"], tree, cfg, sigma=x["sigma"], **gate)
+    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
+    return out, dict(zip(x, torch.autograd.grad(out, list(x.values()), do))), do
+
+
+def reference(tree, cfg, x, do, logits=False):
+    x64 = {k_: t.detach().double().requires_grad_() for k_, t in x.items()}
+    gates = torch.sigmoid(x64["gates"]) if logits else x64["gates"]
+    out = R.bsa_reference(x64["q"], x64["k"], x64["v"], x64["pos"], tree, cfg, sigma=x64["sigma"], gates=gates)
+    return out, dict(zip(x64, torch.autograd.grad(out, list(x64.values()), do.double())))
+
+
+@pytest.mark.parametrize("cfg,logits", [
+    (PAPER, False),
+    (PAPER, True),
+    (BSAConfig(ball_size=64, cmp_block=8, slc_block=8, topk=2, group_size=8, group_compression=True), False),
+    (BSAConfig(ball_size=64, cmp_block=8, slc_block=8, topk=2, group_size=8, group_compression=True,
+               cmp_window=64), True),
+    (BSAConfig(ball_size=32, cmp_block=4, slc_block=4, topk=4, group_size=16), False),
+], ids=["paper", "logits", "group_compression", "window_logits", "groups16"])
+def test_fused_equals_reference_and_separate_kernels_fp32(cfg, logits, fused_calls):
+    # three clouds: padded slots in every cloud's last ball, groups that select nothing in the
+    # small cloud (fewer blocks than top-k), rows whose ball keys are all padding never occur
+    tree, x = leaves([150, 70, 200], cfg, h=2, d=16, dtype=torch.float32, logits=logits)
+    out, grads, do = run(K.bsa_triton, tree, cfg, x, logits)
+    assert len(fused_calls) == 1
+    ref, rgrads = reference(tree, cfg, x, do, logits)
+    assert rel(out, ref) < 1e-5
+    for name in x:
+        assert rel(grads[name], rgrads[name]) < 1e-4, name
+    with common.launch_config("bsa_fwd", fused=False):
+        sep, sgrads, _ = run(K.bsa_triton, tree, cfg, x, logits)
+    assert len(fused_calls) == 1  # the separate kernels this time
+    assert rel(out, sep) < 1e-6
+    for name in x:
+        assert rel(grads[name], sgrads[name]) < 1e-6, name
+
+
+def test_fused_low_precision_equals_separate_kernels(fused_calls):
+    tree, x = leaves([150, 200], PAPER, h=2, d=16, dtype=LOW, seed=3)
+    out, grads, _ = run(K.bsa_triton, tree, PAPER, x)
+    assert len(fused_calls) == 1 and out.dtype == LOW
+    with common.launch_config("bsa_fwd", fused=False):
+        sep, sgrads, _ = run(K.bsa_triton, tree, PAPER, x)
+    fwd, bwd = TOL[LOW]
+    assert rel(out, sep) < fwd
+    for name in x:
+        assert rel(grads[name], sgrads[name]) < bwd, name
+
+
+def test_fusable_says_where_the_fused_launch_applies():
+    bf = torch.bfloat16
+    # the models' layers: paper (D 8, top-k 4) and the study network (D 32, top-k 16), balls of 256
+    with common.launch_config("slc_fwd", rows=64):
+        assert F.fusable(256, 8, bf, 8, 8, 4) and F.fusable(256, 32, bf, 8, 8, 16)
+    # head dim 64: the selection reads each group's blocks (no union walk), so nothing to fuse
+    assert not F.fusable(256, 64, bf, 8, 8, 16)
+    # a walk tile of 32 rows does not fit in a ball of 16; a group of 4 pads to... whole tiles only
+    with common.launch_config("slc_fwd", rows=32):
+        assert not F.fusable(16, 16, torch.float32, 4, 4, 3)
+    # balls the ball kernel does not take, and the rule switched off
+    assert not F.fusable(8, 16, torch.float32, 8, 8, 2)
+    with common.launch_config("bsa_fwd", fused=False):
+        assert not F.fusable(64, 16, torch.float32, 8, 8, 3)
+
+
+@pytest.mark.parametrize("selection,return_branches", [("per_head", False), ("shared", True)])
+def test_not_fused_for_per_head_selection_or_returned_branches(selection, return_branches, fused_calls):
+    cfg = BSAConfig(ball_size=64, cmp_block=8, slc_block=8, topk=3, group_size=8, selection=selection)
+    tree, x = leaves([150, 70], cfg, h=2, d=16, dtype=torch.float32)
+    res = K.bsa_triton(x["q"], x["k"], x["v"], x["pos"], tree, cfg, sigma=x["sigma"], gates=x["gates"],
+                       return_branches=return_branches)
+    assert fused_calls == []
+    if return_branches:
+        assert set(res[1]) >= {"ball", "cmp", "slc", "idx"}
+
+
+def test_fused_takes_the_separate_kernels_when_the_walk_does_not_fit(fused_calls):
+    # fused_local_combine called for balls that its walk's tiles do not divide: same result as the
+    # separate kernels, without the fused launch
+    cfg = BSAConfig(ball_size=16, cmp_block=4, slc_block=4, topk=3, group_size=4)
+    tree, x = leaves([50, 40], cfg, h=2, d=16, dtype=torch.float32, seed=2)
+    found = K.bsa_triton(x["q"], x["k"], x["v"], x["pos"], tree, cfg, sigma=x["sigma"], gates=x["gates"],
+                         return_branches=True)[1]
+    mask = tree.mask_as(torch.uint8)
+    o_c = K.compression_branch(x["q"], x["k"], x["v"], tree, cfg)[0]
+    with common.launch_config("slc_fwd", rows=32):
+        out = F.fused_local_combine(x["q"], x["k"], x["v"], x["pos"], x["sigma"], mask, o_c, found["idx"],
+                                    x["gates"], 16, 4, 4)
+    assert fused_calls == []
+    expect = x["gates"][..., :1] * found["ball"] + x["gates"][..., 1:2] * found["cmp"] + x["gates"][..., 2:3] * found["slc"]
+    assert rel(out, expect) < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("h,d,topk,gc", [(8, 8, 4, True), (4, 32, 16, False)], ids=["paper_layer", "study_layer"])
+def test_fused_gpu_model_layers(h, d, topk, gc, fused_calls):
+    # the two model layers (balls of 256, groups and blocks of 8) on the GPU, bf16 against the
+    # separate kernels, and fp32 against the float64 reference (fp32 GPU tolerances as test_bsa_triton's)
+    cfg = BSAConfig(ball_size=256, cmp_block=8, slc_block=8, topk=topk, group_size=8, group_compression=gc)
+    tree, x = leaves([3586] * 4, cfg, h=h, d=d, dtype=torch.bfloat16, seed=1)
+    out, grads, _ = run(K.bsa_triton, tree, cfg, x)
+    assert len(fused_calls) == 1
+    with common.launch_config("bsa_fwd", fused=False):
+        sep, sgrads, _ = run(K.bsa_triton, tree, cfg, x)
+    assert rel(out, sep) < TOL[torch.bfloat16][0]
+    for name in x:
+        assert rel(grads[name], sgrads[name]) < TOL[torch.bfloat16][1], name
+    tree, x = leaves([3000, 2100], cfg, h=h, d=d, dtype=torch.float32, seed=2)
+    out, grads, do = run(K.bsa_triton, tree, cfg, x)
+    assert len(fused_calls) == 2
+    ref, rgrads = reference(tree, cfg, x, do)
+    assert rel(out, ref) < 1e-4
+    for name in x:
+        assert rel(grads[name], rgrads[name]) < 1e-3, name
