@@ -11,6 +11,7 @@ Triton launches, and the aten ops that launch a kernel on a GPU (each costs a fe
 host time there). Outputs of stubbed kernels are uninitialised; nothing reads them on the host.
 
     python benchmarks/host_glue.py [--n 4096 --heads 1 --dim 16 --config paper --reps 50]
+        [--launch-config '{"bsa_fwd": {"fused": false}}']
 """
 from __future__ import annotations
 
@@ -48,7 +49,16 @@ def main():
     ap.add_argument("--config", default="paper", choices=("paper", "fast"))
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--launch-config", default=None, metavar="FILE|JSON",
+                    help='launch entries forced on the kernels, e.g. \'{"bsa_fwd": {"fused": false}}\'')
     args = ap.parse_args()
+    from common import forced_launch_configs
+    forced, _ = forced_launch_configs(args.launch_config)
+    with forced:
+        run(args)
+
+
+def run(args):
     torch.set_num_threads(args.threads)
     from count_ops import CountOps
     from torch_geometric_bsa import BSAConfig

@@ -105,6 +105,20 @@ def test_fused_equals_reference_and_separate_kernels_fp32(cfg, logits, fused_cal
         assert rel(grads[name], sgrads[name]) < 1e-6, name
 
 
+def test_fused_128_row_tiles(fused_calls):
+    # walk tiles of 16 groups (top-k 4 allows them): the fused program then covers 128 rows, the
+    # ball kernel's own tile (a launch entry the GPU session times: perf-notes)
+    cfg = BSAConfig(ball_size=128, cmp_block=8, slc_block=8, topk=4, group_size=8)
+    tree, x = leaves([300, 200], cfg, h=2, d=16, dtype=torch.float32, seed=4)
+    with common.launch_config("slc_fwd", rows=128):
+        out, grads, do = run(K.bsa_triton, tree, cfg, x)
+    assert len(fused_calls) == 1
+    ref, rgrads = reference(tree, cfg, x, do)
+    assert rel(out, ref) < 1e-5
+    for name in x:
+        assert rel(grads[name], rgrads[name]) < 1e-4, name
+
+
 def test_fused_low_precision_equals_separate_kernels(fused_calls):
     tree, x = leaves([150, 200], PAPER, h=2, d=16, dtype=LOW, seed=3)
     out, grads, _ = run(K.bsa_triton, tree, PAPER, x)

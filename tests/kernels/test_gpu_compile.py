@@ -109,6 +109,8 @@ def main(dtype: torch.dtype) -> int:
         _op(K, cfg, [1500, 3000], h, d, dtype, logits)
     with K._common.launch_config("slc_fwd", fallback=True):  # the union walk's optional second launch
         _op(K, CASES[1][0], [1500, 3000], 4, 32, dtype)
+    with K._common.launch_config("slc_fwd", rows=128):  # walk tiles of 16 groups: a fused program of 128 rows
+        _op(K, CASES[0][0], [1500, 3000], 8, 8, dtype, True)
     sources = {}
     for fn, args, kwargs in launches:
         src, options, key = _source(fn, args, kwargs)
