@@ -119,16 +119,22 @@ def test_fused_128_row_tiles(fused_calls):
         assert rel(grads[name], rgrads[name]) < 1e-4, name
 
 
-def test_fused_low_precision_equals_separate_kernels(fused_calls):
-    tree, x = leaves([150, 200], PAPER, h=2, d=16, dtype=LOW, seed=3)
-    out, grads, _ = run(K.bsa_triton, tree, PAPER, x)
-    assert len(fused_calls) == 1 and out.dtype == LOW
+def check_against_separate(tree, cfg, x, fused_calls):
+    # the fused launch against the separate kernels on the same inputs, at the dtype's tolerances
+    out, grads, _ = run(K.bsa_triton, tree, cfg, x)
+    assert len(fused_calls) == 1 and out.dtype == x["q"].dtype
     with common.launch_config("bsa_fwd", fused=False):
-        sep, sgrads, _ = run(K.bsa_triton, tree, PAPER, x)
-    fwd, bwd = TOL[LOW]
+        sep, sgrads, _ = run(K.bsa_triton, tree, cfg, x)
+    assert len(fused_calls) == 1
+    fwd, bwd = TOL[x["q"].dtype]
     assert rel(out, sep) < fwd
     for name in x:
         assert rel(grads[name], sgrads[name]) < bwd, name
+
+
+def test_fused_low_precision_equals_separate_kernels(fused_calls):
+    tree, x = leaves([150, 200], PAPER, h=2, d=16, dtype=LOW, seed=3)
+    check_against_separate(tree, PAPER, x, fused_calls)
 
 
 def test_fusable_says_where_the_fused_launch_applies():
@@ -183,13 +189,7 @@ def test_fused_gpu_model_layers(h, d, topk, gc, fused_calls):
     # separate kernels, and fp32 against the float64 reference (fp32 GPU tolerances as test_bsa_triton's)
     cfg = BSAConfig(ball_size=256, cmp_block=8, slc_block=8, topk=topk, group_size=8, group_compression=gc)
     tree, x = leaves([3586] * 4, cfg, h=h, d=d, dtype=torch.bfloat16, seed=1)
-    out, grads, _ = run(K.bsa_triton, tree, cfg, x)
-    assert len(fused_calls) == 1
-    with common.launch_config("bsa_fwd", fused=False):
-        sep, sgrads, _ = run(K.bsa_triton, tree, cfg, x)
-    assert rel(out, sep) < TOL[torch.bfloat16][0]
-    for name in x:
-        assert rel(grads[name], sgrads[name]) < TOL[torch.bfloat16][1], name
+    check_against_separate(tree, cfg, x, fused_calls)
     tree, x = leaves([3000, 2100], cfg, h=h, d=d, dtype=torch.float32, seed=2)
     out, grads, do = run(K.bsa_triton, tree, cfg, x)
     assert len(fused_calls) == 2

@@ -71,6 +71,33 @@ def _store_grad(PTR, off, g, mask, ACC: tl.constexpr):
 
 
 @triton.jit
+def _ball_softmax(K, V, POS, MASK, q, xq, yq, zq, ball0, h, stride_in, stride_pos, qk_scale, sig2,
+                  M: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PDIM: tl.constexpr, R: tl.constexpr,
+                  BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, BIAS: tl.constexpr):
+    # the online softmax of R query rows (q [R, BLOCK_D], positions xq, yq, zq) over the keys of their
+    # ball (slots ball0 .. ball0 + M), BLOCK_N a step, logits in log2 units: returns (m_i, l_i, acc).
+    # The start is finite: a row whose keys are all padded keeps l_i = 0 instead of producing NaN
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d[None, :] < D
+    m_i = tl.full([R], -1.0e30, tl.float32)
+    l_i = tl.zeros([R], tl.float32)
+    acc = tl.zeros([R, BLOCK_D], tl.float32)
+    for start in tl.range(0, M, BLOCK_N):
+        cols = (ball0 + start + tl.arange(0, BLOCK_N)).to(tl.int64)
+        kv_off = cols[:, None] * stride_in + h * D + offs_d[None, :]
+        k = tl.load(K + kv_off, mask=dmask, other=0.0)
+        v = tl.load(V + kv_off, mask=dmask, other=0.0)
+        kvalid = tl.load(MASK + cols) != 0
+        xk, yk, zk = _load_pos(POS, cols, stride_pos, PDIM)
+        s = dot(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
+        if BIAS:
+            s += sig2 * _pair_dist(xq, yq, zq, xk, yk, zk, PDIM)
+        s = tl.where(kvalid[None, :], s, float("-inf"))
+        m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, DOT_PREC, UPCAST)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _ball_fwd_kernel(Q, K, V, POS, SIGMA, MASK, O, LSE,
                      N, H, stride_in, stride_tok, stride_pos, sm_scale,
                      M: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PDIM: tl.constexpr,
@@ -96,23 +123,8 @@ def _ball_fwd_kernel(Q, K, V, POS, SIGMA, MASK, O, LSE,
     qk_scale = sm_scale * 1.4426950408889634
     sig2 = tl.load(SIGMA + h).to(tl.float32) * 1.4426950408889634
 
-    # finite start: a row whose keys are all padded keeps l_i = 0 instead of producing NaN
-    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in tl.range(0, M, BLOCK_N):
-        cols = (ball0 + start + tl.arange(0, BLOCK_N)).to(tl.int64)
-        kv_off = cols[:, None] * stride_in + h * D + offs_d[None, :]
-        k = tl.load(K + kv_off, mask=dmask, other=0.0)
-        v = tl.load(V + kv_off, mask=dmask, other=0.0)
-        kvalid = tl.load(MASK + cols) != 0
-        xk, yk, zk = _load_pos(POS, cols, stride_pos, PDIM)
-        s = dot(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
-        if BIAS:
-            s += sig2 * _pair_dist(xq, yq, zq, xk, yk, zk, PDIM)
-        s = tl.where(kvalid[None, :], s, float("-inf"))
-        m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, DOT_PREC, UPCAST)
-
+    m_i, l_i, acc = _ball_softmax(K, V, POS, MASK, q, xq, yq, zq, ball0, h, stride_in, stride_pos, qk_scale, sig2,
+                                  M, D, BLOCK_D, PDIM, BLOCK_M, BLOCK_N, DOT_PREC, UPCAST, BIAS)
     has = qvalid & (l_i > 0)
     # (not _common.softmax_finish: its lse before the o store compiles to other address code here)
     l_safe = tl.where(has, l_i, 1.0)

@@ -21,6 +21,33 @@ __all__ = ["gated_combine", "masked_block_mean"]
 
 
 @triton.jit
+def _load_gates(G, grow, rmask, LOGITS: tl.constexpr):
+    # a row's three gates (float32) at G + grow (+1, +2); with LOGITS G holds logits: their sigmoid
+    g0 = tl.load(G + grow, mask=rmask, other=0.0).to(tl.float32)
+    g1 = tl.load(G + grow + 1, mask=rmask, other=0.0).to(tl.float32)
+    g2 = tl.load(G + grow + 2, mask=rmask, other=0.0).to(tl.float32)
+    if LOGITS:
+        g0 = tl.sigmoid(g0)
+        g1 = tl.sigmoid(g1)
+        g2 = tl.sigmoid(g2)
+    return g0, g1, g2
+
+
+@triton.jit
+def _gate_grads(do, ob, oc, os_, g0, g1, g2, LOGITS: tl.constexpr):
+    # the gradients of a row's gates from float32 tiles of dO and the three branches; with LOGITS
+    # the logits', dL/dg * sigmoid'(logit) = dL/dg * g (1 - g)
+    dg0 = tl.sum(do * ob, 1)
+    dg1 = tl.sum(do * oc, 1)
+    dg2 = tl.sum(do * os_, 1)
+    if LOGITS:
+        dg0 = dg0 * g0 * (1.0 - g0)
+        dg1 = dg1 * g1 * (1.0 - g1)
+        dg2 = dg2 * g2 * (1.0 - g2)
+    return dg0, dg1, dg2
+
+
+@triton.jit
 def _gated_rows(G, MASK, n_grp, stride_gn, stride_gh, h, H: tl.constexpr, D: tl.constexpr, QU: tl.constexpr,
                 BG: tl.constexpr, BLOCK_D: tl.constexpr, LOGITS: tl.constexpr):
     # a program's rows (tiles of BG groups of QU rows, head h) and their three gates, for the forward
@@ -35,14 +62,7 @@ def _gated_rows(G, MASK, n_grp, stride_gn, stride_gh, h, H: tl.constexpr, D: tl.
     m2 = gv[:, None] & (offs_d < D)[None, :]
     row = n * H + h
     off = row[:, None] * D + offs_d[None, :]
-    grow = n.to(tl.int64) * stride_gn + h * stride_gh
-    g0 = tl.load(G + grow, mask=gv, other=0.0).to(tl.float32)
-    g1 = tl.load(G + grow + 1, mask=gv, other=0.0).to(tl.float32)
-    g2 = tl.load(G + grow + 2, mask=gv, other=0.0).to(tl.float32)
-    if LOGITS:
-        g0 = tl.sigmoid(g0)
-        g1 = tl.sigmoid(g1)
-        g2 = tl.sigmoid(g2)
+    g0, g1, g2 = _load_gates(G, n.to(tl.int64) * stride_gn + h * stride_gh, gv, LOGITS)
     valid = gv
     if QU > 1:  # pooled group queries: o_c row of the group, zero at padded slots
         valid = tl.load(MASK + n, mask=gv, other=0) != 0
@@ -69,7 +89,7 @@ def _combine_fwd_kernel(OB, OC, OS, G, MASK, OUT, n_grp, stride_gn, stride_gh, H
 def _combine_bwd_kernel(DO, OB, OC, OS, G, MASK, DOB, DOC, DOS, DG, n_grp, stride_gn, stride_gh, H: tl.constexpr,
                         D: tl.constexpr, QU: tl.constexpr, BG: tl.constexpr, BLOCK_D: tl.constexpr,
                         LOGITS: tl.constexpr = False):
-    # LOGITS: G holds the logits and DG gets their gradient, dL/dg * sigmoid'(logit) = dL/dg * g (1 - g)
+    # LOGITS: G holds the logits and DG gets their gradient (_gate_grads)
     h = tl.program_id(1)
     grp, n, gv, offs_d, m2, row, off, g0, g1, g2, valid = _gated_rows(G, MASK, n_grp, stride_gn, stride_gh, h, H, D,
                                                                       QU, BG, BLOCK_D, LOGITS)
@@ -80,13 +100,7 @@ def _combine_bwd_kernel(DO, OB, OC, OS, G, MASK, DOB, DOC, DOS, DG, n_grp, strid
     os_ = tl.load(OS + off, mask=m2, other=0.0).to(tl.float32)
     tl.store(DOB + off, (g0[:, None] * do).to(DOB.dtype.element_ty), mask=m2)
     tl.store(DOS + off, (g2[:, None] * do).to(DOS.dtype.element_ty), mask=m2)
-    dg0 = tl.sum(do * ob, 1)
-    dg1 = tl.sum(do * oc, 1)
-    dg2 = tl.sum(do * os_, 1)
-    if LOGITS:
-        dg0 = dg0 * g0 * (1.0 - g0)
-        dg1 = dg1 * g1 * (1.0 - g1)
-        dg2 = dg2 * g2 * (1.0 - g2)
+    dg0, dg1, dg2 = _gate_grads(do, ob, oc, os_, g0, g1, g2, LOGITS)
     if QU > 1:
         dg1 = tl.where(valid, dg1, 0.0)
     tl.store(DG + row * 3, dg0.to(DG.dtype.element_ty), mask=gv)

@@ -17,8 +17,9 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _common
-from ._common import LOG2E, config_for, dot, dot_dim, dot_precision, launch_rule, softmax_finish, softmax_step
-from .ball import _load_pos, _pair_dist
+from ._common import config_for, dot, dot_dim, dot_precision, launch_rule, softmax_finish, softmax_step
+from .ball import _ball_softmax, _load_pos
+from .combine import _load_gates
 from .selected import _union_tile
 
 __all__ = ["fusable", "fused_local_combine"]
@@ -51,19 +52,8 @@ def _bsa_fwd_kernel(Q, K, V, POS, SIGMA, MASK, U, UBITS, UCNT, OC, G, OB, LSEB, 
     # ---- ball: the ball's keys in BLOCK_N steps, logits scale q.k + sigma_h |p_i - p_j| (log2 units)
     xq, yq, zq = _load_pos(POS, rows, stride_pos, PDIM)
     sig2 = tl.load(SIGMA + h).to(tl.float32) * 1.4426950408889634
-    m_i = tl.full([R], -1.0e30, tl.float32)
-    l_i = tl.zeros([R], tl.float32)
-    acc = tl.zeros([R, BLOCK_D], tl.float32)
-    for start in tl.range(0, M, BLOCK_N):
-        cols = (ball0 + start + tl.arange(0, BLOCK_N)).to(tl.int64)
-        kv_off = cols[:, None] * stride_in + h * D + offs_d[None, :]
-        k = tl.load(K + kv_off, mask=dmask, other=0.0)
-        v = tl.load(V + kv_off, mask=dmask, other=0.0)
-        kvalid = tl.load(MASK + cols) != 0
-        xk, yk, zk = _load_pos(POS, cols, stride_pos, PDIM)
-        s = dot(q, tl.trans(k), PREC, UPCAST) * qk_scale + sig2 * _pair_dist(xq, yq, zq, xk, yk, zk, PDIM)
-        s = tl.where(kvalid[None, :], s, float("-inf"))
-        m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, PREC, UPCAST)
+    m_i, l_i, acc = _ball_softmax(K, V, POS, MASK, q, xq, yq, zq, ball0, h, stride_in, stride_pos, qk_scale, sig2,
+                                  M, D, BLOCK_D, PDIM, R, BLOCK_N, PREC, UPCAST, True)
     has = qvalid & (l_i > 0)
     ob, lse = softmax_finish(acc, l_i, m_i, has)
     ob = ob.to(OB.dtype.element_ty)
@@ -90,14 +80,7 @@ def _bsa_fwd_kernel(Q, K, V, POS, SIGMA, MASK, U, UBITS, UCNT, OC, G, OB, LSEB, 
     tl.store(LSES + rows * H + h, tl.where(has, lse, 1.0e30))  # the selection backward's convention
 
     # ---- the gated sum, from the branch outputs as stored (the separate combine reads the same)
-    grow = rows * stride_gn + h * stride_gh
-    g0 = tl.load(G + grow).to(tl.float32)
-    g1 = tl.load(G + grow + 1).to(tl.float32)
-    g2 = tl.load(G + grow + 2).to(tl.float32)
-    if LOGITS:
-        g0 = tl.sigmoid(g0)
-        g1 = tl.sigmoid(g1)
-        g2 = tl.sigmoid(g2)
+    g0, g1, g2 = _load_gates(G, rows * stride_gn + h * stride_gh, rows >= 0, LOGITS)
     if QU > 1:  # pooled group queries: the group's o_c row, zero at padded slots
         g1 = tl.where(qvalid, g1, 0.0)
     oc = tl.load(OC + ((rows // QU) * H + h)[:, None] * D + offs_d[None, :], mask=dmask, other=0.0).to(tl.float32)

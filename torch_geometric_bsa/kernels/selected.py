@@ -22,6 +22,7 @@ from torch import Tensor
 from . import _common
 from ._common import (LOG2E, cdiv, config_for, dkdv_step, dot_dim, dot_precision, dq_step, launch_rule, next_pow2,
                       softmax_finish, softmax_step)
+from .combine import _gate_grads, _load_gates
 
 __all__ = ["selected_attention_triton", "SelectedAttention", "invert_selection"]
 
@@ -237,14 +238,7 @@ def _combine_rows(DO, GATES, OB, OS, OC, DOB, DOC, DOS, DG, rows, real, valid, p
     offs_d = tl.arange(0, BLOCK_D)
     m2 = real[:, None] & (offs_d < D)[None, :]
     off = rows[:, None] * stride_o + h * D + offs_d[None, :]
-    grow = rows * stride_gn + h * stride_gh
-    g0 = tl.load(GATES + grow, mask=real, other=0.0).to(tl.float32)
-    g1 = tl.load(GATES + grow + 1, mask=real, other=0.0).to(tl.float32)
-    g2 = tl.load(GATES + grow + 2, mask=real, other=0.0).to(tl.float32)
-    if LOGITS:
-        g0 = tl.sigmoid(g0)
-        g1 = tl.sigmoid(g1)
-        g2 = tl.sigmoid(g2)
+    g0, g1, g2 = _load_gates(GATES, rows * stride_gn + h * stride_gh, real, LOGITS)
     if QU > 1:
         g1 = tl.where(valid, g1, 0.0)
     do = tl.load(DO + off, mask=m2, other=0.0).to(tl.float32)
@@ -254,13 +248,7 @@ def _combine_rows(DO, GATES, OB, OS, OC, DOB, DOC, DOS, DG, rows, real, valid, p
     tl.store(DOB + off, (g0[:, None] * do).to(DOB.dtype.element_ty), mask=m2)
     dos = (g2[:, None] * do).to(DOS.dtype.element_ty)
     tl.store(DOS + off, dos, mask=m2)
-    dg0 = tl.sum(do * ob, 1)
-    dg1 = tl.sum(do * oc, 1)
-    dg2 = tl.sum(do * os_, 1)
-    if LOGITS:
-        dg0 = dg0 * g0 * (1.0 - g0)
-        dg1 = dg1 * g1 * (1.0 - g1)
-        dg2 = dg2 * g2 * (1.0 - g2)
+    dg0, dg1, dg2 = _gate_grads(do, ob, oc, os_, g0, g1, g2, LOGITS)
     if QU > 1:
         dg1 = tl.where(valid, dg1, 0.0)
     grow = (rows * H + h) * 3
