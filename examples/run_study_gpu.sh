@@ -130,6 +130,15 @@ main() {
     [ "$n" -ge "$want" ] || complete=0
     tail -n 5 "$OUT/$ds/compare.log"
   done
+  # a BSA or ball run on a GPU that fell back to the PyTorch reference (a Triton kernel failed to
+  # build: train.py's probe warns once in its log) is slow and says nothing of the kernels: say so here
+  "$PY" - "$WORK" <<'PYEOF'
+import glob, json, sys
+for path in sorted(glob.glob(sys.argv[1] + "/**/metrics.json", recursive=True)):
+    m = json.load(open(path))
+    if m.get("model") in ("bsa", "ball") and str(m.get("device", "")).startswith("cuda") and m.get("backend") == "torch":
+        print(f"=== WARNING: {path} ran on the torch backend on a GPU (the Triton probe failed: see its log)")
+PYEOF
   if [ $complete = 1 ]; then echo "=== STUDY COMPLETE after ${SECONDS}s"; for ds in $DATASETS; do cat "$OUT/$ds/results.md"; done
   else echo "=== not complete after ${SECONDS}s: run the same command again (finished runs are kept)"; fi
 }
