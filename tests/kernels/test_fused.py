@@ -197,3 +197,27 @@ def test_fused_gpu_model_layers(h, d, topk, gc, fused_calls):
     assert rel(out, ref) < 1e-4
     for name in x:
         assert rel(grads[name], rgrads[name]) < 1e-3, name
+
+
+def test_bsa_conv_through_the_fused_forward(fused_calls):
+    # the layer as users call it: the gate logits are a strided view of the qkv projection, the
+    # compression MLP's keys come in; output and every parameter's gradient as with the separate kernels
+    from torch_geometric_bsa.nn import BSAConv
+    cfg = BSAConfig(ball_size=32, cmp_block=8, slc_block=8, topk=2, group_size=8)
+    g = torch.Generator().manual_seed(6)
+    pos = torch.rand(151, 3, generator=g).to(DEVICE)
+    batch = torch.repeat_interleave(torch.arange(2), torch.tensor([90, 61])).to(DEVICE)
+    torch.manual_seed(0)
+    conv = BSAConv(16, 16, heads=2, config=cfg, backend="triton").to(DEVICE)
+    x = torch.randn(151, 16, generator=g).to(DEVICE)
+    w = torch.randn(151, 16, generator=g).to(DEVICE)
+    results = []
+    for fused in (True, False):
+        conv.zero_grad()
+        with common.launch_config("bsa_fwd", fused=fused):
+            out = conv(x, pos, batch)
+            (out * w).sum().backward()
+        results.append([out.detach()] + [p.grad.clone() for p in conv.parameters()])
+    assert len(fused_calls) == 1
+    for a, b in zip(*results):
+        assert rel(a, b) < 1e-6
