@@ -12,6 +12,11 @@ the tree built inside the graph).
     python benchmarks/bench_model.py --models paper,small --sizes 8x3586,1x16384,1x65536,1x262144 \
         --attn bsa,full,ball --modes eager,plain,graph --kinds train,infer
 
+A/B of launch configurations in one process (each case runs once per variant, in turn, ``--rounds``
+times; rows carry ``variant`` and ``round``): ``--variants '{"fused": {}, "separate": {"bsa_fwd":
+{"fused": false}}}' --rounds 2``. One process for all variants saves each run's start, imports and
+kernel loads on the device, and alternating spreads the host's drift over both.
+
 Runs on CUDA only (the CPU figures live in bench_cpu.py).
 """
 from __future__ import annotations
@@ -197,14 +202,30 @@ def format_rows(rows: List[Dict]) -> str:
             "peak_GB", "tree_ms")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
+        attn = r["attn"] + (f" [{r['variant']}]" if r.get("variant") else "")
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['size']} | {r['attn']} | {r['mode']} | {r['kind']} | "
+            lines.append(f"| {r['model']} | {r['size']} | {attn} | {r['mode']} | {r['kind']} | "
                          f"{r['error'][:60]} |" + " |" * 8)
             continue
-        lines.append(f"| {r['model']} | {r['size']} | {r['attn']} | {r['mode']} | {r['kind']} | {r['ms']:.1f} | "
+        lines.append(f"| {r['model']} | {r['size']} | {attn} | {r['mode']} | {r['kind']} | {r['ms']:.1f} | "
                      f"{r['busy_ms']:.1f} | {r['host_over_busy']:.2f} | {r['kernels']} | {r['syncs']} | "
                      f"{r['items']} | {r['peak_gb']:.2f} | {r['tree_ms']:.1f} |")
     return "\n".join(lines)
+
+
+def parse_variants(spec):
+    r"""``--variants``: inline JSON or a file, ``{name: {kernel: {entry: value}}}`` (``{}``: the rules
+    as they are); ``None`` gives the one unnamed variant."""
+    if not spec:
+        return {"": {}}
+    if spec.lstrip()[:1] in ("{", "["):
+        variants = json.loads(spec)
+    else:
+        with open(spec) as f:
+            variants = json.load(f)
+    if not isinstance(variants, dict) or not variants or not all(isinstance(v, dict) for v in variants.values()):
+        raise SystemExit(f"--variants must map names to launch configs, got {spec!r}")
+    return variants
 
 
 def main(argv=None):
@@ -225,7 +246,11 @@ def main(argv=None):
     p.add_argument("--launch-config", default=None, metavar="FILE|JSON",
                    help="JSON {kernel: {entry: value}} (a file, or inline) forced on the kernels' launch rules for the whole run "
                         "(sweep_small_heads.py --best writes one)")
+    p.add_argument("--variants", default=None, metavar="FILE|JSON",
+                   help='JSON {name: {kernel: {entry: value}}}: every case once per variant, in turn (A/B in one process)')
+    p.add_argument("--rounds", type=int, default=1, help="with --variants: how many times the variants alternate")
     args = p.parse_args(argv)
+    variants = parse_variants(args.variants)
     if not torch.cuda.is_available():
         raise SystemExit("bench_model.py needs CUDA")
     global BREAKDOWN
@@ -245,14 +270,19 @@ def main(argv=None):
                         if time.time() - t_start > args.time_limit:
                             print(f"time limit: skipping {model_name} {spec} {attn} {mode} {kind}", flush=True)
                             continue
-                        try:
-                            r = run_case(model_name, spec, attn, mode, kind, args.reps, args.warmup)
-                        except Exception as e:  # one failed case must not lose the others' figures
-                            r = dict(model=model_name, size=spec, attn=attn, mode=mode, kind=kind,
-                                     error=f"{type(e).__name__}: {e}"[:300])
-                        rows.append(r)
-                        print(json.dumps(r), flush=True)
-                        torch.cuda.empty_cache()
+                        for rnd in range(args.rounds if args.variants else 1):
+                            for name, cfg in variants.items():
+                                with forced_launch_configs(json.dumps(cfg) if cfg else None)[0]:
+                                    try:
+                                        r = run_case(model_name, spec, attn, mode, kind, args.reps, args.warmup)
+                                    except Exception as e:  # one failed case must not lose the others' figures
+                                        r = dict(model=model_name, size=spec, attn=attn, mode=mode, kind=kind,
+                                                 error=f"{type(e).__name__}: {e}"[:300])
+                                if args.variants:
+                                    r.update(variant=name, round=rnd)
+                                rows.append(r)
+                                print(json.dumps(r), flush=True)
+                                torch.cuda.empty_cache()
     forced.close()
     table = format_rows(rows)
     print(table)

@@ -89,13 +89,36 @@ def test_bench_cpu_layers_picks_cases(tmp_path, monkeypatch):
 def test_host_glue_counts_launches_without_running_kernels():
     # the op's glue with Triton stubbed (benchmarks/host_glue.py): it runs, counts the launches of
     # the forward and backward (ball, pooling, compression, top-k, selection, combine) and the aten
-    # ops, in a subprocess (the stub replaces the interpreter's launch for the whole process)
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "host_glue.py"), "--n", "1024", "--heads", "1",
-                        "--dim", "16", "--reps", "2"], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert r.returncode == 0, r.stderr[-2000:]
-    m = re.search(r"(\d+) Triton launches, (\d+) aten ops", r.stdout)
-    assert m and int(m.group(1)) >= 12 and int(m.group(2)) >= 1, r.stdout
+    # ops, in a subprocess (the stub replaces the interpreter's launch for the whole process); the
+    # separate kernels (--launch-config) launch three more than the fused forward and its backward
+    counts = []
+    for fused in ("true", "false"):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "host_glue.py"), "--n", "1024",
+                            "--heads", "1", "--dim", "16", "--reps", "2",
+                            "--launch-config", '{"bsa_fwd": {"fused": %s}}' % fused],
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
+        assert r.returncode == 0, r.stderr[-2000:]
+        m = re.search(r"(\d+) Triton launches, (\d+) aten ops", r.stdout)
+        assert m and int(m.group(1)) >= 12 and int(m.group(2)) >= 1, r.stdout
+        counts.append(int(m.group(1)))
+    assert counts[1] == counts[0] + 3, counts
+
+
+def test_bench_model_variants_and_their_table(monkeypatch):
+    # --variants: names -> launch configs (inline JSON or a file), refused when malformed; the table
+    # names each row's variant (the timing itself needs CUDA)
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import bench_model
+    assert bench_model.parse_variants(None) == {"": {}}
+    v = bench_model.parse_variants('{"fused": {}, "separate": {"bsa_fwd": {"fused": false}}}')
+    assert list(v) == ["fused", "separate"] and v["separate"] == {"bsa_fwd": {"fused": False}}
+    for bad in ('{}', '{"a": 1}', '[1, 2]'):
+        with pytest.raises(SystemExit):
+            bench_model.parse_variants(bad)
+    row = dict(model="paper", size="8x3586", attn="bsa", mode="eager", kind="train", ms=34.0, busy_ms=30.0,
+               host_over_busy=1.13, kernels=2954, syncs=8, items=8, peak_gb=1.0, tree_ms=0.5)
+    table = bench_model.format_rows([dict(row, variant="separate"), row])
+    assert "| bsa [separate] |" in table and "| bsa |" in table
 
 
 @pytest.mark.parametrize("local_geometry", [0, 4], ids=["plain", "local_geometry"])
