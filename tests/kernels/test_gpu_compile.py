@@ -87,6 +87,11 @@ def _op(K, cfg, sizes, h, d, dtype, logits=False):
     kw = dict(gate_logits=gates) if logits else dict(gates=gates)
     out = K.bsa_triton(q, k, v, ptree, tree, cfg, sigma=sigma, **kw)
     out.backward(torch.ones_like(out))
+    # the ball-only model's layer: the ball kernels alone, at the same heads (the op above fuses them
+    # away at head dims up to 32)
+    from torch_geometric_bsa.kernels.ball import ball_attention_triton
+    out = ball_attention_triton(q, k, v, ptree, sigma, tree.mask, cfg.ball_size)
+    out.backward(torch.ones_like(out))
 
 
 # the model layers and the op benchmark's shapes, bf16 and fp32, and the other selection paths
@@ -119,7 +124,9 @@ def main(dtype: torch.dtype) -> int:
     # what the cases must reach: the fused forward, the union walk, the top-k, the separate combine
     # (per-head selection) and the coarse branch's kernels
     want = {"_bsa_fwd_kernel", "_union_kernel", "_slc_fwd_kernel", "_slc_bwd_dq_kernel", "_slc_bwd_dkdv_kernel",
-            "_ball_fwd_kernel", "_score_topk_kernel", "_combine_fwd_kernel", "_cmp_fwd_kernel"}
+            "_ball_fwd_kernel", "_score_topk_kernel", "_combine_fwd_kernel", "_cmp_fwd_kernel",
+            # the ball backward: one loop in bf16, two in fp32
+            "_ball_bwd_merged_kernel" if dtype == torch.bfloat16 else "_ball_bwd_kernel"}
     if not want <= names:
         print("launches missing:", sorted(want - names))
         return 2
