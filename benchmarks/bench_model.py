@@ -247,7 +247,8 @@ def main(argv=None):
                    help="JSON {kernel: {entry: value}} (a file, or inline) forced on the kernels' launch rules for the whole run "
                         "(sweep_small_heads.py --best writes one)")
     p.add_argument("--variants", default=None, metavar="FILE|JSON",
-                   help='JSON {name: {kernel: {entry: value}}}: every case once per variant, in turn (A/B in one process)')
+                   help="JSON {name: {kernel: {entry: value}}}: every case once per variant, in turn "
+                        "(A/B in one process)")
     p.add_argument("--rounds", type=int, default=1, help="with --variants: how many times the variants alternate")
     args = p.parse_args(argv)
     variants = parse_variants(args.variants)

@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention models on CUDA: pad each batch with a dummy cloud to a multiple of this many "
                         "tree slots so that ragged batches replay the same per-block CUDA graphs "
                         "(BSATransformer(bucket_slots=...)); a multiple of --ball-size, e.g. 2048. Default: "
-                        "'auto' (buckets of 8 balls once ragged batches show: a fifth layout, or paused graphs); 0: never")
+                        "'auto' (buckets of 8 balls once ragged batches show: a fifth layout, or paused graphs); "
+                        "0: never")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")

@@ -3,7 +3,8 @@
 Against the float64 reference (fp32: output 1e-5, gradients 1e-4, as test_bsa_triton) and against
 the separate kernels it replaces (``launch_config("bsa_fwd", fused=False)``): fp32 output and
 gradients within 1e-6 (the same sums; only the order in which the branches' dQ, dK, dV add up
-differs), bf16 (fp16 under the interpreter) within its tolerance (1.5e-2 / 3e-2; 2e-3 / 5e-3). Every case checks that the fused launch ran.
+differs), bf16 (fp16 under the interpreter) within its tolerance (1.5e-2 / 3e-2; 2e-3 / 5e-3).
+Every case checks that the fused launch ran.
 """
 import math
 import os
@@ -146,13 +147,15 @@ def test_fusable_says_where_the_fused_launch_applies():
         assert F.fusable(256, 8, bf, 8, 8, 4) and F.fusable(256, 32, bf, 8, 8, 16)
     # head dim 64: the selection reads each group's blocks (no union walk), so nothing to fuse
     assert not F.fusable(256, 64, bf, 8, 8, 16)
-    # a walk tile of 32 rows does not fit in a ball of 16; a group of 4 pads to... whole tiles only
+    # a walk tile of 32 rows (8 groups of 4) does not fit in a ball of 16
     with common.launch_config("slc_fwd", rows=32):
         assert not F.fusable(16, 16, torch.float32, 4, 4, 3)
     # balls the ball kernel does not take, and the rule switched off
     assert not F.fusable(8, 16, torch.float32, 8, 8, 2)
-    with common.launch_config("bsa_fwd", fused=False):
-        assert not F.fusable(64, 16, torch.float32, 8, 8, 3)
+    with common.launch_config("slc_fwd", rows=32):
+        assert F.fusable(64, 16, torch.float32, 8, 8, 3)
+        with common.launch_config("bsa_fwd", fused=False):
+            assert not F.fusable(64, 16, torch.float32, 8, 8, 3)
 
 
 @pytest.mark.parametrize("selection,return_branches", [("per_head", False), ("shared", True)])
@@ -179,7 +182,8 @@ def test_fused_takes_the_separate_kernels_when_the_walk_does_not_fit(fused_calls
         out = F.fused_local_combine(x["q"], x["k"], x["v"], x["pos"], x["sigma"], mask, o_c, found["idx"],
                                     x["gates"], 16, 4, 4)
     assert fused_calls == []
-    expect = x["gates"][..., :1] * found["ball"] + x["gates"][..., 1:2] * found["cmp"] + x["gates"][..., 2:3] * found["slc"]
+    gates = x["gates"]
+    expect = gates[..., :1] * found["ball"] + gates[..., 1:2] * found["cmp"] + gates[..., 2:3] * found["slc"]
     assert rel(out, expect) < 1e-6
 
 

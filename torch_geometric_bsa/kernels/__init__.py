@@ -66,10 +66,11 @@ class TritonBranches(Branches):
 
     def fuses(self, q, tree, cfg):
         from .fused import fusable
+        from .plan import selected_count
         # the compiled graph keeps the separate custom ops (kernels/ops.py)
         return (cfg.selection == "shared" and not torch.compiler.is_compiling()
                 and fusable(cfg.ball_size, q.size(-1), q.dtype, cfg.group_size, cfg.slc_block,
-                            min(cfg.topk, tree.max_slots // cfg.slc_block)))  # the top-k's k
+                            selected_count(tree, cfg.slc_block, cfg.topk)))
 
     def fused(self, q, k, v, pos, sigma, o_c, idx, gates, tree, cfg, q_unit, logits):
         from .fused import fused_local_combine

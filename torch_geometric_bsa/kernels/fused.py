@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import _common
 from ._common import config_for, dot, dot_dim, dot_precision, launch_rule, softmax_finish, softmax_step
-from .ball import _ball_softmax, _load_pos
+from .ball import _ball_softmax, _load_pos, _upcast
 from .combine import _load_gates
 from .selected import _union_tile
 
@@ -138,7 +138,7 @@ class FusedLocalCombine(torch.autograd.Function):
             q, k, v, pos, sigma, mask_u8, kw["U"], kw["UBITS"], kw["UCNT"], o_c, gates, ob, lseb, os_, lses, out,
             n, q.stride(0), pos.stride(0), gates.stride(0), gates.stride(1), scale,
             H=h, D=d, BLOCK_D=dot_dim(d), PDIM=pos.size(1), M=m, GS=g, GT=gt, LS=ls, LS_P2=ls_p2, CB=cb,
-            NE=kw["NE"], QU=qu, PREC=dot_precision(q.dtype), UPCAST=_common.is_interpreter() and q.dtype == torch.bfloat16,
+            NE=kw["NE"], QU=qu, PREC=dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
             LOGITS=logits, **cfg)
         ctx.save_for_backward(q, k, v, pos, sigma, mask_u8, o_c, idx, gates, ob, lseb, os_, lses)
         ctx.shape = (m, g, ls, qu, logits, scale)

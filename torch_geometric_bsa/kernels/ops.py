@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.library import custom_op
 
 from . import _common
+from ._common import SavedCtx
 
 __all__ = ["ball", "compressed", "selected", "combine", "block_mean", "topk"]
 
@@ -32,7 +33,7 @@ def ball_fwd(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, sigma: Tensor, mask: 
              scale: float) -> Tuple[Tensor, Tensor]:
     from .ball import BallAttentionFunction
     q, k, v = _common.shared_rows(q, k, v)
-    ctx = _common.SavedCtx()
+    ctx = SavedCtx()
     o = BallAttentionFunction.forward(ctx, q, k, v, pos.contiguous(), sigma.contiguous(), mask, ball_size, scale)
     return o, ctx.saved_tensors[4]  # the log-sum-exp the backward reads
 
@@ -49,8 +50,8 @@ def ball_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
              sigma_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     from .ball import BallAttentionFunction
     q, k, v = _common.shared_rows(q, k, v)
-    ctx = _common.SavedCtx((q, k, v, o, lse, pos.contiguous(), sigma.contiguous(), mask), ball_size=ball_size, scale=scale,
-               needs_input_grad=(True, True, True, pos_grad, sigma_grad))
+    ctx = SavedCtx((q, k, v, o, lse, pos.contiguous(), sigma.contiguous(), mask), ball_size=ball_size, scale=scale,
+                   needs_input_grad=(True, True, True, pos_grad, sigma_grad))
     dq, dk, dv, dpos, dsigma = BallAttentionFunction.backward(ctx, do)[:5]
     # a custom op returns tensors: zeros where no gradient was asked for (its autograd drops them)
     return (dq, dk, dv, pos.new_zeros(pos.shape) if dpos is None else dpos,
@@ -90,7 +91,7 @@ def ball(q, k, v, pos, sigma, mask, ball_size: int, scale: float) -> Tensor:
 def compressed_fwd(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, kmask: Tensor, kstart: Tensor, kend: Tensor,
                    qstart: Tensor, qend: Tensor, scale: float, ragged: bool) -> Tuple[Tensor, Tensor]:
     from .compressed import CompressedAttention
-    return CompressedAttention.forward(_common.SavedCtx(), q, k_cmp, v_cmp, kmask, kstart, kend, qstart, qend, scale, ragged)
+    return CompressedAttention.forward(SavedCtx(), q, k_cmp, v_cmp, kmask, kstart, kend, qstart, qend, scale, ragged)
 
 
 @compressed_fwd.register_fake
@@ -104,7 +105,7 @@ def compressed_bwd(do: Tensor, q: Tensor, k_cmp: Tensor, v_cmp: Tensor, o: Tenso
                    ragged: bool) -> Tuple[Tensor, Tensor, Tensor]:
     from .compressed import CompressedAttention
     saved = (_common.rows(q), k_cmp.contiguous(), v_cmp.contiguous(), o, lse, kmask, kstart, kend, qstart, qend)
-    return CompressedAttention.backward(_common.SavedCtx(saved, scale=scale, ragged=ragged), do, None)[:3]
+    return CompressedAttention.backward(SavedCtx(saved, scale=scale, ragged=ragged), do, None)[:3]
 
 
 @compressed_bwd.register_fake
@@ -136,7 +137,7 @@ compressed = compressed_fwd  # the op itself: its outputs are the wrapper's
 def selected_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, idx: Tensor, group_size: int, slc_block: int,
                  scale: float) -> Tuple[Tensor, Tensor]:
     from .selected import SelectedAttention
-    ctx = _common.SavedCtx()
+    ctx = SavedCtx()
     o = SelectedAttention.forward(ctx, q, k, v, mask, idx, group_size, slc_block, scale)
     return o, ctx.saved_tensors[4]  # the log-sum-exp the backward reads
 
@@ -151,7 +152,7 @@ def selected_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Te
                  group_size: int, slc_block: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     from .selected import SelectedAttention
     q, k, v = _common.shared_rows(q, k, v)
-    ctx = _common.SavedCtx((q, k, v, o, lse, mask, idx), g=group_size, ls=slc_block, scale=scale)
+    ctx = SavedCtx((q, k, v, o, lse, mask, idx), g=group_size, ls=slc_block, scale=scale)
     return SelectedAttention.backward(ctx, do)[:3]
 
 
@@ -185,7 +186,7 @@ def selected(q, k, v, mask, idx, group_size: int, slc_block: int, scale: float) 
 def combine_fwd(o_ball: Tensor, o_c: Tensor, o_slc: Tensor, gates: Tensor, mask: Tensor, q_unit: int,
                 logits: bool = False) -> Tensor:
     from .combine import GatedCombine
-    return GatedCombine.forward(_common.SavedCtx(), o_ball, o_c, o_slc, gates, mask, q_unit, logits)
+    return GatedCombine.forward(SavedCtx(), o_ball, o_c, o_slc, gates, mask, q_unit, logits)
 
 
 @combine_fwd.register_fake
@@ -198,7 +199,7 @@ def combine_bwd(do: Tensor, o_ball: Tensor, o_c: Tensor, o_slc: Tensor, gates: T
                 q_unit: int, logits: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     from .combine import GatedCombine
     saved = tuple(t.contiguous() for t in (o_ball, o_c, o_slc, gates)) + (mask,)
-    return GatedCombine.backward(_common.SavedCtx(saved, qu=q_unit, logits=logits), do)[:4]
+    return GatedCombine.backward(SavedCtx(saved, qu=q_unit, logits=logits), do)[:4]
 
 
 @combine_bwd.register_fake
@@ -225,7 +226,7 @@ combine = combine_fwd  # the op itself: its outputs are the wrapper's
 @custom_op("torch_geometric_bsa::block_mean_fwd", mutates_args=())
 def block_mean_fwd(x: Tensor, mask: Tensor, block: int) -> Tensor:
     from .combine import MaskedBlockMean
-    return MaskedBlockMean.forward(_common.SavedCtx(), x, mask, block)
+    return MaskedBlockMean.forward(SavedCtx(), x, mask, block)
 
 
 @block_mean_fwd.register_fake
@@ -237,7 +238,7 @@ def _(x, mask, block):
 @custom_op("torch_geometric_bsa::block_mean_bwd", mutates_args=())
 def block_mean_bwd(dout: Tensor, mask: Tensor, n: int, block: int) -> Tensor:
     from .combine import MaskedBlockMean
-    return MaskedBlockMean.backward(_common.SavedCtx((mask,), shape=(n,) + tuple(dout.shape[1:]), block=block), dout)[0]
+    return MaskedBlockMean.backward(SavedCtx((mask,), shape=(n,) + tuple(dout.shape[1:]), block=block), dout)[0]
 
 
 @block_mean_bwd.register_fake

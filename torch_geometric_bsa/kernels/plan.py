@@ -90,8 +90,14 @@ def as_int8(mask: Tensor) -> Tensor:
     return mask.to(torch.int8).contiguous()
 
 
+def selected_count(tree, slc_block: int, topk: int) -> int:
+    r"""``k'``, the blocks the streamed top-k selects a group: ``min(topk, blocks of the largest
+    cloud)`` (a Python int: no host read)."""
+    return min(topk, tree.max_slots // slc_block)
+
+
 def selection_plan(tree, group_size: int, slc_block: int, topk: int, window: Optional[int] = None):
-    r"""What the top-k kernel takes besides the scores' inputs: ``(svalid, (gstart, gend), k')`` with
-    ``k' = min(topk, blocks of the largest cloud)`` (a Python int: no host read)."""
+    r"""What the top-k kernel takes besides the scores' inputs: ``(svalid, (gstart, gend), k')``
+    (``selected_count``)."""
     return (block_valid_i8(tree, slc_block), group_ranges(tree, group_size, slc_block, window),
-            min(topk, tree.max_slots // slc_block))
+            selected_count(tree, slc_block, topk))
