@@ -68,7 +68,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--curve-points", type=train._positive_int, default=10,
                    help="evaluations per run, i.e. points on each test-MSE curve (unless train.py's --eval-every "
                         "is given)")
-    p.add_argument("--probe-steps", type=train._positive_int, default=12, help="steps of the timing probe")
+    p.add_argument("--probe-steps", type=train._positive_int, default=40,
+                   help="steps of the timing probe (its step time is the median over the second half: the first "
+                        "steps compile, autotune and capture CUDA graphs)")
     p.add_argument("--reuse", action="store_true",
                    help="keep a run whose OUT folder already holds its finished metrics.json (same train.py "
                         "flags, all steps done), and continue one that left a checkpoint (train.py --resume): "
@@ -160,6 +162,20 @@ def _steady_ms(rows: List[Dict], skip: int = 1) -> Optional[float]:
     return 1000.0 * (b["train_time_s"] - a["train_time_s"]) / max(b["step"] - a["step"], 1)
 
 
+def _probe_ms(rows: List[Dict]) -> Optional[float]:
+    r"""A probe's ms per step from its train log (one row a step): the median step time over the second
+    half of the rows. The first steps are slower (compilation, autotuning, the layer graphs' warm-up and
+    captures: BSA's first ~10 steps take 2-9x a later step on the H200), and a capture can land later
+    still, so neither the mean after a fixed few rows nor the first half is the rate a long run trains
+    at. With one row, that row's mean; ``None`` with none."""
+    if not rows:
+        return None
+    rows = [{"step": 0, "train_time_s": 0.0}] + list(rows) if len(rows) == 1 else rows
+    dt = [1000.0 * (b["train_time_s"] - a["train_time_s"]) / max(b["step"] - a["step"], 1)
+          for a, b in zip(rows, rows[1:])]
+    return float(statistics.median(dt[len(dt) // 2:]))
+
+
 def calibrate(args, log) -> Dict[str, int]:
     r"""Steps per model for ``--budget-s``: one common count that keeps the slowest model within
     ``--budget-s`` seconds, or with ``--equal-time`` each model's own count for that many seconds.
@@ -180,7 +196,7 @@ def calibrate(args, log) -> Dict[str, int]:
             log(f"[compare] probe {m} failed; its time is left out of the calibration")
             continue
         rows = json.load(open(os.path.join(out, "metrics.json")))["train_log"]
-        ms[m] = _steady_ms(rows, min(3, len(rows) - 1))
+        ms[m] = _probe_ms(rows)
         if m in ("bsa", "ball") and met["device"].startswith("cuda") and met["backend"] == "torch" \
                 and "--backend" not in _flags(args, m):
             fell_back.append(m)

@@ -37,7 +37,7 @@ main() {
     # BSA sizes: the paper's ball 256, blocks 8, top-16, groups of 8; heads of dimension 32
     MODEL="--hidden 128 --layers 6 --heads 4 --mlp-ratio 4 --batch-size 8 --ball-size 256 --cmp-block 8
            --slc-block 8 --topk 16 --group-size 8 --knn 16 --lr 1e-3"
-    BUDGET="${STEPS:+--steps $STEPS}"; BUDGET=${BUDGET:-"--budget-s ${BUDGET_S:-70} --probe-steps 15"}
+    BUDGET="${STEPS:+--steps $STEPS}"; BUDGET=${BUDGET:-"--budget-s ${BUDGET_S:-70} --probe-steps 40"}
   fi
   # shellcheck disable=SC2086
   if [ -n "${SEEDS:-}" ]; then SEEDING=""; SEED_ARGS="--seeds $SEEDS"; else SEEDING="--seed $SEED"; SEED_ARGS=""; fi

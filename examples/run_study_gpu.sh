@@ -58,7 +58,7 @@ fi
 read -r -a GPUS <<< "${GPU_IDS:-$(seq -s ' ' 0 $((NGPU - 1)))}"
 NGPU=${#GPUS[@]}
 if [ -n "${BUDGET_S:-}" ]; then
-  BUDGET="--budget-s $BUDGET_S --probe-steps 15${EQUAL_TIME:+ --equal-time}"
+  BUDGET="--budget-s $BUDGET_S --probe-steps 40${EQUAL_TIME:+ --equal-time}"
 else
   BUDGET="--steps $STEPS"
 fi

@@ -311,6 +311,26 @@ def test_compare_seeds_mean_std_and_curves(tmp_path):
         assert os.path.getsize(str(out / name)) > 1000
 
 
+def test_probe_rate_ignores_warm_up_and_capture_steps():
+    # one row a step, as the probe logs: BSA's 15-step probe on the plates on an H200 (fourteenth session;
+    # first step 9.6 s: compilation), then graph warm-up and one capture (183 ms). Its real run trained at
+    # 20.3-25.8 ms a step; the old estimate (mean after three rows) read 42.3 and gave BSA half its budget
+    compare = _load("compare")
+    deltas = [70.2, 62.5, 53.1, 48.2, 47.2, 182.9, 17.0, 23.5, 22.9, 21.1, 21.1, 23.0, 23.0, 24.1]
+    t, rows = 9.575, [{"step": 1, "train_time_s": 9.575}]
+    for i, d in enumerate(deltas):
+        t += d / 1000.0
+        rows.append({"step": i + 2, "train_time_s": t})
+    ms = compare._probe_ms(rows)
+    assert 20.0 <= ms <= 26.0, ms
+    assert compare._steady_ms(rows, 3) > 40.0  # what the probe used to read
+    # a steady log reads its own rate; one row its mean; none nothing
+    steady = [{"step": s, "train_time_s": 0.5 + 0.03 * s} for s in range(1, 9)]
+    assert compare._probe_ms(steady) == pytest.approx(30.0)
+    assert compare._probe_ms(steady[:1]) == pytest.approx(530.0)
+    assert compare._probe_ms([]) is None
+
+
 def test_compare_equal_time_budget_with_seeds(tmp_path):
     compare = _load("compare")
     res = str(tmp_path / "r.md")
