@@ -6,6 +6,7 @@ gradients within 1e-6 (the same sums; only the order in which the branches' dQ, 
 differs), bf16 (fp16 under the interpreter) within its tolerance (1.5e-2 / 3e-2; 2e-3 / 5e-3).
 Every case checks that the fused launch ran.
 """
+import contextlib
 import math
 import os
 
@@ -112,14 +113,25 @@ def test_fused_equals_reference_and_separate_kernels_fp32(cfg, logits, fused_cal
         assert rel(grads[name], sgrads[name]) < 1e-6, name
 
 
-def test_fused_128_row_tiles(fused_calls):
-    # walk tiles of 16 groups (top-k 4 allows them): the fused program then covers 128 rows, the
-    # ball kernel's own tile (a launch entry the GPU session times: perf-notes)
+@pytest.mark.parametrize("forced", [{"slc_fwd": 128, "slc_dq": 128}, {"bsa_fwd": 128}],
+                         ids=["both_passes", "forward_only"])
+def test_fused_128_row_tiles(forced, fused_calls, monkeypatch):
+    # walk tiles of 16 groups (top-k 4 allows them): the fused program covers 128 rows, the ball kernel's
+    # own tile. The fused rule's entry (its 16-bit default on a GPU) sizes the forward's tiles, the
+    # selection's dQ entry the backward's: with smaller ones the dQ pass lists its own tiles
+    from torch_geometric_bsa.kernels import selected as S
+    rows, walk = [], S._walk
+    monkeypatch.setattr(S, "_walk", lambda r, *a: rows.append(r) or walk(r, *a))
     cfg = BSAConfig(ball_size=128, cmp_block=8, slc_block=8, topk=4, group_size=8)
     tree, x = leaves([300, 200], cfg, h=2, d=16, dtype=torch.float32, seed=4)
-    with common.launch_config("slc_fwd", rows=128):
+    with contextlib.ExitStack() as stack:
+        for kernel, r in forced.items():
+            stack.enter_context(common.launch_config(kernel, rows=r))
         check_against_reference(tree, cfg, x, TOL[torch.float32])
+        dq_rows = common.config_for("slc_dq", dtype=torch.float32, d=16)["rows"]
     assert len(fused_calls) == 1
+    assert rows == ([128] if dq_rows == 128 else [128, dq_rows])
+    assert ("slc_dq" in forced) == (dq_rows == 128)
 
 
 def check_against_separate(tree, cfg, x, fused_calls):
@@ -156,6 +168,9 @@ def test_fusable_says_where_the_fused_launch_applies():
         assert F.fusable(64, 16, torch.float32, 8, 8, 3)
         with common.launch_config("bsa_fwd", fused=False):
             assert not F.fusable(64, 16, torch.float32, 8, 8, 3)
+        # the forward's own 128-row tiles: they fit balls of 128, not of 64
+        with common.launch_config("bsa_fwd", rows=128):
+            assert F.fusable(128, 16, torch.float32, 8, 8, 3) and not F.fusable(64, 16, torch.float32, 8, 8, 3)
 
 
 @pytest.mark.parametrize("selection,return_branches", [("per_head", False), ("shared", True)])

@@ -132,7 +132,7 @@ _INTERPRETER_TILES: Dict[str, Callable[..., dict]] = {
     "slc_dkdv": lambda **_: dict(rows=16, steps=1),
     "topk": lambda qpg, **_: dict(BLOCK_G=max(1, 16 // qpg), BLOCK_N=16, num_warps=4),
     "combine": lambda qu, **_: dict(BG=max(1, 64 // qu)),
-    "bsa_fwd": lambda m, **_: dict(BLOCK_N=min(64, m)),
+    "bsa_fwd": lambda m, **_: dict(rows=None, BLOCK_N=min(64, m)),
     "pool": lambda hd, **_: dict(BLOCK_B=16, BLOCK_C=min(64, next_pow2(hd))),
 }
 

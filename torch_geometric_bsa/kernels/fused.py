@@ -90,20 +90,32 @@ def _bsa_fwd_kernel(Q, K, V, POS, SIGMA, MASK, U, UBITS, UCNT, OC, G, OB, LSEB, 
 
 @launch_rule("bsa_fwd")
 def _fused_rule(m: int, d: int, dtype: torch.dtype) -> dict:
-    # fused: whether the forward takes this launch (the selection's tiles are then its union walk's,
-    # from the slc_fwd rule); BLOCK_N: the ball's keys a step, as the ball kernel's
-    return dict(fused=d <= 32, BLOCK_N=min(32 if dtype == torch.float32 else 64, m), num_warps=4, num_stages=2)
+    # fused: whether the forward takes this launch; rows: its union-walk tile (None: the selection's,
+    # from the slc_fwd rule), 16-bit inputs 128 where that tiles the ball: the ball kernel's own rows for
+    # the ball part (the selection's dQ keeps its 64-row tiles, listed again); BLOCK_N: the ball's keys a
+    # step, as the ball kernel's
+    return dict(fused=d <= 32, rows=128 if dtype != torch.float32 and m % 128 == 0 else None,
+                BLOCK_N=min(32 if dtype == torch.float32 else 64, m), num_warps=4, num_stages=2)
+
+
+def _walk_tiles(m: int, d: int, dtype: torch.dtype, ls: int, topk: int, g: int):
+    r"""``(rows, keys, tiles)`` of the fused forward's union walk and of the selection's dQ walk:
+    ``rows, keys`` for ``selected._walk``, ``tiles`` its ``(LS_P2, CB, GM, GT, NE)``."""
+    from .selected import _tile_entries, _union_tiles
+    rows, _, keys, _, _ = _tile_entries(config_for("slc_fwd", dtype=dtype, d=d))
+    rows = config_for("bsa_fwd", m=m, d=dot_dim(d), dtype=dtype)["rows"] or rows
+    dq_rows, _, dq_keys, _, _ = _tile_entries(config_for("slc_dq", dtype=dtype, d=d))
+    return ((rows, keys, _union_tiles(rows, keys, ls, topk, g)),
+            (dq_rows, dq_keys, _union_tiles(dq_rows, dq_keys, ls, topk, g)))
 
 
 def _fits(m: int, d: int, dtype: torch.dtype, g: int, ls: int, topk: int) -> bool:
     # the selection's rule walks the union, and a walk tile's GT * G rows are whole groups that tile
-    # balls of m (at least 16 rows, as a compiled tl.dot needs)
-    from .selected import _union_tiles
-    cfg = config_for("slc_fwd", dtype=dtype, d=d)
-    if not cfg["union"]:
+    # balls of m (at least 16 rows, as a compiled tl.dot needs), in the forward and in the dQ pass
+    if not config_for("slc_fwd", dtype=dtype, d=d)["union"]:
         return False
-    _, _, gm, gt, _ = _union_tiles(cfg["rows"], cfg["keys"], ls, topk, g)
-    return gm == g and 16 <= gt * gm and m % (gt * gm) == 0
+    return all(gm == g and 16 <= gt * gm and m % (gt * gm) == 0
+               for _, _, (_, _, gm, gt, _) in _walk_tiles(m, d, dtype, ls, topk, g))
 
 
 def fusable(m: int, d: int, dtype: torch.dtype, g: int, ls: int, topk: int) -> bool:
@@ -122,18 +134,18 @@ class FusedLocalCombine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, pos, sigma, mask_u8, o_c, idx, gates, m, g, ls, qu, logits, scale):
-        from .selected import _tile_entries, _walk
+        from .selected import _walk
         n, h, d = q.shape
         out_dtype = torch.promote_types(q.dtype, gates.dtype)
         ob, os_ = _common.new_empty(q.shape, q), _common.new_empty(q.shape, q)
         out = _common.new_empty(q.shape, q, out_dtype)
         lseb = _common.new_empty((h, n), q, torch.float32)
         lses = _common.new_empty((n, h), q, torch.float32)
-        rows, _, keys, _, _ = _tile_entries(config_for("slc_fwd", dtype=q.dtype, d=d))
+        (rows, keys, tiles), (dq_rows, dq_keys, dq_tiles) = _walk_tiles(m, d, q.dtype, ls, idx.size(-1), g)
         walk = _walk(rows, rows, keys, True, False, idx, ls, g)  # one launch: the union list
         (ls_p2, cb, gm, gt), kw = walk[0]
         cfg = config_for("bsa_fwd", m=m, d=dot_dim(d), dtype=q.dtype)
-        cfg.pop("fused")
+        del cfg["fused"], cfg["rows"]
         _bsa_fwd_kernel[(n // (gt * g) * h,)](
             q, k, v, pos, sigma, mask_u8, kw["U"], kw["UBITS"], kw["UCNT"], o_c, gates, ob, lseb, os_, lses, out,
             n, q.stride(0), pos.stride(0), gates.stride(0), gates.stride(1), scale,
@@ -143,12 +155,13 @@ class FusedLocalCombine(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, pos, sigma, mask_u8, o_c, idx, gates, ob, lseb, os_, lses)
         ctx.shape = (m, g, ls, qu, logits, scale)
         ctx.walk = walk
+        ctx.dq_walk = None if dq_tiles == tiles else (dq_rows, dq_keys)  # the dQ pass lists its own tiles
         return out
 
     @staticmethod
     def backward(ctx, do):
         from .ball import _backward as ball_backward
-        from .selected import SelectedAttention
+        from .selected import SelectedAttention, _walk
         q, k, v, pos, sigma, mask_u8, o_c, idx, gates, ob, lseb, os_, lses = ctx.saved_tensors
         m, g, ls, qu, logits, scale = ctx.shape
         # the selection's dQ launch takes the gated sum's backward first (writes the ball's and its own
@@ -157,8 +170,12 @@ class FusedLocalCombine(torch.autograd.Function):
         doc, dg = _common.new_empty(o_c.shape, o_c), _common.new_empty(gates.shape, gates)
         combine = dict(GATES=gates, OB=ob, OC=o_c, DOB=dob, DOC=doc, DOS=dos, DG=dg, stride_gn=gates.stride(0),
                        stride_gh=gates.stride(1), COMBINE=True, QU=qu, **(dict(LOGITS=True) if logits else {}))
+        walk = ctx.walk
+        if ctx.dq_walk is not None:
+            rows, keys = ctx.dq_walk
+            walk = _walk(rows, rows, keys, True, False, idx, ls, g)
         grads = SelectedAttention.backward(_common.SavedCtx((q, k, v, os_, lses, mask_u8, idx), g=g, ls=ls,
-                                                            scale=scale, walk=ctx.walk, combine=combine),
+                                                            scale=scale, walk=walk, combine=combine),
                                            do.contiguous())[:3]
         dq, dk, dv, dpos, dsigma = ball_backward(dob, q, k, v, ob, lseb, pos, sigma, mask_u8, m, scale,
                                                  ctx.needs_input_grad[4], ctx.needs_input_grad[3], acc=grads)
