@@ -156,8 +156,7 @@ def main(argv=None) -> int:
             op(f"case{i} H{h} D{d}", cfg, [1500, 3000], h, d, dtype, logits)
         with K._common.launch_config("slc_fwd", fallback=True):  # the union walk's optional second launch
             op("case1 fallback", CASES[1][0], [1500, 3000], 4, 32, dtype)
-        # walk tiles of 16 groups in both passes (the fused forward takes them by default in 16-bit, its
-        # dQ pass keeps the selection's 64 rows)
+        # walk tiles of 16 groups in both passes (`bsa_fwd` `rows` alone: the forward's only)
         with K._common.launch_config("slc_fwd", rows=128), K._common.launch_config("slc_dq", rows=128), \
                 K._common.launch_config("bsa_fwd", rows=128):
             op("case0 rows128", CASES[0][0], [1500, 3000], 8, 8, dtype, True)

@@ -117,8 +117,8 @@ def test_fused_equals_reference_and_separate_kernels_fp32(cfg, logits, fused_cal
                          ids=["both_passes", "forward_only"])
 def test_fused_128_row_tiles(forced, fused_calls, monkeypatch):
     # walk tiles of 16 groups (top-k 4 allows them): the fused program covers 128 rows, the ball kernel's
-    # own tile. The fused rule's entry (its 16-bit default on a GPU) sizes the forward's tiles, the
-    # selection's dQ entry the backward's: with smaller ones the dQ pass lists its own tiles
+    # own tile. The fused rule's entry sizes the forward's tiles, the selection's dQ entry the
+    # backward's: with smaller ones the dQ pass lists its own tiles
     from torch_geometric_bsa.kernels import selected as S
     rows, walk = [], S._walk
     monkeypatch.setattr(S, "_walk", lambda r, *a: rows.append(r) or walk(r, *a))

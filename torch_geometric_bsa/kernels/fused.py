@@ -90,12 +90,11 @@ def _bsa_fwd_kernel(Q, K, V, POS, SIGMA, MASK, U, UBITS, UCNT, OC, G, OB, LSEB, 
 
 @launch_rule("bsa_fwd")
 def _fused_rule(m: int, d: int, dtype: torch.dtype) -> dict:
-    # fused: whether the forward takes this launch; rows: its union-walk tile (None: the selection's,
-    # from the slc_fwd rule), 16-bit inputs 128 where that tiles the ball: the ball kernel's own rows for
-    # the ball part (the selection's dQ keeps its 64-row tiles, listed again); BLOCK_N: the ball's keys a
-    # step, as the ball kernel's
-    return dict(fused=d <= 32, rows=128 if dtype != torch.float32 and m % 128 == 0 else None,
-                BLOCK_N=min(32 if dtype == torch.float32 else 64, m), num_warps=4, num_stages=2)
+    # fused: whether the forward takes this launch; rows: its union-walk tile, None for the selection's
+    # (slc_fwd); larger tiles (128: the ball kernel's own rows, in 16-bit) leave the dQ pass its slc_dq
+    # tiles, listed again; BLOCK_N: the ball's keys a step, as the ball kernel's
+    return dict(fused=d <= 32, rows=None, BLOCK_N=min(32 if dtype == torch.float32 else 64, m), num_warps=4,
+                num_stages=2)
 
 
 def _walk_tiles(m: int, d: int, dtype: torch.dtype, ls: int, topk: int, g: int):
