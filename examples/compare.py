@@ -442,6 +442,29 @@ def _budget_line(args, steps: Dict[str, int]) -> str:
                                   if args.deadline_s else "")
 
 
+TIME_SLACK = 0.2  # an equal-time run whose training seconds miss the budget by more is flagged
+
+
+def _seconds_lines(ok: List[Dict], args) -> List[str]:
+    r"""With ``--equal-time``: the seconds each model trained (min-max over its seeds), and a warning
+    naming the models more than ``TIME_SLACK`` off the budget (a timing probe that misjudged them)."""
+    if not (args.equal_time and args.budget_s):
+        return []
+    spans, off = [], []
+    for m in args.models:
+        secs = [r["train_time_s"] for r in ok if r["model"] == m and r.get("train_time_s") is not None]
+        if not secs:
+            continue
+        spans.append(f"{m} {min(secs):.1f}" + (f"-{max(secs):.1f}" if max(secs) > min(secs) else ""))
+        if any(abs(t / args.budget_s - 1) > TIME_SLACK for t in secs):
+            off.append(m)
+    lines = [f"- Seconds trained (budget {args.budget_s:g} s): " + ", ".join(spans)] if spans else []
+    if off:
+        lines.append(f"- **Not equal time:** {', '.join(off)} trained more than {TIME_SLACK:.0%} off the budget "
+                     "(the timing probe misjudged their step time): compare by the seconds above, not as equal time")
+    return lines
+
+
 def markdown(rows: List[Dict], args, steps: Dict[str, int], argv: Sequence[str]) -> str:
     ok = [r for r in rows if "error" not in r]
     first = ok[0] if ok else {}
@@ -461,6 +484,7 @@ def markdown(rows: List[Dict], args, steps: Dict[str, int], argv: Sequence[str])
         + (f"{common[0]} steps per model" if len(common) == 1 else "steps per model in the table")
         + f", batch {first.get('args', {}).get('batch_size', '?')}, precision {first.get('precision', '?')}",
         _budget_line(args, steps),
+    ] + _seconds_lines(ok, args) + [
         "",
     ]
     mem = first.get("peak_memory_kind")

@@ -343,12 +343,27 @@ def test_compare_equal_time_budget_with_seeds(tmp_path):
     for r in rows:  # every model its own step count, the same for both seeds
         assert r["steps"] == per_model[r["model"]] >= 1
     assert "Budget: equal wall-clock: every model trains about 0.3 s" in open(res).read()
+    assert "Seconds trained (budget 0.3 s): pointnet " in open(res).read()
     # rerun with --reuse: the recorded calibration is read back (no new probe), so every run is kept
     again = compare.main(["--models", "pointnet", "full", "--seeds", "3", "4", "--budget-s", "0.3", "--equal-time",
                           "--probe-steps", "4", "--out", str(tmp_path / "cmp"), "--results", res, "--reuse",
                           "--"] + TINY)
     assert all(r.get("reused") for r in again) and [r["steps"] for r in again] == [r["steps"] for r in rows]
     assert "calibration read from" in open(res).read()
+
+
+def test_equal_time_table_flags_runs_off_the_budget():
+    # the fourteenth session's plates (budget 40 s): BSA and full attention trained 19-24 s and 45-50 s
+    compare = _load("compare")
+    args = compare.parse_args(["--models", "bsa", "full", "gnn", "--budget-s", "40", "--equal-time"])
+    ok = [dict(model="bsa", train_time_s=19.2), dict(model="bsa", train_time_s=24.4),
+          dict(model="full", train_time_s=50.0), dict(model="full", train_time_s=44.9),
+          dict(model="gnn", train_time_s=38.0), dict(model="gnn", train_time_s=41.5)]
+    lines = compare._seconds_lines(ok, args)
+    assert lines[0] == "- Seconds trained (budget 40 s): bsa 19.2-24.4, full 44.9-50.0, gnn 38.0-41.5"
+    assert lines[1].startswith("- **Not equal time:** bsa, full trained more than 20% off")
+    assert len(compare._seconds_lines(ok[4:], args)) == 1  # on budget: no warning
+    assert compare._seconds_lines(ok, compare.parse_args(["--models", "bsa", "--steps", "5"])) == []
 
 
 def test_compare_shared_calibration_file(tmp_path, capsys):
