@@ -3,7 +3,6 @@ backward steps as ``@triton.jit`` helpers, dot precision and padded sizes, row l
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from typing import Callable, Dict, List, Optional
 
@@ -17,7 +16,7 @@ EMPTY_LSE = 1.0e30  # log-sum-exp stored for rows with no valid key: exp2(s - EM
 
 
 def next_pow2(n: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+    return 1 << (max(1, int(n)) - 1).bit_length()
 
 
 def dot_dim(d: int) -> int:
@@ -60,7 +59,7 @@ class SavedCtx:
 
 
 def cdiv(a: int, b: int) -> int:
-    return triton.cdiv(a, b)
+    return -(-a // b)  # host ints (triton.cdiv is a constexpr function: ~2 us a call on the host)
 
 
 _SMS: Dict[int, int] = {}
@@ -115,6 +114,7 @@ _RULES: Dict[str, Callable[..., dict]] = {}
 _RULE_MODULES = ("ball", "combine", "compressed", "fused", "selected", "topk")  # the modules that register rules
 _TUNE: Dict[str, List[dict]] = {}
 _FORCED: Dict[str, dict] = {}
+_CONFIGS: Dict[tuple, dict] = {}  # config_for's answers, keyed by kernel, facts, interpreter and forced entries
 
 # Under TRITON_INTERPRET=1 (the CPU tests) tiles are chosen for the interpreter, whose cost is its
 # number of numpy steps, and so that the tests still run several tiles per ball, cloud or block
@@ -151,17 +151,26 @@ def launch_rule(kernel: str, *, tune: Optional[List[dict]] = None):
 def config_for(kernel: str, **facts) -> dict:
     r"""The launch config of ``kernel`` for these facts (e.g. ``m=256, d=64, dtype=torch.bfloat16``):
     its rule's dict, with the interpreter's tiles under ``TRITON_INTERPRET=1``, then the entries
-    forced by :func:`launch_config`. A fresh dict: callers may pop from it."""
-    cfg = dict(_RULES[kernel](**facts))
-    if is_interpreter():
-        cfg.update(_INTERPRETER_TILES[kernel](**facts))
+    forced by :func:`launch_config`. A fresh dict: callers may pop from it. Rules are pure functions
+    of their facts, so each answer is kept (a call is on the host path of every launch)."""
     forced = _FORCED.get(kernel)
-    if forced:
-        unknown = set(forced) - set(cfg)
-        if unknown:  # a typo must not silently sweep nothing
-            raise KeyError(f"launch_config({kernel!r}): no entries {sorted(unknown)}; it has {sorted(cfg)}")
-        cfg.update(forced)
-    return cfg
+    try:
+        key = (kernel, tuple(facts.items()), is_interpreter(), tuple(forced.items()) if forced else None)
+        cfg = _CONFIGS.get(key)
+    except TypeError:  # an unhashable fact or forced entry: not kept
+        key = cfg = None
+    if cfg is None:
+        cfg = dict(_RULES[kernel](**facts))
+        if is_interpreter():
+            cfg.update(_INTERPRETER_TILES[kernel](**facts))
+        if forced:
+            unknown = set(forced) - set(cfg)
+            if unknown:  # a typo must not silently sweep nothing
+                raise KeyError(f"launch_config({kernel!r}): no entries {sorted(unknown)}; it has {sorted(cfg)}")
+            cfg.update(forced)
+        if key is not None:
+            _CONFIGS[key] = cfg
+    return dict(cfg)
 
 
 @contextlib.contextmanager

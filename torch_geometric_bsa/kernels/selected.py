@@ -14,6 +14,8 @@ H, k]``, constexpr ``PER_HEAD``) the index is inverted per (head, block).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -432,6 +434,7 @@ def _dkdv_rule(d: int) -> dict:
     return dict(rows=64, steps=4, num_warps=4, num_stages=2)
 
 
+@functools.lru_cache(maxsize=256)
 def _tiles(rows: int, keys: int, ls: int, topk: int, g: int):
     r"""``(LS_P2, CB, GM, GT)`` of the forward and dQ tiles: a block's padded slots, blocks per group
     and step, a group's padded rows, groups per program (about ``rows`` rows and ``keys`` keys a
@@ -445,6 +448,7 @@ def _tiles(rows: int, keys: int, ls: int, topk: int, g: int):
     return ls_p2, cb, gm, gt
 
 
+@functools.lru_cache(maxsize=256)
 def _union_tiles(rows: int, keys: int, ls: int, topk: int, g: int):
     r"""``(LS_P2, CB, GM, GT, NE)`` of the union walk: groups per program and their padded rows as
     ``_tiles`` (at most 16 groups, one bit each in an int32, and at most 128 entries a tile when
