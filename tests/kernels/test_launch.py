@@ -119,6 +119,20 @@ def test_config_for_returns_a_fresh_dict():
     assert "keys" in common.config_for("slc_fwd", dtype=torch.float32, d=64)
 
 
+def test_kept_configs_follow_the_interpreter_flag_and_stay_bounded(monkeypatch):
+    # config_for keeps its answers: the interpreter's tiles and the GPU rule's are kept apart
+    facts = dict(dtype=torch.bfloat16, d=16)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert common.config_for("slc_fwd", **facts)["rows"] == 32
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert common.config_for("slc_fwd", **facts) == common._RULES["slc_fwd"](**facts)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert common.config_for("slc_fwd", **facts)["rows"] == 32
+    for n_g in range(5000):  # a fact that varies batch to batch: the store is emptied, not grown
+        common.config_for("topk", qpg=8, n_g=n_g)
+    assert len(common._CONFIGS) <= 4096
+
+
 def test_launch_config_finds_rules_of_modules_not_yet_imported():
     # launch_config on a kernel whose module nobody imported yet (bench_model.py --launch-config is
     # the first user in its process): the kernel modules are imported, not "no launch rule"

@@ -169,6 +169,8 @@ def config_for(kernel: str, **facts) -> dict:
                 raise KeyError(f"launch_config({kernel!r}): no entries {sorted(unknown)}; it has {sorted(cfg)}")
             cfg.update(forced)
         if key is not None:
+            if len(_CONFIGS) >= 4096:  # facts such as a batch's group count vary with ragged batches
+                _CONFIGS.clear()
             _CONFIGS[key] = cfg
     return dict(cfg)
 
