@@ -136,11 +136,12 @@ def test_fused_128_row_tiles(forced, fused_calls, monkeypatch):
 
 def check_against_separate(tree, cfg, x, fused_calls):
     # the fused launch against the separate kernels on the same inputs, at the dtype's tolerances
+    before = len(fused_calls)
     out, grads, _ = run(K.bsa_triton, tree, cfg, x)
-    assert len(fused_calls) == 1 and out.dtype == x["q"].dtype
+    assert len(fused_calls) == before + 1 and out.dtype == x["q"].dtype
     with common.launch_config("bsa_fwd", fused=False):
         sep, sgrads, _ = run(K.bsa_triton, tree, cfg, x)
-    assert len(fused_calls) == 1
+    assert len(fused_calls) == before + 1
     fwd, bwd = TOL[x["q"].dtype]
     assert rel(out, sep) < fwd
     for name in x:
@@ -214,6 +215,13 @@ def test_fused_gpu_model_layers(h, d, topk, gc, fused_calls):
     tree, x = leaves([3000, 2100], cfg, h=h, d=d, dtype=torch.float32, seed=2)
     check_against_reference(tree, cfg, x, (1e-4, 1e-3))
     assert len(fused_calls) == 2
+    # the forward's own 128-row tiles (perf-notes, v11), the dQ pass at the selection's
+    with common.launch_config("bsa_fwd", rows=128):
+        tree, x = leaves([3586] * 4, cfg, h=h, d=d, dtype=torch.bfloat16, seed=3)
+        check_against_separate(tree, cfg, x, fused_calls)
+        tree, x = leaves([3000, 2100], cfg, h=h, d=d, dtype=torch.float32, seed=4)
+        check_against_reference(tree, cfg, x, (1e-4, 1e-3))
+    assert len(fused_calls) == 4
 
 
 def test_bsa_conv_through_the_fused_forward(fused_calls):
