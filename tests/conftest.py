@@ -32,6 +32,27 @@ def _fresh_python_random():
     random.seed()
 
 
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    r"""Every buffer a kernel must write (``kernels._common.new_empty``) starts as NaN (floats) or -7
+    (ints), so an unwritten element fails the checks. The kernel test files take it for every test
+    (``pytestmark = pytest.mark.usefixtures("poisoned_outputs")``)."""
+    import math
+    from torch_geometric_bsa.kernels import _common
+
+    def empty(shape, like, dtype=None):
+        dtype = like.dtype if dtype is None else dtype
+        return torch.full(shape, math.nan if dtype.is_floating_point else -7, device=like.device, dtype=dtype)
+    monkeypatch.setattr(_common, "new_empty", empty)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    r"""``||a - b|| / ||b||`` in float64, asserting first that ``a`` is finite (an unwritten, poisoned
+    element or a NaN fails here, with that message)."""
+    assert torch.isfinite(a).all(), "non-finite values (unwritten or NaN)"
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     r"""``||out - ref|| / ||ref||`` in float64 (NaN anywhere gives inf)."""
     out, ref = out.double(), ref.double()

@@ -9,7 +9,6 @@ Tolerances, ||x - ref|| / ||ref|| against float64 on the same (rounded) inputs:
 fp32 1e-5 (outputs) / 1e-4 (gradients); fp16 2e-3 / 5e-3; bf16 1.5e-2 / 3e-2, and 6e-2 for the
 sigma and position gradients in bf16 (sums of many signed terms: P, o and dO are rounded to bf16).
 """
-import math
 import os
 
 import pytest
@@ -30,20 +29,9 @@ TOL = {torch.float32: (1e-5, 1e-4, 1e-4), torch.float16: (2e-3, 5e-3, 5e-3),
        torch.bfloat16: (1.5e-2, 3e-2, 6e-2)}
 
 
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    """Every buffer the kernels write starts as NaN, so an unwritten element fails the checks."""
-    from torch_geometric_bsa.kernels import _common
+from conftest import rel  # noqa: E402
 
-    def empty(shape, like, dtype=None):
-        dtype = like.dtype if dtype is None else dtype
-        return torch.full(shape, math.nan if dtype.is_floating_point else -7, device=like.device, dtype=dtype)
-    monkeypatch.setattr(_common, "new_empty", empty)
-
-
-def rel(a, b):
-    assert torch.isfinite(a).all(), "non-finite values (unwritten or NaN)"
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")  # conftest.py
 
 
 def make_inputs(n, h, d, pd, dtype, seed, mask=None, device=DEVICE):

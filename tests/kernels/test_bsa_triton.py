@@ -7,7 +7,6 @@ reference, so low precision is checked branch by branch with the kernel's own se
 the reference's selected_attention. Tolerances as in test_compressed (fp32 1e-5 / 1e-4; fp16
 2e-3 / 5e-3; bf16 1.5e-2 / 3e-2).
 """
-import math
 import os
 
 import pytest
@@ -19,7 +18,6 @@ if not CUDA:
 pytest.importorskip("triton")
 
 import torch_geometric_bsa.kernels as K  # noqa: E402
-import torch_geometric_bsa.kernels._common as common  # noqa: E402
 from torch_geometric_bsa import BSAConfig, bsa_attention, build_ball_tree  # noqa: E402
 from torch_geometric_bsa import reference as R  # noqa: E402
 
@@ -27,17 +25,9 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 5e-3), torch.bfloat16: (1.5e-2, 3e-2)}
 
 
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    def empty(shape, like, dtype=None):
-        dtype = like.dtype if dtype is None else dtype
-        return torch.full(shape, math.nan if dtype.is_floating_point else -7, device=like.device, dtype=dtype)
-    monkeypatch.setattr(common, "new_empty", empty)
+from conftest import rel  # noqa: E402
 
-
-def rel(a, b):
-    assert torch.isfinite(a).all(), "non-finite values (unwritten or NaN)"
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")  # conftest.py
 
 
 def inputs(sizes, cfg, h, d, dtype, seed=0, mlp=False):

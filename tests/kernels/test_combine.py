@@ -3,7 +3,6 @@ and backward, fp32/fp16/bf16, per-point and per-group (group compression) compre
 Tolerances (relative L2 error vs float64): fp32 1e-6; fp16 2e-3; bf16 1.5e-2 (one rounding of the
 output, as the PyTorch expression in the same dtype); the same with gate logits (sigmoid in the
 kernel: fp32 there, the input dtype in the expression)."""
-import math
 import os
 
 import pytest
@@ -14,24 +13,15 @@ if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-import torch_geometric_bsa.kernels._common as common  # noqa: E402
 from torch_geometric_bsa.kernels.combine import gated_combine  # noqa: E402
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 TOL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 
 
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    def empty(shape, like, dtype=None):
-        dtype = like.dtype if dtype is None else dtype
-        return torch.full(shape, math.nan, device=like.device, dtype=dtype)
-    monkeypatch.setattr(common, "new_empty", empty)
+from conftest import rel  # noqa: E402
 
-
-def rel(a, b):
-    assert torch.isfinite(a).all(), "non-finite values (unwritten or NaN)"
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")  # conftest.py
 
 
 def expected(o_ball, o_c, o_slc, gates, mask, qu):

@@ -27,19 +27,9 @@ TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 5e-3), torch.bfloat16:
 CPU_DTYPES = [torch.float32, torch.float16]
 
 
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    """Kernel outputs start as NaN (floats) or -7 (ints), so an unwritten element fails the checks."""
-    def empty(shape, like, dtype=None):
-        dtype = like.dtype if dtype is None else dtype
-        fill = math.nan if dtype.is_floating_point else -7
-        return torch.full(shape, fill, device=like.device, dtype=dtype)
-    monkeypatch.setattr(common, "new_empty", empty)
+from conftest import rel  # noqa: E402
 
-
-def rel(a, b):
-    assert torch.isfinite(a).all(), "non-finite values (unwritten or NaN)"
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")  # conftest.py
 
 
 def make_tree(sizes, ball_size, seed=0, device=DEVICE):

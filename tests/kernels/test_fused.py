@@ -7,7 +7,6 @@ differs), bf16 (fp16 under the interpreter) within its tolerance (1.5e-2 / 3e-2;
 Every case checks that the fused launch ran.
 """
 import contextlib
-import math
 import os
 
 import pytest
@@ -31,13 +30,9 @@ LOW = torch.bfloat16 if CUDA else torch.float16
 PAPER = BSAConfig(ball_size=64, cmp_block=8, slc_block=8, topk=3, group_size=8)
 
 
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    # every buffer a kernel must write starts as NaN
-    def empty(shape, like, dtype=None):
-        dtype = like.dtype if dtype is None else dtype
-        return torch.full(shape, math.nan if dtype.is_floating_point else -7, device=like.device, dtype=dtype)
-    monkeypatch.setattr(common, "new_empty", empty)
+from conftest import rel  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")  # conftest.py
 
 
 @pytest.fixture
@@ -46,11 +41,6 @@ def fused_calls(monkeypatch):
     apply = F.FusedLocalCombine.apply
     monkeypatch.setattr(F.FusedLocalCombine, "apply", lambda *a: calls.append(1) or apply(*a))
     return calls
-
-
-def rel(a, b):
-    assert torch.isfinite(a).all(), "non-finite values (unwritten or NaN)"
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def leaves(sizes, cfg, h, d, dtype, seed=0, logits=False):

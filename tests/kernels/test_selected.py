@@ -4,7 +4,6 @@ Random block selections (with invalid slots, -1), forward and backward; the dK/d
 the inverted block -> groups index. Tolerances as in test_compressed: fp32 1e-5 / 1e-4, fp16
 2e-3 / 5e-3, bf16 1.5e-2 / 3e-2 (bf16 on GPU only).
 """
-import math
 import os
 
 import pytest
@@ -24,17 +23,9 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 5e-3), torch.bfloat16: (1.5e-2, 3e-2)}
 
 
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    def empty(shape, like, dtype=None):
-        dtype = like.dtype if dtype is None else dtype
-        return torch.full(shape, math.nan if dtype.is_floating_point else -7, device=like.device, dtype=dtype)
-    monkeypatch.setattr(common, "new_empty", empty)
+from conftest import rel  # noqa: E402
 
-
-def rel(a, b):
-    assert torch.isfinite(a).all(), "non-finite values (unwritten or NaN)"
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")  # conftest.py
 
 
 def check(sizes, cfg, h, d, dtype, seed=0, hot=False, per_head=False):

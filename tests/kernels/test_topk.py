@@ -4,7 +4,6 @@ Exact index agreement wherever the reference's scores are not (nearly) tied; equ
 lower block index. Compared in fp32 (scores in the kernel are fp32 sums of exp2 of an exact "ieee"
 dot); bf16/fp16 only change which near-ties flip, which test_bsa_triton covers end to end.
 """
-import math
 import os
 
 import pytest
@@ -15,7 +14,6 @@ if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-import torch_geometric_bsa.kernels._common as common  # noqa: E402
 import torch_geometric_bsa.kernels.compressed as cmp  # noqa: E402
 import torch_geometric_bsa.kernels.topk as topk  # noqa: E402
 from torch_geometric_bsa.kernels import plan  # noqa: E402
@@ -25,12 +23,7 @@ from torch_geometric_bsa import reference as R  # noqa: E402
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 
 
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    def empty(shape, like, dtype=None):
-        dtype = like.dtype if dtype is None else dtype
-        return torch.full(shape, math.nan if dtype.is_floating_point else -7, device=like.device, dtype=dtype)
-    monkeypatch.setattr(common, "new_empty", empty)
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")  # conftest.py
 
 
 def make_tree(sizes, ball_size, seed=0):
