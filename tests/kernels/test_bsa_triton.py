@@ -22,7 +22,7 @@ from torch_geometric_bsa import BSAConfig, bsa_attention, build_ball_tree  # noq
 from torch_geometric_bsa import reference as R  # noqa: E402
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 5e-3), torch.bfloat16: (1.5e-2, 3e-2)}
+from conftest import OP_TOL as TOL  # noqa: E402
 
 
 from conftest import rel  # noqa: E402
