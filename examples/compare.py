@@ -8,7 +8,9 @@ Every model runs through examples/train.py (same data, optimiser, schedule, eval
 ``--steps N`` gives every model N steps (equal steps); ``--budget-s S`` first times every model in a
 short probe and picks the largest common step count at which the slowest model trains about S seconds
 (still equal steps); ``--budget-s S --equal-time`` instead gives each model its own step count, so
-that each trains about S seconds with a full learning-rate schedule (equal wall-clock). The output
+that each trains S seconds with a full learning-rate schedule (equal wall-clock: train.py
+``--time-budget S`` runs the schedule on seconds and ends the run at S; the probe's step count, doubled,
+only caps it and sets the evaluation interval). The output
 names the budget. ``--seeds`` runs every model once per seed (train.py ``--seed``: initialisation and
 data order); the table then gives the mean ± standard deviation over the seeds and a per-seed table
 follows. Arguments after ``--`` go to train.py unchanged.
@@ -209,8 +211,9 @@ def calibrate(args, log) -> Dict[str, int]:
     fallback = timed[slowest]  # a model whose probe failed is assumed as slow as the slowest
     if args.equal_time:
         steps = {m: max(1, int(args.budget_s * 1000.0 / ms.get(m, fallback))) for m in args.models}
-        args.budget_note = (f"equal wall-clock: every model trains about {args.budget_s:g} s (--budget-s "
-                            f"--equal-time); steps per model from a {args.probe_steps}-step timing probe")
+        args.budget_note = (f"equal wall-clock: every model trains {args.budget_s:g} s (--budget-s --equal-time: "
+                            f"train.py --time-budget, a schedule on seconds); at most {TIME_CAP_STEPS}x the "
+                            f"steps of a {args.probe_steps}-step timing probe")
         log(f"[compare] equal wall-clock budget of {args.budget_s:g}s: "
             + ", ".join(f"{m} {n} steps" for m, n in steps.items()))
     else:
@@ -268,7 +271,11 @@ def run_all(args, steps: Dict[str, int], log, on_row=lambda rows: None) -> List[
     runs = runs_of(args)
     for i, (m, seed) in enumerate(runs):
         out = _out(args, m, seed)
-        flags = _flags(args, m, seed) + ["--steps", str(steps[m]), "--out", out, "--no-progress"]
+        if args.equal_time:  # the seconds end each run and drive its schedule; the probe's count only caps it
+            budget = ["--steps", str(TIME_CAP_STEPS * steps[m]), "--time-budget", f"{args.budget_s:g}"]
+        else:
+            budget = ["--steps", str(steps[m])]
+        flags = _flags(args, m, seed) + budget + ["--out", out, "--no-progress"]
         if "--eval-every" not in flags:  # points on each test-MSE curve
             flags += ["--eval-every", str(max(1, steps[m] // args.curve_points))]
         done = _finished(flags, out) if args.reuse else None
@@ -442,6 +449,7 @@ def _budget_line(args, steps: Dict[str, int]) -> str:
                                   if args.deadline_s else "")
 
 
+TIME_CAP_STEPS = 2  # with --equal-time, a run's step cap: this many times the probe's estimate
 TIME_SLACK = 0.2  # an equal-time run whose training seconds miss the budget by more is flagged
 
 

@@ -183,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     budget = g.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=_positive_int, default=None, help="optimiser steps (default 200)")
     budget.add_argument("--epochs", type=_positive_int, default=None, help="epochs (instead of --steps)")
+    g.add_argument("--time-budget", type=_positive_float, default=None, metavar="S",
+                   help="train for S seconds (training time: evaluations and checkpoints not counted): the "
+                        "warm-up and cosine run on the fraction of S spent, not of the steps, and the run ends "
+                        "when S is spent, so models given the same S train equally long, each with a complete "
+                        "schedule; --steps/--epochs is then an upper bound (default: none); one process only")
     g.add_argument("--max-time", type=_positive_float, default=None,
                    help="stop training after this many seconds (the schedule still spans --steps)")
     g.add_argument("--stop-after", type=_positive_int, default=None, metavar="N",
@@ -190,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--steps; continue with --resume)")
     g.add_argument("--lr", type=_positive_float, default=1e-3)
     g.add_argument("--min-lr-ratio", type=_fraction, default=0.01, help="final lr / lr of the cosine")
-    g.add_argument("--warmup", type=_fraction, default=0.05, help="warmup fraction of the steps")
+    g.add_argument("--warmup", type=_fraction, default=0.05, help="warmup fraction of the steps (of the seconds with --time-budget)")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0: off)")
     g.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
@@ -296,6 +301,9 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             bad("--linear-gates", "is the start --gate-bias would replace: give one of the two")
     if len(set(args.drop_branch)) == 3:
         bad("--drop-branch", "dropping ball, cmp and slc leaves no branch")
+    if args.time_budget is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        bad("--time-budget", "runs one process: each rank's clock would set its own learning rate and "
+                             "end its own run; use --steps with torchrun")
 
     # data
     if args.num_points is not None and args.dataset not in ("car", "multibody", "toy"):
@@ -624,6 +632,20 @@ def cosine_with_warmup(total: int, warmup_frac: float, min_ratio: float):
     return f
 
 
+def cosine_by_fraction(spent, warmup_frac: float, min_ratio: float, first: float = 0.01):
+    r"""The warm-up and cosine of :func:`cosine_with_warmup` on a fraction of the budget instead of
+    the step count: ``spent()`` returns the fraction in [0, 1] (for ``--time-budget``, training
+    seconds / budget), read whenever the scheduler steps. The warm-up starts at ``first`` of the
+    learning rate (the step schedule starts at one warm-up step's share)."""
+    def f(_step: int) -> float:
+        p = min(1.0, max(0.0, spent()))
+        if p < warmup_frac:
+            return max(first, p / warmup_frac)
+        t = (p - warmup_frac) / max(1e-12, 1.0 - warmup_frac)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    return f
+
+
 def rng_state() -> Dict:
     name, keys, pos, has_gauss, gauss = np.random.get_state()  # numpy's array as a tensor: loads weights_only
     st = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
@@ -662,7 +684,8 @@ RESUME_MAY_CHANGE = ("resume", "stop_after", "max_time", "no_plots", "no_progres
 # Flags added after checkpoints recorded their run configuration, with the value every earlier run
 # had: a checkpoint that lacks one is compared as if it recorded that value (so older runs resume,
 # and a run with another value is refused).
-ADDED_FLAGS = {"selection": "shared", "gate_bias": None, "linear_gates": False, "local_geometry": 0}
+ADDED_FLAGS = {"selection": "shared", "gate_bias": None, "linear_gates": False, "local_geometry": 0,
+               "time_budget": None}
 
 
 def run_config(args) -> Dict:
@@ -919,9 +942,11 @@ def _run(args, dd: Dist) -> Dict:
 
     sampler = ShardSampler(len(train), dd.rank, dd.world, shuffle=True, seed=args.seed)
     steps_per_epoch = math.ceil(sampler.per_rank / args.batch_size)
-    total = args.steps if args.steps else (args.epochs * steps_per_epoch if args.epochs else 200)
+    capped = bool(args.steps or args.epochs) or not args.time_budget  # else the time budget alone ends it
+    total = args.steps if args.steps else (args.epochs * steps_per_epoch if args.epochs else
+                                           (200 if not args.time_budget else 2 ** 62))
     if args.eval_every is None:  # a few points on the test curve of loss.png
-        args.eval_every = max(1, total // 4)
+        args.eval_every = max(1, total // 4) if capped else 0
     # its own generator: a DataLoader iterator draws a base seed, and from the global RNG that draw
     # would differ between a straight and a resumed run (which starts an iterator mid-epoch)
     loader = DataLoader(train, batch_size=args.batch_size, sampler=sampler, generator=torch.Generator())
@@ -935,7 +960,9 @@ def _run(args, dd: Dist) -> Dict:
     fused = dict(fused=True, capturable=args.compile) if device.type == "cuda" else {}
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, **fused)
-    lr_fn = cosine_with_warmup(total, args.warmup, args.min_lr_ratio)
+    clock = [0.0]  # --time-budget: training seconds so far, set before each scheduler step
+    lr_fn = (cosine_by_fraction(lambda: clock[0] / args.time_budget, args.warmup, args.min_lr_ratio)
+             if args.time_budget else cosine_with_warmup(total, args.warmup, args.min_lr_ratio))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_fn)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     amp_dtype = torch.bfloat16 if precision == "bf16" else None
@@ -1047,9 +1074,11 @@ def _run(args, dd: Dist) -> Dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     log(f"[train] {args.model}: {n_params:,} parameters, {gflops:.3f} GFLOPs/cloud at {mean_points:.0f} points; "
-        f"{len(train)} train / {len(test)} test clouds; {total} steps on {device} x{dd.world} "
+        f"{len(train)} train / {len(test)} test clouds; "
+        f"{(f'{args.time_budget:g} s' + (f' (at most {total} steps)' if capped else '')) if args.time_budget else f'{total} steps'}"
+        f" on {device} x{dd.world} "
         f"({precision}{', backend=' + backend if backend else ''}); data ready in {data_s:.1f}s")
-    bar = tqdm(total=total, initial=step, disable=not dd.main or args.no_progress, dynamic_ncols=True,
+    bar = tqdm(total=total if capped else None, initial=step, disable=not dd.main or args.no_progress, dynamic_ncols=True,
                desc=args.model)
     model.train()
     loss_acc = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, count since last log
@@ -1080,8 +1109,12 @@ def _run(args, dd: Dist) -> Dict:
                 if args.grad_clip > 0:
                     nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
                 opt.step()
+            if args.time_budget:
+                clock[0] = train_time + time.perf_counter() - t_step
             sched.step()
             step += 1
+            if args.time_budget and train_time + time.perf_counter() - t_step >= args.time_budget:
+                total = step  # the budget is spent: this step is the run's last, logged and evaluated as such
             loss_acc += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
             bad_step = torch.where((bad_step == 0) & ~torch.isfinite(loss.detach()), step, bad_step)
             pts_acc += pos.size(0)
@@ -1117,9 +1150,12 @@ def _run(args, dd: Dist) -> Dict:
                 stopped_early = True
                 log(f"[train] --stop-after {args.stop_after}: leaving at step {step}/{total}")
             if args.max_time and not stopped_early:
-                flag = torch.tensor([float(train_time >= args.max_time)], device=device)
-                if float(dd.all_sum(flag)) > 0:
-                    stopped_early = True
+                if dd.world == 1:  # one clock: no tensor, no synchronisation per step
+                    stopped_early = train_time >= args.max_time
+                else:
+                    flag = torch.tensor([float(train_time >= args.max_time)], device=device)
+                    stopped_early = float(dd.all_sum(flag)) > 0
+                if stopped_early:
                     log(f"[train] --max-time {args.max_time:g}s reached at step {step}/{total}")
             if step >= total or stopped_early:
                 break

@@ -89,6 +89,58 @@ def test_max_time_stops_early(tmp_path):
     assert m["stopped_early"] and m["steps"] == 1 and m["planned_steps"] == 50
 
 
+def test_cosine_by_fraction_follows_the_budget():
+    spent = [0.0]
+    f = train.cosine_by_fraction(lambda: spent[0], warmup_frac=0.1, min_ratio=0.01)
+    vals = {}
+    for p in (0.0, 0.05, 0.1, 0.55, 1.0, 1.7, -1.0):
+        spent[0] = p
+        vals[p] = f(123)  # the step number is ignored
+    assert vals[0.0] == vals[-1.0] == pytest.approx(0.01) and vals[0.05] == pytest.approx(0.5)
+    assert vals[0.1] == pytest.approx(1.0) and vals[0.55] == pytest.approx(0.505)
+    assert vals[1.0] == vals[1.7] == pytest.approx(0.01)
+
+
+def test_time_budget_ends_the_run_and_its_schedule(tmp_path):
+    # equal wall-clock by construction: the schedule runs on training seconds and the run ends at the
+    # budget, whatever a timing probe guessed; --steps is only a cap
+    budget = 1.0
+    m = train.main(TINY + ["--model", "full", "--time-budget", str(budget), "--log-every", "1", "--no-plots",
+                           "--out", str(tmp_path)])
+    log = json.load(open(str(tmp_path / "metrics.json")))["train_log"]
+    dt = max(b["train_time_s"] - a["train_time_s"] for a, b in zip(log, log[1:]))
+    assert budget <= m["train_time_s"] <= budget + 2 * dt + 0.05
+    assert m["steps"] == m["planned_steps"] == log[-1]["step"] >= 5 and not m["stopped_early"]
+    lrs = [r["lr"] for r in log]
+    peak = lrs.index(max(lrs))
+    assert max(lrs) > 0.9e-3 and lrs[0] < 0.5e-3 and lrs[-1] < 0.05e-3  # warm-up, top, end of the cosine
+    assert all(a <= b for a, b in zip(lrs[:peak], lrs[1:peak + 1]))  # rises over the warm-up ...
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))  # ... then only falls
+    # a cap below what the seconds allow ends the run first (and the schedule stays unfinished)
+    c = train.main(TINY + ["--model", "full", "--time-budget", "30", "--steps", "3", "--no-plots",
+                           "--out", str(tmp_path / "cap")])
+    assert c["steps"] == c["planned_steps"] == 3 and c["train_time_s"] < 30
+
+
+def test_time_budget_resumes_on_its_clock(tmp_path):
+    out = str(tmp_path / "r")
+    a = train.main(TINY + ["--model", "pointnet", "--time-budget", "0.6", "--stop-after", "3", "--no-plots",
+                           "--out", out])
+    assert a["stopped_early"] and a["steps"] == 3 and a["train_time_s"] < 0.6
+    b = train.main(TINY + ["--model", "pointnet", "--time-budget", "0.6", "--resume", "--no-plots", "--out", out])
+    assert not b["stopped_early"] and b["steps"] > 3 and b["train_time_s"] >= 0.6
+    assert json.load(open(os.path.join(out, "metrics.json")))["train_log"][-1]["lr"] < 0.05e-3  # schedule ended
+    with pytest.raises(train.RunError, match="other flags"):  # another budget is another run
+        train.main(TINY + ["--model", "pointnet", "--time-budget", "0.9", "--resume", "--no-plots", "--out", out])
+
+
+def test_time_budget_refuses_several_processes(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        train.parse_args(TINY + ["--time-budget", "5"])
+    assert "--time-budget: runs one process" in capsys.readouterr().err
+
+
 def test_sampler_shards_and_skips():
     full = list(train.ShardSampler(10, 0, 1, seed=3))
     assert sorted(full) == list(range(10))
@@ -340,9 +392,11 @@ def test_compare_equal_time_budget_with_seeds(tmp_path):
     saved = json.load(open(str(tmp_path / "r.json")))
     per_model = saved["budget"]["steps_per_model"]
     assert saved["budget"]["kind"] == "equal-time" and set(per_model) == {"pointnet", "full"}
-    for r in rows:  # every model its own step count, the same for both seeds
-        assert r["steps"] == per_model[r["model"]] >= 1
-    assert "Budget: equal wall-clock: every model trains about 0.3 s" in open(res).read()
+    for r in rows:  # the seconds end every run; the probe's count, doubled, only caps it
+        cap = compare.TIME_CAP_STEPS * per_model[r["model"]]
+        assert r["args"]["time_budget"] == 0.3 and r["args"]["steps"] == cap >= r["steps"] >= 1
+        assert r["steps"] == cap or r["train_time_s"] >= 0.3
+    assert "Budget: equal wall-clock: every model trains 0.3 s (--budget-s --equal-time" in open(res).read()
     assert "Seconds trained (budget 0.3 s): pointnet " in open(res).read()
     # rerun with --reuse: the recorded calibration is read back (no new probe), so every run is kept
     again = compare.main(["--models", "pointnet", "full", "--seeds", "3", "4", "--budget-s", "0.3", "--equal-time",
@@ -383,7 +437,7 @@ def test_compare_shared_calibration_file(tmp_path, capsys):
     for seed in ("3", "4"):
         rows = compare.main(base + ["--seeds", seed, "--out", str(tmp_path / "c1"),
                                     "--json", str(tmp_path / f"s{seed}.json"), "--"] + TINY)
-        assert {r["model"]: r["steps"] for r in rows} == {"pointnet": 3, "full": 5}
+        assert {r["model"]: r["args"]["steps"] for r in rows} == {"pointnet": 6, "full": 10}  # the caps
     assert not os.path.exists(str(tmp_path / "c1" / "probe"))
     # another budget than the file's: probed anew and the file rewritten
     other = [a if a != "0.3" else "0.2" for a in base]
