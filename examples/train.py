@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--steps; continue with --resume)")
     g.add_argument("--lr", type=_positive_float, default=1e-3)
     g.add_argument("--min-lr-ratio", type=_fraction, default=0.01, help="final lr / lr of the cosine")
-    g.add_argument("--warmup", type=_fraction, default=0.05, help="warmup fraction of the steps (of the seconds with --time-budget)")
+    g.add_argument("--warmup", type=_fraction, default=0.05,
+                   help="warmup fraction of the steps (of the seconds with --time-budget)")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0: off)")
     g.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
@@ -1073,13 +1074,18 @@ def _run(args, dd: Dist) -> Dict:
     start_step = step
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    plan = f"{total} steps" if not args.time_budget else \
+        f"{args.time_budget:g} s" + (f" (at most {total} steps)" if capped else "")
     log(f"[train] {args.model}: {n_params:,} parameters, {gflops:.3f} GFLOPs/cloud at {mean_points:.0f} points; "
-        f"{len(train)} train / {len(test)} test clouds; "
-        f"{(f'{args.time_budget:g} s' + (f' (at most {total} steps)' if capped else '')) if args.time_budget else f'{total} steps'}"
-        f" on {device} x{dd.world} "
+        f"{len(train)} train / {len(test)} test clouds; {plan} on {device} x{dd.world} "
         f"({precision}{', backend=' + backend if backend else ''}); data ready in {data_s:.1f}s")
-    bar = tqdm(total=total if capped else None, initial=step, disable=not dd.main or args.no_progress, dynamic_ncols=True,
-               desc=args.model)
+    if args.time_budget:  # the bar counts training seconds
+        bar = tqdm(total=args.time_budget, initial=min(train_time, args.time_budget), unit="s", desc=args.model,
+                   disable=not dd.main or args.no_progress, dynamic_ncols=True,
+                   bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]")
+    else:
+        bar = tqdm(total=total, initial=step, disable=not dd.main or args.no_progress, dynamic_ncols=True,
+                   desc=args.model)
     model.train()
     loss_acc = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, count since last log
     if resumed_acc is not None:
@@ -1136,7 +1142,7 @@ def _run(args, dd: Dist) -> Dict:
                 pts_acc, t_log = 0, time.perf_counter()
             else:
                 train_time += time.perf_counter() - t_step
-            bar.update(1)
+            bar.update(max(0.0, min(train_time, args.time_budget) - bar.n) if args.time_budget else 1)
             if args.eval_every and step % args.eval_every == 0 and step < total:
                 m = evaluate(ddp, test, norm, args, dd, autocast)
                 guard(test=m)  # evaluation has synchronised anyway
