@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import shlex
@@ -39,6 +40,7 @@ import time
 import traceback
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -596,6 +598,30 @@ def _band(runs: List[List[Tuple[float, float]]]):
     return xs, [statistics.fmean(y) for y in ys], [min(y) for y in ys], [max(y) for y in ys]
 
 
+def _band_time(runs: List[List[Tuple[int, float, float]]]):
+    r"""Curves of several seeds against training seconds as ``(x, mean, min, max)``: each seed's
+    ``(step, seconds, y)`` points are interpolated (log y) at every seed's evaluation times inside the
+    span all seeds share (every seed's, when they share none). Grouping by step instead (``_band``)
+    folds the line back when seeds reach a step at different times, e.g. runs that end at one
+    ``--time-budget`` after different step counts."""
+    curves = [sorted((x, y) for _, x, y in pts if x is not None and y is not None and y > 0) for pts in runs]
+    curves = [c for c in curves if c]
+    xs, mean, lo, hi = [], [], [], []
+    if not curves:
+        return xs, mean, lo, hi
+    start, end = max(c[0][0] for c in curves), min(c[-1][0] for c in curves)
+    for g in sorted({x for c in curves for x, _ in c}):
+        if start <= end and not start <= g <= end:
+            continue
+        ys = [math.exp(float(np.interp(g, [x for x, _ in c], [math.log(y) for _, y in c])))
+              for c in curves if c[0][0] <= g <= c[-1][0]]
+        xs.append(g)
+        mean.append(statistics.fmean(ys))
+        lo.append(min(ys))
+        hi.append(max(ys))
+    return xs, mean, lo, hi
+
+
 def plot(rows: List[Dict], path: str, time_path: Optional[str] = None):
     r"""``path``: train loss and test MSE against steps; ``time_path``: test MSE against training
     seconds. One line per model (the mean over its seeds) with a min-max band when it has several."""
@@ -610,12 +636,12 @@ def plot(rows: List[Dict], path: str, time_path: Optional[str] = None):
         color = f"C{i % 10}"
         label = m + (f" ({len(rs)} seeds)" if len(rs) > 1 else "")
         curves = [
-            (ax_tr, [[(e["step"], e["step"], e["loss"]) for e in r.get("train_log") or []] for r in rs], "-"),
-            (ax_te, [[(s, s, y) for s, _, y in _eval_points(r)] for r in rs], "o-"),
-            (ax_t, [_eval_points(r) for r in rs], "o-"),
+            (ax_tr, [[(e["step"], e["step"], e["loss"]) for e in r.get("train_log") or []] for r in rs], "-", _band),
+            (ax_te, [[(s, s, y) for s, _, y in _eval_points(r)] for r in rs], "o-", _band),
+            (ax_t, [_eval_points(r) for r in rs], "o-", _band_time),
         ]
-        for ax, runs, style in curves:
-            xs, mean, lo, hi = _band(runs)
+        for ax, runs, style, band in curves:
+            xs, mean, lo, hi = band(runs)
             if not xs:
                 continue
             ax.plot(xs, mean, style, color=color, label=label, markersize=3)

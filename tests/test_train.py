@@ -406,6 +406,22 @@ def test_compare_equal_time_budget_with_seeds(tmp_path):
     assert "calibration read from" in open(res).read()
 
 
+def test_time_curves_of_seeds_with_different_step_counts():
+    # two seeds on one --time-budget: seed a ends at step 230 after 25 s, seed b evaluates at step 300
+    # after 23 s and ends at 330; grouped by step the mean line ran back from 25 s to 23 s
+    compare = _load("compare")
+    a = [(100, 10.0, 1.0), (200, 20.0, 0.5), (230, 25.0, 0.4)]
+    b = [(100, 8.0, 0.9), (200, 16.0, 0.6), (300, 23.0, 0.45), (330, 25.0, 0.42)]
+    folded = compare._band([a, b])[0]
+    assert any(x1 < x0 for x0, x1 in zip(folded, folded[1:]))
+    xs, mean, lo, hi = compare._band_time([a, b])
+    assert xs == [10.0, 16.0, 20.0, 23.0, 25.0]  # the span both seeds cover (b alone at 8 s: left out)
+    assert mean[-1] == pytest.approx(0.41) and lo[-1] == pytest.approx(0.4) and hi[-1] == pytest.approx(0.42)
+    assert mean[1] == pytest.approx((0.5 ** 0.6 + 0.6) / 2)  # a interpolated in log y at 16 s
+    assert compare._band_time([a, [(1, 30.0, 0.3)]])[0] == [10.0, 20.0, 25.0, 30.0]  # no shared span
+    assert all(lo_ <= m <= hi_ for lo_, m, hi_ in zip(lo, mean, hi))
+
+
 def test_equal_time_table_flags_runs_off_the_budget():
     # the fourteenth session's plates (budget 40 s): BSA and full attention trained 19-24 s and 45-50 s
     compare = _load("compare")
