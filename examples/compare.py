@@ -457,7 +457,9 @@ TIME_SLACK = 0.2  # an equal-time run whose training seconds miss the budget by 
 
 def _seconds_lines(ok: List[Dict], args) -> List[str]:
     r"""With ``--equal-time``: the seconds each model trained (min-max over its seeds), and a warning
-    naming the models more than ``TIME_SLACK`` off the budget (a timing probe that misjudged them)."""
+    naming the models more than ``TIME_SLACK`` off the budget (runs on ``--time-budget`` end at it
+    unless their step cap, twice the probe's estimate, or ``--max-time``/``--deadline-s`` ends them first;
+    calibrations of older versions set the step count alone)."""
     if not (args.equal_time and args.budget_s):
         return []
     spans, off = [], []
@@ -471,7 +473,7 @@ def _seconds_lines(ok: List[Dict], args) -> List[str]:
     lines = [f"- Seconds trained (budget {args.budget_s:g} s): " + ", ".join(spans)] if spans else []
     if off:
         lines.append(f"- **Not equal time:** {', '.join(off)} trained more than {TIME_SLACK:.0%} off the budget "
-                     "(the timing probe misjudged their step time): compare by the seconds above, not as equal time")
+                     "(a step or time cap ended them first): compare by the seconds above, not as equal time")
     return lines
 
 
@@ -578,7 +580,6 @@ def _eval_points(r: Dict) -> List[Tuple[int, float, float]]:
     for e in ev:
         t = e.get("train_time_s")
         if t is None and tr:
-            import numpy as np
             t = float(np.interp(e["step"], [0] + [x["step"] for x in tr], [0.0] + [x["train_time_s"] for x in tr]))
         pts.append((e["step"], t, e["test_mse"]))
     return pts

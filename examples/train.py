@@ -1115,12 +1115,12 @@ def _run(args, dd: Dist) -> Dict:
                 if args.grad_clip > 0:
                     nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
                 opt.step()
-            if args.time_budget:
+            if args.time_budget:  # the schedule's clock; a spent budget makes this step the run's last
                 clock[0] = train_time + time.perf_counter() - t_step
+                if clock[0] >= args.time_budget:
+                    total = step + 1  # logged, evaluated and checkpointed as the last step
             sched.step()
             step += 1
-            if args.time_budget and train_time + time.perf_counter() - t_step >= args.time_budget:
-                total = step  # the budget is spent: this step is the run's last, logged and evaluated as such
             loss_acc += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
             bad_step = torch.where((bad_step == 0) & ~torch.isfinite(loss.detach()), step, bad_step)
             pts_acc += pos.size(0)

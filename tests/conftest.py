@@ -52,7 +52,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     r"""``||a - b|| / ||b||`` in float64, asserting first that ``a`` is finite (an unwritten, poisoned
     element or a NaN fails here, with that message)."""
     assert torch.isfinite(a).all(), "non-finite values (unwritten or NaN)"
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+    return rel_err(a, b)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
